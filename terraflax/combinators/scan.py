@@ -1,0 +1,156 @@
+"""Scanned combinators: `Repeat` (a stack of identical layers) and `Chunk`.
+
+Both run their layer inside `nn.scan`, so the traced program holds the layer
+once: compile time does not grow with the number of repeats or chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from terraflax.combinators.base import (
+    Layer, LayerError, apply_layer, as_return, check_inputs, flatten_layers,
+    label_of, n_in_of, n_out_of, name_children)
+from terraflax.combinators.core import Serial
+
+# Every random stream a layer may draw from; each repeat gets its own split.
+RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
+
+
+def _one_layer(layer: Any) -> Any:
+  """A layer, or a `Serial` of a list of them."""
+  if isinstance(layer, (list, tuple)):
+    flat = flatten_layers(layer)
+    return flat[0] if len(flat) == 1 else Serial(*flat)
+  return layer
+
+
+class _RepeatFields(Layer):
+  layer: Any = None
+  n: int = 1
+  remat: bool = False
+  preserve_adopted_names = True
+
+
+class Repeat(_RepeatFields):
+  """`n` copies of `layer` in serial, with parameters stacked on a leading axis.
+
+  [x_1..x_k] -> [x_1..x_k] after n applications; `layer` must be k -> k. The
+  copies are scanned (`nn.scan`), so compile time does not grow with `n`.
+  Parameters, caches and sown intermediates get a leading axis of size `n`;
+  each copy draws its own randomness. `remat=True` recomputes each copy's
+  activations in the backward pass instead of storing them.
+  """
+
+  def __init__(self, layer=None, n=1, *, remat=False, **kwargs):
+    layer = _one_layer(layer)
+    if layer is None:
+      raise LayerError('Repeat needs a layer.')
+    if not isinstance(n, int) or n < 1:
+      raise LayerError(f'Repeat needs n >= 1 copies, got n={n!r}.')
+    if n_in_of(layer) != n_out_of(layer):
+      raise LayerError(
+          f'Repeat needs a layer with n_in == n_out, got {label_of(layer)} with '
+          f'n_in={n_in_of(layer)}, n_out={n_out_of(layer)}.')
+    name_children([layer], 'Repeat')
+    super().__init__(layer=layer, n=n, remat=remat, **kwargs)
+
+  @property
+  def n_in(self):
+    return n_in_of(self.layer)
+
+  @property
+  def n_out(self):
+    return n_out_of(self.layer)
+
+  @nn.compact
+  def __call__(self, *inputs):
+    stack = check_inputs(self, inputs)
+
+    def body(layer, carry, _):
+      return tuple(apply_layer(layer, list(carry))), None
+
+    if self.remat:
+      body = nn.remat(body, prevent_cse=False)
+    scanned = nn.scan(
+        body,
+        variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+        split_rngs={stream: True for stream in RNG_STREAMS},
+        length=self.n,
+        metadata_params={nn.PARTITION_NAME: 'layers'})
+    carry, _ = scanned(self.layer, tuple(stack), None)
+    return as_return(carry)
+
+
+class _ChunkFields(Layer):
+  layer: Any = None
+  chunk_len: int = 1
+  axis: int = 1
+  preserve_adopted_names = True
+
+
+class Chunk(_ChunkFields):
+  """Runs a position-wise layer over chunks of `chunk_len` along `axis`.
+
+  [x_1..x_k] -> layer(x_1..x_k), computed chunk by chunk (inputs and outputs
+  share the length axis `axis`, default 1 for (b, l, d) arrays). The chunks
+  are scanned and rematerialised, so only one chunk's activations are alive at
+  a time: a feed-forward layer's (b, l, d_ff) hidden state never exists whole.
+  Lengths that are not a multiple of `chunk_len` are zero-padded and cut back.
+  """
+
+  def __init__(self, layer=None, chunk_len=1, *, axis=1, **kwargs):
+    layer = _one_layer(layer)
+    if layer is None:
+      raise LayerError('Chunk needs a layer.')
+    if not isinstance(chunk_len, int) or chunk_len < 1:
+      raise LayerError(f'Chunk needs chunk_len >= 1, got chunk_len={chunk_len!r}.')
+    name_children([layer], 'Chunk')
+    super().__init__(layer=layer, chunk_len=chunk_len, axis=axis, **kwargs)
+
+  @property
+  def n_in(self):
+    return n_in_of(self.layer)
+
+  @property
+  def n_out(self):
+    return n_out_of(self.layer)
+
+  @nn.compact
+  def __call__(self, *inputs):
+    stack = check_inputs(self, inputs)
+    length = stack[0].shape[self.axis]
+    if length <= self.chunk_len:
+      return as_return(apply_layer(self.layer, stack))
+    n_chunks = math.ceil(length / self.chunk_len)
+    padded = n_chunks * self.chunk_len
+
+    def to_chunks(x):
+      axis = self.axis % x.ndim
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (0, padded - length)
+      x = jnp.pad(x, pad).reshape(x.shape[:axis] + (n_chunks, self.chunk_len) + x.shape[axis + 1:])
+      return jnp.moveaxis(x, axis, 0)
+
+    def from_chunks(y):
+      axis = self.axis % (y.ndim - 1)
+      y = jnp.moveaxis(y, 0, axis)
+      y = y.reshape(y.shape[:axis] + (padded,) + y.shape[axis + 2:])
+      return jax.lax.slice_in_dim(y, 0, length, axis=axis)
+
+    def body(layer, carry, chunk):
+      return carry, tuple(apply_layer(layer, list(chunk)))
+
+    scanned = nn.scan(
+        nn.remat(body, prevent_cse=False),
+        variable_broadcast='params',
+        variable_axes={'intermediates': 0},
+        split_rngs={'params': False, 'dropout': True, 'hash': True, 'sparse': True},
+        length=n_chunks)
+    _, outputs = scanned(self.layer, None, tuple(to_chunks(x) for x in stack))
+    return as_return([from_chunks(y) for y in outputs])

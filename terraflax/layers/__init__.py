@@ -1,0 +1,27 @@
+"""Leaf layers.
+
+Axis letters, used in docstrings and einsum strings throughout:
+b batch, l length, d model width, f feed-forward width, v vocabulary,
+h heads, k per-head width, n hash rounds, c chunk.
+"""
+
+from terraflax.layers.core import Dense as Dense
+from terraflax.layers.core import Dropout as Dropout
+from terraflax.layers.core import Embedding as Embedding
+from terraflax.layers.core import FastGelu as FastGelu
+from terraflax.layers.core import Gelu as Gelu
+from terraflax.layers.core import LayerNorm as LayerNorm
+from terraflax.layers.core import LogSoftmax as LogSoftmax
+from terraflax.layers.core import Relu as Relu
+from terraflax.layers.core import RMSNorm as RMSNorm
+from terraflax.layers.core import ShiftRight as ShiftRight
+from terraflax.layers.core import Sigmoid as Sigmoid
+from terraflax.layers.core import Softmax as Softmax
+from terraflax.layers.core import Tanh as Tanh
+from terraflax.layers.feedforward import FeedForward as FeedForward
+from terraflax.layers.metrics import Accuracy as Accuracy
+from terraflax.layers.metrics import CrossEntropyLoss as CrossEntropyLoss
+from terraflax.layers.metrics import accuracy_sum as accuracy_sum
+from terraflax.layers.metrics import cross_entropy_sum as cross_entropy_sum
+from terraflax.layers.positional import AxialPositionalEncoding as AxialPositionalEncoding
+from terraflax.layers.positional import PositionalEncoding as PositionalEncoding

@@ -1,0 +1,201 @@
+"""Core leaf layers: Dense, Embedding, norms, activations, Dropout, ShiftRight."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from terraflax.combinators.base import Layer, check_mode
+from terraflax.combinators.core import Fn
+
+Initializer = Callable[..., jax.Array]
+
+
+def lift_to(vector, x):
+  """Reshapes a (d,) vector to (1, ..., 1, d) so it adds to `x` without rank promotion."""
+  return jnp.reshape(vector, (1,) * (x.ndim - 1) + vector.shape)
+
+
+class Dense(Layer):
+  """[x] -> [x @ kernel + bias]: (..., d_in) -> (..., features); n_in = n_out = 1.
+
+  `kernel` (d_in, features) is created from the first input's width. `dtype`
+  is the compute dtype (e.g. bfloat16); parameters are stored in
+  `param_dtype`.
+  """
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      y = y + lift_to(bias.astype(dtype), y)
+    return y
+
+
+class Embedding(Layer):
+  """[ids] -> [vectors]: int (b, l) -> (b, l, d_feature); n_in = n_out = 1.
+
+  `embedding` is (vocab_size, d_feature). `attend(x)` maps (..., d_feature)
+  back to (..., vocab_size) logits with the same table (weight tying).
+  """
+
+  vocab_size: int
+  d_feature: int
+  embedding_init: Initializer = nn.initializers.variance_scaling(1.0, 'fan_out', 'truncated_normal')
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', self.embedding_init, (self.vocab_size, self.d_feature), self.param_dtype)
+
+  def __call__(self, ids):
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f'Embedding expects integer token ids, got {ids.dtype}{tuple(ids.shape)}.')
+    table = self.embedding.astype(self.dtype or self.param_dtype)
+    return jnp.take(table, ids, axis=0)
+
+  def attend(self, x):
+    """(..., d_feature) -> (..., vocab_size): dot products with every row."""
+    dtype = self.dtype or jnp.result_type(x, self.embedding)
+    return jnp.matmul(x.astype(dtype), self.embedding.astype(dtype).T)
+
+
+class LayerNorm(Layer):
+  """[x] -> [normalised x]: (..., d) -> (..., d), statistics in float32."""
+
+  epsilon: float = 1e-6
+  use_scale: bool = True
+  use_bias: bool = True
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
+    if self.use_scale:
+      y = y * lift_to(self.param('scale', nn.initializers.ones, (d,), self.param_dtype), y)
+    if self.use_bias:
+      y = y + lift_to(self.param('bias', nn.initializers.zeros, (d,), self.param_dtype), y)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(Layer):
+  """[x] -> [x / rms(x) * scale]: (..., d) -> (..., d), statistics in float32."""
+
+  epsilon: float = 1e-6
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
+    y = y * lift_to(self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype), y)
+    return y.astype(x.dtype)
+
+
+def dropout(x, rate: float, rng: jax.Array, shared_axes: Sequence[int] = ()):
+  """Inverted dropout of `x` with one mask value shared along `shared_axes`."""
+  if rate == 0.0:
+    return x
+  mask_shape = [1 if axis in [a % x.ndim for a in shared_axes] else n
+                for axis, n in enumerate(x.shape)]
+  keep = jax.random.bernoulli(rng, 1.0 - rate, mask_shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Dropout(Layer):
+  """[x] -> [x with units zeroed at `rate`, rescaled]: any shape; 1 -> 1.
+
+  Active in `'train'` mode only, drawing from the `dropout` rng stream; the
+  identity in `'eval'` and `'predict'`. `shared_axes` share one mask value.
+  """
+
+  rate: float = 0.0
+  mode: str = 'train'
+  shared_axes: Sequence[int] = ()
+
+  def __post_init__(self):
+    check_mode(self.mode, 'Dropout mode')
+    if not 0.0 <= self.rate < 1.0:
+      raise ValueError(f'Dropout rate must be in [0, 1), got {self.rate}.')
+    super().__post_init__()
+
+  def __call__(self, x):
+    if self.mode != 'train' or self.rate == 0.0:
+      return x
+    return dropout(x, self.rate, self.make_rng('dropout'), self.shared_axes)
+
+
+class ShiftRight(Layer):
+  """[x] -> [x shifted right by `n_positions` along axis 1, padded]: (b, l, ...).
+
+  Teacher forcing: position i then sees the tokens before i. In `'predict'`
+  mode the input is already the previous token, so this is the identity.
+  """
+
+  n_positions: int = 1
+  mode: str = 'train'
+  pad_id: int = 0
+
+  def __post_init__(self):
+    check_mode(self.mode, 'ShiftRight mode')
+    super().__post_init__()
+
+  def __call__(self, x):
+    if self.mode == 'predict':
+      return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (self.n_positions, 0)
+    return jnp.pad(x, pad, constant_values=self.pad_id)[:, :x.shape[1]]
+
+
+def Relu():  # pylint: disable=invalid-name
+  """[x] -> [max(x, 0)]."""
+  return Fn('Relu', jax.nn.relu)
+
+
+def Gelu():  # pylint: disable=invalid-name
+  """[x] -> [x * Phi(x)] (exact, with erf)."""
+  return Fn('Gelu', lambda x: jax.nn.gelu(x, approximate=False))
+
+
+def FastGelu():  # pylint: disable=invalid-name
+  """[x] -> [gelu(x)] with the tanh approximation."""
+  return Fn('FastGelu', lambda x: jax.nn.gelu(x, approximate=True))
+
+
+def Sigmoid():  # pylint: disable=invalid-name
+  """[x] -> [1 / (1 + exp(-x))]."""
+  return Fn('Sigmoid', jax.nn.sigmoid)
+
+
+def Tanh():  # pylint: disable=invalid-name
+  """[x] -> [tanh(x)]."""
+  return Fn('Tanh', jnp.tanh)
+
+
+def Softmax(axis: int = -1):  # pylint: disable=invalid-name
+  """[x] -> [softmax(x) along axis]."""
+  return Fn('Softmax', lambda x: jax.nn.softmax(x, axis=axis))
+
+
+def LogSoftmax(axis: int = -1):  # pylint: disable=invalid-name
+  """[x] -> [log_softmax(x) along axis]."""
+  return Fn('LogSoftmax', lambda x: jax.nn.log_softmax(x, axis=axis))

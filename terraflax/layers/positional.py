@@ -1,0 +1,122 @@
+"""Positional encodings: sinusoidal, learned, and Reformer's axial factorisation.
+
+In `'predict'` mode each encoding keeps the next position in the `cache`
+collection (`position`, an int32 scalar) and advances it by the input length
+on every call after `init`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraflax.combinators.base import Layer, check_mode
+from terraflax.layers.core import dropout
+
+POSITIONAL_KINDS = ('sinusoidal', 'learned')
+
+
+def sinusoidal_table(max_len: int, d: int) -> np.ndarray:
+  """(max_len, d) float32: sin on even features, cos on odd, as in Vaswani et al."""
+  positions = np.arange(max_len, dtype=np.float64)[:, None]
+  rates = np.exp(-math.log(10_000.0) * (np.arange(0, d, 2) / d))[None, :]
+  table = np.zeros((max_len, d))
+  table[:, 0::2] = np.sin(positions * rates)
+  table[:, 1::2] = np.cos(positions * rates[:, : d // 2])
+  return table.astype(np.float32)
+
+
+def _start_position(module: nn.Module, length: int):
+  """First position of this call: 0, or the `cache` counter in predict mode."""
+  if module.mode != 'predict':
+    return 0
+  position = module.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+  start = position.value
+  if not module.is_initializing():
+    position.value = start + length
+  return start
+
+
+class PositionalEncoding(Layer):
+  """[x] -> [x + position(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  `kind='sinusoidal'` adds a fixed table; `kind='learned'` adds a trained
+  (max_len, d) parameter `pos_embedding`. Dropout (train mode) follows.
+  """
+
+  max_len: int = 2048
+  kind: str = 'sinusoidal'
+  dropout: float = 0.0
+  mode: str = 'train'
+
+  def __post_init__(self):
+    check_mode(self.mode, 'PositionalEncoding mode')
+    if self.kind not in POSITIONAL_KINDS:
+      raise ValueError(f'PositionalEncoding kind must be one of {POSITIONAL_KINDS}, got {self.kind!r}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x):
+    length, d = x.shape[1], x.shape[2]
+    if length > self.max_len:
+      raise ValueError(f'PositionalEncoding max_len={self.max_len} is shorter than the input length {length}.')
+    if self.kind == 'learned':
+      table = self.param('pos_embedding', nn.initializers.normal(0.02), (self.max_len, d))
+    else:
+      table = jnp.asarray(sinusoidal_table(self.max_len, d))
+    start = _start_position(self, length)
+    positions = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
+    y = x + positions[None].astype(x.dtype)
+    if self.mode == 'train' and self.dropout > 0:
+      y = dropout(y, self.dropout, self.make_rng('dropout'))
+    return y
+
+
+class AxialPositionalEncoding(Layer):
+  """[x] -> [x + axial(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  Reformer's factorised positions: position p is written in the mixed radix
+  `shape` (row-major, p = i_0 * shape[1] * ... + i_last), and its embedding is
+  the concatenation of `axial_k[i_k]`, parameters of shape
+  (shape[k], d_embs[k]). Needs sum(d_embs) == d and l <= prod(shape).
+  """
+
+  shape: Sequence[int] = (64, 64)
+  d_embs: Sequence[int] = (128, 128)
+  dropout: float = 0.0
+  mode: str = 'train'
+
+  def __post_init__(self):
+    check_mode(self.mode, 'AxialPositionalEncoding mode')
+    if len(self.shape) != len(self.d_embs) or not self.shape:
+      raise ValueError(
+          f'AxialPositionalEncoding needs one d_embs entry per axis of shape, got '
+          f'shape={tuple(self.shape)} and d_embs={tuple(self.d_embs)}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x):
+    length, d = x.shape[1], x.shape[2]
+    if sum(self.d_embs) != d:
+      raise ValueError(
+          f'AxialPositionalEncoding d_embs={tuple(self.d_embs)} sums to {sum(self.d_embs)}, '
+          f'but the input width is {d}.')
+    capacity = math.prod(self.shape)
+    if length > capacity:
+      raise ValueError(
+          f'AxialPositionalEncoding shape={tuple(self.shape)} covers {capacity} positions, '
+          f'fewer than the input length {length}.')
+    positions = _start_position(self, length) + jnp.arange(length)
+    parts, stride = [], capacity
+    for k, (size, d_emb) in enumerate(zip(self.shape, self.d_embs)):
+      stride //= size
+      table = self.param(f'axial_{k}', nn.initializers.normal(1.0), (size, d_emb))
+      if self.mode == 'train' and self.dropout > 0:
+        table = dropout(table, self.dropout, self.make_rng('dropout'))
+      parts.append(jnp.take(table, (positions // stride) % size, axis=0))
+    return x + jnp.concatenate(parts, axis=-1)[None].astype(x.dtype)

@@ -1,0 +1,83 @@
+"""Repeat equals the unrolled stack; Chunk equals the unchunked layer."""
+
+import chex
+import jax
+import jax.numpy as jnp
+from absl.testing import absltest, parameterized
+
+import terraflax.combinators as cb
+import terraflax.layers as tl
+
+KEY = jax.random.key(0)
+
+
+def block():
+  return cb.Residual(tl.LayerNorm(), tl.Dense(6), tl.Relu(), tl.Dense(4))
+
+
+class RepeatTest(parameterized.TestCase):
+
+  @parameterized.parameters(False, True)
+  def test_equals_unrolled_serial(self, remat):
+    repeat = cb.Repeat(block(), 3, remat=remat)
+    x = jax.random.normal(KEY, (2, 5, 4))
+    variables = repeat.init(KEY, x)
+    stacked = variables['params']['Residual_0']
+    self.assertEqual(stacked['Dense_1']['kernel'].shape, (3, 4, 6))
+    blocks = [block() for _ in range(3)]
+    unrolled = cb.Serial(*blocks)
+    unrolled_params = {b.name: jax.tree_util.tree_map(lambda p, i=i: p[i], stacked)
+                       for i, b in enumerate(blocks)}
+    expected = unrolled.apply({'params': unrolled_params}, x)
+
+    def loss(params, apply):
+      return jnp.sum(apply(params, x) ** 2)
+
+    chex.assert_trees_all_close(repeat.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+    grads = jax.grad(loss)(variables, repeat.apply)
+    unrolled_grads = jax.grad(loss)({'params': unrolled_params}, unrolled.apply)
+    for i, b in enumerate(blocks):
+      chex.assert_trees_all_close(
+          jax.tree_util.tree_map(lambda g, i=i: g[i], grads['params']['Residual_0']),
+          unrolled_grads['params'][b.name], rtol=1e-5, atol=1e-6)
+
+  def test_many_items_and_dropout_rngs_differ_per_copy(self):
+    layer = cb.Repeat(cb.Parallel(tl.Dropout(0.5), None), 4)
+    self.assertEqual((layer.n_in, layer.n_out), (2, 2))
+    x = jnp.ones((1000,))
+    out, untouched = layer.apply({}, x, x, rngs={'dropout': KEY})
+    chex.assert_trees_all_equal(untouched, x)
+    # Four independent masks of keep rate 1/2: survivors ~ 1000/16, each scaled by 16.
+    survivors = int(jnp.sum(out > 0))
+    self.assertBetween(survivors, 30, 100)
+    self.assertTrue(bool(jnp.all((out == 0) | (out == 16.0))))
+
+  def test_rejects_layer_with_unequal_counts(self):
+    with self.assertRaisesRegex(cb.LayerError, 'n_in == n_out'):
+      cb.Repeat(cb.Add(), 2)
+    with self.assertRaisesRegex(cb.LayerError, 'n >= 1'):
+      cb.Repeat(tl.Dense(2), 0)
+
+
+class ChunkTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 3, 4, 10, 16)
+  def test_equals_unchunked_with_gradients(self, chunk_len):
+    ff = lambda: tl.FeedForward(d_model=4, d_ff=8)
+    chunked = cb.Serial(cb.Chunk(ff(), chunk_len))
+    plain = cb.Serial(ff())
+    x = jax.random.normal(KEY, (2, 10, 4))
+    variables = plain.init(KEY, x)
+    chunked_variables = {'params': {'Chunk_0': {'Serial_0': variables['params']}}}
+    self.assertEqual(jax.tree_util.tree_structure(chunked.init(KEY, x)),
+                     jax.tree_util.tree_structure(chunked_variables))
+    chex.assert_trees_all_close(chunked.apply(chunked_variables, x), plain.apply(variables, x),
+                                rtol=1e-5, atol=1e-6)
+    g_chunked = jax.grad(lambda v: jnp.sum(jnp.sin(chunked.apply(v, x))))(chunked_variables)
+    g_plain = jax.grad(lambda v: jnp.sum(jnp.sin(plain.apply(v, x))))(variables)
+    chex.assert_trees_all_close(g_chunked['params']['Chunk_0']['Serial_0'], g_plain['params'],
+                                rtol=1e-5, atol=1e-6)
+
+
+if __name__ == '__main__':
+  absltest.main()

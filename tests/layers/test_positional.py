@@ -1,0 +1,64 @@
+"""Positional encodings: formulas, and predict mode equals the full pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import terraflax.layers as tl
+
+KEY = jax.random.key(0)
+
+
+class PositionalTest(parameterized.TestCase):
+
+  def test_sinusoidal_formula(self):
+    x = jnp.zeros((1, 6, 4))
+    out = np.asarray(tl.PositionalEncoding(max_len=8).apply({}, x))[0]
+    p, i = np.arange(6)[:, None], np.array([0, 1])[None, :]
+    angle = p / 10000 ** (2 * i / 4)
+    np.testing.assert_allclose(out[:, 0::2], np.sin(angle), atol=1e-6)
+    np.testing.assert_allclose(out[:, 1::2], np.cos(angle), atol=1e-6)
+
+  def test_axial_is_concatenation_of_factors(self):
+    x = jnp.zeros((2, 12, 5))
+    layer = tl.AxialPositionalEncoding(shape=(3, 4), d_embs=(2, 3), mode='eval')
+    variables = layer.init(KEY, x)
+    a0 = np.asarray(variables['params']['axial_0'])
+    a1 = np.asarray(variables['params']['axial_1'])
+    expected = np.stack([np.concatenate([a0[p // 4], a1[p % 4]]) for p in range(12)])
+    out = layer.apply(variables, x)
+    np.testing.assert_allclose(out[0], expected)
+    np.testing.assert_allclose(out[1], expected)
+
+  @parameterized.named_parameters(
+      ('sinusoidal', lambda mode: tl.PositionalEncoding(max_len=16, mode=mode)),
+      ('learned', lambda mode: tl.PositionalEncoding(max_len=16, kind='learned', mode=mode)),
+      ('axial', lambda mode: tl.AxialPositionalEncoding(shape=(4, 4), d_embs=(3, 3), mode=mode)),
+  )
+  def test_predict_token_by_token_equals_eval(self, make):
+    x = jax.random.normal(KEY, (2, 9, 6))
+    variables = make('eval').init(KEY, x)
+    full = make('eval').apply(variables, x)
+    predict = make('predict')
+    cache = predict.init(KEY, x[:, :1])['cache']
+    self.assertEqual(int(cache['position']), 0)
+    for i in range(9):
+      out, state = predict.apply({**variables, 'cache': cache}, x[:, i:i + 1], mutable=['cache'])
+      cache = state['cache']
+      np.testing.assert_allclose(out, full[:, i:i + 1], rtol=1e-6, atol=1e-6)
+    self.assertEqual(int(cache['position']), 9)
+
+  def test_clear_errors(self):
+    with self.assertRaisesRegex(ValueError, 'max_len=4 is shorter than the input length 5'):
+      tl.PositionalEncoding(max_len=4).apply({}, jnp.zeros((1, 5, 2)))
+    with self.assertRaisesRegex(ValueError, 'kind must be one of'):
+      tl.PositionalEncoding(kind='rotary')
+    with self.assertRaisesRegex(ValueError, r'sums to 4, but the input width is 6'):
+      tl.AxialPositionalEncoding(shape=(2, 2), d_embs=(2, 2)).init(KEY, jnp.zeros((1, 4, 6)))
+    with self.assertRaisesRegex(ValueError, 'covers 4 positions'):
+      tl.AxialPositionalEncoding(shape=(2, 2), d_embs=(2, 2)).init(KEY, jnp.zeros((1, 5, 4)))
+
+
+if __name__ == '__main__':
+  absltest.main()
