@@ -19,6 +19,22 @@ def lift_to(vector, x):
   return jnp.reshape(vector, (1,) * (x.ndim - 1) + vector.shape)
 
 
+def advance_position(module: nn.Module, length: int):
+  """First position of this call: 0, or the `cache` counter in predict mode.
+
+  In `'predict'` mode, keeps an int32 scalar `position` in the module's
+  `cache` collection and advances it by `length` on every call except `init`.
+  `module` must have a `mode` field.
+  """
+  if module.mode != 'predict':
+    return 0
+  position = module.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+  start = position.value
+  if not module.is_initializing():
+    position.value = start + length
+  return start
+
+
 class Dense(Layer):
   """[x] -> [x @ kernel + bias]: (..., d_in) -> (..., features); n_in = n_out = 1.
 

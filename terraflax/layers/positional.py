@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax.combinators.base import Layer, check_mode
-from terraflax.layers.core import dropout
+from terraflax.layers.core import advance_position, dropout
 
 POSITIONAL_KINDS = ('sinusoidal', 'learned')
 
@@ -29,17 +29,6 @@ def sinusoidal_table(max_len: int, d: int) -> np.ndarray:
   table[:, 0::2] = np.sin(positions * rates)
   table[:, 1::2] = np.cos(positions * rates[:, : d // 2])
   return table.astype(np.float32)
-
-
-def _start_position(module: nn.Module, length: int):
-  """First position of this call: 0, or the `cache` counter in predict mode."""
-  if module.mode != 'predict':
-    return 0
-  position = module.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
-  start = position.value
-  if not module.is_initializing():
-    position.value = start + length
-  return start
 
 
 class PositionalEncoding(Layer):
@@ -69,7 +58,7 @@ class PositionalEncoding(Layer):
       table = self.param('pos_embedding', nn.initializers.normal(0.02), (self.max_len, d))
     else:
       table = jnp.asarray(sinusoidal_table(self.max_len, d))
-    start = _start_position(self, length)
+    start = advance_position(self, length)
     positions = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
     y = x + positions[None].astype(x.dtype)
     if self.mode == 'train' and self.dropout > 0:
@@ -111,7 +100,7 @@ class AxialPositionalEncoding(Layer):
       raise ValueError(
           f'AxialPositionalEncoding shape={tuple(self.shape)} covers {capacity} positions, '
           f'fewer than the input length {length}.')
-    positions = _start_position(self, length) + jnp.arange(length)
+    positions = advance_position(self, length) + jnp.arange(length)
     parts, stride = [], capacity
     for k, (size, d_emb) in enumerate(zip(self.shape, self.d_embs)):
       stride //= size
