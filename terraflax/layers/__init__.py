@@ -25,3 +25,6 @@ from terraflax.layers.metrics import accuracy_sum as accuracy_sum
 from terraflax.layers.metrics import cross_entropy_sum as cross_entropy_sum
 from terraflax.layers.positional import AxialPositionalEncoding as AxialPositionalEncoding
 from terraflax.layers.positional import PositionalEncoding as PositionalEncoding
+from terraflax.layers.sparse_ff import SparseFF as SparseFF
+from terraflax.layers.sparse_qkv import ModularCausalConv as ModularCausalConv
+from terraflax.layers.sparse_qkv import MultiplicativeDense as MultiplicativeDense
