@@ -20,8 +20,9 @@ on a leading axis (like `Repeat`) and both the forward and the backward pass
 are a `lax.scan` over the blocks, so compile time and memory stay flat in n.
 
 Randomness is replayed exactly: layer number i of the stack (counting through
-the repeats) draws from `fold_in(make_rng(stream), i)` for the `dropout`,
-`hash` and `sparse` streams, and its recomputation reuses the same keys.
+the repeats) draws from `fold_in(make_rng(stream), i)` for every rng stream
+the caller gave (`dropout`, `hash`, `sparse`, ...), and its recomputation
+reuses the same keys.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ from terraflax.combinators.base import (
 from terraflax.combinators.core import (
     Fn, _layers_init, run_serial, serial_n_in_n_out)
 from terraflax.combinators.scan import RNG_STREAMS
-
-# Streams whose draws the recomputation replays (`params` is only used by init).
-REPLAYED_STREAMS = tuple(s for s in RNG_STREAMS if s != 'params')
 
 
 def is_reversible(layer: Any) -> bool:
@@ -64,7 +62,7 @@ class ReversibleLayer(Layer):
 
 
 class ReversibleSwap(ReversibleLayer):
-  """[x1, x2] -> [x2, x1]; its own reverse. n_in = n_out = 2."""
+  """[x1, x2] -> [x2, x1]: any shapes; its own reverse. n_in = n_out = 2."""
 
   n_in = 2
   n_out = 2
@@ -222,7 +220,8 @@ def _block_reverse(program, params, keys, block, stack):
     t = program.templates[position]
     n = n_in_of(t)
     rngs, outputs = _ordered_rngs(program, keys, block, position, stack[:n])
-    stack = list(_apply(program, t, params.get(t.name), rngs, outputs, method='reverse')) + stack[n:]
+    inputs = _apply(program, t, params.get(t.name), rngs, outputs, method='reverse')
+    stack = list(inputs) + stack[n:]
   return stack
 
 
@@ -463,7 +462,8 @@ class ReversibleSerial(_ReversibleSerialFields):
         templates=tuple(templates[layer.name] for layer in self.layers),
         n_blocks=self.n_repeats)
     params = dict(self.variables.get('params', {}))
-    keys = {stream: self.make_rng(stream) for stream in REPLAYED_STREAMS if self.has_rng(stream)}
+    # Every stream the caller gave: a layer may also fall back on `params`.
+    keys = {stream: self.make_rng(stream) for stream in sorted(self.scope.rngs)}
     return program, params, keys
 
   def __call__(self, *inputs):

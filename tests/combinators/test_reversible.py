@@ -192,16 +192,20 @@ class GradientTest(absltest.TestCase):
                             dict(RNGS, **{stream: jax.random.key(99)}))
       self.assertGreater(abs(float(value - other_value)), 1e-3)
 
-  def test_generic_reversible_layer_and_nested_stack(self):
+  def test_generic_reversible_layer_nested_stack_and_shared_layer(self):
     def model(reversible):
       inner = cb.ReversibleSerial(cb.ReversibleHalfResidual(tl.Dense(D)), cb.ReversibleSwap())
-      return cb.ReversibleSerial(ReversibleScale(), inner, ReversibleScale(),
+      shared = cb.ReversibleHalfResidual(tl.Dense(D), tl.Tanh())  # used twice, one parameter set
+      return cb.ReversibleSerial(ReversibleScale(), shared, inner, shared, ReversibleScale(),
                                  reversible=reversible)
 
     rev, plain = model(True), model(False)
     self.assertEqual((rev.n_in, rev.n_out), (2, 2))
     x1, x2 = inputs()
     variables = rev.init(KEY, x1, x2)
+    self.assertEqual(sorted(variables['params']), [
+        'ReversibleHalfResidual_1', 'ReversibleScale_0', 'ReversibleScale_4',
+        'ReversibleSerial_2'])
     grad = lambda m: jax.grad(lambda v, x: loss_of_stack(m.apply(v, x, x2)), argnums=(0, 1))(
         variables, x1)
     assert_trees_rel_close(self, grad(rev), grad(plain))
@@ -322,7 +326,8 @@ class ContextTest(parameterized.TestCase):
     self.assertEqual((layer.n_in, layer.n_out), (3, 3))
     x1, x2, ctx = inputs(3)
     variables = layer.init(KEY, x1, x2, ctx)
-    dense = tl.Dense(D).apply({'params': variables['params']['GateKeepingContext_0']['Dense_0']}, x2)
+    dense_params = variables['params']['GateKeepingContext_0']['Dense_0']
+    dense = tl.Dense(D).apply({'params': dense_params}, x2)
     chex.assert_trees_all_close(layer.apply(variables, x1, x2, ctx),
                                 (x1 + dense * jnp.tanh(ctx), x2, ctx), rtol=1e-6)
 
@@ -355,7 +360,7 @@ class ModesTest(absltest.TestCase):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
 
 
-class WiringTest(parameterized.TestCase):
+class WiringTest(absltest.TestCase):
 
   def test_merge_streams(self):
     a, b = inputs()
