@@ -18,3 +18,8 @@ from terraflax.combinators.core import Serial as Serial
 from terraflax.combinators.core import Swap as Swap
 from terraflax.combinators.scan import Chunk as Chunk
 from terraflax.combinators.scan import Repeat as Repeat
+from terraflax.combinators.reversible import MergeStreams as MergeStreams
+from terraflax.combinators.reversible import ReversibleHalfResidual as ReversibleHalfResidual
+from terraflax.combinators.reversible import ReversibleLayer as ReversibleLayer
+from terraflax.combinators.reversible import ReversibleSerial as ReversibleSerial
+from terraflax.combinators.reversible import ReversibleSwap as ReversibleSwap
