@@ -1,0 +1,77 @@
+"""Test-only model factories, built from the foundation layers.
+
+Referenced from configs as 'tests.train.tiny_models:TinyLM' (the trainer's
+'package.module:Factory' form), so the training tests do not depend on
+`terraflax.models`.
+"""
+
+import jax.numpy as jnp
+
+import terraflax.combinators as cb
+import terraflax.layers as tl
+from terraflax.combinators.base import check_mode
+
+
+def _check_length(chunk_len):
+  def check(x):
+    if chunk_len and x.shape[1] % chunk_len:
+      raise ValueError(f'length {x.shape[1]} is not a multiple of chunk_len={chunk_len}')
+    return x
+  return cb.Fn('CheckLength', check)
+
+
+def TinyLM(*, vocab_size, d_model, d_ff, n_layers=1, n_heads=1, dropout=0.0,  # pylint: disable=invalid-name
+           max_len=2048, chunk_len=None, mode='train', dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); a bigram-style LM (no attention).
+
+  ShiftRight, Embedding, n_layers residual feed-forward blocks, Dense. n_heads
+  and max_len are accepted like a Transformer's; chunk_len makes lengths that
+  are not a multiple of it an error (as chunked attention would).
+  """
+  check_mode(mode, 'TinyLM mode')
+  del n_heads, max_len
+  return cb.Serial(
+      _check_length(chunk_len),
+      tl.ShiftRight(mode=mode),
+      tl.Embedding(vocab_size, d_model, dtype=dtype),
+      [cb.Residual(tl.FeedForward(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
+                                  dtype=dtype)) for _ in range(n_layers)],
+      tl.LayerNorm(),
+      tl.Dense(vocab_size, dtype=dtype),
+  )
+
+
+def NGramLM(*, vocab_size, d_model, d_ff, context=8, mode='train', dtype=None):  # pylint: disable=invalid-name
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); sees the previous `context` tokens.
+
+  Each of the last `context` tokens is embedded and projected; the sum goes
+  through a residual feed-forward block and a Dense to logits.
+  """
+  check_mode(mode, 'NGramLM mode')
+  branches = [cb.Serial(tl.ShiftRight(n_positions=k, mode='train'),
+                        tl.Embedding(vocab_size, d_model, dtype=dtype),
+                        tl.Dense(d_model, dtype=dtype)) for k in range(1, context + 1)]
+  return cb.Serial(
+      cb.Branch(*branches),
+      [cb.Add() for _ in range(context - 1)],
+      cb.Residual(tl.FeedForward(d_model=d_model, d_ff=d_ff, mode=mode, dtype=dtype)),
+      tl.LayerNorm(),
+      tl.Dense(vocab_size, dtype=dtype),
+  )
+
+
+def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train', dtype=None):  # pylint: disable=invalid-name
+  """[ids] -> [logits]: int (b, l) -> (b, n_classes); embeddings averaged over non-pad ids."""
+  check_mode(mode, 'TinyClassifier mode')
+
+  def pool(x, ids):
+    mask = (ids > 0).astype(x.dtype)[..., None]
+    return jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+  return cb.Serial(
+      cb.Dup(),  # stack: ids, ids
+      tl.Embedding(vocab_size, d_model, dtype=dtype),  # stack: x, ids
+      cb.Fn('MaskedMean', pool),
+      tl.Dense(d_model, dtype=dtype), tl.Relu(),
+      tl.Dense(n_classes, dtype=dtype),
+  )
