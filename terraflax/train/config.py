@@ -411,6 +411,12 @@ def validate_config(config, *, n_devices: int | None = None,
     data = data_lib.make_data(config.data, config.seed)
   except data_lib.DataError as e:
     raise ConfigError(str(e)) from None
+  if data.n_eval_batches(config.train.batch_size) == 0:
+    field = ('data.eval_fraction' if config.data.name == 'bytes' else
+             'data.eval_examples' if not config.data.path else 'data.path')
+    raise ConfigError(f'config.{field}={config.data[field.split(".")[1]]!r} leaves '
+                      f'{len(data.eval)} evaluation examples, fewer than one batch of '
+                      f'train.batch_size={config.train.batch_size}.')
   check_model_against_data(config, data.info, kwargs)
   if config.sample.max_new_tokens and data.info.task != 'lm':
     raise ConfigError('config.sample.max_new_tokens must be 0 for a classification task.')

@@ -96,9 +96,9 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1):
     grads = jax.tree_util.tree_map(lambda g: g / weight, grads)  # Mean over the whole batch.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(optax.global_norm(params))
+    finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(optax.tree.norm(params))
     metrics = dict(sums, nonfinite=jnp.logical_not(finite).astype(jnp.int32),
-                   grad_norm=optax.global_norm(grads))
+                   grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
@@ -217,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     variables = train_model.init({'params': key, **stream_rngs(key)}, tokens)
     return nn.meta.unbox(variables['params'])
 
-  with mesh:
+  with jax.set_mesh(mesh):
     params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
@@ -278,7 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   last: dict[str, float] = {}
   timer_start, timed_steps, seconds_per_step = None, 0, 0.0
-  with _StopSignal() as stop, mesh:
+  with _StopSignal() as stop, jax.set_mesh(mesh):
     try:
       for step in range(start + 1, t.steps + 1):
         batch = sharding_lib.put_batch(next(data_iter), mesh)

@@ -75,3 +75,28 @@ def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train', dtype=None):
       tl.Dense(d_model, dtype=dtype), tl.Relu(),
       tl.Dense(n_classes, dtype=dtype),
   )
+
+
+def tiny_lm_config(**overrides):
+  """A complete config for a few-step TinyLM run on the duplication task.
+
+  `overrides` are dotted paths: tiny_lm_config(**{'train.steps': 8}).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({
+      'seed': 0,
+      'model': {'name': 'tests.train.tiny_models:TinyLM', 'vocab_size': 16, 'd_model': 16,
+                'd_ff': 32, 'n_layers': 1, 'n_heads': 2, 'dropout': 0.1, 'dtype': 'float32'},
+      'data': {'name': 'duplication', 'seq_len': 16, 'vocab_size': 16, 'eval_examples': 16},
+      'train': {'steps': 12, 'batch_size': 8, 'log_every': 2, 'eval_every': 4,
+                'eval_batches': 2, 'checkpoint_every': 4, 'keep_checkpoints': 10},
+      'optimizer': {'name': 'adam', 'learning_rate': 1e-2, 'warmup_steps': 2,
+                    'decay': 'cosine', 'grad_clip': 1.0},
+  })
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

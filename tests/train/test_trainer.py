@@ -1,0 +1,256 @@
+"""End-to-end training runs on generated data: outputs, resume, SIGTERM, 8 devices, NaN."""
+
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import pathlib
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from terraflax.train import checkpoint
+from terraflax.train import config as config_lib
+from terraflax.train import data as data_lib
+from terraflax.train import metrics as metrics_lib
+from terraflax.train import sharding as sharding_lib
+from terraflax.train import trainer
+from tests.train.tiny_models import tiny_lm_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Checkpoints at 3, 6, 9, 12 and logs at even steps: a resume from step 3 has
+# one step of pending metric sums to restore.
+CONFIG = {'train.steps': 12, 'train.log_every': 2, 'train.eval_every': 4,
+          'train.checkpoint_every': 3}
+
+
+def comparable(records):
+  """metrics.jsonl records without the wall-clock keys."""
+  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS} for r in records]
+
+
+def read_events(directory):
+  """(tag, step, value) of every scalar in the TensorBoard event files under `directory`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  scalars = []
+  for path in glob.glob(os.path.join(directory, '**', 'events.out.tfevents.*'), recursive=True):
+    data = pathlib.Path(path).read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecord: length, crc, payload, crc.
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      payload = data[offset + 12:offset + 12 + length]
+      offset += 12 + length + 4
+      event = event_pb2.Event()
+      event.ParseFromString(payload)
+      for value in event.summary.value:
+        if value.HasField('simple_value'):
+          scalars.append((value.tag, event.step, value.simple_value))
+  return scalars
+
+
+class _CrashAfter:
+  """Wraps a training iterator so that fetching batch `n + 1` raises (a simulated crash)."""
+
+  def __init__(self, iterator, n):
+    self._iterator, self._left = iterator, n
+
+  def __next__(self):
+    if self._left == 0:
+      raise KeyboardInterrupt('simulated crash')
+    self._left -= 1
+    return next(self._iterator)
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+
+class TrainerTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.workdir = os.path.join(cls.tmp.name, 'uninterrupted')
+    cls.stdout = io.StringIO()
+    with contextlib.redirect_stdout(cls.stdout):
+      cls.last = trainer.train_and_evaluate(tiny_lm_config(**CONFIG), cls.workdir)
+    cls.metrics = metrics_lib.read_metrics(cls.workdir)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def test_writes_all_outputs(self):
+    written = json.loads(pathlib.Path(self.workdir, 'config.json').read_text())
+    self.assertEqual(written['model']['name'], 'tests.train.tiny_models:TinyLM')
+    self.assertEqual(written['train']['grad_accum_steps'], 1)  # Defaults are written too.
+    steps = [m['step'] for m in self.metrics]
+    self.assertEqual(steps, [2, 4, 6, 8, 10, 12])
+    for m in self.metrics:
+      self.assertContainsSubset({'train/loss', 'train/accuracy', 'lr'}, m.keys())
+      self.assertTrue(math.isfinite(m['train/loss']))
+      self.assertEqual('eval/loss' in m, m['step'] % 4 == 0)
+      if m['step'] > 2:
+        self.assertIn('tokens_per_sec', m)
+    self.assertLess(self.metrics[-1]['train/loss'], self.metrics[0]['train/loss'])
+    self.assertEqual(self.last['train/loss'], self.metrics[-1]['train/loss'])
+    manager = checkpoint.make_manager(self.workdir, read_only=True, async_save=False)
+    self.assertEqual(list(manager.all_steps()), [3, 6, 9, 12])
+    events = read_events(os.path.join(self.workdir, 'tensorboard'))
+    losses = {step: value for tag, step, value in events if tag == 'train/loss'}
+    self.assertEqual(sorted(losses), steps)
+    for m in self.metrics:
+      self.assertAlmostEqual(losses[m['step']], m['train/loss'], places=5)
+    printed = self.stdout.getvalue()
+    self.assertRegex(printed, r'TinyLM with [\d,]+ parameters')
+    self.assertRegex(printed, r'step 12/12 \| loss \d+\.\d+ \| acc [\d.]+ \| [\d,]+ tokens/s \| '
+                              r'lr [\d.e-]+ \| ETA 0m00s')
+
+  def test_crash_and_rerun_is_bit_identical(self):
+    workdir = os.path.join(self.tmp.name, 'crashed')
+    original = data_lib.Data.train_iterator
+
+    def crashing(data, **kwargs):
+      return _CrashAfter(original(data, **kwargs), 5)
+
+    with mock.patch.object(data_lib.Data, 'train_iterator', crashing), \
+        contextlib.redirect_stdout(io.StringIO()):
+      with self.assertRaises(KeyboardInterrupt):
+        trainer.train_and_evaluate(tiny_lm_config(**CONFIG), workdir)
+    before = metrics_lib.read_metrics(workdir)
+    self.assertEqual([m['step'] for m in before], [2, 4])  # Step 4 was logged after the
+    manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)  # checkpoint at 3.
+    self.assertEqual(manager.latest_step(), 3)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # The same command again.
+      trainer.train_and_evaluate(tiny_lm_config(**CONFIG), workdir)
+    self.assertIn('Resumed from the checkpoint at step 3', printed.getvalue())
+    self.assertEqual(comparable(metrics_lib.read_metrics(workdir)), comparable(self.metrics))
+
+  def test_load_for_inference_reproduces_the_logged_eval_loss(self):
+    config, params = checkpoint.load_for_inference(self.workdir)
+    self.assertEqual(config.train.steps, 12)
+    experiment = config_lib.validate_config(config)
+    model = checkpoint.model_from_config(config, 'eval')
+    eval_step = jax.jit(trainer.make_eval_step(model))
+    mesh = sharding_lib.make_mesh()
+    sums = [eval_step(params, sharding_lib.put_batch(batch, mesh), i) for i, batch in enumerate(
+        experiment.data.eval_batches(batch_size=config.train.batch_size, n_batches=2))]
+    loss = sum(float(s['loss_sum']) for s in sums) / sum(float(s['weight_sum']) for s in sums)
+    self.assertAlmostEqual(loss, self.metrics[-1]['eval/loss'], places=5)
+
+  def test_eight_devices_give_the_same_losses(self):
+    script = textwrap.dedent(f"""
+        import jax
+        from terraflax.train import trainer
+        from tests.train.tiny_models import tiny_lm_config
+        assert jax.device_count() == 8, jax.devices()
+        trainer.train_and_evaluate(tiny_lm_config(**{CONFIG!r}), {self.tmp.name + '/eight'!r})
+        """)
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+               JAX_PLATFORMS='cpu')
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("mesh {'data': 8, 'model': 1}", result.stdout)
+    eight = metrics_lib.read_metrics(self.tmp.name + '/eight')
+    self.assertEqual([m['step'] for m in eight], [m['step'] for m in self.metrics])
+    for one, many in zip(self.metrics, eight):
+      for key in ('train/loss', 'train/accuracy', 'eval/loss'):
+        if key in one:
+          self.assertAlmostEqual(one[key], many[key], delta=1e-5 * max(1.0, abs(one[key])),
+                                 msg=f'{key} at step {one["step"]}')
+
+
+class SignalTest(absltest.TestCase):
+
+  def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      config_file = os.path.join(tmp, 'long_run.py')
+      pathlib.Path(config_file).write_text(textwrap.dedent("""
+          from tests.train.tiny_models import tiny_lm_config
+
+          def get_config():
+            return tiny_lm_config(**{'train.steps': 100000, 'train.log_every': 1,
+                                     'train.eval_every': 100000,
+                                     'train.checkpoint_every': 100000})
+          """))
+      workdir = os.path.join(tmp, 'run')
+      env = dict(os.environ, JAX_PLATFORMS='cpu')
+      process = subprocess.Popen(
+          [sys.executable, '-m', 'terraflax.train', f'--config={config_file}',
+           f'--workdir={workdir}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE, text=True)
+      try:
+        deadline = time.time() + 240
+        while len(metrics_lib.read_metrics(workdir)) < 3:
+          self.assertIsNone(process.poll(), 'training exited early')
+          self.assertLess(time.time(), deadline, 'no metrics after 240 s')
+          time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+      finally:
+        if process.poll() is None:
+          process.kill()
+      self.assertEqual(process.returncode, 0, stderr[-3000:])
+      self.assertIn('SIGTERM: saved the checkpoint at step', stdout)
+      manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+      step = manager.latest_step()
+      self.assertGreaterEqual(step, 3)
+      config, params = checkpoint.load_for_inference(workdir)
+      self.assertTrue(all(np.isfinite(np.asarray(x)).all()
+                          for x in jax.tree_util.tree_leaves(params)))
+      self.assertEqual(config.train.steps, 100000)
+
+
+class DivergenceTest(absltest.TestCase):
+
+  def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
+    config = tiny_lm_config(**{'train.steps': 6, 'train.log_every': 100, 'train.eval_every': 100,
+                               'train.checkpoint_every': 1})
+    config.optimizer.name = 'sgd'
+    config.optimizer.learning_rate = 1e38  # Update 1 has lr 0 (warm-up); update 2 overflows.
+    config.optimizer.warmup_steps = 1
+    config.optimizer.decay = 'constant'
+    config.optimizer.grad_clip = 0.0
+    with tempfile.TemporaryDirectory() as workdir:
+      with contextlib.redirect_stdout(io.StringIO()), self.assertRaisesRegex(
+          trainer.TrainingDivergedError,
+          r'non-finite \(NaN/inf\) loss or parameters at step 2 .* last good checkpoint is step 1'):
+        trainer.train_and_evaluate(config, workdir)
+      manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+      self.assertEqual(list(manager.all_steps()), [1])
+      _, params = checkpoint.load_for_inference(workdir)
+      self.assertTrue(all(np.isfinite(np.asarray(x)).all()
+                          for x in jax.tree_util.tree_leaves(params)))
+
+
+class ValidationBeforeCompileTest(absltest.TestCase):
+
+  def test_bad_config_fails_before_anything_is_written_or_compiled(self):
+    config = tiny_lm_config(**{'train.batch_size': -3})
+    with tempfile.TemporaryDirectory() as workdir, mock.patch.object(
+        jax, 'jit', side_effect=AssertionError('compiled before validating')):
+      with self.assertRaisesRegex(config_lib.ConfigError,
+                                  r'config\.train\.batch_size must be a positive int, got -3'):
+        trainer.train_and_evaluate(config, workdir)
+      self.assertEmpty(os.listdir(workdir))
+
+
+if __name__ == '__main__':
+  absltest.main()
