@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.chunk_len = 64  # LSH attention chunk length (positions per chunk).
   config.model.dropout = 0.0  # Dropout rate in train mode (a tiny model does not need it).
   config.model.max_len = 256  # Longest sequence the positional encoding supports.
-  config.model.dtype = 'float32'  # Compute dtype ('bfloat16' for mixed precision); params stay float32.
+  config.model.dtype = 'float32'  # Compute dtype ('bfloat16': mixed precision); params float32.
 
   # The data: byte-level LM windows of `seq_len` bytes.
   config.data = ml_collections.ConfigDict()
@@ -51,13 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The loop.
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 1500  # Optimizer updates in total.
-  config.train.batch_size = 16  # Global batch (split over data-parallel devices and processes).
+  config.train.steps = 1000  # Optimizer updates in total.
+  config.train.batch_size = 8  # Global batch (split over data-parallel devices and processes).
   config.train.grad_accum_steps = 1  # Micro-batches per update (batch_size must divide by it).
   config.train.log_every = 100  # Steps between metrics.jsonl lines and progress lines.
-  config.train.eval_every = 500  # Steps between evaluations (and at the last step).
-  config.train.eval_batches = 16  # Evaluation batches per evaluation (-1: the whole eval split).
-  config.train.checkpoint_every = 500  # Steps between checkpoints (and at the last step).
+  config.train.eval_every = 250  # Steps between evaluations (and at the last step).
+  config.train.eval_batches = 32  # Evaluation batches per evaluation (-1: the whole eval split).
+  config.train.checkpoint_every = 250  # Steps between checkpoints (and at the last step).
   config.train.keep_checkpoints = 2  # Checkpoints kept in workdir/checkpoints.
   config.train.async_checkpoints = True  # Write checkpoints in the background.
 
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.98  # Adam second-moment decay.
   config.optimizer.eps = 1e-9  # Adam epsilon.
   config.optimizer.momentum = 0.0  # SGD momentum (sgd only).
-  config.optimizer.weight_decay = 0.0  # Decoupled weight decay (adamw, sgd, adafactor); skips biases and norm scales.
+  config.optimizer.weight_decay = 0.0  # Decoupled decay (adamw, sgd, adafactor); not biases/scales.
   config.optimizer.grad_clip = 1.0  # Clip gradients to this global norm (0: off).
 
   # Devices.

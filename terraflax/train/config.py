@@ -106,7 +106,8 @@ SCHEMA: dict[str, Field] = {
     'optimizer.eps': Field((int, float), 1e-9, _positive, 'a positive number'),
     'optimizer.momentum': Field((int, float), 0.0, lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
     'optimizer.weight_decay': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
-    'optimizer.grad_clip': Field((int, float), 0.0, _non_negative, 'a non-negative number (0: off)'),
+    'optimizer.grad_clip': Field((int, float), 0.0, _non_negative,
+                                 'a non-negative number (0: off)'),
     # sharding and multi-process start
     'sharding.model_parallel': Field(int, 1, _positive, 'a positive int'),
     'sharding.logical_axis_rules': Field((tuple, list), ()),

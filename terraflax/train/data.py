@@ -88,7 +88,8 @@ class Data:
 
 def _local(ds, batch_size, process_index, process_count, field):
   if batch_size % process_count:
-    raise DataError(f'config.{field}={batch_size} must be divisible by the {process_count} processes.')
+    raise DataError(f'config.{field}={batch_size} must be divisible by the {process_count} '
+                    'processes.')
   if process_count > 1:
     ds = ds[process_index::process_count]
   return ds.batch(batch_size // process_count, drop_remainder=True)
@@ -179,7 +180,8 @@ def duplication_example(rng: np.random.Generator, seq_len: int, vocab_size: int)
 
 def duplication_data(cfg, seed: int) -> Data:
   if cfg.seq_len % 2 or cfg.seq_len < 4:
-    raise DataError(f'config.data.seq_len must be even and >= 4 for duplication, got {cfg.seq_len}.')
+    raise DataError('config.data.seq_len must be even and >= 4 for duplication, got '
+                    f'{cfg.seq_len}.')
   if cfg.vocab_size < 2:
     raise DataError(f'config.data.vocab_size must be >= 2 for duplication, got {cfg.vocab_size}.')
 
@@ -205,7 +207,8 @@ def listops_data(cfg, seed: int) -> Data:
     raise DataError(f'config.data.max_len={cfg.max_len} must be <= data.seq_len={cfg.seq_len} '
                     'for listops (the longest expression must fit).')
   if not 1 <= cfg.min_len <= cfg.max_len:
-    raise DataError(f'config.data.min_len={cfg.min_len} must be in [1, data.max_len={cfg.max_len}].')
+    raise DataError(f'config.data.min_len={cfg.min_len} must be in '
+                    f'[1, data.max_len={cfg.max_len}].')
   info = DataInfo(task='classification', vocab_size=listops.VOCAB_SIZE, n_classes=listops.N_CLASSES)
   if cfg.path:
     train = _listops_file(cfg, 'basic_train.tsv')

@@ -96,7 +96,8 @@ def tokenize(source: str, seq_len: int) -> np.ndarray:
   try:
     ids = [TOKEN_IDS[t] for t in tokens]
   except KeyError as e:
-    raise ValueError(f'Unknown ListOps token {e.args[0]!r}; the vocabulary is {VOCAB[1:]}.') from None
+    raise ValueError(
+        f'Unknown ListOps token {e.args[0]!r}; the vocabulary is {VOCAB[1:]}.') from None
   out = np.full((seq_len,), PAD_ID, np.int32)
   out[:len(ids)] = ids
   return out
@@ -124,7 +125,8 @@ def read_tsv(path: str) -> list[tuple[str, int]]:
       try:
         examples.append((source, int(target)))
       except ValueError:
-        raise ValueError(f'{path}:{line_number}: expected "source<TAB>value", got {line[:80]!r}.') from None
+        raise ValueError(f'{path}:{line_number}: expected "source<TAB>value", '
+                         f'got {line[:80]!r}.') from None
   if not examples:
     raise ValueError(f'ListOps file {path!r} holds no examples.')
   return examples

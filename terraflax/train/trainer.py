@@ -313,8 +313,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           if 'train/loss' in scalars:
             writer.progress(step, scalars, seconds_per_step)
           if any(k.startswith('eval/') for k in scalars):
-            writer.info('  eval: ' + ', '.join(f'{k[5:]} {v:.4f}' for k, v in sorted(scalars.items())
-                                                 if k.startswith('eval/')))
+            writer.info(f'  eval at step {step}: ' + ', '.join(
+                f'{k[5:]} {v:.4f}' for k, v in sorted(scalars.items()) if k.startswith('eval/')))
           last.update(scalars)
         stopping = _preempted(step, stop.requested)
         if step % t.checkpoint_every == 0 or step == t.steps or stopping:

@@ -45,12 +45,14 @@ class ValidateTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('negative_batch', {'train.batch_size': -3},
        r'^config\.train\.batch_size must be a positive int, got -3\.$'),
-      ('float_steps', {'train.steps': 2.5}, r'config\.train\.steps must be a positive int, got 2\.5'),
+      ('float_steps', {'train.steps': 2.5},
+       r'config\.train\.steps must be a positive int, got 2\.5'),
       ('bool_is_not_int', {'train.log_every': True}, r'config\.train\.log_every must be'),
       ('string_lr', {'optimizer.learning_rate': 'fast'},
        r"config\.optimizer\.learning_rate must be a positive number, got 'fast'"),
       ('unknown_optimizer', {'optimizer.name': 'lion'},
-       r"config\.optimizer\.name must be one of \('adam', 'adamw', 'adafactor', 'sgd'\), got 'lion'"),
+       r"config\.optimizer\.name must be one of "
+       r"\('adam', 'adamw', 'adafactor', 'sgd'\), got 'lion'"),
       ('fraction_range', {'data.eval_fraction': 1.5},
        r'config\.data\.eval_fraction must be a number in \[0, 1\), got 1\.5'),
       ('unknown_train_field', {'train.batch_sise': 8},
@@ -62,7 +64,8 @@ class ValidateTest(parameterized.TestCase):
        r'config\.model\.d_model=16 must be divisible by config\.model\.n_heads=3'),
       ('unknown_model_field', {'model.n_hashes': 4},
        r"config\.model\.n_hashes is not an argument of tests\.train\.tiny_models:TinyLM "
-       r"\(did you mean 'n_heads'\?\); valid model fields: name, chunk_len, d_ff, d_model, dropout, dtype, max_len, n_heads"),
+       r"\(did you mean 'n_heads'\?\); valid model fields: name, chunk_len, d_ff, d_model, "
+       r"dropout, dtype, max_len, n_heads"),
       ('mode_is_the_trainers', {'model.mode': 'eval'}, r'config\.model\.mode must not be set'),
       ('bad_dtype', {'model.dtype': 'float13'}, r"config\.model\.dtype must be a dtype name"),
       ('unknown_factory', {'model.name': 'tests.train.tiny_models:TinyLn'},
@@ -90,7 +93,8 @@ class ValidateTest(parameterized.TestCase):
        r"config\.data\.path='/nonexistent/corpus' does not exist"),
       ('eval_smaller_than_batch', {'data.eval_examples': 4},
        r'config\.data\.eval_examples=4 .* fewer than one batch'),
-      ('bad_axis_rule', {'sharding': ml_collections.ConfigDict({'logical_axis_rules': (('embed', 'x'),)})},
+      ('bad_axis_rule',
+       {'sharding': ml_collections.ConfigDict({'logical_axis_rules': (('embed', 'x'),)})},
        r'config\.sharding\.logical_axis_rules must be pairs'),
   )
   def test_bad_config(self, changes, message):
@@ -123,6 +127,27 @@ class ValidateTest(parameterized.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, r"config\.model\.name='NoSuchModel'"):
       config_lib.validate_config(config, n_devices=1, n_processes=1)
 
+
+  def test_classifier_on_listops(self):
+    config = tiny_lm_config()
+    config.model = ml_collections.ConfigDict({
+        'name': 'tests.train.tiny_models:TinyClassifier', 'vocab_size': 16, 'd_model': 8,
+        'n_classes': 10})
+    config.data = ml_collections.ConfigDict({'name': 'listops', 'seq_len': 32, 'max_len': 32,
+                                             'min_len': 4, 'max_depth': 3, 'eval_examples': 16})
+    experiment = config_lib.validate_config(config, n_devices=1, n_processes=1)
+    self.assertEqual(experiment.data.info.task, 'classification')
+    config.model.n_classes = 9
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'config\.model\.n_classes=9 must equal the 10 classes'):
+      config_lib.validate_config(config, n_devices=1, n_processes=1)
+    del config.model['n_classes']
+    config.model.d_model = 10
+    config.model.name = 'tests.train.tiny_models:TinyLM'
+    config.model.d_ff = 8
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'returns logits of shape \(8, 32, 16\) .* needs \(8, 10\)'):
+      config_lib.validate_config(config, n_devices=1, n_processes=1)
 
 class ConfigFilesTest(parameterized.TestCase):
 

@@ -150,7 +150,8 @@ class BytesTest(absltest.TestCase):
   def test_missing_and_empty_paths(self):
     with self.assertRaisesRegex(data_lib.DataError, r'config\.data\.path is empty'):
       data_lib.make_data(data_config(name='bytes', path=''), 0)
-    with self.assertRaisesRegex(data_lib.DataError, r"config\.data\.path='/no/such/dir' does not exist"):
+    with self.assertRaisesRegex(data_lib.DataError,
+                                r"config\.data\.path='/no/such/dir' does not exist"):
       data_lib.make_data(data_config(name='bytes', path='/no/such/dir'), 0)
     with tempfile.TemporaryDirectory() as d:
       with self.assertRaisesRegex(data_lib.DataError, r'holds no files matching'):

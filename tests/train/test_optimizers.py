@@ -141,3 +141,22 @@ class GradAccumulationTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class MixedPrecisionTest(absltest.TestCase):
+
+  def test_bfloat16_compute_keeps_float32_params(self):
+    model = TinyLM(vocab_size=11, d_model=8, d_ff=16, mode='train', dtype=jnp.bfloat16)
+    tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 11
+    params = model.init(jax.random.key(0), tokens)['params']
+    self.assertEqual(model.apply({'params': params}, tokens).dtype, jnp.bfloat16)
+    tx = optax.adam(1e-2)
+    state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params),
+                               rng=jax.random.key_data(jax.random.key(2)))
+    batch = {'inputs': tokens, 'targets': tokens, 'weights': jnp.ones((2, 6))}
+    new_state, metrics = jax.jit(trainer.make_train_step(model, tx))(state, batch)
+    for leaf in jax.tree_util.tree_leaves(new_state.params):
+      self.assertEqual(leaf.dtype, jnp.float32)
+    self.assertEqual(metrics['loss_sum'].dtype, jnp.float32)
+    self.assertTrue(np.isfinite(float(metrics['loss_sum'])))

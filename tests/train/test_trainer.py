@@ -8,18 +8,22 @@ import math
 import os
 import pathlib
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import types
 from unittest import mock
 
 import jax
+import ml_collections
 import numpy as np
 from absl.testing import absltest
 
+import terraflax
 from terraflax.train import checkpoint
 from terraflax.train import config as config_lib
 from terraflax.train import data as data_lib
@@ -177,6 +181,51 @@ class TrainerTest(absltest.TestCase):
                                  msg=f'{key} at step {one["step"]}')
 
 
+  def test_two_processes_give_the_same_losses(self):
+    """jax.distributed over 2 local CPU processes (gloo): each reads half of every batch."""
+    with socket.socket() as s:
+      s.bind(('localhost', 0))
+      port = s.getsockname()[1]
+    workdir = self.tmp.name + '/two'
+    script = textwrap.dedent(f"""
+        import sys
+        import jax
+        import ml_collections
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        from terraflax.train import trainer
+        from tests.train.tiny_models import tiny_lm_config
+        config = tiny_lm_config(**{CONFIG!r})
+        config.distributed = ml_collections.ConfigDict(dict(
+            initialize=True, coordinator_address='localhost:{port}', num_processes=2,
+            process_id=int(sys.argv[1])))
+        trainer.train_and_evaluate(config, {workdir!r})
+        assert jax.process_count() == 2
+        """)
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    processes = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+      for p in processes:
+        if p.poll() is None:
+          p.kill()
+    for p, (_, stderr) in zip(processes, outputs):
+      self.assertEqual(p.returncode, 0, stderr[-3000:])
+    self.assertIn("2 device(s), mesh {'data': 2, 'model': 1}", outputs[0][0])
+    self.assertNotIn('step 2/12', outputs[1][0])  # Only process 0 reports.
+    two = metrics_lib.read_metrics(workdir)
+    self.assertEqual([m['step'] for m in two], [m['step'] for m in self.metrics])
+    for one, many in zip(self.metrics, two):
+      for key in ('train/loss', 'eval/loss'):
+        if key in one:
+          self.assertAlmostEqual(one[key], many[key], delta=1e-5 * max(1.0, abs(one[key])),
+                                 msg=f'{key} at step {one["step"]}')
+    manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+    self.assertEqual(manager.latest_step(), 12)
+
+
 class SignalTest(absltest.TestCase):
 
   def test_sigterm_saves_a_restorable_checkpoint_and_exits_zero(self):
@@ -254,3 +303,30 @@ class ValidationBeforeCompileTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class SampleTest(absltest.TestCase):
+
+  def test_sample_calls_decoding_once_with_a_predict_model_and_decodes_bytes(self):
+    config = tiny_lm_config(**{'data.name': 'bytes', 'data.path': __file__,
+                                'data.eval_fraction': 0.2, 'model.vocab_size': 256})
+    config.sample = ml_collections.ConfigDict({'prompt': 'def ', 'max_new_tokens': 3,
+                                               'temperature': 0.5})
+    experiment = config_lib.validate_config(config)
+    calls = []
+
+    def autoregressive_sample(model, params, prompt, max_new_tokens, *, temperature, rng):
+      calls.append((model, prompt, max_new_tokens, temperature))
+      del params, rng
+      return np.concatenate([np.asarray(prompt), [[ord('x'), ord('y'), 0xE2]]], axis=1)
+
+    fake = types.SimpleNamespace(autoregressive_sample=autoregressive_sample)
+    with mock.patch.dict(sys.modules, {'terraflax.decoding': fake}), \
+        mock.patch.object(terraflax, 'decoding', fake, create=True):
+      text = trainer.sample_text(experiment, params={})
+    self.assertLen(calls, 1)
+    model, prompt, max_new_tokens, temperature = calls[0]
+    self.assertEqual(model.layers[1].mode, 'predict')  # TinyLM's ShiftRight.
+    np.testing.assert_array_equal(prompt, [[ord(c) for c in 'def ']])
+    self.assertEqual((max_new_tokens, temperature), (3, 0.5))
+    self.assertEqual(text, 'def xy\ufffd')  # A cut UTF-8 sequence is replaced, not an error.

@@ -20,8 +20,8 @@ def _check_length(chunk_len):
   return cb.Fn('CheckLength', check)
 
 
-def TinyLM(*, vocab_size, d_model, d_ff, n_layers=1, n_heads=1, dropout=0.0,  # pylint: disable=invalid-name
-           max_len=2048, chunk_len=None, mode='train', dtype=None):
+def TinyLM(*, vocab_size, d_model, d_ff, n_layers=1, n_heads=1,  # pylint: disable=invalid-name
+           dropout=0.0, max_len=2048, chunk_len=None, mode='train', dtype=None):
   """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); a bigram-style LM (no attention).
 
   ShiftRight, Embedding, n_layers residual feed-forward blocks, Dense. n_heads
@@ -41,7 +41,8 @@ def TinyLM(*, vocab_size, d_model, d_ff, n_layers=1, n_heads=1, dropout=0.0,  # 
   )
 
 
-def NGramLM(*, vocab_size, d_model, d_ff, context=8, mode='train', dtype=None):  # pylint: disable=invalid-name
+def NGramLM(*, vocab_size, d_model, d_ff, context=8, mode='train',  # pylint: disable=invalid-name
+            dtype=None):
   """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); sees the previous `context` tokens.
 
   Each of the last `context` tokens is embedded and projected; the sum goes
@@ -60,7 +61,8 @@ def NGramLM(*, vocab_size, d_model, d_ff, context=8, mode='train', dtype=None): 
   )
 
 
-def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train', dtype=None):  # pylint: disable=invalid-name
+def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train',  # pylint: disable=invalid-name
+                   dtype=None):
   """[ids] -> [logits]: int (b, l) -> (b, n_classes); embeddings averaged over non-pad ids."""
   check_mode(mode, 'TinyClassifier mode')
 
