@@ -67,8 +67,8 @@ class Data:
                      process_count: int = 1, num_threads: int = 1):
     """A checkpointable iterator over this process's share of the global batches.
 
-    Global batch `s` holds examples `[s * batch_size, (s + 1) * batch_size)`;
-    process `p` of `P` reads those with index `p mod P`.
+    Global batch `s` holds examples `[s * batch_size, (s + 1) * batch_size)` in
+    order; process `p` of `P` reads the p-th contiguous slice of each.
     """
     ds = _local(self.train, batch_size, process_index, process_count, 'train.batch_size')
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
@@ -87,12 +87,23 @@ class Data:
 
 
 def _local(ds, batch_size, process_index, process_count, field):
+  """Batches of this process's rows: process p of P holds rows [p * b/P, (p + 1) * b/P).
+
+  The global batch is then the same, row for row, for any number of processes.
+  """
   if batch_size % process_count:
     raise DataError(f'config.{field}={batch_size} must be divisible by the {process_count} '
                     'processes.')
+  local = batch_size // process_count
   if process_count > 1:
-    ds = ds[process_index::process_count]
-  return ds.batch(batch_size // process_count, drop_remainder=True)
+    source = ds
+
+    def global_example(j):
+      batch, row = divmod(j, local)
+      return source[batch * batch_size + process_index * local + row]
+
+    ds = grain.MapDataset.range(len(source) // batch_size * local).map(global_example)
+  return ds.batch(local, drop_remainder=True)
 
 
 def lm_example(tokens: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -213,8 +213,11 @@ class IteratorTest(absltest.TestCase):
     whole = next(data.train_iterator(batch_size=8))['inputs']
     shards = [next(data.train_iterator(batch_size=8, process_index=p, process_count=2))['inputs']
               for p in range(2)]
-    rows = sorted(map(tuple, np.concatenate(shards).tolist()))
-    self.assertEqual(rows, sorted(map(tuple, whole.tolist())))
+    np.testing.assert_array_equal(np.concatenate(shards), whole)  # Row for row.
+    evaluation = next(data.eval_batches(batch_size=4, n_batches=1))['inputs']
+    halves = [next(data.eval_batches(batch_size=4, n_batches=1, process_index=p,
+                                     process_count=2))['inputs'] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), evaluation)
 
 
 if __name__ == '__main__':
