@@ -194,6 +194,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   SIGTERM saves a checkpoint and returns normally. A NaN/inf loss raises
   `TrainingDivergedError` and leaves the last good checkpoint in place.
   """
+  with _StopSignal() as stop:  # From the start: a SIGTERM during set-up stops after step 1.
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
+  """Freshly initialised parameters and optimizer state, laid out on `mesh`."""
+  config = experiment.config
+  replicated = sharding_lib.replicated(mesh)
+  param_shardings = sharding_lib.variable_shardings(
+      experiment.abstract_variables['params'], mesh, config.sharding.logical_axis_rules)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  model = experiment.model('train')
+  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+
+  def init_params(key):
+    variables = model.init({'params': key, **stream_rngs(key)}, tokens)
+    return nn.meta.unbox(variables['params'])
+
+  with jax.set_mesh(mesh):
+    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                    opt_state=opt_state,
+                    rng=jax.device_put(jax.random.key_data(train_key), replicated))
+
+
+def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, float]:
   config = config_lib.check_fields(config)
   sharding_lib.maybe_initialize_distributed(config.distributed)
   experiment = config_lib.validate_config(config)
@@ -207,22 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_model, eval_model = experiment.model('train'), experiment.model('eval')
   tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
   replicated = sharding_lib.replicated(mesh)
-  param_shardings = sharding_lib.variable_shardings(
-      experiment.abstract_variables['params'], mesh, config.sharding.logical_axis_rules)
-  seed_key = jax.random.key(config.seed)
-  init_key, train_key = jax.random.split(seed_key)
-  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-
-  def init_params(key):
-    variables = train_model.init({'params': key, **stream_rngs(key)}, tokens)
-    return nn.meta.unbox(variables['params'])
-
-  with jax.set_mesh(mesh):
-    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
-    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                     opt_state=opt_state,
-                     rng=jax.device_put(jax.random.key_data(train_key), replicated))
+  state = initial_state(experiment, tx, mesh)
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   pending = jax.device_put(zero_pending(), replicated)
   health = jax.device_put(jnp.array(-1, jnp.int32), replicated)
@@ -278,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   last: dict[str, float] = {}
   timer_start, timed_steps, seconds_per_step = None, 0, 0.0
-  with _StopSignal() as stop, jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):
     try:
       for step in range(start + 1, t.steps + 1):
         batch = sharding_lib.put_batch(next(data_iter), mesh)

@@ -267,6 +267,17 @@ class SignalTest(absltest.TestCase):
       self.assertEqual(config.train.steps, 100000)
 
 
+  def test_command_line_bad_override_exits_with_the_message(self):
+    result = subprocess.run(
+        [sys.executable, '-m', 'terraflax.train', f'--config={ROOT}/configs/duplication.py',
+         '--workdir=/tmp/unused_terraflax_workdir', '--config.train.batch_size=-3'],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+        timeout=120)
+    self.assertEqual(result.returncode, 1)
+    self.assertIn('terraflax.train: config.train.batch_size must be a positive int, got -3.',
+                  result.stderr)
+    self.assertFalse(os.path.exists('/tmp/unused_terraflax_workdir'))
+
 class DivergenceTest(absltest.TestCase):
 
   def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
