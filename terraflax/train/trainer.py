@@ -221,6 +221,7 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
 
 
 def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, float]:
+  began = time.time()
   config = config_lib.check_fields(config)
   sharding_lib.maybe_initialize_distributed(config.distributed)
   experiment = config_lib.validate_config(config)
@@ -344,6 +345,10 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
       writer.close()
   if start >= t.steps:
     writer.info(f'Already trained to step {start} (train.steps={t.steps}); nothing to do.')
+  else:
+    summary = ', '.join(f'{k} {v:.4f}' for k, v in sorted(last.items()) if k.startswith('eval/'))
+    writer.info(f'Finished step {t.steps} in {metrics_lib.format_duration(time.time() - began)}'
+                + (f': {summary}' if summary else '') + '.')
   if config.sample.max_new_tokens and data.info.task == 'lm':
     text = sample_text(experiment, state.params)
     if text is not None:

@@ -144,6 +144,8 @@ class TrainerTest(absltest.TestCase):
     with contextlib.redirect_stdout(printed):  # The same command again.
       trainer.train_and_evaluate(tiny_lm_config(**CONFIG), workdir)
     self.assertIn('Resumed from the checkpoint at step 3', printed.getvalue())
+    self.assertRegex(printed.getvalue(),
+                     r'Finished step 12 in \d+m\d\ds: eval/accuracy [\d.]+, eval/loss')
     self.assertEqual(comparable(metrics_lib.read_metrics(workdir)), comparable(self.metrics))
 
   def test_load_for_inference_reproduces_the_logged_eval_loss(self):
