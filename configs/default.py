@@ -64,7 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The optimizer and learning-rate schedule (optax).
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adam'  # adam, adamw, adafactor or sgd.
-  config.optimizer.learning_rate = 2e-3  # Peak learning rate, reached after warm-up.
+  config.optimizer.learning_rate = 3e-3  # Peak learning rate, reached after warm-up.
   config.optimizer.warmup_steps = 100  # Linear warm-up from 0.
   config.optimizer.decay = 'cosine'  # After warm-up: constant, rsqrt or cosine.
   config.optimizer.final_lr_fraction = 0.1  # Cosine ends at this fraction of the peak.

@@ -121,6 +121,7 @@ def list_files(path: str, pattern: str, field: str = 'data.path') -> list[str]:
   """The files `path` names: itself, or its files matching `pattern`, sorted."""
   if not path:
     raise DataError(f'config.{field} is empty; set it to a file or a directory of text files.')
+  path = os.path.expanduser(path)
   if os.path.isfile(path):
     return [path]
   if not os.path.isdir(path):
