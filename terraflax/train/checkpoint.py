@@ -99,7 +99,8 @@ def load_for_inference(workdir: str, step: int | None = None):
     raise FileNotFoundError(f'{checkpoint_dir(workdir)} holds no checkpoint.')
   model = model_from_config(config, 'eval')
   tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
-  rngs = {s: jax.random.key(0) for s in ('params', 'dropout', 'hash', 'sparse')}
+  key = jax.eval_shape(jax.random.key, 0)
+  rngs = {s: key for s in ('params', 'dropout', 'hash', 'sparse')}
   abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, tokens))['params']
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(

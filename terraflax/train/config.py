@@ -360,11 +360,12 @@ def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
     raise ConfigError(f'config.model (name={config.model.name!r}) was rejected by its factory: '
                       f'{type(e).__name__}: {e}') from e
   tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
-  rngs = {stream: jax.random.key(0) for stream in RNG_STREAMS}
+  key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed or compiled.
   try:
-    variables = jax.eval_shape(model.init, rngs, tokens)
-    logits = jax.eval_shape(model.apply, variables, tokens, rngs={
-        s: jax.random.key(0) for s in RNG_STREAMS if s != 'params'})
+    variables = jax.eval_shape(model.init, {stream: key for stream in RNG_STREAMS}, tokens)
+    logits = jax.eval_shape(
+        lambda v, x, k: model.apply(v, x, rngs={s: k for s in RNG_STREAMS if s != 'params'}),
+        variables, tokens, key)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config.model.* (name={config.model.name!r}) cannot take inputs of '
                       f'shape {shape} (train.batch_size/grad_accum_steps, '

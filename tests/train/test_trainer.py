@@ -313,6 +313,15 @@ class ValidationBeforeCompileTest(absltest.TestCase):
         trainer.train_and_evaluate(config, workdir)
       self.assertEmpty(os.listdir(workdir))
 
+  def test_validating_a_model_compiles_nothing(self):
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *args, **kwargs: compiles.append(name) if 'backend_compile' in name else None)
+    with self.assertRaisesRegex(config_lib.ConfigError, r'not a multiple of chunk_len=6'):
+      config_lib.validate_config(tiny_lm_config(**{'model.chunk_len': 6}))
+    config_lib.validate_config(tiny_lm_config())
+    self.assertEmpty(compiles)
+
 
 if __name__ == '__main__':
   absltest.main()
