@@ -26,6 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from terraflax.train import config as config_lib
+from terraflax.train import data as data_lib
+
 CHECKPOINT_DIR = 'checkpoints'
 CONFIG_FILE = 'config.json'
 
@@ -98,10 +101,12 @@ def load_for_inference(workdir: str, step: int | None = None):
   if step is None:
     raise FileNotFoundError(f'{checkpoint_dir(workdir)} holds no checkpoint.')
   model = model_from_config(config, 'eval')
-  tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+  zeros = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+  tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros},
+                                   data_lib.TASKS.get(config.data.name, 'lm'))
   key = jax.eval_shape(jax.random.key, 0)
-  rngs = {s: key for s in ('params', 'dropout', 'hash', 'sparse')}
-  abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, tokens))['params']
+  rngs = {s: key for s in config_lib.RNG_STREAMS}
+  abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, *tokens))['params']
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -113,6 +118,5 @@ def load_for_inference(workdir: str, step: int | None = None):
 
 def model_from_config(config: ml_collections.ConfigDict, mode: str):
   """The model `config.model` describes, built in `mode`."""
-  from terraflax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   factory = config_lib.resolve_factory(config.model.name)
   return factory(**config_lib.model_kwargs(config), mode=mode)

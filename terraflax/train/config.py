@@ -237,8 +237,8 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
   if o.decay == 'cosine' and o.warmup_steps >= t.steps:
     raise ConfigError(f'config.optimizer.warmup_steps={o.warmup_steps} must be < train.steps='
                       f'{t.steps} for cosine decay.')
-  if d.name == 'duplication' and d.vocab_size < 2:
-    raise ConfigError(f'config.data.vocab_size must be >= 2 for duplication, got {d.vocab_size}.')
+  if d.name in ('duplication', 'reverse') and d.vocab_size < 2:
+    raise ConfigError(f'config.data.vocab_size must be >= 2 for {d.name}, got {d.vocab_size}.')
   if d.name == 'listops' and d.max_len == 0:
     raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
                       'expression in tokens.')
@@ -342,6 +342,11 @@ def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
                       f'classes of data.name={config.data.name!r}.')
 
 
+def model_inputs(batch, task: str) -> tuple:
+  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq."""
+  return (batch['inputs'], batch['targets']) if task == 'seq2seq' else (batch['inputs'],)
+
+
 def build_model(factory, kwargs, mode: str):
   return factory(**kwargs, mode=mode)
 
@@ -359,18 +364,19 @@ def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config.model (name={config.model.name!r}) was rejected by its factory: '
                       f'{type(e).__name__}: {e}') from e
-  tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+  tokens = model_inputs({'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
+                         'targets': jax.ShapeDtypeStruct(shape, jnp.int32)}, info.task)
   key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed or compiled.
   try:
-    variables = jax.eval_shape(model.init, {stream: key for stream in RNG_STREAMS}, tokens)
+    variables = jax.eval_shape(model.init, {stream: key for stream in RNG_STREAMS}, *tokens)
     logits = jax.eval_shape(
-        lambda v, x, k: model.apply(v, x, rngs={s: k for s in RNG_STREAMS if s != 'params'}),
+        lambda v, x, k: model.apply(v, *x, rngs={s: k for s in RNG_STREAMS if s != 'params'}),
         variables, tokens, key)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config.model.* (name={config.model.name!r}) cannot take inputs of '
                       f'shape {shape} (train.batch_size/grad_accum_steps, '
                       f'config.data.seq_len={config.data.seq_len}): {type(e).__name__}: {e}') from e
-  if info.task == 'lm':
+  if info.task in ('lm', 'seq2seq'):
     want = shape + (kwargs.get('vocab_size', '?'),)
     ok = (logits.ndim == 3 and logits.shape[:2] == shape and logits.shape[2] >= info.vocab_size)
   else:
@@ -421,7 +427,8 @@ def validate_config(config, *, n_devices: int | None = None,
                       f'train.batch_size={config.train.batch_size}.')
   check_model_against_data(config, data.info, kwargs)
   if config.sample.max_new_tokens and data.info.task != 'lm':
-    raise ConfigError('config.sample.max_new_tokens must be 0 for a classification task.')
+    raise ConfigError('config.sample.max_new_tokens must be 0 unless the task is a language '
+                      f'model (data.name={config.data.name!r} is {data.info.task}).')
   variables = trace_model(config, factory, kwargs, data.info)
   return Experiment(config, factory, kwargs, data, variables)
 

@@ -20,6 +20,9 @@ Built in (`config.data.name`):
                        from LRA's tsv files when `data.path` is set); 10 classes
   text_classification  byte-level classification from `train.tsv`/`eval.tsv`
                        (`label<TAB>text` lines) or `train/<class>/*` folders
+  reverse              seq2seq sanity task: inputs w, targets w reversed,
+                       symbols 1..V-1 (an encoder-decoder reads inputs and
+                       predicts targets)
 
 The training iterator's position is its whole state (`get_state()` is the
 grain iterator's JSON state), so a restored iterator continues exactly.
@@ -37,7 +40,11 @@ import numpy as np
 
 from terraflax.train import listops
 
-DATASETS = ('bytes', 'duplication', 'listops', 'text_classification')
+DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse')
+# How the model is called: 'lm' model(inputs) -> (b, l, v); 'classification'
+# model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v).
+TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
+         'text_classification': 'classification', 'reverse': 'seq2seq'}
 EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
 
 
@@ -49,7 +56,7 @@ class DataError(ValueError):
 class DataInfo:
   """What the trainer and the model need to know about a data set."""
 
-  task: str  # 'lm': model(inputs) -> (b, l, v); 'classification': -> (b, n_classes).
+  task: str  # 'lm', 'classification' or 'seq2seq' (see TASKS).
   vocab_size: int  # Token ids are in [0, vocab_size).
   n_classes: int = 0  # Classification only.
   byte_level: bool = False  # One token per byte: eval reports bits per byte.
@@ -302,11 +309,34 @@ def text_classification_data(cfg, seed: int) -> Data:
       eval=grain.MapDataset.source(split['eval']))
 
 
+# ----------------------------------------------------------------------------- reverse
+
+
+def reverse_example(rng: np.random.Generator, seq_len: int, vocab_size: int):
+  """inputs w, targets w[::-1]: (seq_len,) ids in 1..vocab_size-1, every target scored."""
+  w = rng.integers(1, vocab_size, size=seq_len).astype(np.int32)
+  return {'inputs': w, 'targets': w[::-1].copy(), 'weights': np.ones((seq_len,), np.float32)}
+
+
+def reverse_data(cfg, seed: int) -> Data:
+  if cfg.vocab_size < 2:
+    raise DataError(f'config.data.vocab_size must be >= 2 for reverse, got {cfg.vocab_size}.')
+
+  def make(_, rng):
+    return reverse_example(rng, cfg.seq_len, cfg.vocab_size)
+
+  return Data(
+      info=DataInfo(task='seq2seq', vocab_size=cfg.vocab_size),
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
 BUILDERS: dict[str, Callable[[Any, int], Data]] = {
     'bytes': byte_data,
     'duplication': duplication_data,
     'listops': listops_data,
     'text_classification': text_classification_data,
+    'reverse': reverse_data,
 }
 
 
@@ -315,10 +345,4 @@ def make_data(data_config, seed: int) -> Data:
   if data_config.name not in BUILDERS:
     raise DataError(f'config.data.name must be one of {DATASETS}, got {data_config.name!r}.')
   return BUILDERS[data_config.name](data_config, seed % 2**32)
-
-
-def shape_of_batch(info: DataInfo, batch_size: int, seq_len: int) -> dict[str, tuple]:
-  """The shapes of one batch (used to initialise and check the model)."""
-  target = (batch_size, seq_len) if info.task == 'lm' else (batch_size,)
-  return {'inputs': (batch_size, seq_len), 'targets': target, 'weights': target}
 

@@ -62,11 +62,16 @@ def batch_sums(logits, batch) -> dict[str, jax.Array]:
   return {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum}
 
 
-def make_train_step(model, tx, *, grad_accum_steps: int = 1):
-  """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode."""
+def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
+  """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
+
+  `task` says how the model is called (`config.model_inputs`): model(inputs),
+  or model(inputs, targets) for 'seq2seq'.
+  """
 
   def loss_fn(params, batch, key):
-    logits = model.apply({'params': params}, batch['inputs'], rngs=stream_rngs(key))
+    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
+                         rngs=stream_rngs(key))
     sums = batch_sums(logits, batch)
     return sums['loss_sum'], sums
 
@@ -104,12 +109,13 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1):
   return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, task: str = 'lm'):
   """`eval_step(params, batch, index) -> sums` for `model` in 'eval' mode."""
 
   def eval_step(params, batch, index):
     key = jax.random.fold_in(jax.random.key(0), index)  # LSH hashing is random in eval too.
-    logits = model.apply({'params': params}, batch['inputs'], rngs=stream_rngs(key))
+    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
+                         rngs=stream_rngs(key))
     return batch_sums(logits, batch)
 
   return eval_step
@@ -206,10 +212,11 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
       experiment.abstract_variables['params'], mesh, config.sharding.logical_axis_rules)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   model = experiment.model('train')
-  tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  zeros = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros}, experiment.data.info.task)
 
   def init_params(key):
-    variables = model.init({'params': key, **stream_rngs(key)}, tokens)
+    variables = model.init({'params': key, **stream_rngs(key)}, *tokens)
     return nn.meta.unbox(variables['params'])
 
   with jax.set_mesh(mesh):
@@ -261,9 +268,11 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
   if start:
     writer.info(f'Resumed from the checkpoint at step {start}.')
 
-  train_step = jax.jit(make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps),
-                       donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(make_eval_step(eval_model), out_shardings=replicated)
+  task = data.info.task
+  train_step = jax.jit(
+      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task),
+      donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated)
   tokens_per_step = t.batch_size * config.data.seq_len
 
   def check_health(step):

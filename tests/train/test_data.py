@@ -68,6 +68,16 @@ class DuplicationTest(absltest.TestCase):
     self.assertFalse(np.array_equal(train, eval_a))
 
 
+class ReverseTest(absltest.TestCase):
+
+  def test_targets_are_the_reversed_inputs(self):
+    data = data_lib.make_data(data_config(name='reverse', seq_len=6, vocab_size=9), seed=0)
+    batch = next(data.train_iterator(batch_size=3))
+    np.testing.assert_array_equal(batch['targets'], batch['inputs'][:, ::-1])
+    self.assertTrue(((batch['inputs'] >= 1) & (batch['inputs'] <= 8)).all())
+    np.testing.assert_array_equal(batch['weights'], np.ones((3, 6)))
+    self.assertEqual(data.info.task, 'seq2seq')
+
 class ListOpsTest(parameterized.TestCase):
 
   def test_generated_values_match_an_independent_evaluator(self):

@@ -280,6 +280,25 @@ class SignalTest(absltest.TestCase):
                   result.stderr)
     self.assertFalse(os.path.exists('/tmp/unused_terraflax_workdir'))
 
+class Seq2SeqTest(absltest.TestCase):
+
+  def test_encoder_decoder_model_trains_on_reverse(self):
+    config = tiny_lm_config(**{'train.steps': 3, 'train.log_every': 1, 'train.eval_every': 3,
+                               'train.checkpoint_every': 3})
+    config.model = ml_collections.ConfigDict({
+        'name': 'tests.train.tiny_models:TinySeq2Seq', 'vocab_size': 16, 'd_model': 8})
+    config.data.name = 'reverse'
+    with tempfile.TemporaryDirectory() as workdir:
+      with contextlib.redirect_stdout(io.StringIO()):
+        last = trainer.train_and_evaluate(config, workdir)
+      self.assertTrue(math.isfinite(last['eval/loss']))
+      self.assertNotIn('eval/bits_per_byte', last)
+      _, params = checkpoint.load_for_inference(workdir)
+      self.assertEqual(jax.tree_util.tree_map(np.shape, params), {  # Two inputs at init.
+          'Dense_2': {'bias': (16,), 'kernel': (8, 16)},
+          'Parallel_0': {'Serial_0': {'Embedding_0': {'embedding': (16, 8)}},
+                         'Serial_1': {'Embedding_1': {'embedding': (16, 8)}}}})
+
 class DivergenceTest(absltest.TestCase):
 
   def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):

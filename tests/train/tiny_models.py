@@ -102,3 +102,19 @@ def tiny_lm_config(**overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def TinySeq2Seq(*, vocab_size, d_model, mode='train', dtype=None):  # pylint: disable=invalid-name
+  """[inputs, targets] -> [logits]: int (b, l_in), (b, l) -> (b, l, vocab_size).
+
+  The decoder sees the shifted targets plus the mean of the embedded inputs.
+  """
+  check_mode(mode, 'TinySeq2Seq mode')
+  return cb.Serial(
+      cb.Parallel(
+          [tl.Embedding(vocab_size, d_model, dtype=dtype),
+           cb.Fn('Mean', lambda x: jnp.mean(x, axis=1, keepdims=True))],
+          [tl.ShiftRight(mode=mode), tl.Embedding(vocab_size, d_model, dtype=dtype)]),
+      cb.Fn('AddContext', lambda context, y: y + context),  # stack: y
+      tl.Dense(vocab_size, dtype=dtype),
+  )
