@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The data: byte-level LM windows of `seq_len` bytes.
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'bytes'  # One of: bytes, duplication, listops, text_classification.
+  config.data.name = 'bytes'  # bytes, duplication, listops, text_classification or reverse.
   config.data.path = stdlib_dir()  # A file, or a directory whose `glob` files are concatenated.
   config.data.glob = '*.py'  # Files of `path` to read when it is a directory (sorted).
   config.data.seq_len = 256  # Tokens per example.
