@@ -1,0 +1,20 @@
+"""Training: `python -m terraflax.train --config=configs/NAME.py --workdir=DIR`.
+
+  config.py       schema, validation (`validate_config`, `ConfigError`), model factories
+  data.py         grain pipelines: bytes, duplication, listops, text classification
+  listops.py      the ListOps generator and evaluator (LRA format)
+  optimizers.py   optax schedules and optimizers, weight-decay masks
+  checkpoint.py   orbax CheckpointManager items, `load_for_inference`
+  metrics.py      metrics.jsonl, TensorBoard events, progress lines
+  sharding.py     the ('data', 'model') mesh, shardings, multi-process start
+  trainer.py      `train_step`, `eval_step`, `train_and_evaluate`
+"""
+
+from terraflax.train.checkpoint import load_for_inference as load_for_inference
+from terraflax.train.checkpoint import model_from_config as model_from_config
+from terraflax.train.config import ConfigError as ConfigError
+from terraflax.train.config import validate_config as validate_config
+from terraflax.train.trainer import TrainingDivergedError as TrainingDivergedError
+from terraflax.train.trainer import TrainState as TrainState
+from terraflax.train.trainer import make_train_step as make_train_step
+from terraflax.train.trainer import train_and_evaluate as train_and_evaluate

@@ -1,0 +1,122 @@
+"""Checkpoints with orbax: `WORKDIR/checkpoints/<step>/{params,opt_state,train,data}`.
+
+Items of one checkpoint:
+  params     the model parameters (float32)
+  opt_state  the optax state
+  train      {'step', 'rng', 'pending'}: the step, the base rng key and the
+             metric sums accumulated since the last log (so a resumed run logs
+             exactly what an uninterrupted one would)
+  data       the grain training iterator's JSON state
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a crash mid-save never leaves an unloadable latest step.
+`load_for_inference(workdir)` returns the config and the latest parameters
+for decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from terraflax.train import config as config_lib
+from terraflax.train import data as data_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager over `WORKDIR/checkpoints`, keeping the last `keep`."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('params', 'opt_state', 'train', 'data'))
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays: a restore target."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+  return jax.tree_util.tree_map(leaf, tree)
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, params, opt_state, train: dict,
+         data_state: dict) -> None:
+  """Saves one checkpoint at `step` (asynchronously if the manager is async)."""
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      train=ocp.args.StandardSave(train),
+      data=ocp.args.JsonSave(data_state)), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state, train: dict):
+  """(params, opt_state, train, data_state) of `step`, laid out like the given trees."""
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_like(params)),
+      opt_state=ocp.args.StandardRestore(abstract_like(opt_state)),
+      train=ocp.args.StandardRestore(abstract_like(train)),
+      data=ocp.args.JsonRestore()))
+  return restored['params'], restored['opt_state'], restored['train'], restored['data']
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """`WORKDIR/config.json`: the resolved config (defaults filled in)."""
+  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir!r} is not a terraflax workdir.')
+  with open(path, encoding='utf-8') as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_for_inference(workdir: str, step: int | None = None):
+  """(config, params) of the latest (or the given) checkpoint in `workdir`.
+
+  Builds the model from `config.json` only to learn the parameters' shapes,
+  then restores just the `params` item onto the default device. The model for
+  decoding is `model_from_config(config, 'predict')`.
+  """
+  config = read_config(workdir)
+  manager = make_manager(workdir, read_only=True, async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'{checkpoint_dir(workdir)} holds no checkpoint.')
+  model = model_from_config(config, 'eval')
+  zeros = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
+  tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros},
+                                   data_lib.TASKS.get(config.data.name, 'lm'))
+  key = jax.eval_shape(jax.random.key, 0)
+  rngs = {s: key for s in config_lib.RNG_STREAMS}
+  abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, *tokens))['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(target)))
+  manager.close()
+  return config, restored['params']
+
+
+def model_from_config(config: ml_collections.ConfigDict, mode: str):
+  """The model `config.model` describes, built in `mode`."""
+  factory = config_lib.resolve_factory(config.model.name)
+  return factory(**config_lib.model_kwargs(config), mode=mode)

@@ -1,0 +1,442 @@
+"""Config schema and validation: every problem is found before anything compiles.
+
+`validate_config(config)` checks a `ml_collections.ConfigDict` against the
+schema below, fills in the defaults of optional fields, resolves the model
+factory, checks `config.model.*` against the factory's signature, builds the
+data set (so that a missing path is reported now) and traces the model once
+with `jax.eval_shape` (so that a sequence length the model cannot take is
+reported now, naming the fields). It raises a single `ConfigError` whose
+message names the offending field, e.g.
+
+  config.train.batch_size must be a positive int, got -3
+
+Model factories: `config.model.name` is either a name in `terraflax.models`
+(`'TransformerLM'`) or `'package.module:Factory'` for a user's own model. The
+other `config.model.*` fields are the factory's keyword arguments; the trainer
+adds `mode` itself. Fields named `dtype` or `*_dtype` may be given as strings
+(`'bfloat16'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import inspect
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from terraflax.train import data as data_lib
+
+_REQUIRED = object()
+RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, has the wrong type or value, or conflicts with another."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config field: its type, default (`_REQUIRED` if none) and a value check."""
+
+  kind: type | tuple[type, ...]
+  default: Any = _REQUIRED
+  check: Callable[[Any], bool] | None = None
+  expect: str = ''  # What `check` wants, for the error message.
+
+
+def _positive(v):
+  return v > 0
+
+
+def _non_negative(v):
+  return v >= 0
+
+
+def _fraction(v):
+  return 0.0 <= v < 1.0
+
+
+def _one_of(*choices):
+  return Field(str, choices[0], lambda v: v in choices, f'one of {choices}')
+
+
+SCHEMA: dict[str, Field] = {
+    'seed': Field(int, 0, _non_negative, 'a non-negative int'),
+    # data
+    'data.name': Field(str, _REQUIRED, lambda v: v in data_lib.DATASETS,
+                       f'one of {data_lib.DATASETS}'),
+    'data.seq_len': Field(int, _REQUIRED, _positive, 'a positive int'),
+    'data.path': Field(str, ''),
+    'data.glob': Field(str, '*'),
+    'data.eval_fraction': Field((int, float), 0.05, _fraction, 'in [0, 1)'),
+    'data.test_fraction': Field((int, float), 0.0, _fraction, 'in [0, 1)'),
+    'data.vocab_size': Field(int, 0, _non_negative, 'a non-negative int'),
+    'data.eval_examples': Field(int, 256, _positive, 'a positive int'),
+    'data.min_len': Field(int, 1, _positive, 'a positive int'),
+    'data.max_len': Field(int, 0, _non_negative, 'a non-negative int'),
+    'data.max_depth': Field(int, 10, _positive, 'a positive int'),
+    'data.max_args': Field(int, 10, lambda v: v >= 2, 'an int >= 2'),
+    'data.n_classes': Field(int, 2, lambda v: v >= 2, 'an int >= 2'),
+    'data.num_threads': Field(int, 1, _positive, 'a positive int'),
+    # train
+    'train.steps': Field(int, _REQUIRED, _positive, 'a positive int'),
+    'train.batch_size': Field(int, _REQUIRED, _positive, 'a positive int'),
+    'train.grad_accum_steps': Field(int, 1, _positive, 'a positive int'),
+    'train.log_every': Field(int, 100, _positive, 'a positive int'),
+    'train.eval_every': Field(int, 1000, _positive, 'a positive int'),
+    'train.eval_batches': Field(int, 10, lambda v: v > 0 or v == -1, 'a positive int or -1 (all)'),
+    'train.checkpoint_every': Field(int, 1000, _positive, 'a positive int'),
+    'train.keep_checkpoints': Field(int, 3, _positive, 'a positive int'),
+    'train.async_checkpoints': Field(bool, True),
+    # optimizer
+    'optimizer.name': _one_of('adam', 'adamw', 'adafactor', 'sgd'),
+    'optimizer.learning_rate': Field((int, float), 1e-3, _positive, 'a positive number'),
+    'optimizer.warmup_steps': Field(int, 0, _non_negative, 'a non-negative int'),
+    'optimizer.decay': _one_of('constant', 'rsqrt', 'cosine'),
+    'optimizer.final_lr_fraction': Field((int, float), 0.0, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
+    'optimizer.b1': Field((int, float), 0.9, lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
+    'optimizer.b2': Field((int, float), 0.98, lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
+    'optimizer.eps': Field((int, float), 1e-9, _positive, 'a positive number'),
+    'optimizer.momentum': Field((int, float), 0.0, lambda v: 0.0 <= v < 1.0, 'in [0, 1)'),
+    'optimizer.weight_decay': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
+    'optimizer.grad_clip': Field((int, float), 0.0, _non_negative,
+                                 'a non-negative number (0: off)'),
+    # sharding and multi-process start
+    'sharding.model_parallel': Field(int, 1, _positive, 'a positive int'),
+    'sharding.logical_axis_rules': Field((tuple, list), ()),
+    'distributed.initialize': Field(bool, False),
+    'distributed.coordinator_address': Field(str, ''),
+    'distributed.num_processes': Field(int, 0, _non_negative, 'a non-negative int (0: auto)'),
+    'distributed.process_id': Field(int, -1, lambda v: v >= -1, 'an int >= -1 (-1: auto)'),
+    # a decoded sample at the end of training (LM tasks)
+    'sample.prompt': Field(str, ''),
+    'sample.max_new_tokens': Field(int, 0, _non_negative, 'a non-negative int (0: no sample)'),
+    'sample.temperature': Field((int, float), 1.0, _non_negative, 'a non-negative number'),
+}
+SECTIONS = ('seed', 'model', 'data', 'train', 'optimizer', 'sharding', 'distributed', 'sample')
+_KIND_NAMES = {int: 'int', float: 'float', str: 'str', bool: 'bool', tuple: 'tuple', list: 'list'}
+
+
+def _kind_name(kind):
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if kinds == (int, float):
+    return 'number'
+  return ' or '.join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, dict) and value and path.split('.')[0] != 'model':
+      out.update(_flatten(value, path + '.'))
+    elif isinstance(value, dict) and path == 'model':
+      out.update(_flatten(value, 'model.'))
+    else:
+      out[path] = value
+  return out
+
+
+def _suggest(name: str, valid) -> str:
+  close = difflib.get_close_matches(name, list(valid), n=1)
+  return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def check_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Schema check of every field but `model.*`; returns a copy with defaults filled in."""
+  flat = _flatten(config.to_dict())
+  for path in flat:
+    section = path.split('.')[0]
+    if section not in SECTIONS:
+      raise ConfigError(f'config.{section} is not a config section{_suggest(section, SECTIONS)}; '
+                        f'valid sections: {", ".join(SECTIONS)}.')
+    if section != 'model' and path not in SCHEMA:
+      siblings = sorted(p for p in SCHEMA if p.startswith(section + '.'))
+      raise ConfigError(f'config.{path} is not a known field{_suggest(path, siblings)}; valid '
+                        f'{section} fields: {", ".join(s.split(".", 1)[1] for s in siblings)}.')
+  resolved = {}
+  for path, field in SCHEMA.items():
+    if path not in flat:
+      if field.default is _REQUIRED:
+        raise ConfigError(f'config.{path} is required ({_kind_name(field.kind)}).')
+      resolved[path] = field.default
+      continue
+    value = flat[path]
+    if isinstance(value, bool) and bool not in (field.kind if isinstance(field.kind, tuple)
+                                                else (field.kind,)):
+      ok = False
+    else:
+      ok = isinstance(value, field.kind)
+    if not ok or (field.check is not None and not field.check(value)):
+      raise ConfigError(f'config.{path} must be {_wanted(field)}, got {value!r}.')
+    resolved[path] = value
+  if 'model.name' not in flat:
+    raise ConfigError('config.model.name is required: a factory in terraflax.models '
+                      "(e.g. 'TransformerLM') or 'package.module:Factory'.")
+  out = ml_collections.ConfigDict()
+  for path, value in resolved.items():
+    _set(out, path, value)
+  out.model = ml_collections.ConfigDict(config.model.to_dict())
+  return out
+
+
+def _wanted(field: Field) -> str:
+  """'a positive int', 'a number in [0, 1)', "one of ('adam', ...)", 'a str'."""
+  kind = _kind_name(field.kind)
+  if field.expect.startswith('one of'):
+    return field.expect
+  if field.expect.startswith('in ['):
+    return f'a {kind} {field.expect}'
+  if field.expect:
+    return field.expect
+  return ('an ' if kind[0] in 'aeiou' else 'a ') + kind
+
+
+def _set(config, path, value):
+  *parents, leaf = path.split('.')
+  node = config
+  for p in parents:
+    if p not in node:
+      node[p] = ml_collections.ConfigDict()
+    node = node[p]
+  node[leaf] = value
+
+
+def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
+  """Cross-field checks that need no model and no data."""
+  t, o, d = config.train, config.optimizer, config.data
+  if d.eval_fraction + d.test_fraction >= 1.0:
+    raise ConfigError(f'config.data.eval_fraction + data.test_fraction must be < 1, got '
+                      f'{d.eval_fraction} + {d.test_fraction}.')
+  if n_devices % config.sharding.model_parallel:
+    raise ConfigError(f'config.sharding.model_parallel={config.sharding.model_parallel} must '
+                      f'divide the number of devices ({n_devices}).')
+  data_parallel = n_devices // config.sharding.model_parallel
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} must be divisible by '
+                      f'train.grad_accum_steps={t.grad_accum_steps}.')
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % data_parallel:
+    raise ConfigError(
+        f'config.train.batch_size={t.batch_size} must be divisible by the {data_parallel} '
+        f'data-parallel devices' + (f' times train.grad_accum_steps={t.grad_accum_steps}'
+                                    if t.grad_accum_steps > 1 else '') + '.')
+  if t.batch_size % n_processes:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} must be divisible by the '
+                      f'{n_processes} processes.')
+  if o.weight_decay and o.name == 'adam':
+    raise ConfigError('config.optimizer.weight_decay is not applied by adam; use '
+                      "optimizer.name='adamw' (decoupled weight decay) or set weight_decay=0.")
+  if o.decay == 'cosine' and o.warmup_steps >= t.steps:
+    raise ConfigError(f'config.optimizer.warmup_steps={o.warmup_steps} must be < train.steps='
+                      f'{t.steps} for cosine decay.')
+  if d.name in ('duplication', 'reverse') and d.vocab_size < 2:
+    raise ConfigError(f'config.data.vocab_size must be >= 2 for {d.name}, got {d.vocab_size}.')
+  if d.name == 'listops' and d.max_len == 0:
+    raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
+                      'expression in tokens.')
+  for rule in config.sharding.logical_axis_rules:
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or rule[1] not in (None, 'data', 'model')):
+      raise ConfigError("config.sharding.logical_axis_rules must be pairs (logical_name, "
+                        f"'data' | 'model' | None), got {rule!r}.")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def resolve_factory(name: str) -> Callable[..., Any]:
+  """The model factory `name` names: `terraflax.models.<name>` or `'module:Factory'`."""
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f'config.model.name must be a non-empty str, got {name!r}.')
+  if ':' in name:
+    module_name, _, attr = name.partition(':')
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError as e:
+      raise ConfigError(f'config.model.name={name!r}: cannot import {module_name!r}: {e}') from None
+    where = module_name
+  else:
+    try:
+      module = importlib.import_module('terraflax.models')
+    except ImportError as e:
+      raise ConfigError(f'config.model.name={name!r}: terraflax.models is not importable ({e}); '
+                        "name a factory as 'package.module:Factory' instead.") from None
+    attr, where = name, 'terraflax.models'
+  factory = getattr(module, attr, None)
+  if factory is None or not callable(factory):
+    available = sorted(n for n in dir(module) if n[:1].isupper() and callable(getattr(module, n)))
+    raise ConfigError(f'config.model.name={name!r}: {where} has no factory {attr!r}'
+                      f'{_suggest(attr, available)}; available: {", ".join(available) or "none"}.')
+  return factory
+
+
+def model_kwargs(config) -> dict[str, Any]:
+  """`config.model.*` minus `name`, with dtype strings turned into dtypes."""
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  for key, value in kwargs.items():
+    if (key == 'dtype' or key.endswith('_dtype')) and isinstance(value, str):
+      try:
+        kwargs[key] = jnp.dtype(value)
+      except TypeError:
+        raise ConfigError(f"config.model.{key} must be a dtype name such as 'float32' or "
+                          f"'bfloat16', got {value!r}.") from None
+    elif isinstance(value, list):
+      kwargs[key] = tuple(value)
+  return kwargs
+
+
+def check_model_fields(factory, kwargs: dict[str, Any], name: str) -> None:
+  """`kwargs` against the factory's signature: unknown, missing and `mode` fields."""
+  try:
+    parameters = inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    return
+  if 'mode' in kwargs:
+    raise ConfigError('config.model.mode must not be set: the trainer builds the model in '
+                      "'train', 'eval' and 'predict' mode itself.")
+  takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+  named = {n: p for n, p in parameters.items()
+           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+  valid = sorted(n for n in named if n not in ('mode', 'self'))
+  if not takes_any:
+    for key in kwargs:
+      if key not in named:
+        raise ConfigError(f'config.model.{key} is not an argument of {name}{_suggest(key, valid)}; '
+                          f'valid model fields: name, {", ".join(valid)}.')
+    if 'mode' not in named:
+      raise ConfigError(f'config.model.name={name!r}: the factory must take a `mode` argument '
+                        "('train', 'eval' or 'predict').")
+  missing = [n for n, p in named.items()
+             if p.default is p.empty and n not in kwargs and n not in ('mode', 'self')]
+  if missing:
+    raise ConfigError(f'config.model.{missing[0]} is required by {name} (missing: '
+                      f'{", ".join(missing)}).')
+  d_model, n_heads = kwargs.get('d_model'), kwargs.get('n_heads')
+  if isinstance(d_model, int) and isinstance(n_heads, int):
+    if n_heads <= 0 or d_model % n_heads:
+      raise ConfigError(f'config.model.d_model={d_model} must be divisible by '
+                        f'config.model.n_heads={n_heads}.')
+
+
+def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
+  """Vocabulary, classes and length the model was given against what the data needs."""
+  vocab = kwargs.get('vocab_size')
+  if isinstance(vocab, int) and vocab < info.vocab_size:
+    raise ConfigError(f'config.model.vocab_size={vocab} is smaller than the vocabulary of '
+                      f'data.name={config.data.name!r} ({info.vocab_size} ids).')
+  max_len = kwargs.get('max_len')
+  if isinstance(max_len, int) and max_len < config.data.seq_len:
+    raise ConfigError(f'config.model.max_len={max_len} is shorter than '
+                      f'config.data.seq_len={config.data.seq_len}.')
+  n_classes = kwargs.get('n_classes')
+  if info.task == 'classification' and isinstance(n_classes, int) and n_classes != info.n_classes:
+    raise ConfigError(f'config.model.n_classes={n_classes} must equal the {info.n_classes} '
+                      f'classes of data.name={config.data.name!r}.')
+
+
+def model_inputs(batch, task: str) -> tuple:
+  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq."""
+  return (batch['inputs'], batch['targets']) if task == 'seq2seq' else (batch['inputs'],)
+
+
+def build_model(factory, kwargs, mode: str):
+  return factory(**kwargs, mode=mode)
+
+
+def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
+  """Builds the model and traces `init` abstractly; returns the abstract variables.
+
+  Any error the model raises for this shape is re-raised as a `ConfigError`
+  naming `config.model.*` and `config.data.seq_len`.
+  """
+  micro_batch = config.train.batch_size // config.train.grad_accum_steps
+  shape = (micro_batch, config.data.seq_len)
+  try:
+    model = build_model(factory, kwargs, 'train')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'config.model (name={config.model.name!r}) was rejected by its factory: '
+                      f'{type(e).__name__}: {e}') from e
+  tokens = model_inputs({'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
+                         'targets': jax.ShapeDtypeStruct(shape, jnp.int32)}, info.task)
+  key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed or compiled.
+  try:
+    variables = jax.eval_shape(model.init, {stream: key for stream in RNG_STREAMS}, *tokens)
+    logits = jax.eval_shape(
+        lambda v, x, k: model.apply(v, *x, rngs={s: k for s in RNG_STREAMS if s != 'params'}),
+        variables, tokens, key)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'config.model.* (name={config.model.name!r}) cannot take inputs of '
+                      f'shape {shape} (train.batch_size/grad_accum_steps, '
+                      f'config.data.seq_len={config.data.seq_len}): {type(e).__name__}: {e}') from e
+  if info.task in ('lm', 'seq2seq'):
+    want = shape + (kwargs.get('vocab_size', '?'),)
+    ok = (logits.ndim == 3 and logits.shape[:2] == shape and logits.shape[2] >= info.vocab_size)
+  else:
+    want = (micro_batch, info.n_classes)
+    ok = logits.shape == want
+  if not ok:
+    raise ConfigError(f'config.model (name={config.model.name!r}) returns logits of shape '
+                      f'{tuple(logits.shape)} for inputs {shape}; data.name='
+                      f'{config.data.name!r} needs {want}.')
+  return variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A validated config with what it resolved to."""
+
+  config: ml_collections.ConfigDict  # Complete: defaults filled in.
+  factory: Callable[..., Any]
+  model_kwargs: dict[str, Any]
+  data: data_lib.Data
+  abstract_variables: Any
+
+  def model(self, mode: str):
+    """The model in `mode` ('train', 'eval' or 'predict')."""
+    return build_model(self.factory, self.model_kwargs, mode)
+
+
+def validate_config(config, *, n_devices: int | None = None,
+                    n_processes: int | None = None) -> Experiment:
+  """Checks `config` completely, before compiling anything; raises one `ConfigError`."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}.')
+  config = check_fields(config)
+  check_combinations(config, jax.device_count() if n_devices is None else n_devices,
+                     jax.process_count() if n_processes is None else n_processes)
+  factory = resolve_factory(config.model.name)
+  kwargs = model_kwargs(config)
+  check_model_fields(factory, kwargs, config.model.name)
+  try:
+    data = data_lib.make_data(config.data, config.seed)
+  except data_lib.DataError as e:
+    raise ConfigError(str(e)) from None
+  if data.n_eval_batches(config.train.batch_size) == 0:
+    field = ('data.eval_fraction' if config.data.name == 'bytes' else
+             'data.eval_examples' if not config.data.path else 'data.path')
+    raise ConfigError(f'config.{field}={config.data[field.split(".")[1]]!r} leaves '
+                      f'{len(data.eval)} evaluation examples, fewer than one batch of '
+                      f'train.batch_size={config.train.batch_size}.')
+  check_model_against_data(config, data.info, kwargs)
+  if config.sample.max_new_tokens and data.info.task != 'lm':
+    raise ConfigError('config.sample.max_new_tokens must be 0 unless the task is a language '
+                      f'model (data.name={config.data.name!r} is {data.info.task}).')
+  variables = trace_model(config, factory, kwargs, data.info)
+  return Experiment(config, factory, kwargs, data, variables)
+
+
+def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of `name`.py beside `this_file`: how a variant config imports its base."""
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'_terraflax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,348 @@
+"""Input pipelines on grain: deterministic, shardable, with checkpointable iterators.
+
+Every data set is a pair of grain `MapDataset`s of single examples: an
+infinite training stream (example `i` is a pure function of the seed and `i`)
+and a finite evaluation set. An example is a dict of numpy arrays, batched
+into the dicts of CONTRIBUTING.md:
+
+  inputs   int32 (b, l)       token ids (an LM's input is also its target)
+  targets  int32 (b, l) | (b,) next-token ids, or class ids
+  weights  float32, targets' shape; 0 marks padding or unscored positions
+
+Built in (`config.data.name`):
+  bytes                byte-level LM text from a file or a directory of files;
+                       the concatenated bytes split into train/eval/test by
+                       fractions (enwik8: 0.05/0.05 of 100M bytes gives the
+                       standard 90M/5M/5M layout)
+  duplication          the Reformer copy task `0 w 0 w`, symbols 1..V-1, only
+                       the second copy of w scored
+  listops              ListOps in the LRA format, generated on the fly (or read
+                       from LRA's tsv files when `data.path` is set); 10 classes
+  text_classification  byte-level classification from `train.tsv`/`eval.tsv`
+                       (`label<TAB>text` lines) or `train/<class>/*` folders
+  reverse              seq2seq sanity task: inputs w, targets w reversed,
+                       symbols 1..V-1 (an encoder-decoder reads inputs and
+                       predicts targets)
+
+The training iterator's position is its whole state (`get_state()` is the
+grain iterator's JSON state), so a restored iterator continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import os
+from typing import Any, Callable, Iterator
+
+import grain
+import numpy as np
+
+from terraflax.train import listops
+
+DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse')
+# How the model is called: 'lm' model(inputs) -> (b, l, v); 'classification'
+# model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v).
+TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
+         'text_classification': 'classification', 'reverse': 'seq2seq'}
+EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
+
+
+class DataError(ValueError):
+  """A data set could not be built from its config; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the trainer and the model need to know about a data set."""
+
+  task: str  # 'lm', 'classification' or 'seq2seq' (see TASKS).
+  vocab_size: int  # Token ids are in [0, vocab_size).
+  n_classes: int = 0  # Classification only.
+  byte_level: bool = False  # One token per byte: eval reports bits per byte.
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """A data set: its info and its two example streams (grain MapDatasets)."""
+
+  info: DataInfo
+  train: grain.MapDataset  # Infinite; example i depends only on (seed, i).
+  eval: grain.MapDataset  # Finite, in a fixed order.
+
+  def train_iterator(self, *, batch_size: int, process_index: int = 0,
+                     process_count: int = 1, num_threads: int = 1):
+    """A checkpointable iterator over this process's share of the global batches.
+
+    Global batch `s` holds examples `[s * batch_size, (s + 1) * batch_size)` in
+    order; process `p` of `P` reads the p-th contiguous slice of each.
+    """
+    ds = _local(self.train, batch_size, process_index, process_count, 'train.batch_size')
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return iter(ds.to_iter_dataset(options))
+
+  def eval_batches(self, *, batch_size: int, n_batches: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The first `n_batches` full evaluation batches (all of them for -1)."""
+    ds = _local(self.eval, batch_size, process_index, process_count, 'train.batch_size')
+    n = len(ds) if n_batches < 0 else min(n_batches, len(ds))
+    for i in range(n):
+      yield ds[i]
+
+  def n_eval_batches(self, batch_size: int) -> int:
+    return len(self.eval) // batch_size
+
+
+def _local(ds, batch_size, process_index, process_count, field):
+  """Batches of this process's rows: process p of P holds rows [p * b/P, (p + 1) * b/P).
+
+  The global batch is then the same, row for row, for any number of processes.
+  """
+  if batch_size % process_count:
+    raise DataError(f'config.{field}={batch_size} must be divisible by the {process_count} '
+                    'processes.')
+  local = batch_size // process_count
+  if process_count > 1:
+    source = ds
+
+    def global_example(j):
+      batch, row = divmod(j, local)
+      return source[batch * batch_size + process_index * local + row]
+
+    ds = grain.MapDataset.range(len(source) // batch_size * local).map(global_example)
+  return ds.batch(local, drop_remainder=True)
+
+
+def lm_example(tokens: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """An LM example: the model shifts right itself, so inputs and targets coincide."""
+  tokens = np.asarray(tokens, np.int32)
+  if weights is None:
+    weights = np.ones(tokens.shape, np.float32)
+  return {'inputs': tokens, 'targets': tokens.copy(), 'weights': np.asarray(weights, np.float32)}
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def list_files(path: str, pattern: str, field: str = 'data.path') -> list[str]:
+  """The files `path` names: itself, or its files matching `pattern`, sorted."""
+  if not path:
+    raise DataError(f'config.{field} is empty; set it to a file or a directory of text files.')
+  path = os.path.expanduser(path)
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise DataError(f'config.{field}={path!r} does not exist.')
+  files = sorted(f for f in globlib.glob(os.path.join(path, pattern), recursive=True)
+                 if os.path.isfile(f))
+  if not files:
+    raise DataError(f'config.{field}={path!r} holds no files matching data.glob={pattern!r}.')
+  return files
+
+
+def read_bytes(path: str, pattern: str = '*') -> np.ndarray:
+  """The bytes of a file, or of a directory's matching files concatenated, as uint8."""
+  files = list_files(path, pattern)
+  parts = [np.fromfile(f, dtype=np.uint8) for f in files]
+  corpus = np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+  if corpus.size == 0:
+    raise DataError(f'config.data.path={path!r} is empty: no bytes in {len(files)} file(s).')
+  return corpus
+
+
+def split_bytes(corpus: np.ndarray, eval_fraction: float,
+                test_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(train, eval, test): consecutive slices; eval and test take their fractions at the end."""
+  n = corpus.size
+  n_eval, n_test = int(n * eval_fraction), int(n * test_fraction)
+  n_train = n - n_eval - n_test
+  return corpus[:n_train], corpus[n_train:n_train + n_eval], corpus[n_train + n_eval:]
+
+
+def byte_data(cfg, seed: int) -> Data:
+  seq_len = cfg.seq_len
+  train, evaluation, _ = split_bytes(read_bytes(cfg.path, cfg.glob), cfg.eval_fraction,
+                                     cfg.test_fraction)
+  for name, part, field in (('training', train, 'data.eval_fraction/data.test_fraction'),
+                            ('evaluation', evaluation, 'data.eval_fraction')):
+    if part.size < seq_len:
+      raise DataError(
+          f'The {name} split of config.data.path={cfg.path!r} has {part.size} bytes, fewer than '
+          f'data.seq_len={seq_len}; use a larger corpus or change config.{field}.')
+  n_windows = max(1, train.size // seq_len)  # A nominal epoch: re-seeded on each repeat.
+
+  def random_window(_, rng):
+    start = int(rng.integers(0, train.size - seq_len + 1))
+    return lm_example(train[start:start + seq_len])
+
+  def eval_window(i):
+    return lm_example(evaluation[i * seq_len:(i + 1) * seq_len])
+
+  return Data(
+      info=DataInfo(task='lm', vocab_size=256, byte_level=True),
+      train=grain.MapDataset.range(n_windows).repeat().random_map(random_window, seed=seed),
+      eval=grain.MapDataset.range(evaluation.size // seq_len).map(eval_window))
+
+
+# ----------------------------------------------------------------------------- duplication
+
+
+def duplication_example(rng: np.random.Generator, seq_len: int, vocab_size: int):
+  """`0 w 0 w` of length seq_len (even), w uniform in 1..vocab_size-1; the second w scored."""
+  half = seq_len // 2
+  w = rng.integers(1, vocab_size, size=half - 1)
+  tokens = np.concatenate([[0], w, [0], w])
+  weights = np.zeros((seq_len,), np.float32)
+  weights[half + 1:] = 1.0
+  return lm_example(tokens, weights)
+
+
+def duplication_data(cfg, seed: int) -> Data:
+  if cfg.seq_len % 2 or cfg.seq_len < 4:
+    raise DataError('config.data.seq_len must be even and >= 4 for duplication, got '
+                    f'{cfg.seq_len}.')
+  if cfg.vocab_size < 2:
+    raise DataError(f'config.data.vocab_size must be >= 2 for duplication, got {cfg.vocab_size}.')
+
+  def make(_, rng):
+    return duplication_example(rng, cfg.seq_len, cfg.vocab_size)
+
+  return Data(
+      info=DataInfo(task='lm', vocab_size=cfg.vocab_size),
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
+# ----------------------------------------------------------------------------- listops
+
+
+def classification_example(ids: np.ndarray, label: int) -> dict[str, np.ndarray]:
+  return {'inputs': np.asarray(ids, np.int32), 'targets': np.asarray(label, np.int32),
+          'weights': np.asarray(1.0, np.float32)}
+
+
+def listops_data(cfg, seed: int) -> Data:
+  if cfg.max_len > cfg.seq_len:
+    raise DataError(f'config.data.max_len={cfg.max_len} must be <= data.seq_len={cfg.seq_len} '
+                    'for listops (the longest expression must fit).')
+  if not 1 <= cfg.min_len <= cfg.max_len:
+    raise DataError(f'config.data.min_len={cfg.min_len} must be in '
+                    f'[1, data.max_len={cfg.max_len}].')
+  info = DataInfo(task='classification', vocab_size=listops.VOCAB_SIZE, n_classes=listops.N_CLASSES)
+  if cfg.path:
+    train = _listops_file(cfg, 'basic_train.tsv')
+    evaluation = _listops_file(cfg, 'basic_val.tsv')
+    train_ds = grain.MapDataset.source(train).shuffle(seed=seed).repeat()
+    return Data(info, train_ds, grain.MapDataset.source(evaluation))
+  kwargs = dict(min_len=cfg.min_len, max_len=cfg.max_len, max_depth=cfg.max_depth,
+                max_args=cfg.max_args)
+
+  def make(_, rng):
+    source, value = listops.generate(rng, **kwargs)
+    return classification_example(listops.tokenize(source, cfg.seq_len), value)
+
+  return Data(
+      info=info,
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
+def _listops_file(cfg, name):
+  path = os.path.join(cfg.path, name)
+  if not os.path.isfile(path):
+    raise DataError(f'config.data.path={cfg.path!r} has no {name} (LRA ListOps layout).')
+  return [classification_example(listops.tokenize(source, cfg.seq_len), value)
+          for source, value in listops.read_tsv(path)]
+
+
+# ----------------------------------------------------------------------------- text classification
+
+
+def byte_ids(text: bytes, seq_len: int) -> np.ndarray:
+  """int32 (seq_len,): byte + 1 (0 is padding), truncated or zero-padded."""
+  ids = np.frombuffer(text[:seq_len], np.uint8).astype(np.int32) + 1
+  return np.pad(ids, (0, seq_len - ids.size))
+
+
+def read_labelled(path: str, split: str, n_classes: int) -> list[tuple[bytes, int]]:
+  """(text, label) pairs from `path/split.tsv` or `path/split/<class>/*` folders."""
+  tsv, folder = os.path.join(path, f'{split}.tsv'), os.path.join(path, split)
+  examples = []
+  if os.path.isfile(tsv):
+    with open(tsv, 'rb') as f:
+      for line_number, line in enumerate(f, 1):
+        label, tab, text = line.rstrip(b'\r\n').partition(b'\t')
+        if not tab or not label.strip().isdigit():
+          raise DataError(f'{tsv}:{line_number}: expected "label<TAB>text", got {line[:60]!r}.')
+        examples.append((text, int(label)))
+  elif os.path.isdir(folder):
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    for label, name in enumerate(classes):
+      for file in sorted(globlib.glob(os.path.join(folder, name, '*'))):
+        with open(file, 'rb') as f:
+          examples.append((f.read(), label))
+  else:
+    raise DataError(f'config.data.path={path!r} has neither {split}.tsv nor a {split}/ folder '
+                    'of class folders.')
+  if not examples:
+    raise DataError(f'config.data.path={path!r}: the {split} split is empty.')
+  bad = sorted({label for _, label in examples if not 0 <= label < n_classes})
+  if bad:
+    raise DataError(f'config.data.path={path!r}: {split} labels {bad[:5]} are outside '
+                    f'[0, data.n_classes={n_classes}).')
+  return examples
+
+
+def text_classification_data(cfg, seed: int) -> Data:
+  if not cfg.path:
+    raise DataError('config.data.path is empty; text_classification needs a directory with '
+                    'train.tsv and eval.tsv (or train/ and eval/ class folders).')
+  if not os.path.isdir(cfg.path):
+    raise DataError(f'config.data.path={cfg.path!r} does not exist or is not a directory.')
+  split = {}
+  for name in ('train', 'eval'):
+    split[name] = [classification_example(byte_ids(text, cfg.seq_len), label)
+                   for text, label in read_labelled(cfg.path, name, cfg.n_classes)]
+  return Data(
+      info=DataInfo(task='classification', vocab_size=257, n_classes=cfg.n_classes),
+      train=grain.MapDataset.source(split['train']).shuffle(seed=seed).repeat(),
+      eval=grain.MapDataset.source(split['eval']))
+
+
+# ----------------------------------------------------------------------------- reverse
+
+
+def reverse_example(rng: np.random.Generator, seq_len: int, vocab_size: int):
+  """inputs w, targets w[::-1]: (seq_len,) ids in 1..vocab_size-1, every target scored."""
+  w = rng.integers(1, vocab_size, size=seq_len).astype(np.int32)
+  return {'inputs': w, 'targets': w[::-1].copy(), 'weights': np.ones((seq_len,), np.float32)}
+
+
+def reverse_data(cfg, seed: int) -> Data:
+  if cfg.vocab_size < 2:
+    raise DataError(f'config.data.vocab_size must be >= 2 for reverse, got {cfg.vocab_size}.')
+
+  def make(_, rng):
+    return reverse_example(rng, cfg.seq_len, cfg.vocab_size)
+
+  return Data(
+      info=DataInfo(task='seq2seq', vocab_size=cfg.vocab_size),
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
+BUILDERS: dict[str, Callable[[Any, int], Data]] = {
+    'bytes': byte_data,
+    'duplication': duplication_data,
+    'listops': listops_data,
+    'text_classification': text_classification_data,
+    'reverse': reverse_data,
+}
+
+
+def make_data(data_config, seed: int) -> Data:
+  """The `Data` that `config.data` describes; `DataError` naming the field if it cannot."""
+  if data_config.name not in BUILDERS:
+    raise DataError(f'config.data.name must be one of {DATASETS}, got {data_config.name!r}.')
+  return BUILDERS[data_config.name](data_config, seed % 2**32)
+

@@ -1,0 +1,73 @@
+"""Learning-rate schedules and optimizers from optax, built from `config.optimizer`.
+
+Schedule: linear warm-up from 0 to `learning_rate` over `warmup_steps`, then
+  constant  learning_rate
+  rsqrt     learning_rate * sqrt(warmup_steps / step)   (step counted from 1;
+            with no warm-up, learning_rate / sqrt(step))
+  cosine    cosine decay to `final_lr_fraction * learning_rate` at `train.steps`
+
+Optimizer: adam, adamw (decoupled weight decay), adafactor or sgd (with
+momentum), after global-norm gradient clipping when `grad_clip > 0`. Weight
+decay skips biases and normalisation scales (`decay_mask`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+NO_DECAY_NAMES = ('bias', 'scale')
+
+
+def make_schedule(optimizer_config, total_steps: int) -> optax.Schedule:
+  """The learning rate as a function of the optimizer step (0-based)."""
+  o = optimizer_config
+  peak, warmup = float(o.learning_rate), int(o.warmup_steps)
+  if o.decay == 'constant':
+    decay = optax.constant_schedule(peak)
+  elif o.decay == 'rsqrt':
+    def decay(count):  # `count` counts from the end of warm-up.
+      step = jnp.maximum(count + warmup, 1).astype(jnp.float32)
+      return peak * jnp.sqrt(max(warmup, 1) / step)
+  elif o.decay == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1),
+                                        alpha=float(o.final_lr_fraction))
+  else:
+    raise ValueError(f"optimizer.decay must be 'constant', 'rsqrt' or 'cosine', got {o.decay!r}.")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+  """True for the leaves weight decay applies to: not biases, not norm scales."""
+  def keep(path, _):
+    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+    in_norm = any('Norm' in n for n in names)
+    return not in_norm and names[-1] not in NO_DECAY_NAMES
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optimizer_config, total_steps: int):
+  """(optax.GradientTransformation, schedule) for `config.optimizer`."""
+  o = optimizer_config
+  schedule = make_schedule(o, total_steps)
+  parts = []
+  if o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(float(o.grad_clip)))
+  if o.name == 'adam':
+    parts.append(optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps))
+  elif o.name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=float(o.weight_decay), mask=decay_mask))
+  elif o.name == 'adafactor':
+    parts.append(optax.adafactor(schedule, weight_decay_rate=float(o.weight_decay) or None,
+                                 weight_decay_mask=decay_mask))
+  elif o.name == 'sgd':
+    if o.weight_decay:
+      parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
+    parts.append(optax.sgd(schedule, momentum=o.momentum or None))
+  else:
+    raise ValueError(f"optimizer.name must be adam, adamw, adafactor or sgd, got {o.name!r}.")
+  return optax.chain(*parts), schedule

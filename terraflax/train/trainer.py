@@ -1,0 +1,390 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+The train step is a pure function `train_step(state, batch) -> (state, metrics)`
+jitted with the state donated. Its randomness is `fold_in(state.rng, step)`, so
+a resumed run draws exactly what an uninterrupted one would. Metrics are sums
+(loss, correct predictions, weights) accumulated on the device and only
+brought to the host when logging, where they are normalised.
+
+`train.grad_accum_steps = k` splits each global batch into k micro-batches
+whose gradients of the summed loss are added up (a `lax.scan`) and divided by
+the total weight once: one optimizer update equal to that of the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from terraflax.layers.metrics import accuracy_sum, cross_entropy_sum
+from terraflax.train import checkpoint as ckpt
+from terraflax.train import config as config_lib
+from terraflax.train import metrics as metrics_lib
+from terraflax.train import optimizers
+from terraflax.train import sharding as sharding_lib
+
+SUM_KEYS = ('loss_sum', 'correct_sum', 'weight_sum')
+NOISE_STREAMS = ('dropout', 'hash', 'sparse')
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss or the parameters became NaN/inf; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 (): optimizer updates applied so far.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 (2,) key data; step s draws from fold_in(rng, s).
+
+
+def stream_rngs(key: jax.Array) -> dict[str, jax.Array]:
+  """One key per noise stream ('dropout', 'hash', 'sparse'), derived from `key`."""
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(NOISE_STREAMS)}
+
+
+def batch_sums(logits, batch) -> dict[str, jax.Array]:
+  """Summed cross-entropy, correct predictions and weights of one batch."""
+  loss_sum, weight_sum = cross_entropy_sum(logits, batch['targets'], batch['weights'])
+  correct_sum, _ = accuracy_sum(logits, batch['targets'], batch['weights'])
+  return {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum}
+
+
+def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
+  """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
+
+  `task` says how the model is called (`config.model_inputs`): model(inputs),
+  or model(inputs, targets) for 'seq2seq'.
+  """
+
+  def loss_fn(params, batch, key):
+    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
+                         rngs=stream_rngs(key))
+    sums = batch_sums(logits, batch)
+    return sums['loss_sum'], sums
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum_steps == 1:
+      (_, sums), grads = grad_fn(state.params, batch, key)
+    else:
+      k = grad_accum_steps
+      # Micro-batch j holds rows j, j + k, ...: each stays spread over the 'data' axis.
+      micro = jax.tree_util.tree_map(
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch)
+
+      def accumulate(carry, xs):
+        grads_sum, sums_sum = carry
+        micro_batch, index = xs
+        (_, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+        return (jax.tree_util.tree_map(jnp.add, grads_sum, grads),
+                jax.tree_util.tree_map(jnp.add, sums_sum, sums)), None
+
+      zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
+               {name: jnp.zeros((), jnp.float32) for name in SUM_KEYS})
+      (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
+    weight = jnp.maximum(sums['weight_sum'], 1e-9)
+    grads = jax.tree_util.tree_map(lambda g: g / weight, grads)  # Mean over the whole batch.
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(optax.tree.norm(params))
+    metrics = dict(sums, nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+                   grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model, task: str = 'lm'):
+  """`eval_step(params, batch, index) -> sums` for `model` in 'eval' mode."""
+
+  def eval_step(params, batch, index):
+    key = jax.random.fold_in(jax.random.key(0), index)  # LSH hashing is random in eval too.
+    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
+                         rngs=stream_rngs(key))
+    return batch_sums(logits, batch)
+
+  return eval_step
+
+
+def zero_pending() -> dict[str, jax.Array]:
+  """Metric sums since the last log, kept on the device (and in checkpoints)."""
+  return {'loss_sum': jnp.zeros((), jnp.float32), 'correct_sum': jnp.zeros((), jnp.float32),
+          'weight_sum': jnp.zeros((), jnp.float32), 'grad_norm_sum': jnp.zeros((), jnp.float32),
+          'steps': jnp.zeros((), jnp.int32)}
+
+
+@jax.jit
+def _accumulate(pending, health, metrics, step):
+  pending = {'loss_sum': pending['loss_sum'] + metrics['loss_sum'],
+             'correct_sum': pending['correct_sum'] + metrics['correct_sum'],
+             'weight_sum': pending['weight_sum'] + metrics['weight_sum'],
+             'grad_norm_sum': pending['grad_norm_sum'] + metrics['grad_norm'],
+             'steps': pending['steps'] + 1}
+  health = jnp.where((health < 0) & (metrics['nonfinite'] > 0), step, health)
+  return pending, health
+
+
+def normalise(sums: dict[str, Any], prefix: str) -> dict[str, float]:
+  weight = max(float(sums['weight_sum']), 1e-9)
+  return {f'{prefix}/loss': float(sums['loss_sum']) / weight,
+          f'{prefix}/accuracy': float(sums['correct_sum']) / weight}
+
+
+def opt_state_shardings(tx, params, mesh):
+  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate."""
+  replicated = sharding_lib.replicated(mesh)
+  abstract = jax.eval_shape(tx.init, params)
+
+  def follow(leaf, param):
+    return param.sharding if leaf.shape == param.shape else replicated
+
+  return optax.tree_map_params(tx, follow, abstract, params,
+                               transform_non_params=lambda _: replicated)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop checks after every step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+def _preempted(step: int, local_flag: bool) -> bool:
+  """True on every process once any process has been asked to stop."""
+  if jax.process_count() == 1:
+    return local_flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # No preemption service: fall back to the local flag.
+    return local_flag
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains and evaluates as `config` says, in `workdir`; returns the last logged metrics.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
+  SIGTERM saves a checkpoint and returns normally. A NaN/inf loss raises
+  `TrainingDivergedError` and leaves the last good checkpoint in place.
+  """
+  with _StopSignal() as stop:  # From the start: a SIGTERM during set-up stops after step 1.
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
+  """Freshly initialised parameters and optimizer state, laid out on `mesh`."""
+  config = experiment.config
+  replicated = sharding_lib.replicated(mesh)
+  param_shardings = sharding_lib.variable_shardings(
+      experiment.abstract_variables['params'], mesh, config.sharding.logical_axis_rules)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  model = experiment.model('train')
+  zeros = jnp.zeros((1, config.data.seq_len), jnp.int32)
+  tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros}, experiment.data.info.task)
+
+  def init_params(key):
+    variables = model.init({'params': key, **stream_rngs(key)}, *tokens)
+    return nn.meta.unbox(variables['params'])
+
+  with jax.set_mesh(mesh):
+    params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                    opt_state=opt_state,
+                    rng=jax.device_put(jax.random.key_data(train_key), replicated))
+
+
+def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, float]:
+  began = time.time()
+  config = config_lib.check_fields(config)
+  sharding_lib.maybe_initialize_distributed(config.distributed)
+  experiment = config_lib.validate_config(config)
+  config, data = experiment.config, experiment.data
+  t = config.train
+  mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    ckpt.write_config(workdir, config)
+
+  train_model, eval_model = experiment.model('train'), experiment.model('eval')
+  tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
+  replicated = sharding_lib.replicated(mesh)
+  state = initial_state(experiment, tx, mesh)
+  state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  pending = jax.device_put(zero_pending(), replicated)
+  health = jax.device_put(jnp.array(-1, jnp.int32), replicated)
+
+  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  data_iter = data.train_iterator(batch_size=t.batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count(),
+                                  num_threads=config.data.num_threads)
+  start = manager.latest_step() or 0
+  if start:
+    params, opt_state, train_items, data_state = ckpt.restore(
+        manager, start, params=state.params, opt_state=state.opt_state,
+        train={'step': state.step, 'rng': state.rng, 'pending': pending})
+    state = TrainState(step=train_items['step'], params=params, opt_state=opt_state,
+                       rng=train_items['rng'])
+    pending = train_items['pending']
+    data_iter.set_state(data_state)
+
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
+  n_params = count_params(state.params)
+  writer.info(f'terraflax.train: {config.model.name} with {n_params:,} parameters; '
+              f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; workdir {workdir}')
+  if start:
+    writer.info(f'Resumed from the checkpoint at step {start}.')
+
+  task = data.info.task
+  train_step = jax.jit(
+      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task),
+      donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated)
+  tokens_per_step = t.batch_size * config.data.seq_len
+
+  def check_health(step):
+    bad = int(jax.device_get(health))
+    if bad >= 0:
+      last = manager.latest_step()
+      where = (f'the last good checkpoint is step {last} in {ckpt.checkpoint_dir(workdir)}'
+               if last is not None else 'no checkpoint was written')
+      raise TrainingDivergedError(
+          f'Training diverged: non-finite (NaN/inf) loss or parameters at step {bad} (noticed at '
+          f'step {step}); stopping without saving; {where}. Try a lower '
+          'optimizer.learning_rate, a longer optimizer.warmup_steps or optimizer.grad_clip.')
+
+  def evaluate(params):
+    sums = {name: jnp.zeros((), jnp.float32) for name in SUM_KEYS}
+    for index, batch in enumerate(data.eval_batches(
+        batch_size=t.batch_size, n_batches=t.eval_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())):
+      batch_sums_ = eval_step(params, sharding_lib.put_batch(batch, mesh), index)
+      sums = jax.tree_util.tree_map(jnp.add, sums, batch_sums_)
+    result = normalise(jax.device_get(sums), 'eval')
+    if data.info.byte_level:
+      result['eval/bits_per_byte'] = result['eval/loss'] / math.log(2)
+    return result
+
+  last: dict[str, float] = {}
+  timer_start, timed_steps, seconds_per_step = None, 0, 0.0
+  with jax.set_mesh(mesh):
+    try:
+      for step in range(start + 1, t.steps + 1):
+        batch = sharding_lib.put_batch(next(data_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+        pending, health = _accumulate(pending, health, step_metrics, step)
+        if timer_start is None:  # Time from the end of the first (compiling) step.
+          jax.block_until_ready(state.step)
+          timer_start, timed_steps = time.time(), 0
+        else:
+          timed_steps += 1
+        scalars = {}
+        if step % t.log_every == 0 or step == t.steps:
+          check_health(step)
+          sums = jax.device_get(pending)
+          pending = jax.device_put(zero_pending(), replicated)
+          scalars.update(normalise(sums, 'train'))
+          scalars['train/grad_norm'] = float(sums['grad_norm_sum']) / max(int(sums['steps']), 1)
+          scalars['lr'] = float(schedule(step - 1))
+          elapsed = time.time() - timer_start
+          if timed_steps:
+            seconds_per_step = elapsed / timed_steps
+            scalars['tokens_per_sec'] = tokens_per_step / seconds_per_step
+          timer_start, timed_steps = time.time(), 0
+        if step % t.eval_every == 0 or step == t.steps:
+          check_health(step)
+          eval_start = time.time()
+          scalars.update(evaluate(state.params))
+          if timer_start is not None:
+            timer_start += time.time() - eval_start  # Eval time is not training time.
+        if scalars:
+          writer.write(step, scalars)
+          if 'train/loss' in scalars:
+            writer.progress(step, scalars, seconds_per_step)
+          if any(k.startswith('eval/') for k in scalars):
+            writer.info(f'  eval at step {step}: ' + ', '.join(
+                f'{k[5:]} {v:.4f}' for k, v in sorted(scalars.items()) if k.startswith('eval/')))
+          last.update(scalars)
+        stopping = _preempted(step, stop.requested)
+        if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+          check_health(step)
+          ckpt.save(manager, step, params=state.params, opt_state=state.opt_state,
+                    train={'step': state.step, 'rng': state.rng, 'pending': pending},
+                    data_state=data_iter.get_state())
+        if stopping:
+          manager.wait_until_finished()
+          writer.info(f'SIGTERM: saved the checkpoint at step {step}; exiting.')
+          return last
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      writer.close()
+  if start >= t.steps:
+    writer.info(f'Already trained to step {start} (train.steps={t.steps}); nothing to do.')
+  else:
+    summary = ', '.join(f'{k} {v:.4f}' for k, v in sorted(last.items()) if k.startswith('eval/'))
+    writer.info(f'Finished step {t.steps} in {metrics_lib.format_duration(time.time() - began)}'
+                + (f': {summary}' if summary else '') + '.')
+  if config.sample.max_new_tokens and data.info.task == 'lm':
+    text = sample_text(experiment, state.params)
+    if text is not None:
+      writer.info(f'Sample ({config.sample.max_new_tokens} tokens after '
+                  f'{config.sample.prompt!r}):\n{text}')
+  return last
+
+
+def sample_text(experiment: config_lib.Experiment, params) -> str | None:
+  """Decodes `config.sample.max_new_tokens` tokens after `config.sample.prompt`.
+
+  Uses `terraflax.decoding.autoregressive_sample` (None if that module is not
+  available). Byte-level data sets decode to text; others print token ids.
+  """
+  config = experiment.config
+  try:
+    from terraflax import decoding  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print('Sample skipped: terraflax.decoding is not available.', flush=True)
+    return None
+  prompt_bytes = config.sample.prompt.encode('utf-8')
+  prompt = jnp.asarray(np.frombuffer(prompt_bytes, np.uint8).astype(np.int32)[None, :])
+  params = jax.device_put(params, jax.devices()[0])
+  tokens = decoding.autoregressive_sample(
+      experiment.model('predict'), params, prompt, config.sample.max_new_tokens,
+      temperature=config.sample.temperature, rng=jax.random.key(config.seed))
+  tokens = np.asarray(tokens).reshape(-1)
+  if experiment.data.info.byte_level:
+    return bytes(int(t) % 256 for t in tokens).decode('utf-8', errors='replace')
+  return ' '.join(str(int(t)) for t in tokens)

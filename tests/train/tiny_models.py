@@ -1,0 +1,120 @@
+"""Test-only model factories, built from the foundation layers.
+
+Referenced from configs as 'tests.train.tiny_models:TinyLM' (the trainer's
+'package.module:Factory' form), so the training tests do not depend on
+`terraflax.models`.
+"""
+
+import jax.numpy as jnp
+
+import terraflax.combinators as cb
+import terraflax.layers as tl
+from terraflax.combinators.base import check_mode
+
+
+def _check_length(chunk_len):
+  def check(x):
+    if chunk_len and x.shape[1] % chunk_len:
+      raise ValueError(f'length {x.shape[1]} is not a multiple of chunk_len={chunk_len}')
+    return x
+  return cb.Fn('CheckLength', check)
+
+
+def TinyLM(*, vocab_size, d_model, d_ff, n_layers=1, n_heads=1,  # pylint: disable=invalid-name
+           dropout=0.0, max_len=2048, chunk_len=None, mode='train', dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); a bigram-style LM (no attention).
+
+  ShiftRight, Embedding, n_layers residual feed-forward blocks, Dense. n_heads
+  and max_len are accepted like a Transformer's; chunk_len makes lengths that
+  are not a multiple of it an error (as chunked attention would).
+  """
+  check_mode(mode, 'TinyLM mode')
+  del n_heads, max_len
+  return cb.Serial(
+      _check_length(chunk_len),
+      tl.ShiftRight(mode=mode),
+      tl.Embedding(vocab_size, d_model, dtype=dtype),
+      [cb.Residual(tl.FeedForward(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
+                                  dtype=dtype)) for _ in range(n_layers)],
+      tl.LayerNorm(),
+      tl.Dense(vocab_size, dtype=dtype),
+  )
+
+
+def NGramLM(*, vocab_size, d_model, d_ff, context=8, mode='train',  # pylint: disable=invalid-name
+            dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); sees the previous `context` tokens.
+
+  Each of the last `context` tokens is embedded and projected; the sum goes
+  through a residual feed-forward block and a Dense to logits.
+  """
+  check_mode(mode, 'NGramLM mode')
+  branches = [cb.Serial(tl.ShiftRight(n_positions=k, mode='train'),
+                        tl.Embedding(vocab_size, d_model, dtype=dtype),
+                        tl.Dense(d_model, dtype=dtype)) for k in range(1, context + 1)]
+  return cb.Serial(
+      cb.Branch(*branches),
+      [cb.Add() for _ in range(context - 1)],
+      cb.Residual(tl.FeedForward(d_model=d_model, d_ff=d_ff, mode=mode, dtype=dtype)),
+      tl.LayerNorm(),
+      tl.Dense(vocab_size, dtype=dtype),
+  )
+
+
+def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train',  # pylint: disable=invalid-name
+                   dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, n_classes); embeddings averaged over non-pad ids."""
+  check_mode(mode, 'TinyClassifier mode')
+
+  def pool(x, ids):
+    mask = (ids > 0).astype(x.dtype)[..., None]
+    return jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+  return cb.Serial(
+      cb.Dup(),  # stack: ids, ids
+      tl.Embedding(vocab_size, d_model, dtype=dtype),  # stack: x, ids
+      cb.Fn('MaskedMean', pool),
+      tl.Dense(d_model, dtype=dtype), tl.Relu(),
+      tl.Dense(n_classes, dtype=dtype),
+  )
+
+
+def tiny_lm_config(**overrides):
+  """A complete config for a few-step TinyLM run on the duplication task.
+
+  `overrides` are dotted paths: tiny_lm_config(**{'train.steps': 8}).
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({
+      'seed': 0,
+      'model': {'name': 'tests.train.tiny_models:TinyLM', 'vocab_size': 16, 'd_model': 16,
+                'd_ff': 32, 'n_layers': 1, 'n_heads': 2, 'dropout': 0.1, 'dtype': 'float32'},
+      'data': {'name': 'duplication', 'seq_len': 16, 'vocab_size': 16, 'eval_examples': 16},
+      'train': {'steps': 12, 'batch_size': 8, 'log_every': 2, 'eval_every': 4,
+                'eval_batches': 2, 'checkpoint_every': 4, 'keep_checkpoints': 10},
+      'optimizer': {'name': 'adam', 'learning_rate': 1e-2, 'warmup_steps': 2,
+                    'decay': 'cosine', 'grad_clip': 1.0},
+  })
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def TinySeq2Seq(*, vocab_size, d_model, mode='train', dtype=None):  # pylint: disable=invalid-name
+  """[inputs, targets] -> [logits]: int (b, l_in), (b, l) -> (b, l, vocab_size).
+
+  The decoder sees the shifted targets plus the mean of the embedded inputs.
+  """
+  check_mode(mode, 'TinySeq2Seq mode')
+  return cb.Serial(
+      cb.Parallel(
+          [tl.Embedding(vocab_size, d_model, dtype=dtype),
+           cb.Fn('Mean', lambda x: jnp.mean(x, axis=1, keepdims=True))],
+          [tl.ShiftRight(mode=mode), tl.Embedding(vocab_size, d_model, dtype=dtype)]),
+      cb.Fn('AddContext', lambda context, y: y + context),  # stack: y
+      tl.Dense(vocab_size, dtype=dtype),
+  )
