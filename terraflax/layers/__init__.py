@@ -5,6 +5,14 @@ b batch, l length, d model width, f feed-forward width, v vocabulary,
 h heads, k per-head width, n hash rounds, c chunk.
 """
 
+from terraflax.layers.attention import Attention as Attention
+from terraflax.layers.attention import CacheOutputs as CacheOutputs
+from terraflax.layers.attention import CausalAttention as CausalAttention
+from terraflax.layers.attention import EncDecAttention as EncDecAttention
+from terraflax.layers.attention_core import AttentionOutput as AttentionOutput
+from terraflax.layers.attention_core import causal_mask as causal_mask
+from terraflax.layers.attention_core import dot_product_attention as dot_product_attention
+from terraflax.layers.attention_core import padding_mask as padding_mask
 from terraflax.layers.core import Dense as Dense
 from terraflax.layers.core import Dropout as Dropout
 from terraflax.layers.core import Embedding as Embedding

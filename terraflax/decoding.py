@@ -1,0 +1,400 @@
+"""Autoregressive sampling and beam search with a predict-mode model's cache.
+
+Callers pass the model itself, built with `mode='predict'` (for example
+`TransformerLM(..., mode='predict')`), and trained parameters (the same tree
+as in 'train'/'eval'). The model is called one token at a time: its input at
+position p is the token at p - 1 (pad id 0 at p = 0, what `ShiftRight` would
+insert), and its output is the (b, 1, v) logits for position p. A seq2seq
+model (`Transformer`) is decoded by passing its encoder `inputs`; it is then
+called as `model(inputs, token)`.
+
+The whole loop is one jitted `lax.while_loop` (one model step per token, the
+key/value cache updated in place, no host work per token), which stops as
+soon as every row is finished. It is compiled once per model, shapes and
+static options.
+
+Prompts are right-padded (b, lp) int arrays with `prompt_lengths` (b,);
+rows of different lengths decode together: while a row is inside its prompt
+its next token is forced from the prompt, afterwards it is generated. Every
+row produces exactly the tokens it would produce alone. A generated `eos_id`
+ends a row: it is kept, and `pad_id` fills the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraflax.combinators.scan import RNG_STREAMS
+
+_NEG_INF = -jnp.inf
+
+
+# ----------------------------------------------------------------------------
+# Shared pieces: arguments, cache, one model step.
+
+def _check_prompt(prompt, prompt_lengths, batch_size, inputs):
+  """(prompt (b, lp) int32, lengths (b,) int32) with clear errors."""
+  if prompt is None:
+    if batch_size is None:
+      if inputs is None:
+        raise ValueError('Pass a prompt (b, lp), or batch_size= (or inputs=) to decode from '
+                         'an empty prompt.')
+      batch_size = np.shape(inputs)[0]
+    prompt = jnp.zeros((batch_size, 0), jnp.int32)
+  prompt = jnp.asarray(prompt)
+  if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    raise ValueError(f'prompt must be an int array (b, lp), got {prompt.dtype}{tuple(prompt.shape)}.')
+  b, lp = prompt.shape
+  if prompt_lengths is None:
+    lengths = jnp.full((b,), lp, jnp.int32)
+  else:
+    lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    if lengths.shape != (b,):
+      raise ValueError(f'prompt_lengths must have shape (b,) = ({b},), got {tuple(lengths.shape)}.')
+    try:
+      values = np.asarray(lengths)
+    except jax.errors.TracerArrayConversionError:  # Called under jit: no value to check.
+      values = None
+    if values is not None and (np.any(values < 0) or np.any(values > lp)):
+      raise ValueError(f'prompt_lengths must lie in [0, {lp}] (the prompt width), got '
+                       f'{values.tolist()}.')
+  if inputs is not None and np.shape(inputs)[0] != b:
+    raise ValueError(f'inputs have batch {np.shape(inputs)[0]} but the prompt has batch {b}.')
+  return prompt.astype(jnp.int32), lengths
+
+
+def _check_new_tokens(max_new_tokens):
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be a positive int, got {max_new_tokens!r}.')
+  return int(max_new_tokens)
+
+
+def _rngs(rng):
+  return {stream: jax.random.fold_in(rng, i) for i, stream in enumerate(RNG_STREAMS)}
+
+
+def _model_args(inputs, tokens):
+  """The model's positional inputs for a step of (B, 1) tokens."""
+  return (tokens,) if inputs is None else (inputs, tokens)
+
+
+def _init_cache(model, batch_size, inputs, rng):
+  """The model's predict-mode cache for `batch_size` rows (parameters discarded)."""
+  tokens = jnp.zeros((batch_size, 1), jnp.int32)
+  variables = model.init(_rngs(rng), *_model_args(inputs, tokens))
+  if 'cache' not in variables:
+    raise ValueError('The model keeps no cache: build it with mode=\'predict\' '
+                     '(e.g. TransformerLM(..., mode=\'predict\')).')
+  return variables['cache']
+
+
+def _step(model, params, cache, tokens, inputs, rng):
+  """One decoding step: tokens (B,) -> float32 logits (B, v) and the new cache."""
+  logits, state = model.apply({'params': params, 'cache': cache},
+                              *_model_args(inputs, tokens[:, None]),
+                              rngs=_rngs(rng), mutable=['cache'])
+  if logits.ndim != 3 or logits.shape[1] != 1:
+    raise ValueError(f'A decoding step must return logits (b, 1, v), got {tuple(logits.shape)}.')
+  return logits[:, 0].astype(jnp.float32), state['cache']
+
+
+def _forced_tokens(prompt, position):
+  """prompt[:, position], or zeros where `position` is past the prompt width."""
+  if prompt.shape[1] == 0:
+    return jnp.zeros(prompt.shape[:1], jnp.int32)
+  index = jnp.minimum(position, prompt.shape[1] - 1)
+  return jax.lax.dynamic_index_in_dim(prompt, index, axis=1, keepdims=False)
+
+
+def _take_generated(sequence, lengths, max_new_tokens):
+  """(b, lp + n) full sequences -> (b, n): each row's tokens after its prompt."""
+  index = lengths[:, None] + jnp.arange(max_new_tokens)[None, :]
+  return jnp.take_along_axis(sequence, index, axis=1)
+
+
+# ----------------------------------------------------------------------------
+# Sampling.
+
+def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """Draws token ids (B,) from logits (B, v).
+
+  `temperature == 0` is greedy (argmax). Otherwise logits are divided by the
+  temperature, restricted to the `top_k` largest and/or to the smallest set
+  of most likely tokens whose probability reaches `top_p` (nucleus), and
+  sampled.
+  """
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, _NEG_INF, logits)
+  if top_p is not None and top_p < 1.0:
+    ordered = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the top token.
+    threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
+    logits = jnp.where(logits < threshold, _NEG_INF, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(temperature, top_k, top_p, rng):
+  if temperature < 0:
+    raise ValueError(f'temperature must be >= 0 (0 = greedy), got {temperature}.')
+  if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    raise ValueError(f'top_k must be a positive int or None, got {top_k!r}.')
+  if top_p is not None and not 0.0 <= top_p <= 1.0:
+    raise ValueError(f'top_p must be in [0, 1] or None, got {top_p!r}.')
+  if rng is None:
+    if temperature > 0:
+      raise ValueError('Sampling with temperature > 0 needs rng= (a jax.random key).')
+    rng = jax.random.key(0)
+  return rng
+
+
+def autoregressive_sample(model, params, prompt=None, max_new_tokens: int = 1, *,
+                          temperature: float = 1.0, top_k: int | None = None,
+                          top_p: float | None = None, rng=None, eos_id: int | None = None,
+                          pad_id: int = 0, prompt_lengths=None, inputs=None,
+                          batch_size: int | None = None):
+  """Samples `max_new_tokens` tokens after each prompt with the model's cache.
+
+  Args:
+    model: the predict-mode model (a layer built with `mode='predict'`).
+    params: its parameters (the 'params' tree, as trained).
+    prompt: int (b, lp), right-padded; None (or width 0) starts from nothing.
+    max_new_tokens: tokens to generate per row.
+    temperature: softmax temperature; 0 is greedy decoding.
+    top_k: sample among the k most likely tokens only.
+    top_p: nucleus sampling: among the most likely tokens holding mass top_p.
+    rng: a `jax.random` key (needed when temperature > 0).
+    eos_id: a generated `eos_id` ends its row (kept; `pad_id` follows).
+    pad_id: fills positions after EOS.
+    prompt_lengths: int (b,) real prompt lengths; default lp for every row.
+    inputs: the encoder inputs (b, li) of a seq2seq model, else None.
+    batch_size: rows to decode when there is neither prompt nor inputs.
+
+  Returns:
+    int32 (b, max_new_tokens): each row's generated tokens.
+
+  The cache must hold max(prompt_lengths) + max_new_tokens positions (the
+  model's `max_len`).
+  """
+  max_new_tokens = _check_new_tokens(max_new_tokens)
+  prompt, lengths = _check_prompt(prompt, prompt_lengths, batch_size, inputs)
+  rng = _check_sampling(temperature, top_k, top_p, rng)
+  return _sample_jit(model, params, prompt, lengths, inputs, rng, max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_k=top_k,
+                     top_p=None if top_p is None else float(top_p), eos_id=eos_id,
+                     pad_id=int(pad_id))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_id', 'pad_id'))
+def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, temperature,
+                top_k, top_p, eos_id, pad_id):
+  b, lp = prompt.shape
+  total = lp + max_new_tokens
+  init_rng, rng = jax.random.split(rng)
+  cache = _init_cache(model, b, inputs, init_rng)
+
+  def cond(state):
+    position, _, _, done, _ = state
+    return (position < total) & ~jnp.all(done)
+
+  def body(state):
+    position, tokens, sequence, done, cache = state
+    step_rng = jax.random.fold_in(rng, position)
+    logits, cache = _step(model, params, cache, tokens, inputs, step_rng)
+    sampled = sample_logits(logits, jax.random.fold_in(step_rng, 1), temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+    in_prompt = position < lengths
+    token = jnp.where(in_prompt, _forced_tokens(prompt, position), sampled)
+    sequence = jax.lax.dynamic_update_index_in_dim(
+        sequence, jnp.where(done, pad_id, token), position, axis=1)
+    last = position - lengths == max_new_tokens - 1
+    ended = ~in_prompt & (last if eos_id is None else last | (token == eos_id))
+    return position + 1, token, sequence, done | ended, cache
+
+  state = (jnp.zeros((), jnp.int32), jnp.zeros((b,), jnp.int32),
+           jnp.full((b, total), pad_id, jnp.int32), jnp.zeros((b,), jnp.bool_), cache)
+  _, _, sequence, _, _ = jax.lax.while_loop(cond, body, state)
+  return _take_generated(sequence, lengths, max_new_tokens)
+
+
+# ----------------------------------------------------------------------------
+# Beam search.
+
+def cache_batch_axes(model, batch_size: int = 1, inputs=None) -> Any:
+  """The batch axis of every cache leaf (None for leaves without one).
+
+  Found by comparing `jax.eval_shape` of the predict-mode cache for two batch
+  sizes, so caches need no fixed layout (`Repeat` stacks them on axis 0).
+  `inputs` (the encoder inputs of a seq2seq model) only lend their shape.
+  """
+  spec = None
+  if inputs is not None:
+    spec = (tuple(np.shape(inputs)[1:]), jnp.asarray(inputs).dtype.name)
+  # A fresh copy of the cached tree, so callers may modify it.
+  return jax.tree_util.tree_map(lambda axis: axis, _cache_batch_axes(model, batch_size, spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_batch_axes(model, batch_size, inputs_spec):
+  shapes = []
+  for b in (batch_size, batch_size + 1):
+    inputs = None
+    if inputs_spec is not None:
+      inputs = jax.ShapeDtypeStruct((b,) + inputs_spec[0], jnp.dtype(inputs_spec[1]))
+    shapes.append(jax.eval_shape(
+        lambda inputs, b=b: _init_cache(model, b, inputs, jax.random.key(0)), inputs))
+
+  def axis(a, b):
+    differ = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
+    return differ[0] if differ else None
+
+  return jax.tree_util.tree_map(axis, shapes[0], shapes[1])
+
+
+def reorder_cache(cache, axes, indices):
+  """Gathers `indices` (B,) along each cache leaf's batch axis (from `cache_batch_axes`)."""
+  leaves, treedef = jax.tree_util.tree_flatten(cache)
+  axes = jax.tree_util.tree_leaves(axes, is_leaf=lambda x: x is None)
+  if len(axes) != len(leaves):
+    raise ValueError(f'reorder_cache: {len(axes)} batch axes for {len(leaves)} cache leaves.')
+  return jax.tree_util.tree_unflatten(treedef, [
+      leaf if axis is None else jnp.take(leaf, indices, axis=axis)
+      for leaf, axis in zip(leaves, axes)])
+
+
+def length_penalty(length, alpha: float):
+  """GNMT's ((5 + length) / 6) ** alpha: scores are log-probabilities divided by it."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(model, params, prompt=None, max_new_tokens: int = 1, *, beam_size: int,
+                alpha: float = 0.0, eos_id: int | None = None, pad_id: int = 0,
+                prompt_lengths=None, inputs=None, batch_size: int | None = None, rng=None):
+  """Beam search for the most likely continuations of each prompt.
+
+  Keeps `beam_size` live hypotheses per row. Each step takes the best
+  2 * beam_size extensions; those ending in `eos_id` that rank within the
+  first `beam_size` become finished hypotheses (scored by log-probability /
+  `length_penalty(generated length, alpha)`), the best `beam_size` others stay
+  live, and the caches are reordered along their batch axes. A row stops once
+  its worst finished hypothesis beats the best score its live ones could
+  still reach; after `max_new_tokens` the live hypotheses are finished too.
+  With beam_size 1 and alpha 0 this is greedy decoding.
+
+  Args: as `autoregressive_sample`, plus `beam_size` and `alpha` (length
+    penalty exponent, 0 = plain log-probability). `rng` only feeds layers that
+    draw randomness in predict mode (none of the Transformer's do).
+
+  Returns:
+    (tokens, scores): int32 (b, beam_size, max_new_tokens) generated tokens
+    (EOS, then `pad_id`), best first, and float32 (b, beam_size) scores
+    (-inf for slots with no valid hypothesis).
+  """
+  max_new_tokens = _check_new_tokens(max_new_tokens)
+  if not isinstance(beam_size, int) or beam_size < 1:
+    raise ValueError(f'beam_size must be a positive int, got {beam_size!r}.')
+  if alpha < 0:
+    raise ValueError(f'alpha (the length penalty exponent) must be >= 0, got {alpha}.')
+  prompt, lengths = _check_prompt(prompt, prompt_lengths, batch_size, inputs)
+  if inputs is not None:
+    inputs = jnp.repeat(jnp.asarray(inputs), beam_size, axis=0)
+  axes = cache_batch_axes(model, prompt.shape[0] * beam_size, inputs)
+  axes = tuple(jax.tree_util.tree_leaves(axes, is_leaf=lambda x: x is None))
+  return _beam_jit(model, params, prompt, lengths, inputs,
+                   jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
+                   beam_size=beam_size, alpha=float(alpha), eos_id=eos_id, pad_id=int(pad_id),
+                   axes=axes)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'model', 'max_new_tokens', 'beam_size', 'alpha', 'eos_id', 'pad_id', 'axes'))
+def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, beam_size, alpha,
+              eos_id, pad_id, axes):
+  b, lp = prompt.shape
+  n, steps = beam_size, max_new_tokens
+  init_rng, rng = jax.random.split(rng)
+  cache = _init_cache(model, b * n, inputs, init_rng)
+  rows = jnp.arange(b)[:, None]
+  worst_penalty = length_penalty(float(steps), alpha)
+
+  def cond(state):
+    return (state['position'] < lp + steps) & ~jnp.all(state['done'])
+
+  def body(state):
+    position = state['position']
+    logits, cache = _step(model, params, state['cache'], state['last'].reshape(b * n), inputs,
+                          jax.random.fold_in(rng, position))
+    log_probs = jax.nn.log_softmax(logits).reshape(b, n, -1)
+    vocab = log_probs.shape[-1]
+    in_prompt = position < lengths  # (b,)
+    forced = _forced_tokens(prompt, position)
+    forced_log_probs = jnp.where(jnp.arange(vocab)[None, None, :] == forced[:, None, None],
+                                 0.0, _NEG_INF)
+    log_probs = jnp.where(in_prompt[:, None, None], forced_log_probs, log_probs)
+    candidates = (state['live_log_prob'][:, :, None] + log_probs).reshape(b, n * vocab)
+    scores, flat = jax.lax.top_k(candidates, 2 * n)  # (b, 2n), best first
+    parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    generated = position - lengths  # index of this token among the generated ones
+    tokens = state['live_tokens'][rows, parent]  # (b, 2n, steps)
+    write = (~in_prompt)[:, None, None] & (jnp.arange(steps)[None, None, :] == generated[:, None, None])
+    tokens = jnp.where(write, token[:, :, None], tokens)
+    is_eos = (~in_prompt)[:, None] & (jnp.zeros_like(token, jnp.bool_) if eos_id is None
+                                      else token == eos_id)
+    last_step = (generated == steps - 1)[:, None]
+    top_n = jnp.arange(2 * n)[None, :] < n
+    finishing = top_n & (is_eos | last_step)
+    penalty = length_penalty((generated + 1).astype(jnp.float32), alpha)[:, None]
+    finished_scores = jnp.where(finishing, scores / penalty, _NEG_INF)
+    # Merge with the finished pool; frozen rows keep theirs.
+    pool_scores = jnp.concatenate([state['fin_scores'], finished_scores], axis=1)
+    pool_tokens = jnp.concatenate([state['fin_tokens'], tokens], axis=1)
+    best_scores, best = jax.lax.top_k(pool_scores, n)
+    frozen = state['done'][:, None]
+    fin_scores = jnp.where(frozen, state['fin_scores'], best_scores)
+    fin_tokens = jnp.where(frozen[:, :, None], state['fin_tokens'], pool_tokens[rows, best])
+    # The live hypotheses: the best n candidates that did not end.
+    live_scores, live = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, scores), n)
+    new_parent = parent[rows, live]
+    cache = reorder_cache(cache, axes, (rows * n + new_parent).reshape(b * n))
+    # A row is done when no live hypothesis can beat its worst finished one.
+    reachable = jnp.max(live_scores, axis=1) / worst_penalty
+    done = state['done'] | (~in_prompt & ((fin_scores[:, -1] >= reachable) | last_step[:, 0]))
+    return dict(position=position + 1, last=token[rows, live], live_tokens=tokens[rows, live],
+                live_log_prob=live_scores, fin_tokens=fin_tokens, fin_scores=fin_scores,
+                done=done, cache=cache)
+
+  live_log_prob = jnp.full((b, n), _NEG_INF).at[:, 0].set(0.0)
+  state = dict(position=jnp.zeros((), jnp.int32), last=jnp.zeros((b, n), jnp.int32),
+               live_tokens=jnp.full((b, n, steps), pad_id, jnp.int32),
+               live_log_prob=live_log_prob,
+               fin_tokens=jnp.full((b, n, steps), pad_id, jnp.int32),
+               fin_scores=jnp.full((b, n), _NEG_INF), done=jnp.zeros((b,), jnp.bool_),
+               cache=cache)
+  state = jax.lax.while_loop(cond, body, state)
+  return state['fin_tokens'], state['fin_scores']
+
+
+# ----------------------------------------------------------------------------
+# Command line: `python -m terraflax.decoding` (restores a checkpoint from a
+# training workdir and decodes; wired by the training system).
+
+def main(argv=None):
+  """Placeholder for the CLI: it needs the training system's checkpoints."""
+  del argv
+  raise NotImplementedError('The terraflax.decoding command line is not wired yet.')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,224 @@
+"""Pure attention functions shared by every attention layer.
+
+`dot_product_attention(q, k, v, ...)` is exact multi-head scaled dot-product
+attention on per-head arrays:
+
+  q (*batch, lq, h, dk), k (*batch, lk, h, dk), v (*batch, lk, h, dv)
+  -> (*batch, lq, h, dv)
+
+`*batch` is any number of leading axes (usually just b; LSH attention adds a
+chunk axis). Logits and the softmax are computed in float32 whatever the input
+dtype; the output has `v`'s dtype. A query may attend to a key when the
+optional boolean `mask` (broadcastable to (*batch, h, lq, lk), True = may
+attend) allows it and, with `causal=True`, when the key's position is not
+after the query's. A query that may attend to no key gets a zero output.
+
+With `chunk_len`, queries are processed `chunk_len` at a time in a `lax.scan`
+whose body is rematerialised (`jax.checkpoint`), so neither the forward nor the
+backward pass ever holds the (lq, lk) logits at once: compiled temporary
+memory is linear in the length. The result is the same as the unchunked one
+(up to float32 rounding), gradients included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Kept finite so that a fully masked row gives exp(0) terms (then zeroed), not NaN.
+_MASKED = -1e30
+
+
+class AttentionOutput(NamedTuple):
+  """Everything `dot_product_attention(..., return_details=True)` computes.
+
+  out: (*batch, lq, h, dv). logsumexp: (*batch, h, lq) float32, the log of
+  the softmax normaliser over the keys a query may see (-1e30 when it may see
+  none); LSH attention combines hash rounds with it. weights:
+  (*batch, h, lq, lk) float32 attention probabilities after masking (before
+  dropout), or None unless `return_weights=True`.
+  """
+
+  out: jax.Array
+  logsumexp: jax.Array
+  weights: jax.Array | None
+
+
+def padding_mask(mask):
+  """(b, lk) bool, True = real token -> (b, 1, 1, lk): keys a query may attend to."""
+  return mask[:, None, None, :]
+
+
+def causal_mask(q_positions, k_positions):
+  """(..., lq), (..., lk) int positions -> (..., lq, lk): key position <= query position."""
+  return k_positions[..., None, :] <= q_positions[..., :, None]
+
+
+def _check_shapes(q, k, v):
+  if q.ndim < 3 or k.ndim != q.ndim or v.ndim != q.ndim:
+    raise ValueError(
+        'dot_product_attention needs q (*batch, lq, h, dk), k (*batch, lk, h, dk) and '
+        f'v (*batch, lk, h, dv) of one rank >= 3, got q {tuple(q.shape)}, k {tuple(k.shape)}, '
+        f'v {tuple(v.shape)}.')
+  if q.shape[-1] != k.shape[-1] or q.shape[-2] != k.shape[-2] or k.shape[:-1] != v.shape[:-1]:
+    raise ValueError(
+        'dot_product_attention: q and k need the same heads and width (h, dk), and k and v the '
+        f'same leading axes (*batch, lk, h), got q {tuple(q.shape)}, k {tuple(k.shape)}, '
+        f'v {tuple(v.shape)}.')
+
+
+def _full_mask(mask, ndim):
+  """`mask` reshaped (not broadcast) to rank `ndim` by adding leading unit axes."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f'mask must be boolean (True = may attend), got {mask.dtype}.')
+  if mask.ndim > ndim:
+    raise ValueError(f'mask of shape {tuple(mask.shape)} has more than {ndim} axes '
+                     '(*batch, h, lq, lk).')
+  return jnp.reshape(mask, (1,) * (ndim - mask.ndim) + mask.shape)
+
+
+def _positions(positions, length, batch_shape, what):
+  """Positions as int32 (*batch, length); `arange(length)` when None."""
+  if positions is None:
+    positions = jnp.arange(length, dtype=jnp.int32)
+  positions = jnp.asarray(positions, jnp.int32)
+  if positions.shape[-1:] != (length,):
+    raise ValueError(f'{what} must end in the length axis ({length},), got shape '
+                     f'{tuple(positions.shape)}.')
+  positions = jnp.reshape(positions, (1,) * (len(batch_shape) + 1 - positions.ndim) + positions.shape)
+  return jnp.broadcast_to(positions, batch_shape + (length,))
+
+
+def _attend(q, k, v, mask, q_positions, k_positions, causal, scale, dropout_rate, dropout_rng,
+            return_weights):
+  """Unchunked attention; mask already of full rank (or None); positions (*batch, l)."""
+  logits = jnp.einsum('...qhd,...khd->...hqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(scale)
+  allowed = None
+  if causal:
+    allowed = causal_mask(q_positions, k_positions)[..., None, :, :]
+  if mask is not None:
+    allowed = mask if allowed is None else jnp.logical_and(allowed, mask)
+  if allowed is not None:
+    allowed = jnp.broadcast_to(allowed, logits.shape)
+    logits = jnp.where(allowed, logits, _MASKED)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  exp = jnp.exp(logits - peak)
+  if allowed is not None:
+    exp = jnp.where(allowed, exp, 0.0)
+  total = jnp.sum(exp, axis=-1, keepdims=True)
+  weights = exp / jnp.where(total > 0, total, 1.0)
+  logsumexp = jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + peak, _MASKED)
+  probs = weights
+  if dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    probs = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('...hqk,...khd->...qhd', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(v.dtype)
+  return AttentionOutput(out, logsumexp[..., 0], weights if return_weights else None)
+
+
+def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
+                          k_positions=None, scale=None, dropout_rate=0.0, dropout_rng=None,
+                          chunk_len=None, return_weights=False, return_details=False):
+  """Exact scaled dot-product attention: softmax(q k^T * scale) v per head.
+
+  Args:
+    q: (*batch, lq, h, dk) queries.
+    k: (*batch, lk, h, dk) keys.
+    v: (*batch, lk, h, dv) values.
+    mask: optional bool, broadcastable to (*batch, h, lq, lk) (missing leading
+      axes are added); True = the query may attend to the key. A padding
+      mask (b, lk) of real tokens becomes `padding_mask(m)` = (b, 1, 1, lk).
+      A mask whose lq axis is 1 is never expanded to (lq, lk).
+    causal: also forbid keys whose position is after the query's position.
+    q_positions: int (lq,) or (*batch, lq) positions of the queries for the
+      causal mask; default `arange(lq)`. In predict mode a step at cache
+      position p passes `p + arange(lq)`.
+    k_positions: int (lk,) or (*batch, lk) positions of the keys; default
+      `arange(lk)`.
+    scale: multiplies the logits; default 1 / sqrt(dk).
+    dropout_rate: attention dropout on the probabilities (needs `dropout_rng`).
+      With `chunk_len`, chunk i draws from `fold_in(dropout_rng, i)`, so
+      dropout masks differ from the unchunked call's (both are valid draws).
+    dropout_rng: a `jax.random` key, used when `dropout_rate > 0`.
+    chunk_len: process queries `chunk_len` at a time (scanned, rematerialised);
+      memory linear in length, same result. None or >= lq: one chunk.
+    return_weights: also return the (*batch, h, lq, lk) probabilities
+      (quadratic memory, for visualisation).
+    return_details: return an `AttentionOutput` (out, logsumexp, weights)
+      instead of the output array alone.
+
+  Returns:
+    (*batch, lq, h, dv) in `v`'s dtype, or an `AttentionOutput` when
+    `return_details` (or `(out, weights)` when only `return_weights`).
+  """
+  _check_shapes(q, k, v)
+  if dropout_rate and not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}.')
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError('dot_product_attention: dropout_rate > 0 needs a dropout_rng.')
+  if chunk_len is not None and (not isinstance(chunk_len, int) or chunk_len < 1):
+    raise ValueError(f'chunk_len must be a positive int or None, got {chunk_len!r}.')
+  batch_shape, lq, lk = q.shape[:-3], q.shape[-3], k.shape[-3]
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  mask = _full_mask(mask, q.ndim)
+  if causal:
+    q_positions = _positions(q_positions, lq, batch_shape, 'q_positions')
+    k_positions = _positions(k_positions, lk, batch_shape, 'k_positions')
+  args = (causal, scale, float(dropout_rate), dropout_rng, return_weights)
+  if chunk_len is None or chunk_len >= lq:
+    result = _attend(q, k, v, mask, q_positions, k_positions, *args)
+  else:
+    result = _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, *args)
+  if return_details:
+    return result
+  return (result.out, result.weights) if return_weights else result.out
+
+
+def _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, causal, scale, dropout_rate,
+             dropout_rng, return_weights):
+  """Scans `_attend` over query chunks, each rematerialised in the backward pass."""
+  lq = q.shape[-3]
+  n_chunks = -(-lq // chunk_len)
+  padded = n_chunks * chunk_len
+
+  def split(x, axis):
+    """Pads `axis` (counted from the end) to `padded` and moves the chunk axis first."""
+    axis = x.ndim + axis
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, padded - lq)
+    x = jnp.pad(x, pad)
+    x = jnp.reshape(x, x.shape[:axis] + (n_chunks, chunk_len) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  def join(y, axis):
+    """Inverse of `split` for an output whose query axis is `axis` (from the end)."""
+    axis = y.ndim + axis - 1  # Where the chunk axis goes, just before the within-chunk axis.
+    y = jnp.moveaxis(y, 0, axis)
+    y = jnp.reshape(y, y.shape[:axis] + (padded,) + y.shape[axis + 2:])
+    return jax.lax.slice_in_dim(y, 0, lq, axis=axis)
+
+  xs = {'q': split(q, -3), 'index': jnp.arange(n_chunks)}
+  if causal:
+    xs['q_positions'] = split(q_positions, -1)
+  mask_per_chunk = mask is not None and mask.shape[-2] != 1
+  if mask_per_chunk:
+    xs['mask'] = split(mask, -2)
+
+  def body(_, chunk):
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, chunk['index'])
+    result = _attend(chunk['q'], k, v, chunk['mask'] if mask_per_chunk else mask,
+                     chunk.get('q_positions'), k_positions, causal, scale, dropout_rate, rng,
+                     return_weights)
+    return None, result
+
+  _, result = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, xs)
+  weights = None if result.weights is None else join(result.weights, -2)
+  return AttentionOutput(join(result.out, -3), join(result.logsumexp, -1), weights)

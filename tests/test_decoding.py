@@ -1,0 +1,192 @@
+"""Decoding with the predict-mode cache against full eval-mode forward passes."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+import terraflax.models as tm
+from terraflax import decoding
+
+KEY = jax.random.key(0)
+LM = dict(vocab_size=7, d_model=16, d_ff=24, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
+EOS = 3
+
+
+def fake_params(model, *inputs, seed=0, scale=0.6):
+  """Random parameters of the shapes `model.init` gives (large enough for peaked logits)."""
+  shapes = jax.eval_shape(model.init, KEY, *inputs)['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, s.dtype), shapes)
+
+
+class Setup:
+  """One small LM shared by the tests (its eval pass jitted once)."""
+
+  eval_model = tm.TransformerLM(mode='eval', **LM)
+  predict_model = tm.TransformerLM(mode='predict', **LM)
+  params = fake_params(eval_model, jnp.zeros((1, 16), jnp.int32))
+  forward = jax.jit(lambda params, x: tm.TransformerLM(mode='eval', **LM).apply(
+      {'params': params}, x))
+  prompt = jnp.array([[5, 1, 6, 2, 0], [4, 4, 0, 0, 0], [0, 0, 0, 0, 0]], jnp.int32)
+  lengths = jnp.array([5, 2, 0], jnp.int32)
+
+
+def reference_greedy(prompt, n, eos_id=None):
+  """Greedy decoding by re-running the eval model on the whole prefix (pad 0 after)."""
+  sequence, generated = list(prompt), []
+  for _ in range(n):
+    buffer = np.zeros((1, 16), np.int32)
+    buffer[0, :len(sequence)] = sequence
+    token = int(jnp.argmax(Setup.forward(Setup.params, jnp.asarray(buffer))[0, len(sequence)]))
+    sequence.append(token)
+    generated.append(token)
+    if token == eos_id:
+      break
+  return generated + [0] * (n - len(generated))
+
+
+class SamplingTest(absltest.TestCase):
+
+  def test_greedy_equals_full_forward_and_each_prompt_alone(self):
+    s = Setup
+    out = decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 6, temperature=0.0,
+                                         prompt_lengths=s.lengths, eos_id=EOS)
+    self.assertEqual((out.shape, out.dtype), ((3, 6), jnp.int32))
+    for row in range(3):
+      length = int(s.lengths[row])
+      expected = reference_greedy(np.asarray(s.prompt[row, :length]), 6, EOS)
+      np.testing.assert_array_equal(out[row], expected)
+      alone = decoding.autoregressive_sample(
+          s.predict_model, s.params, s.prompt[row:row + 1, :max(length, 1)], 6, temperature=0.0,
+          prompt_lengths=jnp.array([length]), eos_id=EOS)
+      np.testing.assert_array_equal(alone[0], out[row])
+    self.assertIn(EOS, np.asarray(out).ravel().tolist())  # The EOS path is exercised.
+
+  def test_top_k_one_and_tiny_top_p_are_greedy(self):
+    s = Setup
+    greedy = decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 5,
+                                            temperature=0.0, prompt_lengths=s.lengths)
+    for kwargs in (dict(top_k=1), dict(top_p=0.0)):
+      sampled = decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 5,
+                                               temperature=0.7, rng=KEY,
+                                               prompt_lengths=s.lengths, **kwargs)
+      np.testing.assert_array_equal(sampled, greedy)
+
+  def test_sampling_distribution(self):
+    """The first token's empirical distribution matches the (filtered) softmax."""
+    s, n = Setup, 6000
+    prompt = jnp.tile(jnp.array([[2, 5]], jnp.int32), (n, 1))
+    logits = np.asarray(s.forward(s.params, jnp.array([[2, 5, 0]], jnp.int32))[0, 2], np.float64)
+    order = np.argsort(-logits)
+
+    def expected(temperature, top_k=None, top_p=None):
+      z = logits / temperature
+      p = np.exp(z - z.max())
+      p /= p.sum()
+      keep = np.ones_like(p, bool)
+      if top_k is not None:
+        keep[order[top_k:]] = False
+      if top_p is not None:
+        before = np.cumsum(p[order]) - p[order]
+        keep[order[before >= top_p]] = False
+      p = np.where(keep, p, 0)
+      return p / p.sum()
+
+    for i, (temperature, top_k, top_p) in enumerate([(1.0, None, None), (2.0, 3, None),
+                                                     (1.0, None, 0.8)]):
+      tokens = decoding.autoregressive_sample(s.predict_model, s.params, prompt, 1,
+                                              temperature=temperature, top_k=top_k, top_p=top_p,
+                                              rng=jax.random.key(i))
+      frequencies = np.bincount(np.asarray(tokens[:, 0]), minlength=LM['vocab_size']) / n
+      p = expected(temperature, top_k, top_p)
+      np.testing.assert_array_equal(frequencies[p == 0], 0)
+      np.testing.assert_allclose(frequencies, p, atol=4 * np.sqrt(0.25 / n) + 1e-3)
+
+  def test_clear_errors(self):
+    s = Setup
+    with self.assertRaisesRegex(ValueError, 'temperature > 0 needs rng='):
+      decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 2)
+    with self.assertRaisesRegex(ValueError, r'prompt_lengths must lie in \[0, 5\]'):
+      decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 2, temperature=0.0,
+                                     prompt_lengths=jnp.array([6, 1, 1]))
+    with self.assertRaisesRegex(ValueError, "build it with mode='predict'"):
+      decoding.autoregressive_sample(s.eval_model, s.params, s.prompt, 2, temperature=0.0)
+    with self.assertRaisesRegex(ValueError, 'max_new_tokens must be a positive int'):
+      decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 0, temperature=0.0)
+
+
+class BeamSearchTest(absltest.TestCase):
+
+  def test_cache_batch_axes(self):
+    axes = decoding.cache_batch_axes(Setup.predict_model, 3)
+    attention = axes['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']
+    self.assertEqual(attention, {'cached_key': 1, 'cached_value': 1, 'position': None})
+    self.assertIsNone(axes['PositionalEncoding_2']['position'])
+
+  def test_beam_one_equals_greedy(self):
+    s = Setup
+    greedy = decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 6,
+                                            temperature=0.0, prompt_lengths=s.lengths, eos_id=EOS)
+    tokens, scores = decoding.beam_search(s.predict_model, s.params, s.prompt, 6, beam_size=1,
+                                          prompt_lengths=s.lengths, eos_id=EOS)
+    self.assertEqual(tokens.shape, (3, 1, 6))
+    np.testing.assert_array_equal(tokens[:, 0], greedy)
+    self.assertTrue(bool(jnp.all(jnp.isfinite(scores))))
+
+  def test_wide_beam_is_exhaustive_search(self):
+    """Beam 7 * 7 keeps every prefix, so it finds the best of all 7 ** 3 continuations."""
+    s, steps, beam = Setup, 3, 49
+    prompt = np.array([6, 2])
+    tokens, scores = decoding.beam_search(s.predict_model, s.params, jnp.asarray(prompt[None]),
+                                          steps, beam_size=beam)
+    candidates = np.array(list(itertools.product(range(7), repeat=steps)))
+    sequences = np.concatenate([np.tile(prompt, (len(candidates), 1)), candidates], axis=1)
+    padded = np.zeros((len(candidates), 16), np.int32)
+    padded[:, :sequences.shape[1]] = sequences
+    log_probs = np.asarray(jax.nn.log_softmax(s.forward(s.params, jnp.asarray(padded))),
+                           np.float64)
+    rows = np.arange(len(candidates))
+    total = sum(log_probs[rows, len(prompt) + t, candidates[:, t]] for t in range(steps))
+    best = np.argsort(-total, kind='stable')[:beam]
+    np.testing.assert_allclose(scores[0], total[best], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(tokens[0, 0], candidates[best[0]])
+
+  def test_batched_prompts_equal_each_alone(self):
+    s = Setup
+    tokens, scores = decoding.beam_search(s.predict_model, s.params, s.prompt, 5, beam_size=3,
+                                          prompt_lengths=s.lengths, eos_id=EOS, alpha=0.6)
+    for row in range(3):
+      length = int(s.lengths[row])
+      alone_tokens, alone_scores = decoding.beam_search(
+          s.predict_model, s.params, s.prompt[row:row + 1, :max(length, 1)], 5, beam_size=3,
+          prompt_lengths=jnp.array([length]), eos_id=EOS, alpha=0.6)
+      np.testing.assert_array_equal(alone_tokens[0], tokens[row])
+      np.testing.assert_allclose(alone_scores[0], scores[row], rtol=1e-5)
+    self.assertTrue(bool(jnp.all(scores[:, :-1] >= scores[:, 1:])))  # Best first.
+
+
+class Seq2SeqTest(absltest.TestCase):
+
+  def test_greedy_with_encoder_inputs(self):
+    config = dict(LM, output_vocab_size=6)
+    eval_model = tm.Transformer(mode='eval', **config)
+    inputs = jnp.array([[3, 4, 5, 1], [2, 6, 0, 0]], jnp.int32)
+    params = fake_params(eval_model, inputs, jnp.zeros((2, 5), jnp.int32))
+    out = decoding.autoregressive_sample(tm.Transformer(mode='predict', **config), params, None,
+                                         5, temperature=0.0, inputs=inputs)
+    forward = jax.jit(lambda t: eval_model.apply({'params': params}, inputs, t))
+    targets = np.zeros((2, 5), np.int32)
+    for t in range(5):
+      targets[:, t] = np.argmax(forward(jnp.asarray(targets))[:, t], axis=-1)
+    np.testing.assert_array_equal(out, targets)
+    beams, _ = decoding.beam_search(tm.Transformer(mode='predict', **config), params, None, 5,
+                                    beam_size=1, inputs=inputs)
+    np.testing.assert_array_equal(beams[:, 0], targets)
+
+
+if __name__ == '__main__':
+  absltest.main()
