@@ -58,9 +58,14 @@ def multiply_same_shape(a, b):
 
 
 class _LayersFields(Layer):
-  """Fields of the combinators that hold a sequence of child layers."""
+  """Fields of the combinators that hold a sequence of child layers.
+
+  `label` (optional) is the name the combinator shows in parameter paths and
+  errors instead of its class name: `Serial(..., label='Encoder')`.
+  """
 
   layers: Sequence[Any] = ()
+  label: str | None = None
   preserve_adopted_names = True  # Keep the names `name_children` gave.
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, as_return, check_inputs, flatten_layers,
     label_of, n_in_of, n_out_of, name_children)
-from terraflax.combinators.core import Serial
+from terraflax.combinators.core import (
+    Serial, _layers_init, _LayersFields, run_serial, serial_n_in_n_out)
 
 # Every random stream a layer may draw from; each repeat gets its own split.
 RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
@@ -87,46 +88,44 @@ class Repeat(_RepeatFields):
     return as_return(carry)
 
 
-class _ChunkFields(Layer):
-  layer: Any = None
-  chunk_len: int = 1
+class _ChunkFields(_LayersFields):
+  chunk_len: int | None = None
   axis: int = 1
-  preserve_adopted_names = True
 
 
 class Chunk(_ChunkFields):
-  """Runs a position-wise layer over chunks of `chunk_len` along `axis`.
+  """Runs position-wise layers in serial over chunks of `chunk_len` along `axis`.
 
-  [x_1..x_k] -> layer(x_1..x_k), computed chunk by chunk (inputs and outputs
-  share the length axis `axis`, default 1 for (b, l, d) arrays). The chunks
-  are scanned and rematerialised, so only one chunk's activations are alive at
-  a time: a feed-forward layer's (b, l, d_ff) hidden state never exists whole.
-  Lengths that are not a multiple of `chunk_len` are zero-padded and cut back.
+  [x_1..x_k] -> Serial(layers)(x_1..x_k), computed chunk by chunk (inputs and
+  outputs share the length axis `axis`, default 1 for (b, l, d) arrays). The
+  chunks are scanned and rematerialised, so only one chunk's activations are
+  alive at a time: a feed-forward block's (b, l, d_ff) hidden state never
+  exists whole. Lengths that are not a multiple of `chunk_len` are zero-padded
+  and cut back; `chunk_len=None` (or a length <= chunk_len) runs the layers on
+  the whole input. Parameter paths do not depend on `chunk_len`, so a model
+  can switch chunking on or off without renaming its parameters. n_in/n_out
+  are those of the layers in serial.
   """
 
-  def __init__(self, layer=None, chunk_len=1, *, axis=1, **kwargs):
-    layer = _one_layer(layer)
-    if layer is None:
-      raise LayerError('Chunk needs a layer.')
-    if not isinstance(chunk_len, int) or chunk_len < 1:
-      raise LayerError(f'Chunk needs chunk_len >= 1, got chunk_len={chunk_len!r}.')
-    name_children([layer], 'Chunk')
-    super().__init__(layer=layer, chunk_len=chunk_len, axis=axis, **kwargs)
+  def __init__(self, *layers, chunk_len=None, axis=1, **kwargs):
+    if chunk_len is not None and (not isinstance(chunk_len, int) or chunk_len < 1):
+      raise LayerError(f'Chunk needs chunk_len >= 1 or None, got chunk_len={chunk_len!r}.')
+    _layers_init(Chunk, self, layers, dict(kwargs, chunk_len=chunk_len, axis=axis))
 
   @property
   def n_in(self):
-    return n_in_of(self.layer)
+    return serial_n_in_n_out(self.layers)[0]
 
   @property
   def n_out(self):
-    return n_out_of(self.layer)
+    return serial_n_in_n_out(self.layers)[1]
 
   @nn.compact
   def __call__(self, *inputs):
     stack = check_inputs(self, inputs)
-    length = stack[0].shape[self.axis]
-    if length <= self.chunk_len:
-      return as_return(apply_layer(self.layer, stack))
+    length = stack[0].shape[self.axis] if stack else 0
+    if self.chunk_len is None or length <= self.chunk_len:
+      return as_return(run_serial(self.layers, stack))
     n_chunks = math.ceil(length / self.chunk_len)
     padded = n_chunks * self.chunk_len
 
@@ -143,8 +142,8 @@ class Chunk(_ChunkFields):
       y = y.reshape(y.shape[:axis] + (padded,) + y.shape[axis + 2:])
       return jax.lax.slice_in_dim(y, 0, length, axis=axis)
 
-    def body(layer, carry, chunk):
-      return carry, tuple(apply_layer(layer, list(chunk)))
+    def body(module, carry, chunk):
+      return carry, tuple(run_serial(module.layers, list(chunk)))
 
     scanned = nn.scan(
         nn.remat(body, prevent_cse=False),
@@ -152,5 +151,5 @@ class Chunk(_ChunkFields):
         variable_axes={'intermediates': 0},
         split_rngs={'params': False, 'dropout': True, 'hash': True, 'sparse': True},
         length=n_chunks)
-    _, outputs = scanned(self.layer, None, tuple(to_chunks(x) for x in stack))
+    _, outputs = scanned(self, None, tuple(to_chunks(x) for x in stack))
     return as_return([from_chunks(y) for y in outputs])

@@ -63,20 +63,37 @@ class ChunkTest(parameterized.TestCase):
 
   @parameterized.parameters(1, 3, 4, 10, 16)
   def test_equals_unchunked_with_gradients(self, chunk_len):
-    ff = lambda: tl.FeedForward(d_model=4, d_ff=8)
-    chunked = cb.Serial(cb.Chunk(ff(), chunk_len))
-    plain = cb.Serial(ff())
+    chunked = tl.FeedForward(d_model=4, d_ff=8, chunk_len=chunk_len)
+    plain = tl.FeedForward(d_model=4, d_ff=8)
     x = jax.random.normal(KEY, (2, 10, 4))
     variables = plain.init(KEY, x)
-    chunked_variables = {'params': {'Chunk_0': {'Serial_0': variables['params']}}}
+    # Chunking does not rename parameters.
     self.assertEqual(jax.tree_util.tree_structure(chunked.init(KEY, x)),
-                     jax.tree_util.tree_structure(chunked_variables))
-    chex.assert_trees_all_close(chunked.apply(chunked_variables, x), plain.apply(variables, x),
+                     jax.tree_util.tree_structure(variables))
+    chex.assert_trees_all_close(chunked.apply(variables, x), plain.apply(variables, x),
                                 rtol=1e-5, atol=1e-6)
-    g_chunked = jax.grad(lambda v: jnp.sum(jnp.sin(chunked.apply(v, x))))(chunked_variables)
+    g_chunked = jax.grad(lambda v: jnp.sum(jnp.sin(chunked.apply(v, x))))(variables)
     g_plain = jax.grad(lambda v: jnp.sum(jnp.sin(plain.apply(v, x))))(variables)
-    chex.assert_trees_all_close(g_chunked['params']['Chunk_0']['Serial_0'], g_plain['params'],
-                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_chunked, g_plain, rtol=1e-5, atol=1e-6)
+
+  def test_serial_semantics_label_and_many_items(self):
+    layer = cb.Chunk(cb.Branch(tl.Dense(3), None), cb.Parallel(tl.Relu(), tl.Tanh()),
+                     chunk_len=2, label='Mixer')
+    self.assertEqual((layer.n_in, layer.n_out), (1, 2))
+    model = cb.Serial(layer)
+    x = jax.random.normal(KEY, (2, 5, 3))
+    variables = model.init(KEY, x)
+    self.assertEqual(list(variables['params']), ['Mixer_0'])
+    kernel = variables['params']['Mixer_0']['Branch_0']['Dense_0']['kernel']
+    bias = variables['params']['Mixer_0']['Branch_0']['Dense_0']['bias']
+    relu, tanh = model.apply(variables, x)
+    chex.assert_trees_all_close(relu, jax.nn.relu(x @ kernel + bias[None, None]), rtol=1e-5,
+                                atol=1e-6)
+    chex.assert_trees_all_close(tanh, jnp.tanh(x), rtol=1e-6)
+
+  def test_rejects_bad_chunk_len(self):
+    with self.assertRaisesRegex(cb.LayerError, 'chunk_len >= 1 or None'):
+      cb.Chunk(tl.Dense(2), chunk_len=0)
 
 
 if __name__ == '__main__':

@@ -124,7 +124,7 @@ class SparseFFForwardTest(parameterized.TestCase):
     params = init_params()
     x = jax.random.normal(KEY, (2, 7, D_MODEL))
     whole = make('eval', sow_choices=False).apply({'params': params}, x)
-    chunked = cb.Chunk(make('eval', sow_choices=False), 3)
+    chunked = cb.Chunk(make('eval', sow_choices=False), chunk_len=3)
     np.testing.assert_allclose(chunked.apply({'params': {'SparseFF_0': params}}, x), whole,
                                rtol=1e-6, atol=1e-6)
 
