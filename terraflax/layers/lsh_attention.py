@@ -21,7 +21,8 @@ chunk_len * (1 + n_chunks_before + n_chunks_after) logits per head.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,17 @@ from terraflax.layers import lsh_hashing
 # token falls back to itself only when nothing else is visible.
 MASKED_LOGIT = -1e9
 SELF_LOGIT = -1e5
+
+
+def _normalise(x):
+  """x / |x| along the last axis."""
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def _normalise_transpose(x, unit, grad):
+  """The gradient wrt x of `_normalise(x) . grad`: (grad - unit (unit . grad)) / |x|."""
+  along = jnp.sum(unit * grad, axis=-1, keepdims=True)
+  return (grad - unit * along) * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
 
 
 def _gather_rows(table, idx):
@@ -60,32 +72,23 @@ def _permute_rows_fwd(table, idx, inverse):
 
 def _permute_rows_bwd(residuals, grad):
   (inverse,) = residuals
-  grad = grad.reshape(-1, grad.shape[-1])
-  return _gather_rows(grad, inverse).sum(axis=1), None, None
+  rows = _gather_rows(grad.reshape(-1, grad.shape[-1]), inverse)  # (N, copies, w)
+  total = rows[:, 0]
+  for copy in range(1, inverse.shape[1]):  # A short static sum (XLA:CPU reduces slowly).
+    total = total + rows[:, copy]
+  return total, None, None
 
 
 permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-def _windows(x, n_before: int, n_after: int):
-  """(..., C, c, w) -> (..., C, c * (n_before + 1 + n_after), w): each chunk and its neighbours.
-
-  Chunk g gets chunks g - n_before .. g + n_after (mod C) concatenated, in
-  that order.
-  """
-  if n_before == 0 and n_after == 0:
-    return x
-  axis = x.ndim - 3
-  parts = [x if o == 0 else jnp.roll(x, -o, axis=axis) for o in range(-n_before, n_after + 1)]
-  return jnp.concatenate(parts, axis=axis + 1)
-
-
 def _meetings(chunk_q, chunk_k, n_chunks: int, n_before: int, n_after: int):
   """How often each (query, key) pair shares a window over all rounds.
 
-  chunk_q (..., c, 1, n), chunk_k (..., 1, W, n): the chunk that each query and
-  key lands in, in each round. Returns int32 (..., c, W), at least 1 for the
-  pairs that share a window (every pair in a window does, in its own round).
+  chunk_q, chunk_k (..., n), broadcastable against each other: the chunk that
+  each query and key lands in, in each round. Returns int32 of their broadcast
+  shape without the round axis: at least 1 for the pairs that share a window
+  (every pair in a window does, in its own round).
   """
   offsets = [o % n_chunks for o in range(-n_before, n_after + 1)]
   count = None
@@ -95,6 +98,218 @@ def _meetings(chunk_q, chunk_k, n_chunks: int, n_before: int, n_after: int):
       hit = (gap == offset).astype(jnp.int32)
       count = hit if count is None else count + hit
   return count
+
+
+# Chunks per loop step are chosen so that one step's logits hold about this
+# many numbers: the working set stays small and is reused by every step.
+BLOCK_LOGITS = 2 ** 20
+
+
+class _Windowing(NamedTuple):
+  """Static description of one `lsh_attend` call's chunk windows."""
+  length: int  # Positions at and after this are padding.
+  n_chunks: int  # Chunks per round (C).
+  chunk_len: int
+  n_before: int
+  n_after: int
+  n_rounds: int
+  d_qk: int
+  causal: bool
+  dropout_rate: float
+  block: int  # Chunks per loop step (divides n_chunks).
+
+  @property
+  def width(self):
+    return self.n_before + 1 + self.n_after
+
+
+def _block_chunks(n_chunks: int, chunk_len: int, width: int) -> int:
+  """The largest divisor of n_chunks whose logits (g, c, c * width) fit BLOCK_LOGITS."""
+  best = 1
+  for g in range(1, n_chunks + 1):
+    if n_chunks % g == 0 and g * chunk_len * chunk_len * width <= BLOCK_LOGITS:
+      best = g
+  return best
+
+
+def _with_neighbours(w: _Windowing, x, row, start):
+  """Chunks start - n_before .. start + block + n_after (mod C) of x[row]: (block + width - 1, c, ...)."""
+  def chunks(first, size):
+    return lax.dynamic_slice_in_dim(x[row], first % w.n_chunks, size, axis=0) if size else None
+  parts = [chunks(start - o, 1) for o in range(w.n_before, 0, -1)]
+  parts.append(chunks(start, w.block))
+  parts.extend(chunks(start + w.block + o, 1) for o in range(w.n_after))
+  return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _window(w: _Windowing, extended):
+  """(block + width - 1, c, ...) -> (block, width * c, ...): each chunk's window."""
+  parts = [extended[o:o + w.block] for o in range(w.width)]
+  return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def _unwindow(w: _Windowing, windowed):
+  """The transpose of `_window`: (block, width * c, ...) -> (block + width - 1, c, ...)."""
+  c = w.chunk_len
+  total = None
+  for o in range(w.width):
+    part = windowed[:, o * c:(o + 1) * c]
+    pad = [(o, w.width - 1 - o)] + [(0, 0)] * (part.ndim - 1)
+    part = jnp.pad(part, pad)
+    total = part if total is None else total + part
+  return total
+
+
+def _add_with_neighbours(w: _Windowing, acc, update, row, start):
+  """acc[row] chunks start - n_before .. (mod C) += update (block + width - 1, c, ...)."""
+  def add(first, piece):
+    first = first % w.n_chunks
+    old = lax.dynamic_slice(acc, (row, first) + (0,) * (acc.ndim - 2), (1,) + piece.shape)
+    return lax.dynamic_update_slice(acc, old + piece[None], (row, first) + (0,) * (acc.ndim - 2))
+  acc = add(start, update[w.n_before:w.n_before + w.block])
+  for i, o in enumerate(range(w.n_before, 0, -1)):
+    acc = add(start - o, update[i:i + 1])
+  for o in range(w.n_after):
+    i = w.n_before + w.block + o
+    acc = add(start + w.block + o, update[i:i + 1])
+  return acc
+
+
+def _block_logits(w: _Windowing, sqv, spos, chunks, row, start, transposed=False):
+  """One loop step's queries, window keys/values and masked, corrected logits.
+
+  Returns q (g, c, k), keys (g, W, k), raw queries of the window (g, W, k),
+  values (g, W, dv), logits (g, c, W) and the self mask (g, c, W); with
+  `transposed`, logits and mask are (g, W, c).
+  """
+  block = lax.dynamic_slice_in_dim(sqv[row], start, w.block, axis=0)
+  q = block[..., :w.d_qk]
+  kv = _window(w, _with_neighbours(w, sqv, row, start))
+  raw_k, v = kv[..., :w.d_qk], kv[..., w.d_qk:]
+  k = _normalise(raw_k)
+  q_pos = lax.dynamic_slice_in_dim(spos[row], start, w.block, axis=0)
+  k_pos = _window(w, _with_neighbours(w, spos, row, start))
+  # Queries along axis i, keys along j; (i, j) = (1, 2), or (2, 1) when transposed.
+  qi, kj = (2, 1) if transposed else (1, 2)
+  q_pos, k_pos = jnp.expand_dims(q_pos, kj), jnp.expand_dims(k_pos, qi)
+  if transposed:
+    dots = jnp.einsum('gjk,gik->gji', k, q)
+  else:
+    dots = jnp.einsum('gik,gjk->gij', q, k)
+  masked = k_pos >= w.length
+  if w.causal:
+    masked = masked | (k_pos > q_pos)
+  if chunks is not None:
+    q_chunks = lax.dynamic_slice_in_dim(chunks[row], start, w.block, axis=0)
+    k_chunks = _window(w, _with_neighbours(w, chunks, row, start))
+    meets = _meetings(jnp.expand_dims(q_chunks, kj), jnp.expand_dims(k_chunks, qi),
+                      w.n_chunks, w.n_before, w.n_after)
+    dots = dots - jnp.log(meets.astype(jnp.float32))
+  is_self = k_pos == q_pos
+  logits = jnp.where(is_self, SELF_LOGIT, jnp.where(masked, MASKED_LOGIT, dots))
+  return q, k, raw_k, v, logits, is_self
+
+
+def _dropout_scale(w: _Windowing, rng, row, step, shape):
+  """Dropout multipliers (0 or 1/keep) of one step, shared across batch and heads."""
+  key = jax.random.fold_in(rng, (row % w.n_rounds) * (w.n_chunks // w.block) + step)
+  keep = jax.random.bernoulli(key, 1.0 - w.dropout_rate, shape)
+  return keep.astype(jnp.float32) * (1.0 / (1.0 - w.dropout_rate))
+
+
+def _row_and_start(w: _Windowing, i):
+  steps = w.n_chunks // w.block
+  return i // steps, (i % steps) * w.block, i % steps
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _window_attention(w: _Windowing, sqv, spos, chunks, rng):
+  """Attention of every sorted chunk to its window, in blocks of chunks.
+
+  sqv (R, C, c, k + dv): sorted queries and values of R = b * h * n rounds;
+  spos int (R, C, c): their original positions; chunks int (R, C, c, n): the
+  chunk each lands in, per round, or None when pairs meet only once. Returns
+  (R, C, c, dv + 1): each position's output in its round, then the log of
+  its softmax normaliser. The gradient recomputes the weights block by
+  block from the stored normalisers (as flash attention does), so no array
+  of all logits ever exists.
+  """
+  return _window_attention_fwd(w, sqv, spos, chunks, rng)[0]
+
+
+def _window_attention_fwd(w: _Windowing, sqv, spos, chunks, rng):
+  n_rows, n_chunks, c = sqv.shape[:3]
+  d_v = sqv.shape[-1] - w.d_qk
+
+  def step(i, out):
+    row, start, j = _row_and_start(w, i)
+    _, _, _, v, logits, _ = _block_logits(w, sqv, spos, chunks, row, start)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e * (1.0 / total)
+    if w.dropout_rate > 0:
+      probs = probs * _dropout_scale(w, rng, row, j, probs.shape)
+    o = jnp.einsum('gij,gjd->gid', probs, v)
+    packed = jnp.concatenate([o, top + jnp.log(total)], axis=-1)
+    return lax.dynamic_update_slice(out, packed[None], (row, start, 0, 0))
+
+  out = jnp.zeros((n_rows, n_chunks, c, d_v + 1), sqv.dtype)
+  out = lax.fori_loop(0, n_rows * (n_chunks // w.block), step, out)
+  return out, (sqv, spos, chunks, rng, out)
+
+
+def _window_attention_bwd(w: _Windowing, residuals, d_out):
+  sqv, spos, chunks, rng, out = residuals
+  d_v = sqv.shape[-1] - w.d_qk
+
+  def step(i, d_sqv):
+    row, start, j = _row_and_start(w, i)
+    # Recompute the weights transposed, (g, W, c), so that the two key-side
+    # gradients are plain matrix products.
+    q, k, raw_k, v, logits_t, is_self_t = _block_logits(
+        w, sqv, spos, chunks, row, start, transposed=True)
+    saved = lax.dynamic_slice_in_dim(out[row], start, w.block, axis=0)
+    o, lse = saved[..., :d_v], saved[..., d_v:]
+    d_saved = lax.dynamic_slice_in_dim(d_out[row], start, w.block, axis=0)
+    d_o, d_lse = d_saved[..., :d_v], d_saved[..., d_v:]
+    probs_t = jnp.exp(logits_t - jnp.swapaxes(lse, 1, 2))
+    d_probs_t = jnp.einsum('gjd,gid->gji', v, d_o)
+    dropped_t = probs_t
+    if w.dropout_rate > 0:
+      scale_t = jnp.swapaxes(_dropout_scale(w, rng, row, j, logits_t.shape[:1] + (
+          logits_t.shape[2], logits_t.shape[1])), 1, 2)
+      d_probs_t, dropped_t = d_probs_t * scale_t, probs_t * scale_t
+    # d logit = p * (dp - sum_j p dp + d lse), and sum_j p dp = d_o . o.
+    row_term = jnp.sum(d_o * o, axis=-1, keepdims=True) - d_lse  # (g, c, 1)
+    d_logits_t = jnp.where(is_self_t, 0.0,  # The self logit is a constant.
+                           probs_t * (d_probs_t - jnp.swapaxes(row_term, 1, 2)))
+    d_q = jnp.einsum('gji,gjk->gik', d_logits_t, k)
+    d_k = _normalise_transpose(raw_k, k, jnp.einsum('gji,gik->gjk', d_logits_t, q))
+    d_v_w = jnp.einsum('gji,gid->gjd', dropped_t, d_o)
+    update = _unwindow(w, jnp.concatenate([d_k, d_v_w], axis=-1))
+    update = update + jnp.pad(d_q, ((w.n_before, w.n_after), (0, 0), (0, d_v)))
+    return _add_with_neighbours(w, d_sqv, update, row, start)
+
+  n_steps = sqv.shape[0] * (w.n_chunks // w.block)
+  d_sqv = lax.fori_loop(0, n_steps, step, jnp.zeros_like(sqv))
+  return d_sqv, None, None, None
+
+
+_window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
+def _combine_rounds(o, lse):
+  """Outputs of n rounds weighted by softmax(lse): (..., n, dv), (..., n, 1) -> (..., dv)."""
+  n = o.shape[-2]
+  if n == 1:
+    return o[..., 0, :]
+  parts = [lse[..., r, :] for r in range(n)]  # Static loops: XLA:CPU reduces slowly.
+  top = functools.reduce(jnp.maximum, parts)
+  weights = [jnp.exp(p - top) for p in parts]
+  total = functools.reduce(jnp.add, weights)
+  out = functools.reduce(jnp.add, [o[..., r, :] * weights[r] for r in range(n)])
+  return out * (1.0 / total)
 
 
 def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: int = 1,
@@ -114,74 +329,47 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
   n_chunks = big_l // c
   if big_l % c:
     raise ValueError(f'lsh_attend needs a length that is a multiple of chunk_len={c}, got {big_l}.')
+  if dropout_rate > 0 and dropout_rng is None:
+    raise ValueError('lsh_attend needs a dropout_rng when dropout_rate > 0.')
+  before, after = n_chunks_before, n_chunks_after
 
   # Sort each round by (bucket, position): a stable sort on the bucket alone.
   iota = lax.broadcasted_iota(jnp.int32, buckets.shape, 3)
   _, perm = lax.sort((buckets.astype(jnp.int32), iota), dimension=3, num_keys=1, is_stable=True)
-  rows = lax.broadcasted_iota(jnp.int32, buckets.shape, 0) * h + lax.broadcasted_iota(
-      jnp.int32, buckets.shape, 1)  # b * h + head, (b, h, n, L)
+  batch = lax.broadcasted_iota(jnp.int32, buckets.shape, 0)
+  head = lax.broadcasted_iota(jnp.int32, buckets.shape, 1)
   rounds = lax.broadcasted_iota(jnp.int32, buckets.shape, 2)
-  flat_row = (rows * n + rounds) * big_l  # start of (b, head, round) in sorted order
+  flat_row = ((batch * h + head) * n + rounds) * big_l  # start of (b, head, round), sorted
   inv = jnp.zeros((b * h * n * big_l,), jnp.int32).at[(flat_row + perm).reshape(-1)].set(
       iota.reshape(-1), unique_indices=True).reshape(buckets.shape)
   perm, inv = lax.stop_gradient(perm), lax.stop_gradient(inv)
 
   # Sorted copy of [q, v] for every round: row (b, p, head) of the (b, L, h)
   # table goes to (b, head, round, inv).
-  batch = lax.broadcasted_iota(jnp.int32, buckets.shape, 0)
-  head = lax.broadcasted_iota(jnp.int32, buckets.shape, 1)
   table_idx = (batch * big_l + perm) * h + head  # (b, h, n, L) -> row of (b, L, h)
   sorted_idx = jnp.transpose(flat_row + inv, (0, 3, 1, 2))  # (b, L, h, n) -> sorted row
   qv = jnp.concatenate([q, v], axis=-1).reshape(b * big_l * h, d_k + d_v)
   sqv = permute_rows(qv, table_idx, sorted_idx.reshape(b * big_l * h, n))
-  sqv = sqv.reshape(b, h, n, n_chunks, c, d_k + d_v)
-  sq, sv = sqv[..., :d_k], sqv[..., d_k:]
-  sk = sq * lax.rsqrt(jnp.sum(sq * sq, axis=-1, keepdims=True) + 1e-12)
-
-  kw = _windows(sk, n_chunks_before, n_chunks_after)  # (b, h, n, C, W, k)
-  vw = _windows(sv, n_chunks_before, n_chunks_after)
-  dots = jnp.einsum('bhncik,bhncjk->bhncij', sq, kw)
-
-  spos = perm.reshape(b, h, n, n_chunks, c)
-  q_pos = spos[..., :, None]
-  k_pos = _windows(spos[..., None], n_chunks_before, n_chunks_after)[..., 0][..., None, :]
-  masked = k_pos >= length
-  if causal:
-    masked = masked | (k_pos > q_pos)
-
-  width = 1 + n_chunks_before + n_chunks_after
-  if n > 1 or n_chunks < width:  # Pairs can meet more than once.
+  sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
+  spos = perm.reshape(b * h * n, n_chunks, c)
+  chunks = None
+  if n > 1 or n_chunks < 1 + before + after:  # Pairs can meet more than once.
     chunk_of = (inv // c).transpose(0, 1, 3, 2).reshape(b * h * big_l, n)
-    chunks = lax.stop_gradient(_gather_rows(chunk_of, rows * big_l + perm))  # (b, h, n, L, n)
-    chunks = chunks.reshape(b, h, n, n_chunks, c, n)
-    chunks_k = _windows(chunks, n_chunks_before, n_chunks_after)
-    meets = _meetings(chunks[..., :, None, :], chunks_k[..., None, :, :], n_chunks,
-                      n_chunks_before, n_chunks_after)
-    dots = dots - jnp.log(meets.astype(jnp.float32))
+    chunks = _gather_rows(chunk_of, (batch * h + head) * big_l + perm)  # (b, h, n, L, n)
+    chunks = lax.stop_gradient(chunks.reshape(b * h * n, n_chunks, c, n))
 
-  logits = jnp.where(k_pos == q_pos, SELF_LOGIT, jnp.where(masked, MASKED_LOGIT, dots))
-  top = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  e = jnp.exp(logits - top)
-  total = jnp.sum(e, axis=-1, keepdims=True)
-  probs = e / total
-  lse = top + jnp.log(total)  # (b, h, n, C, c, 1)
-  if dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (1, 1) + probs.shape[2:])
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  so = jnp.einsum('bhncij,bhncjd->bhncid', probs, vw)
+  width = before + 1 + after
+  windowing = _Windowing(
+      length=length, n_chunks=n_chunks, chunk_len=c, n_before=before, n_after=after,
+      n_rounds=n, d_qk=d_k, causal=causal, dropout_rate=float(dropout_rate),
+      block=_block_chunks(n_chunks, c, width))
+  rng = dropout_rng if dropout_rate > 0 else jax.random.key(0)
+  packed = _window_attention(windowing, sqv, spos, chunks, rng)
 
   # Back to input order: (b, h, n, L) sorted rows -> (b, L, h, n).
-  packed = jnp.concatenate([so, lse], axis=-1).reshape(b * h * n * big_l, d_v + 1)
+  packed = packed.reshape(b * h * n * big_l, d_v + 1)
   back = permute_rows(packed, sorted_idx, (table_idx * n + rounds).reshape(-1, 1))
-  o, lse = back[..., :d_v], back[..., d_v:]  # (b, L, h, n, dv), (b, L, h, n, 1)
-  if n == 1:
-    return o[..., 0, :]
-  weights = jax.nn.softmax(lse, axis=-2)
-  return jnp.sum(o * weights, axis=-2)
-
-
-def _normalise(x):
-  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+  return _combine_rounds(back[..., :d_v], back[..., d_v:])
 
 
 class LSHSelfAttention(Layer, kw_only=True):

@@ -176,6 +176,60 @@ class CoreTest(parameterized.TestCase):
     expected = reference_core(q, v, buckets[..., :length], length, c, before, after, causal)
     np.testing.assert_allclose(got[:, :length], expected, rtol=2e-5, atol=2e-5)
 
+  @parameterized.parameters((False, 1, 16), (True, 3, 13), (True, 2, 16))
+  def test_gradient_matches_dense_autodiff(self, causal, n_hashes, length):
+    """The hand-written backward pass equals autodiff of a dense masked softmax."""
+    b, h, c = 1, 2, 4
+    big_l = -(-length // c) * c
+    kq, kv, kb, kg = jax.random.split(jax.random.key(n_hashes), 4)
+    q = jax.random.normal(kq, (b, big_l, h, 5))
+    v = jax.random.normal(kv, (b, big_l, h, 3))
+    buckets = jax.random.randint(kb, (b, h, n_hashes, big_l), 0, 3)
+    buckets = jnp.where(jnp.arange(big_l) < length, buckets, 3)
+    cotangent = jax.random.normal(kg, (b, length, h, 3))
+    allowed = np.zeros((b, h, length, length), bool)
+    for i in range(b):
+      for j in range(h):
+        sets = lsh_sets(np.asarray(buckets[i, j, :, :length]), length, c, 1, 0, causal)
+        for query, keys in enumerate(sets):
+          allowed[i, j, query, sorted(keys - {query})] = True
+
+    def dense(q, v):
+      q, v = q[:, :length], v[:, :length]
+      k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+      logits = jnp.where(allowed, jnp.einsum('bihk,bjhk->bhij', q, k), -1e30)
+      out = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(logits, axis=-1), v)
+      alone = ~allowed.any(-1).transpose(0, 2, 1)[..., None]
+      return jnp.sum(jnp.where(alone, v, out) * cotangent)
+
+    def lsh(q, v):
+      out = lsh_attend(q, v, buckets, length=length, chunk_len=c, causal=causal)
+      return jnp.sum(out[:, :length] * cotangent)
+
+    expected = jax.grad(dense, argnums=(0, 1))(q, v)
+    got = jax.jit(jax.grad(lsh, argnums=(0, 1)))(q, v)
+    for g, e in zip(got, expected):
+      np.testing.assert_allclose(g[:, :length], e[:, :length], rtol=1e-4, atol=1e-5)
+      np.testing.assert_array_equal(g[:, length:], 0.0)
+
+  def test_dropout_gradient_matches_finite_differences(self):
+    """In float64, the backward pass with dropout agrees with central differences."""
+    with jax.enable_x64(True):
+      q = jax.random.normal(KEY, (1, 16, 2, 4), jnp.float64)
+      v = jax.random.normal(jax.random.key(1), (1, 16, 2, 4), jnp.float64)
+      buckets = jax.random.randint(KEY, (1, 2, 2, 16), 0, 3)
+      f = lambda q, v, rate=0.3: jnp.sum(jnp.sin(lsh_attend(  # noqa: E731
+          q, v, buckets, length=16, chunk_len=4, causal=True, dropout_rate=rate,
+          dropout_rng=jax.random.key(7))))
+      grads = jax.grad(f, argnums=(0, 1))(q, v)
+      for i, key in enumerate((2, 3)):
+        direction = jax.random.normal(jax.random.key(key), q.shape, jnp.float64)
+        step = [jnp.zeros_like(q), jnp.zeros_like(v)]
+        step[i] = 1e-5 * direction
+        numeric = (f(q + step[0], v + step[1]) - f(q - step[0], v - step[1])) / 2e-5
+        np.testing.assert_allclose(jnp.sum(grads[i] * direction), numeric, rtol=1e-7)
+      self.assertNotAlmostEqual(float(f(q, v)), float(f(q, v, 0.0)))
+
   def test_padding_content_is_never_seen(self):
     q = jax.random.normal(KEY, (1, 12, 2, 4))
     v = jax.random.normal(jax.random.key(1), (1, 12, 2, 4))
