@@ -93,7 +93,8 @@ def _meetings(chunk_q, chunk_k, n_chunks: int, n_before: int, n_after: int):
   offsets = [o % n_chunks for o in range(-n_before, n_after + 1)]
   count = None
   for r in range(chunk_q.shape[-1]):
-    gap = (chunk_k[..., r] - chunk_q[..., r]) % n_chunks
+    gap = chunk_k[..., r] - chunk_q[..., r]
+    gap = jnp.where(gap < 0, gap + n_chunks, gap)  # (k - q) mod C, as both are in [0, C).
     for offset in offsets:
       hit = (gap == offset).astype(jnp.int32)
       count = hit if count is None else count + hit
@@ -135,7 +136,8 @@ def _block_chunks(n_chunks: int, chunk_len: int, width: int) -> int:
 def _with_neighbours(w: _Windowing, x, row, start):
   """Chunks start - n_before .. start + block + n_after (mod C) of x[row]: (block + width - 1, c, ...)."""
   def chunks(first, size):
-    return lax.dynamic_slice_in_dim(x[row], first % w.n_chunks, size, axis=0) if size else None
+    first = first % w.n_chunks
+    return lax.dynamic_slice(x, (row, first) + (0,) * (x.ndim - 2), (1, size) + x.shape[2:])[0]
   parts = [chunks(start - o, 1) for o in range(w.n_before, 0, -1)]
   parts.append(chunks(start, w.block))
   parts.extend(chunks(start + w.block + o, 1) for o in range(w.n_after))
@@ -175,36 +177,32 @@ def _add_with_neighbours(w: _Windowing, acc, update, row, start):
   return acc
 
 
-def _block_logits(w: _Windowing, sqv, spos, chunks, row, start, transposed=False):
+def _block(x, row, start, size):
+  """x[row, start:start + size]."""
+  return lax.dynamic_slice(x, (row, start) + (0,) * (x.ndim - 2), (1, size) + x.shape[2:])[0]
+
+
+def _block_logits(w: _Windowing, sqv, spos, chunks, row, start):
   """One loop step's queries, window keys/values and masked, corrected logits.
 
   Returns q (g, c, k), keys (g, W, k), raw queries of the window (g, W, k),
-  values (g, W, dv), logits (g, c, W) and the self mask (g, c, W); with
-  `transposed`, logits and mask are (g, W, c).
+  values (g, W, dv), logits (g, c, W) and the self mask (g, c, W).
   """
-  block = lax.dynamic_slice_in_dim(sqv[row], start, w.block, axis=0)
-  q = block[..., :w.d_qk]
+  q = _block(sqv, row, start, w.block)[..., :w.d_qk]
   kv = _window(w, _with_neighbours(w, sqv, row, start))
   raw_k, v = kv[..., :w.d_qk], kv[..., w.d_qk:]
   k = _normalise(raw_k)
-  q_pos = lax.dynamic_slice_in_dim(spos[row], start, w.block, axis=0)
-  k_pos = _window(w, _with_neighbours(w, spos, row, start))
-  # Queries along axis i, keys along j; (i, j) = (1, 2), or (2, 1) when transposed.
-  qi, kj = (2, 1) if transposed else (1, 2)
-  q_pos, k_pos = jnp.expand_dims(q_pos, kj), jnp.expand_dims(k_pos, qi)
-  if transposed:
-    dots = jnp.einsum('gjk,gik->gji', k, q)
-  else:
-    dots = jnp.einsum('gik,gjk->gij', q, k)
+  q_pos = _block(spos, row, start, w.block)[:, :, None]
+  k_pos = _window(w, _with_neighbours(w, spos, row, start))[:, None, :]
+  dots = jnp.einsum('gik,gjk->gij', q, k)
   masked = k_pos >= w.length
   if w.causal:
     masked = masked | (k_pos > q_pos)
   if chunks is not None:
-    q_chunks = lax.dynamic_slice_in_dim(chunks[row], start, w.block, axis=0)
-    k_chunks = _window(w, _with_neighbours(w, chunks, row, start))
-    meets = _meetings(jnp.expand_dims(q_chunks, kj), jnp.expand_dims(k_chunks, qi),
-                      w.n_chunks, w.n_before, w.n_after)
-    dots = dots - jnp.log(meets.astype(jnp.float32))
+    q_chunks = _block(chunks, row, start, w.block)[:, :, None]
+    k_chunks = _window(w, _with_neighbours(w, chunks, row, start))[:, None]
+    meets = _meetings(q_chunks, k_chunks, w.n_chunks, w.n_before, w.n_after)
+    dots = dots - jnp.log(meets.astype(dots.dtype))
   is_self = k_pos == q_pos
   logits = jnp.where(is_self, SELF_LOGIT, jnp.where(masked, MASKED_LOGIT, dots))
   return q, k, raw_k, v, logits, is_self
@@ -265,28 +263,22 @@ def _window_attention_bwd(w: _Windowing, residuals, d_out):
 
   def step(i, d_sqv):
     row, start, j = _row_and_start(w, i)
-    # Recompute the weights transposed, (g, W, c), so that the two key-side
-    # gradients are plain matrix products.
-    q, k, raw_k, v, logits_t, is_self_t = _block_logits(
-        w, sqv, spos, chunks, row, start, transposed=True)
-    saved = lax.dynamic_slice_in_dim(out[row], start, w.block, axis=0)
+    q, k, raw_k, v, logits, is_self = _block_logits(w, sqv, spos, chunks, row, start)
+    saved, d_saved = _block(out, row, start, w.block), _block(d_out, row, start, w.block)
     o, lse = saved[..., :d_v], saved[..., d_v:]
-    d_saved = lax.dynamic_slice_in_dim(d_out[row], start, w.block, axis=0)
     d_o, d_lse = d_saved[..., :d_v], d_saved[..., d_v:]
-    probs_t = jnp.exp(logits_t - jnp.swapaxes(lse, 1, 2))
-    d_probs_t = jnp.einsum('gjd,gid->gji', v, d_o)
-    dropped_t = probs_t
+    probs = jnp.exp(logits - lse)
+    d_probs = jnp.einsum('gid,gjd->gij', d_o, v)
+    dropped = probs
     if w.dropout_rate > 0:
-      scale_t = jnp.swapaxes(_dropout_scale(w, rng, row, j, logits_t.shape[:1] + (
-          logits_t.shape[2], logits_t.shape[1])), 1, 2)
-      d_probs_t, dropped_t = d_probs_t * scale_t, probs_t * scale_t
+      scale = _dropout_scale(w, rng, row, j, probs.shape)
+      d_probs, dropped = d_probs * scale, probs * scale
     # d logit = p * (dp - sum_j p dp + d lse), and sum_j p dp = d_o . o.
-    row_term = jnp.sum(d_o * o, axis=-1, keepdims=True) - d_lse  # (g, c, 1)
-    d_logits_t = jnp.where(is_self_t, 0.0,  # The self logit is a constant.
-                           probs_t * (d_probs_t - jnp.swapaxes(row_term, 1, 2)))
-    d_q = jnp.einsum('gji,gjk->gik', d_logits_t, k)
-    d_k = _normalise_transpose(raw_k, k, jnp.einsum('gji,gik->gjk', d_logits_t, q))
-    d_v_w = jnp.einsum('gji,gid->gjd', dropped_t, d_o)
+    row_term = jnp.sum(d_o * o, axis=-1, keepdims=True) - d_lse
+    d_logits = jnp.where(is_self, 0.0, probs * (d_probs - row_term))  # The self logit is fixed.
+    d_q = jnp.einsum('gij,gjk->gik', d_logits, k)
+    d_k = _normalise_transpose(raw_k, k, jnp.einsum('gij,gik->gjk', d_logits, q))
+    d_v_w = jnp.einsum('gij,gid->gjd', dropped, d_o)
     update = _unwindow(w, jnp.concatenate([d_k, d_v_w], axis=-1))
     update = update + jnp.pad(d_q, ((w.n_before, w.n_after), (0, 0), (0, d_v)))
     return _add_with_neighbours(w, d_sqv, update, row, start)
@@ -322,8 +314,18 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
   never attended to (give them a bucket above all real ones so they sort
   last). Returns (b, L, h, dv); rows of padding positions are meaningless.
   """
-  b, big_l, h, d_k = q.shape
-  d_v = v.shape[-1]
+  return lsh_attend_packed(
+      jnp.concatenate([q, v], axis=-1), buckets, d_qk=q.shape[-1], length=length,
+      chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
+      causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
+def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
+                      n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = False,
+                      dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None):
+  """`lsh_attend` of queries and values packed as qv (b, L, h, d_qk + dv)."""
+  b, big_l, h, _ = qv.shape
+  d_k, d_v = d_qk, qv.shape[-1] - d_qk
   n = buckets.shape[2]
   c = chunk_len
   n_chunks = big_l // c
@@ -348,8 +350,7 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
   # table goes to (b, head, round, inv).
   table_idx = (batch * big_l + perm) * h + head  # (b, h, n, L) -> row of (b, L, h)
   sorted_idx = jnp.transpose(flat_row + inv, (0, 3, 1, 2))  # (b, L, h, n) -> sorted row
-  qv = jnp.concatenate([q, v], axis=-1).reshape(b * big_l * h, d_k + d_v)
-  sqv = permute_rows(qv, table_idx, sorted_idx.reshape(b * big_l * h, n))
+  sqv = permute_rows(qv.reshape(b * big_l * h, d_k + d_v), table_idx, sorted_idx.reshape(b * big_l * h, n))
   sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
   spos = perm.reshape(b * h * n, n_chunks, c)
   chunks = None
@@ -465,13 +466,15 @@ class LSHSelfAttention(Layer, kw_only=True):
     w_qk = self.param('qk', init(in_axis=0, out_axis=(1, 2)), (d, self.n_heads, self.d_qk))
     w_v = self.param('value', init(in_axis=0, out_axis=(1, 2)), (d, self.n_heads, self.d_v))
     w_o = self.param('output', init(in_axis=(0, 1), out_axis=2), (self.n_heads, self.d_v, d))
-    xc = x.astype(dtype)
-    q = jnp.einsum('bld,dhk->blhk', xc, w_qk.astype(dtype)).astype(jnp.float32)
-    v = jnp.einsum('bld,dhk->blhk', xc, w_v.astype(dtype)).astype(jnp.float32)
+    length = x.shape[1]
+    pad = 0 if self.mode == 'predict' else -length % self.chunk_len
+    xc = jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+    w_qkv = jnp.concatenate([w_qk, w_v], axis=-1).astype(dtype)  # One product for q and v.
+    qv = jnp.einsum('bld,dhk->blhk', xc.astype(dtype), w_qkv).astype(jnp.float32)
     if self.mode == 'predict':
-      o = self._decode(q, v)
+      o = self._decode(qv[..., :self.d_qk], qv[..., self.d_qk:])
     else:
-      o = self._attend(q, v)
+      o = self._attend(qv, length)
     return jnp.einsum('blhk,hkd->bld', o.astype(dtype), w_o.astype(dtype))
 
   def _hash_rng(self):
@@ -481,28 +484,27 @@ class LSHSelfAttention(Layer, kw_only=True):
           "rngs={'hash': key} to apply.")
     return self.make_rng('hash')
 
-  def _attend(self, q, v):
-    """Train/eval: fresh rotations, sort, chunked attention. (b, l, h, k) -> (b, l, h, dv)."""
-    b, length = q.shape[:2]
+  def _attend(self, qv, length: int):
+    """Train/eval: fresh rotations, sort, chunked attention. (b, L, h, k + dv) -> (b, l, h, dv)."""
+    b, big_l = qv.shape[:2]
     n_buckets = self.buckets_for(length)
     rotations = lsh_hashing.draw_rotations(
         self._hash_rng(), (b, self.n_heads), self.d_qk, self.n_hashes, n_buckets)
-    pad = -length % self.chunk_len
-    if pad:
-      q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-      v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    buckets = lsh_hashing.hash_vectors(jnp.transpose(q, (0, 2, 1, 3)), rotations, n_buckets)
-    if pad:  # Padding goes to an extra bucket, after every real one.
+    rotated = jnp.einsum('blhk,bhknr->bhnlr', qv[..., :self.d_qk], rotations,
+                         precision=lax.Precision.HIGHEST)
+    buckets = lsh_hashing.buckets_of_rotated(rotated, n_buckets)
+    if big_l > length:  # Padding goes to an extra bucket, after every real one.
       real = lax.broadcasted_iota(jnp.int32, buckets.shape, 3) < length
       buckets = jnp.where(real, buckets, lsh_hashing.total_buckets(n_buckets))
     buckets = lax.stop_gradient(buckets)
     if self.sow_weights:
       self.sow('intermediates', 'buckets', buckets[..., :length])
     rate = self.attention_dropout if self.mode == 'train' else 0.0
-    o = lsh_attend(q, v, buckets, length=length, chunk_len=self.chunk_len,
-                   n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
-                   causal=self.causal, dropout_rate=rate,
-                   dropout_rng=self.make_rng('dropout') if rate > 0 else None)
+    o = lsh_attend_packed(
+        qv, buckets, d_qk=self.d_qk, length=length, chunk_len=self.chunk_len,
+        n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
+        causal=self.causal, dropout_rate=rate,
+        dropout_rng=self.make_rng('dropout') if rate > 0 else None)
     return o[:, :length]
 
   def _decode(self, q, v):

@@ -79,22 +79,26 @@ def hash_vectors(vecs: jax.Array, rotations: jax.Array, n_buckets: NBuckets) -> 
   """Bucket ids of `vecs` under `rotations`: (..., l, k), (..., k, n, r) -> int32 (..., n, l).
 
   The leading axes of `vecs` and `rotations` must match (one rotation per
-  batch element and head). Vectors that rotate to exactly zero land in bucket
-  0, like any argmax tie.
+  batch element and head).
   """
-  factors = bucket_factors(n_buckets)
-  if rotations.shape[-1] != rotation_width(n_buckets):
-    raise ValueError(
-        f'rotations have {rotations.shape[-1]} columns but n_buckets={n_buckets!r} needs '
-        f'{rotation_width(n_buckets)}.')
-  n_hashes = rotations.shape[-2]
-  batch = vecs.shape[:-2]
-  length = vecs.shape[-2]
-  if rotation_width(n_buckets) == 0:  # One bucket: nothing to hash.
-    return jnp.zeros((*batch, n_hashes, length), jnp.int32)
   rotated = jnp.einsum('...lk,...knr->...nlr', vecs.astype(jnp.float32), rotations,
                        precision=jax.lax.Precision.HIGHEST)
-  buckets = jnp.zeros((*batch, n_hashes, length), jnp.int32)
+  return buckets_of_rotated(rotated, n_buckets)
+
+
+def buckets_of_rotated(rotated: jax.Array, n_buckets: NBuckets) -> jax.Array:
+  """Bucket ids from rotated vectors: float (..., r) -> int32 (...,).
+
+  Each factor f > 1 takes the next f/2 columns and answers the argmax over
+  [x, -x]; factor ids combine as b1 + n1 * b2. Vectors that rotate to exactly
+  zero land in bucket 0, like any argmax tie.
+  """
+  factors = bucket_factors(n_buckets)
+  if rotated.shape[-1] != rotation_width(n_buckets):
+    raise ValueError(
+        f'rotations have {rotated.shape[-1]} columns but n_buckets={n_buckets!r} needs '
+        f'{rotation_width(n_buckets)}.')
+  buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
   column, stride = 0, 1
   for f in factors:
     if f == 1:
