@@ -15,8 +15,14 @@ log of the number of meetings, so that after the rounds are combined with
 their log-sum-exp weights the result is exactly a softmax over the *set* of
 keys that i met in any round: `sum_j exp(l_ij) v_j / sum_j exp(l_ij)`.
 
-Every array is linear in the length: the largest holds n_hashes * l *
-chunk_len * (1 + n_chunks_before + n_chunks_after) logits per head.
+Implementation (built for XLA:CPU, where fresh memory and reductions in
+gradients are expensive): one stable sort per (batch, head, round), row
+gathers for every permutation (with gathers, not scatters, as gradients), and
+the window attention as a loop over blocks of about `BLOCK_LOGITS` logits
+with a hand-written, flash-attention-style backward pass that recomputes each
+block's weights from its stored log-normalisers. No array of all logits ever
+exists: memory is linear in the length (about n_hashes * l * (2 d_qk + 3 d_v)
+floats per head), and time is linear apart from the n log n sort.
 """
 
 from __future__ import annotations
@@ -373,6 +379,23 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   return _combine_rounds(back[..., :d_v], back[..., d_v:])
 
 
+def _hash_heads(q, rotations, n_buckets):
+  """Bucket ids of q (b, L, h, k) under per-head rotations (b, h, k, n, r): int32 (b, h, n, L).
+
+  One matrix product with a block-diagonal rotation (heads x heads blocks)
+  rather than a per-head product, which would need q transposed to
+  (b, h, L, k) first; the zero blocks add exact zeros.
+  """
+  b, big_l, h, k = q.shape
+  n, r = rotations.shape[-2:]
+  block_diagonal = jnp.einsum('bhknr,hg->bhkgnr', rotations, jnp.eye(h, dtype=rotations.dtype))
+  rotated = jnp.einsum('blf,bfg->blg', q.reshape(b, big_l, h * k),
+                       block_diagonal.reshape(b, h * k, h * n * r),
+                       precision=lax.Precision.HIGHEST)
+  buckets = lsh_hashing.buckets_of_rotated(rotated.reshape(b, big_l, h, n, r), n_buckets)
+  return jnp.transpose(buckets, (0, 2, 3, 1))
+
+
 class LSHSelfAttention(Layer, kw_only=True):
   """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1. Reformer's LSH self-attention.
 
@@ -490,9 +513,7 @@ class LSHSelfAttention(Layer, kw_only=True):
     n_buckets = self.buckets_for(length)
     rotations = lsh_hashing.draw_rotations(
         self._hash_rng(), (b, self.n_heads), self.d_qk, self.n_hashes, n_buckets)
-    rotated = jnp.einsum('blhk,bhknr->bhnlr', qv[..., :self.d_qk], rotations,
-                         precision=lax.Precision.HIGHEST)
-    buckets = lsh_hashing.buckets_of_rotated(rotated, n_buckets)
+    buckets = _hash_heads(qv[..., :self.d_qk], rotations, n_buckets)
     if big_l > length:  # Padding goes to an extra bucket, after every real one.
       real = lax.broadcasted_iota(jnp.int32, buckets.shape, 3) < length
       buckets = jnp.where(real, buckets, lsh_hashing.total_buckets(n_buckets))

@@ -14,7 +14,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
 from terraflax.layers import lsh_hashing
-from terraflax.layers.lsh_attention import lsh_attend
+from terraflax.layers.lsh_attention import _hash_heads, lsh_attend
 
 KEY = jax.random.key(0)
 
@@ -159,6 +159,14 @@ class HashingTest(parameterized.TestCase):
         np.testing.assert_array_equal(got[b, h], bucket_ids(vecs[b, h], rotations[b, h], n_buckets))
     self.assertLess(got.max(), math.prod(np.atleast_1d(n_buckets)))
     self.assertGreater(len(np.unique(got)), 4)
+
+  def test_layer_hash_of_all_heads_at_once(self):
+    q = jax.random.normal(KEY, (2, 20, 3, 5))
+    rotations = lsh_hashing.draw_rotations(jax.random.key(1), (2, 3), 5, 2, (4, 6))
+    got = np.asarray(jax.jit(_hash_heads, static_argnums=2)(q, rotations, (4, 6)))
+    for b in range(2):
+      for h in range(3):
+        np.testing.assert_array_equal(got[b, h], bucket_ids(q[b, :, h], rotations[b, h], (4, 6)))
 
   def test_default_n_buckets_follows_trax_rule(self):
     # 2 * length // chunk_len, factorised above 128 into (2^ceil(log2 sqrt n), ...).
