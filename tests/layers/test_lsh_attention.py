@@ -205,9 +205,9 @@ class CoreTest(parameterized.TestCase):
     """Sorting, chunk windows, self-mask, causal mask, padding and repeated meetings."""
     before, after = window
     q, v, buckets = random_core_inputs(length * 7 + n_hashes, length, n_hashes)
-    got = jax.jit(lambda q, v, buckets: lsh_attend(
+    got = jax.jit(lambda q, v, buckets: lsh_attend(  # Both sorts: packed keys or not.
         q, v, buckets, length=length, chunk_len=4, n_chunks_before=before,
-        n_chunks_after=after, causal=causal))(q, v, buckets)
+        n_chunks_after=after, causal=causal, n_bucket_ids=4 if causal else None))(q, v, buckets)
     expected = reference_core(q, v, buckets[..., :length], length, 4, before, after, causal)
     np.testing.assert_allclose(got[:, :length], expected, rtol=2e-5, atol=2e-5)
 
