@@ -14,7 +14,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
 from terraflax.layers import lsh_hashing
-from terraflax.layers.lsh_attention import _hash_heads, lsh_attend
+from terraflax.layers.lsh_attention import _hash_heads, _project, lsh_attend
 
 KEY = jax.random.key(0)
 
@@ -257,6 +257,16 @@ class CoreTest(parameterized.TestCase):
         numeric = (f(q + step[0], v + step[1]) - f(q - step[0], v - step[1])) / 2e-5
         np.testing.assert_allclose(jnp.sum(grads[i] * direction), numeric, rtol=1e-7)
       self.assertNotAlmostEqual(float(f(q, v)), float(f(q, v, 0.0)), places=3)
+
+  def test_projection_gradient(self):
+    x = jax.random.normal(KEY, (2, 5, 6))
+    w = jax.random.normal(jax.random.key(1), (6, 3, 4))
+    d_y = jax.random.normal(jax.random.key(2), (2, 5, 3, 4))
+    got = jax.vjp(_project, x, w)[1](d_y)
+    expected = (np.einsum('blhk,dhk->bld', f64(d_y), f64(w)),
+                np.einsum('bld,blhk->dhk', f64(x), f64(d_y)))
+    for g, e in zip(got, expected):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
   def test_padding_content_is_never_seen(self):
     q, v, buckets = random_core_inputs(3, 10, 2, b=1)  # 10 real positions of 12.
