@@ -11,7 +11,8 @@ as the mean KL(eval || predict) in nats. For scale it also prints the KL
 between two eval passes with different hash rotations, and the accuracy of
 eval and predict on the copied half.
 
-  python benchmarks/lsh_predict_kl.py --steps 3000 --vocab 8 --length 32 --chunk_len 4 --n_buckets 16
+  python benchmarks/lsh_predict_kl.py --steps 3000 --vocab 8 --length 32 \
+      --chunk_len 4 --n_buckets 16
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 
 
-def TinyLM(*, vocab: int, d_model: int, n_layers: int, n_heads: int, n_hashes: int,  # pylint: disable=invalid-name
-           n_buckets, chunk_len: int, length: int, mode: str):
+def TinyLM(*, vocab: int, d_model: int, n_layers: int,  # pylint: disable=invalid-name
+           n_heads: int, n_hashes: int, n_buckets, chunk_len: int, length: int, mode: str):
   """ids (b, l) -> logits (b, l, vocab): ShiftRight, embeddings, LSH blocks, Dense."""
   blocks = []
   for _ in range(n_layers):

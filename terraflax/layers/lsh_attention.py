@@ -140,7 +140,10 @@ def _block_chunks(n_chunks: int, chunk_len: int, width: int) -> int:
 
 
 def _with_neighbours(w: _Windowing, x, row, start):
-  """Chunks start - n_before .. start + block + n_after (mod C) of x[row]: (block + width - 1, c, ...)."""
+  """Chunks start - n_before .. start + block + n_after (mod C) of x[row].
+
+  Returns (block + width - 1, c, ...).
+  """
   def chunks(first, size):
     first = first % w.n_chunks
     return lax.dynamic_slice(x, (row, first) + (0,) * (x.ndim - 2), (1, size) + x.shape[2:])[0]
@@ -374,7 +377,8 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   # table goes to (b, head, round, inv).
   table_idx = (batch * big_l + perm) * h + head  # (b, h, n, L) -> row of (b, L, h)
   sorted_idx = jnp.transpose(flat_row + inv, (0, 3, 1, 2))  # (b, L, h, n) -> sorted row
-  sqv = permute_rows(qv.reshape(b * big_l * h, d_k + d_v), table_idx, sorted_idx.reshape(b * big_l * h, n))
+  sqv = permute_rows(qv.reshape(b * big_l * h, d_k + d_v), table_idx,
+                     sorted_idx.reshape(b * big_l * h, n))
   sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
   spos = perm.reshape(b * h * n, n_chunks, c)
   chunks = None
@@ -527,7 +531,8 @@ class LSHSelfAttention(Layer, kw_only=True):
   @nn.compact
   def __call__(self, x):
     if x.ndim != 3:
-      raise ValueError(f'LSHSelfAttention expects (batch, length, d_model) inputs, got shape {x.shape}.')
+      raise ValueError(
+          f'LSHSelfAttention expects (batch, length, d_model) inputs, got shape {x.shape}.')
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
     init = nn.initializers.xavier_uniform

@@ -329,7 +329,8 @@ class LayerTest(parameterized.TestCase):
   def test_causal_gradient_never_reaches_the_past(self):
     layer = make_layer(n_hashes=3, n_buckets=8, chunk_len=2, causal=True, d_qk=4, d_v=4)
     x, params = jax.random.normal(KEY, (1, 11, 6)), make_params(6, 2, 4, 4)
-    f = lambda x: layer.apply({'params': params}, x, rngs={'hash': jax.random.key(3)})[0]  # noqa: E731
+    f = lambda x: layer.apply(  # noqa: E731
+        {'params': params}, x, rngs={'hash': jax.random.key(3)})[0]
     jac = np.asarray(jax.jit(jax.jacrev(f))(x)[:, :, 0])  # (l_out, d, l_in, d)
     for i in range(11):
       self.assertTrue(np.all(jac[i, :, i + 1:] == 0.0), f'output {i} sees the future')
@@ -367,7 +368,8 @@ class LayerTest(parameterized.TestCase):
                       'output': ((2, 8, 12), jnp.float32)})
     y = jax.eval_shape(lambda: layer.apply({'params': make_params()}, x, rngs={'hash': KEY}))
     self.assertEqual(y.dtype, jnp.bfloat16)
-    loss = lambda p: jnp.sum(make_layer().apply({'params': p}, x, rngs={'hash': KEY}) ** 2)  # noqa: E731
+    loss = lambda p: jnp.sum(  # noqa: E731
+        make_layer().apply({'params': p}, x, rngs={'hash': KEY}) ** 2)
     grads = jax.jit(jax.grad(loss))(make_params())
     for g in jax.tree_util.tree_leaves(grads):
       self.assertTrue(np.all(np.isfinite(g)) and np.any(g != 0))
