@@ -138,7 +138,8 @@ class ReformerLMTest(parameterized.TestCase):
         (dict(d_model=10, n_heads=3), 'd_model=10 must be divisible by n_heads=3'),
         (dict(attention_type='local'), "attention_type must be one of \\('lsh', 'full'\\)"),
         (dict(attention_type=('lsh', 'full', 'full')), 'multiple of 3; got 2'),
-        (dict(axial_shape=(2, 2)), r'axial_shape=\(2, 2\) covers 4 positions, fewer than max_len=8'),
+        (dict(axial_shape=(2, 2)), r'axial_shape=\(2, 2\) covers 4 positions, fewer than '
+                                   'max_len=8'),
         (dict(axial_d_embs=(4, 2)), r'axial_d_embs=\(4, 2\) must sum to d_model=8'),
         (dict(axial_d_embs=(8,)), 'one positive int per axis'),
         (dict(pos_type='rotary'), 'pos_type must be one of'),
