@@ -17,7 +17,7 @@ error above 1e-3 and the largest error, and the relative error (global
 norm) of the reversible gradients against plain autodiff of the same stack
 (`reversible=False`).
 
-  python benchmarks/sparse_reversible.py [--d_model 64 --d_ff 1024 --n_layers 6 --seeds 8]
+  python benchmarks/sparse_reversible.py [--d_model 64 --d_ff 2048 --n_layers 6 --seeds 8]
 """
 
 import argparse
@@ -94,10 +94,10 @@ def measure(args, mode, replay):
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--d_model', type=int, default=64)
-  parser.add_argument('--d_ff', type=int, default=1024)
+  parser.add_argument('--d_ff', type=int, default=2048)
   parser.add_argument('--n_elements_in_block', type=int, default=32)
   parser.add_argument('--n_layers', type=int, default=6)
-  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--length', type=int, default=128)
   parser.add_argument('--temperature', type=float, default=1.0, help='Gumbel temperature (train)')
   parser.add_argument('--quant_prob', type=float, default=1.0,
