@@ -23,6 +23,7 @@ ends a row: it is kept, and `pad_id` fills the rest.
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import jax
@@ -390,11 +391,43 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
 # Command line: `python -m terraflax.decoding` (restores a checkpoint from a
 # training workdir and decodes; wired by the training system).
 
-def main(argv=None):
-  """Placeholder for the CLI: it needs the training system's checkpoints."""
-  del argv
-  raise NotImplementedError('The terraflax.decoding command line is not wired yet.')
+def main(argv):
+  """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT --max_new_tokens=N`."""
+  # Imported here: the training system imports this module.
+  from terraflax.train import checkpoint, data, trainer  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  try:
+    config, params = checkpoint.load_for_inference(f.workdir, step=f.step)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'terraflax.decoding: {e}')
+  if data.TASKS.get(config.data.name, 'lm') != 'lm':
+    sys.exit(f'terraflax.decoding: {f.workdir} holds a {data.TASKS[config.data.name]} model '
+             f'(data.name={config.data.name!r}); only language models decode.')
+  model = checkpoint.model_from_config(config, 'predict')
+  print(trainer.generate_text(
+      model, params, f.prompt, max_new_tokens=f.max_new_tokens,
+      byte_level=config.data.name in data.BYTE_LEVEL, temperature=f.temperature,
+      top_k=f.top_k, top_p=f.top_p, seed=f.seed), flush=True)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string('workdir', None, 'A training workdir with checkpoints/ and config.json.')
+  flags.DEFINE_string('prompt', '', 'Text to continue (token ids separated by spaces for '
+                      'models that are not byte-level).')
+  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.')
+  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.')
+  flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens only.')
+  flags.DEFINE_float('top_p', None, 'Sample from the smallest set with this probability mass.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the sampling noise.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+  flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -27,6 +27,7 @@ from terraflax.layers.core import Sigmoid as Sigmoid
 from terraflax.layers.core import Softmax as Softmax
 from terraflax.layers.core import Tanh as Tanh
 from terraflax.layers.feedforward import FeedForward as FeedForward
+from terraflax.layers.lsh_attention import LSHSelfAttention as LSHSelfAttention
 from terraflax.layers.metrics import Accuracy as Accuracy
 from terraflax.layers.metrics import CrossEntropyLoss as CrossEntropyLoss
 from terraflax.layers.metrics import accuracy_sum as accuracy_sum

@@ -45,6 +45,7 @@ DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse')
 # model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v).
 TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
          'text_classification': 'classification', 'reverse': 'seq2seq'}
+BYTE_LEVEL = frozenset({'bytes'})  # Data sets whose tokens are raw bytes (text in, text out).
 EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
 
 

@@ -366,25 +366,33 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
   return last
 
 
-def sample_text(experiment: config_lib.Experiment, params) -> str | None:
-  """Decodes `config.sample.max_new_tokens` tokens after `config.sample.prompt`.
+def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool,
+                  temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0) -> str:
+  """`prompt` followed by `max_new_tokens` sampled tokens, as text.
 
-  Uses `terraflax.decoding.autoregressive_sample` (None if that module is not
-  available). Byte-level data sets decode to text; others print token ids.
+  `model` is a predict-mode LM. Byte-level models read and write UTF-8 text;
+  others take the prompt as space-separated token ids and print ids.
   """
-  config = experiment.config
-  try:
-    from terraflax import decoding  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    print('Sample skipped: terraflax.decoding is not available.', flush=True)
-    return None
-  prompt_bytes = config.sample.prompt.encode('utf-8')
-  prompt = jnp.asarray(np.frombuffer(prompt_bytes, np.uint8).astype(np.int32)[None, :])
+  from terraflax import decoding  # pylint: disable=import-outside-toplevel
+  if byte_level:
+    ids = np.frombuffer(prompt.encode('utf-8'), np.uint8).astype(np.int32)
+  else:
+    ids = np.asarray([int(t) for t in prompt.split()], np.int32)
   params = jax.device_put(params, jax.devices()[0])
   tokens = decoding.autoregressive_sample(
-      experiment.model('predict'), params, prompt, config.sample.max_new_tokens,
-      temperature=config.sample.temperature, rng=jax.random.key(config.seed))
-  tokens = np.asarray(tokens).reshape(-1)
-  if experiment.data.info.byte_level:
+      model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
+      top_k=top_k, top_p=top_p, rng=jax.random.key(seed))
+  tokens = np.concatenate([ids, np.asarray(tokens).reshape(-1)])
+  if byte_level:
     return bytes(int(t) % 256 for t in tokens).decode('utf-8', errors='replace')
   return ' '.join(str(int(t)) for t in tokens)
+
+
+def sample_text(experiment: config_lib.Experiment, params) -> str:
+  """Decodes `config.sample.max_new_tokens` tokens after `config.sample.prompt`."""
+  config = experiment.config
+  return generate_text(
+      experiment.model('predict'), params, config.sample.prompt,
+      max_new_tokens=config.sample.max_new_tokens, byte_level=experiment.data.info.byte_level,
+      temperature=config.sample.temperature, seed=config.seed)

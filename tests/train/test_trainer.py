@@ -356,10 +356,11 @@ class SampleTest(absltest.TestCase):
     experiment = config_lib.validate_config(config)
     calls = []
 
-    def autoregressive_sample(model, params, prompt, max_new_tokens, *, temperature, rng):
+    def autoregressive_sample(model, params, prompt, max_new_tokens, *, temperature, rng,
+                              **unused_options):
       calls.append((model, prompt, max_new_tokens, temperature))
       del params, rng
-      return np.concatenate([np.asarray(prompt), [[ord('x'), ord('y'), 0xE2]]], axis=1)
+      return np.asarray([[ord('x'), ord('y'), 0xE2]])  # Only the new tokens, like the real one.
 
     fake = types.SimpleNamespace(autoregressive_sample=autoregressive_sample)
     with mock.patch.dict(sys.modules, {'terraflax.decoding': fake}), \
