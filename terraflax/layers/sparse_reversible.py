@@ -133,7 +133,8 @@ class ReplayedHalfResidual(ReversibleHalfResidual):
     fx, choices = self._residual_and_choices(x2, slot, record)
     if fx.shape != x1.shape:
       raise LayerError(f'{layer_path(self)} ({label_of(self)}) needs its layers\' y to have the '
-                       f'shape of x1, got x1 {describe_shapes([x1])} and y {describe_shapes([fx])}.')
+                       f'shape of x1, got x1 {describe_shapes([x1])} and y '
+                       f'{describe_shapes([fx])}.')
     record = jax.lax.dynamic_update_index_in_dim(record, choices.astype(record.dtype), slot,
                                                  axis=0)
     return (x1 + fx).astype(x1.dtype), x2, slot, record

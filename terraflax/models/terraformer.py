@@ -16,9 +16,11 @@ output projection. A decoder block is
   positive value gives `SparseFF` with that many units per block (one active
   per block and token), so decoding touches d_ff / ff_sparsity units.
 - Self-attention (`attention_type`): one entry of `SELF_ATTENTION`: 'full'
-  (`CausalAttention`) or 'sparse_qkv' (`MultiplicativeConvCausalAttention`);
+  (`CausalAttention`), 'sparse_qkv' (`MultiplicativeConvCausalAttention`) or
+  'lsh' (`LSHSelfAttention`, causal; `max_len` is its predict memory);
   `attention_options` are extra keyword arguments of that layer (e.g.
-  `{'n_modules': 4, 'length_kernel_size': 3}`).
+  `{'n_modules': 4, 'length_kernel_size': 3}`, or `{'n_hashes': 2,
+  'chunk_len': 64}`).
 - `reversible=True` trains with the reversible backward pass (activation
   memory flat in depth); `reversible=False` runs the same layers, parameters
   and randomness under plain autodiff. Outputs are the same either way.
@@ -55,11 +57,20 @@ def _causal_attention_kwargs(*, n_heads, dropout, chunk_len, max_len, mode, dtyp
               dtype=dtype)
 
 
-# Decoder self-attention kinds: adding one (e.g. LSH) is one entry here.
+def _lsh_attention_kwargs(*, n_heads, dropout, chunk_len, max_len, mode, dtype):
+  if chunk_len is not None:
+    raise ValueError("attention_chunk_len (query chunking) does not apply to attention_type='lsh'; "
+                     "set LSH's own chunk length with attention_options={'chunk_len': ...}.")
+  return dict(n_heads=n_heads, attention_dropout=dropout, causal=True, predict_mem_len=max_len,
+              mode=mode, dtype=dtype)
+
+
+# Decoder self-attention kinds: adding one is one entry here.
 SELF_ATTENTION: dict[str, _SelfAttentionKind] = {
     'full': _SelfAttentionKind(tl.CausalAttention, _causal_attention_kwargs),
     'sparse_qkv': _SelfAttentionKind(tl.MultiplicativeConvCausalAttention,
                                      _causal_attention_kwargs),
+    'lsh': _SelfAttentionKind(tl.LSHSelfAttention, _lsh_attention_kwargs),
 }
 
 
@@ -209,7 +220,7 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     max_len: longest sequence (positional table and predict-mode cache).
     mode: 'train', 'eval' or 'predict'.
     dtype: compute dtype (e.g. 'bfloat16'); parameters stay float32.
-    attention_type: 'full' or 'sparse_qkv' (see `SELF_ATTENTION`).
+    attention_type: 'full', 'sparse_qkv' or 'lsh' (see `SELF_ATTENTION`).
     attention_options: extra keyword arguments of the attention layer, e.g.
       {'n_modules': 4, 'length_kernel_size': 3, 'output_layer': 'dense'}.
     ff_sparsity: units per SparseFF block (one active); 0 or None: dense.

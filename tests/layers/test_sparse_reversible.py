@@ -72,8 +72,8 @@ class ReplayedHalfResidualTest(absltest.TestCase):
     np.testing.assert_allclose(rebuilt[0], x1, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rebuilt[3], record_out)  # The entry stays for replay.
     other = (choices + 1) % N_EL
-    rebuilt = layer.apply({'params': params}, y1, x2, slot, record_out.at[1].set(other.astype(np.int8)),
-                          method='reverse')
+    tampered = record_out.at[1].set(other.astype(np.int8))
+    rebuilt = layer.apply({'params': params}, y1, x2, slot, tampered, method='reverse')
     np.testing.assert_allclose(rebuilt[0], np.asarray(y1) - np_sparse_ff(p, x2, other),
                                rtol=1e-5, atol=1e-5)
 
@@ -122,7 +122,8 @@ class ReplayedHalfResidualTest(absltest.TestCase):
     self.assertEqual(int(AdvanceSlot().apply({}, *advanced, method='reverse')[2]), 0)
 
   def test_clear_errors(self):
-    with self.assertRaisesRegex(cb.LayerError, r'ReplayedHalfResidual needs layers \[x, recorded\]'):
+    with self.assertRaisesRegex(cb.LayerError,
+                                r'ReplayedHalfResidual needs layers \[x, recorded\]'):
       ReplayedHalfResidual(tl.Dense(4))
     with self.assertRaisesRegex(ValueError, 'StartRecord n_records must be a positive int'):
       StartRecord(n_records=0, n_blocks=2)

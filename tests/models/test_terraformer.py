@@ -33,7 +33,7 @@ def fake_params(model, *inputs, seed=0):
 
 def shapes_of(model, *inputs):
   return jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), jax.eval_shape(
-      model.init, {'params': KEY, 'sparse': KEY, 'dropout': KEY}, *inputs)['params'])
+      model.init, {'params': KEY, 'sparse': KEY, 'dropout': KEY, 'hash': KEY}, *inputs)['params'])
 
 
 def leaves_with(tree, name):
@@ -76,6 +76,16 @@ class TerraformerLMTest(parameterized.TestCase):
       self.assertLen(leaves_with(trees[0], 'controller'), 3)
     if attention_type == 'sparse_qkv':
       self.assertLen(leaves_with(trees[0], 'query_conv'), 2)
+
+  def test_lsh_attention_is_one_more_kind_with_the_same_parameters_in_every_mode(self):
+    x = tokens((2, 8))
+    kw = dict(LM, attention_type='lsh', ff_sparsity=4,
+              attention_options={'n_hashes': 2, 'chunk_len': 4, 'd_qk': 8, 'd_v': 8})
+    trees = [shapes_of(tm.TerraformerLM(mode=mode, **kw), x[:, :1] if mode == 'predict' else x)
+             for mode in ('train', 'eval', 'predict')]
+    self.assertEqual(trees[0], trees[1])
+    self.assertEqual(trees[0], trees[2])
+    self.assertEqual(leaves_with(trees[0], 'LSHSelfAttention').popitem()[1][0][0], 2)
 
   @parameterized.named_parameters(
       ('full_dense_ff', 'full', None, (1,) * 9),
@@ -137,11 +147,14 @@ class TerraformerLMTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"TerraformerLM mode must be one of \('train', "):
       tm.TerraformerLM(mode='decode', **LM)
     with self.assertRaisesRegex(ValueError, r"attention_type must be one of \('full', "
-                                            r"'sparse_qkv'\), got 'linear'"):
+                                            r"'sparse_qkv', 'lsh'\), got 'linear'"):
       tm.TerraformerLM(attention_type='linear', **LM)
     with self.assertRaisesRegex(ValueError, "'n_hashes' is not an option of attention_type="
                                             "'sparse_qkv'.*valid: .*length_kernel_size"):
       tm.TerraformerLM(attention_options={'n_hashes': 2}, **LM)
+    with self.assertRaisesRegex(ValueError, r"attention_chunk_len .* does not apply to "
+                                            r"attention_type='lsh'"):
+      tm.TerraformerLM(attention_type='lsh', attention_chunk_len=4, **LM)
     with self.assertRaisesRegex(ValueError, 'd_ff=32 must be a multiple of ff_sparsity=5'):
       tm.TerraformerLM(**dict(LM, ff_sparsity=5))
     with self.assertRaisesRegex(ValueError, 'ff_sparsity must be 0/None'):
