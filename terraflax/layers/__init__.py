@@ -36,4 +36,6 @@ from terraflax.layers.positional import AxialPositionalEncoding as AxialPosition
 from terraflax.layers.positional import PositionalEncoding as PositionalEncoding
 from terraflax.layers.sparse_ff import SparseFF as SparseFF
 from terraflax.layers.sparse_qkv import ModularCausalConv as ModularCausalConv
+from terraflax.layers.sparse_qkv import (
+    MultiplicativeConvCausalAttention as MultiplicativeConvCausalAttention)
 from terraflax.layers.sparse_qkv import MultiplicativeDense as MultiplicativeDense

@@ -1,5 +1,7 @@
 """Model factories: CamelCase functions with keyword-only hyperparameters returning a layer."""
 
+from terraflax.models.terraformer import Terraformer as Terraformer
+from terraflax.models.terraformer import TerraformerLM as TerraformerLM
 from terraflax.models.transformer import Transformer as Transformer
 from terraflax.models.transformer import TransformerEncoder as TransformerEncoder
 from terraflax.models.transformer import TransformerLM as TransformerLM
