@@ -14,6 +14,8 @@ from terraflax.layers.attention_core import causal_mask as causal_mask
 from terraflax.layers.attention_core import dot_product_attention as dot_product_attention
 from terraflax.layers.attention_core import padding_mask as padding_mask
 from terraflax.layers.core import Dense as Dense
+from terraflax.layers.distillation import DistillationLoss as DistillationLoss
+from terraflax.layers.distillation import distillation_sum as distillation_sum
 from terraflax.layers.core import Dropout as Dropout
 from terraflax.layers.core import Embedding as Embedding
 from terraflax.layers.core import FastGelu as FastGelu

@@ -9,10 +9,20 @@ brought to the host when logging, where they are normalised.
 `train.grad_accum_steps = k` splits each global batch into k micro-batches
 whose gradients of the summed loss are added up (a `lax.scan`) and divided by
 the total weight once: one optimizer update equal to that of the whole batch.
+
+Transfer and partial training, for any model:
+  init_from              start from another workdir's parameters, matched by
+                         path (`checkpoint.load_matching_params`); fresh rest
+  optimizer.trainable    train only the matching parameters; the others stay
+                         bit-identical (`optimizers.freeze_unmatched`)
+  distill.*              learn from a teacher's softened logits (`distill.py`)
+The parameter counts (total, trained) are printed and written to
+`WORKDIR/parameters.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,14 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraflax.layers.distillation import distillation_sum
 from terraflax.layers.metrics import accuracy_sum, cross_entropy_sum
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
+from terraflax.train import distill as distill_lib
 from terraflax.train import metrics as metrics_lib
 from terraflax.train import optimizers
 from terraflax.train import sharding as sharding_lib
 
 SUM_KEYS = ('loss_sum', 'correct_sum', 'weight_sum')
+PARAMETERS_FILE = 'parameters.json'
 NOISE_STREAMS = ('dropout', 'hash', 'sparse')
 
 
@@ -62,25 +75,34 @@ def batch_sums(logits, batch) -> dict[str, jax.Array]:
   return {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum}
 
 
-def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
+def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
+                    teacher: distill_lib.Teacher | None = None):
   """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
 
   `task` says how the model is called (`config.model_inputs`): model(inputs),
-  or model(inputs, targets) for 'seq2seq'.
+  or model(inputs, targets) for 'seq2seq'. With a `teacher`, the step is
+  `train_step(state, batch, teacher_params)` and minimises the distillation
+  loss; the metrics stay the student's cross-entropy on the labels.
   """
 
-  def loss_fn(params, batch, key):
-    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
-                         rngs=stream_rngs(key))
+  def loss_fn(params, batch, key, teacher_params):
+    inputs = config_lib.model_inputs(batch, task)
+    logits = model.apply({'params': params}, *inputs, rngs=stream_rngs(key))
     sums = batch_sums(logits, batch)
-    return sums['loss_sum'], sums
+    if teacher is None:
+      return sums['loss_sum'], sums
+    teacher_logits = teacher.model.apply({'params': teacher_params}, *inputs,
+                                         rngs=stream_rngs(jax.random.fold_in(key, 1)))
+    objective, _ = distillation_sum(logits, teacher_logits, batch['targets'], batch['weights'],
+                                    temperature=teacher.temperature, alpha=teacher.alpha)
+    return objective, sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher_params=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
-      (_, sums), grads = grad_fn(state.params, batch, key)
+      (_, sums), grads = grad_fn(state.params, batch, key, teacher_params)
     else:
       k = grad_accum_steps
       # Micro-batch j holds rows j, j + k, ...: each stays spread over the 'data' axis.
@@ -90,7 +112,8 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
       def accumulate(carry, xs):
         grads_sum, sums_sum = carry
         micro_batch, index = xs
-        (_, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+        (_, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index),
+                                   teacher_params)
         return (jax.tree_util.tree_map(jnp.add, grads_sum, grads),
                 jax.tree_util.tree_map(jnp.add, sums_sum, sums)), None
 
@@ -159,6 +182,20 @@ def opt_state_shardings(tx, params, mesh):
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def write_parameter_counts(workdir: str, n_params: int, n_trained: int, config,
+                           init_report=None) -> None:
+  """`WORKDIR/parameters.json`: total, trained and frozen counts, and what init_from loaded."""
+  record = {'total': n_params, 'trained': n_trained, 'frozen': n_params - n_trained,
+            'trainable': config.optimizer.trainable, 'init_from': config.init_from}
+  if init_report is not None:
+    record['init_from_step'] = init_report['step']
+    record['init_from_loaded'] = len(init_report['matched'])
+    record['init_from_fresh'] = init_report['fresh']
+  with open(os.path.join(workdir, PARAMETERS_FILE), 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=2)
+    f.write('\n')
 
 
 class _StopSignal:
@@ -262,15 +299,44 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
     data_iter.set_state(data_state)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
+  init_report = None
+  if not start and config.init_from:
+    try:
+      params, init_report = ckpt.load_matching_params(config.init_from, state.params)
+    except ckpt.InitFromError as e:
+      raise config_lib.ConfigError(str(e)) from None
+    with jax.set_mesh(mesh):
+      opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+    state = state.replace(params=params, opt_state=opt_state)
   n_params = count_params(state.params)
-  writer.info(f'terraflax.train: {config.model.name} with {n_params:,} parameters; '
+  n_trained = optimizers.count_trained(state.params, config.optimizer.trainable)
+  trained = ('' if n_trained == n_params else
+             f' ({n_trained:,} trained, optimizer.trainable={config.optimizer.trainable!r})')
+  writer.info(f'terraflax.train: {config.model.name} with {n_params:,} parameters{trained}; '
               f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; workdir {workdir}')
+  if init_report is not None:
+    writer.info(f'Initialised {len(init_report["matched"])} of '
+                f'{len(init_report["matched"]) + len(init_report["fresh"])} parameter arrays from '
+                f'{config.init_from} (step {init_report["step"]}); fresh: '
+                f'{", ".join(init_report["fresh"]) or "none"}; not used: '
+                f'{", ".join(init_report["unused"]) or "none"}.')
   if start:
     writer.info(f'Resumed from the checkpoint at step {start}.')
+  if jax.process_index() == 0 and (not start or not os.path.exists(
+      os.path.join(workdir, PARAMETERS_FILE))):  # A resumed run keeps what init_from loaded.
+    write_parameter_counts(workdir, n_params, n_trained, config, init_report)
 
   task = data.info.task
+  teacher, teacher_args = None, ()
+  if config.distill.teacher_workdir:
+    teacher, teacher_params = distill_lib.load_teacher(experiment)
+    teacher_args = (jax.device_put(teacher_params, replicated),)
+    writer.info(f'Distilling from {teacher.name} in {teacher.workdir} '
+                f'({count_params(teacher_params):,} parameters; temperature '
+                f'{teacher.temperature:g}, alpha {teacher.alpha:g}).')
   train_step = jax.jit(
-      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task),
+      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task,
+                      teacher=teacher),
       donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated)
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -304,7 +370,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
     try:
       for step in range(start + 1, t.steps + 1):
         batch = sharding_lib.put_batch(next(data_iter), mesh)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, *teacher_args)
         pending, health = _accumulate(pending, health, step_metrics, step)
         if timer_start is None:  # Time from the end of the first (compiling) step.
           jax.block_until_ready(state.step)
