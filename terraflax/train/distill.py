@@ -55,15 +55,18 @@ def load_teacher(experiment: config_lib.Experiment):
   batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
            'targets': jax.ShapeDtypeStruct(shape, jnp.int32)}
   inputs = config_lib.model_inputs(batch, task)
-  key = jax.eval_shape(jax.random.key, 0)
-  rngs = {s: key for s in config_lib.RNG_STREAMS if s != 'params'}
-  student = experiment.model('eval')
-  student_params = nn.meta.unbox(experiment.abstract_variables['params'])
-  want = jax.eval_shape(lambda p, x: student.apply({'params': p}, *x, rngs=rngs),
-                        student_params, inputs).shape
+  key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed.
+
+  def logits_shape(m, p):
+    return jax.eval_shape(
+        lambda p, x, k: m.apply({'params': p}, *x,
+                                rngs={s: k for s in config_lib.RNG_STREAMS if s != 'params'}),
+        p, inputs, key).shape
+
+  want = logits_shape(experiment.model('eval'),
+                      nn.meta.unbox(experiment.abstract_variables['params']))
   try:
-    got = jax.eval_shape(lambda p, x: model.apply({'params': p}, *x, rngs=rngs), params,
-                         inputs).shape
+    got = logits_shape(model, params)
   except Exception as e:  # pylint: disable=broad-except
     raise config_lib.ConfigError(
         f'config.distill.teacher_workdir={workdir!r}: the teacher cannot take this config\'s '

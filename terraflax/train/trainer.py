@@ -169,15 +169,29 @@ def normalise(sums: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def opt_state_shardings(tx, params, mesh):
-  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate."""
+  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate.
+
+  A state leaf follows the parameter whose path ends its own path (Adam's
+  `mu['Dense_5']['kernel']` follows `Dense_5/kernel`) when their shapes agree.
+  Matching paths rather than tree structures also covers masked states
+  (`optax.multi_transform` for frozen parameters), whose subtrees hold
+  placeholders where parameters are frozen.
+  """
   replicated = sharding_lib.replicated(mesh)
   abstract = jax.eval_shape(tx.init, params)
+  by_path = {tuple(optimizers.path_name(p).split('/')): x
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  longest = max((len(k) for k in by_path), default=0)
 
-  def follow(leaf, param):
-    return param.sharding if leaf.shape == param.shape else replicated
+  def follow(path, leaf):
+    keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(max(len(keys) - longest, 0), len(keys)):
+      param = by_path.get(keys[start:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated
 
-  return optax.tree_map_params(tx, follow, abstract, params,
-                               transform_non_params=lambda _: replicated)
+  return jax.tree_util.tree_map_with_path(follow, abstract)
 
 
 def count_params(params) -> int:
