@@ -81,7 +81,8 @@ class QuantizedLMTest(absltest.TestCase):
     self.assertLen(kernels, 8)  # Embedding, q/k/v/output, two feed-forward Dense, output Dense.
     self.assertTrue(all(k.dtype == jnp.int8 for k in kernels))
     self.assertLess(qz.nbytes(qparams), 0.45 * qz.nbytes(params))
-    full = model.apply({'params': params}, x)
+    apply = jax.jit(model.apply)
+    full = apply({'params': params}, x)
     with qz.int8_inference():
       quantized = jax.jit(model.apply)({'params': qparams}, x)
       predict = tm.TransformerLM(mode='predict', **LM)
@@ -91,7 +92,7 @@ class QuantizedLMTest(absltest.TestCase):
                                                       mutable=['cache']))(cache, shifted)
     self.assertLess(float(jnp.abs(quantized - full).max()), 0.05 * float(jnp.abs(full).max()))
     np.testing.assert_allclose(stepped, quantized, rtol=1e-5, atol=1e-5)
-    reference = model.apply({'params': qz.dequantize_params(qparams)}, x)
+    reference = apply({'params': qz.dequantize_params(qparams)}, x)
     np.testing.assert_allclose(quantized, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -125,8 +125,10 @@ def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
 
   Leaves are matched by their path in the parameter tree ('Repeat_3/.../kernel').
   A matching leaf takes the checkpoint's value (placed like the leaf it
-  replaces); the others keep their fresh initialisation. `report` has the
-  step and the matched, fresh and unused paths. Raises `InitFromError` when
+  replaces when that is an array); the others are kept as they are, so
+  `params` may be abstract (`jax.ShapeDtypeStruct`s): the trainer checks and
+  loads before compiling anything. `report` has the step and the matched,
+  fresh and unused paths. Raises `InitFromError` when
   no path matches, or when a path matches with a different shape or dtype
   (the models disagree; nothing is loaded).
   """
@@ -151,7 +153,7 @@ def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
                         f'{leaf.dtype}{tuple(leaf.shape)}')
       continue
     matched.append(name)
-    values.append(jax.device_put(value, leaf.sharding) if hasattr(leaf, 'sharding') else value)
+    values.append(jax.device_put(value, leaf.sharding) if isinstance(leaf, jax.Array) else value)
   source_name = source_config.model.get('name', '?')
   if mismatched:
     raise InitFromError(

@@ -255,8 +255,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return _train_and_evaluate(config, workdir, stop)
 
 
-def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
-  """Freshly initialised parameters and optimizer state, laid out on `mesh`."""
+def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> TrainState:
+  """Freshly initialised parameters and optimizer state, laid out on `mesh`.
+
+  `loaded` (from `checkpoint.load_matching_params` on the abstract parameters)
+  replaces the parameters it holds arrays for; its `ShapeDtypeStruct` leaves
+  keep their fresh initialisation.
+  """
   config = experiment.config
   replicated = sharding_lib.replicated(mesh)
   param_shardings = sharding_lib.variable_shardings(
@@ -272,6 +277,10 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
 
   with jax.set_mesh(mesh):
     params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    if loaded is not None:
+      params = jax.tree_util.tree_map(
+          lambda new, fresh: fresh if isinstance(new, jax.ShapeDtypeStruct)
+          else jax.device_put(new, fresh.sharding), loaded, params)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     opt_state=opt_state,
@@ -293,16 +302,28 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
   train_model, eval_model = experiment.model('train'), experiment.model('eval')
   tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
   replicated = sharding_lib.replicated(mesh)
-  state = initial_state(experiment, tx, mesh)
+  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  start = manager.latest_step() or 0
+  # Other workdirs this run reads, checked before anything compiles.
+  loaded, init_report = None, None
+  if not start and config.init_from:
+    try:
+      loaded, init_report = ckpt.load_matching_params(
+          config.init_from, nn.meta.unbox(experiment.abstract_variables['params']))
+    except ckpt.InitFromError as e:
+      raise config_lib.ConfigError(str(e)) from None
+  teacher, teacher_params = None, None
+  if config.distill.teacher_workdir:
+    teacher, teacher_params = distill_lib.load_teacher(experiment)
+
+  state = initial_state(experiment, tx, mesh, loaded)
+  del loaded
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   pending = jax.device_put(zero_pending(), replicated)
   health = jax.device_put(jnp.array(-1, jnp.int32), replicated)
-
-  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   data_iter = data.train_iterator(batch_size=t.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count(),
                                   num_threads=config.data.num_threads)
-  start = manager.latest_step() or 0
   if start:
     params, opt_state, train_items, data_state = ckpt.restore(
         manager, start, params=state.params, opt_state=state.opt_state,
@@ -313,15 +334,6 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
     data_iter.set_state(data_state)
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
-  init_report = None
-  if not start and config.init_from:
-    try:
-      params, init_report = ckpt.load_matching_params(config.init_from, state.params)
-    except ckpt.InitFromError as e:
-      raise config_lib.ConfigError(str(e)) from None
-    with jax.set_mesh(mesh):
-      opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
-    state = state.replace(params=params, opt_state=opt_state)
   n_params = count_params(state.params)
   n_trained = optimizers.count_trained(state.params, config.optimizer.trainable)
   trained = ('' if n_trained == n_params else
@@ -341,9 +353,8 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
     write_parameter_counts(workdir, n_params, n_trained, config, init_report)
 
   task = data.info.task
-  teacher, teacher_args = None, ()
-  if config.distill.teacher_workdir:
-    teacher, teacher_params = distill_lib.load_teacher(experiment)
+  teacher_args = ()
+  if teacher is not None:
     teacher_args = (jax.device_put(teacher_params, replicated),)
     writer.info(f'Distilling from {teacher.name} in {teacher.workdir} '
                 f'({count_params(teacher_params):,} parameters; temperature '
