@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'mlm'  # Masked windows of the corpus's bytes.
   config.data.seq_len = 128  # Bytes per example.
   config.data.mask_rate = 0.15  # Fraction of positions selected for prediction.
-  config.train.steps = 2000  # Updates.
+  config.train.steps = 1000  # Updates.
   config.train.batch_size = 16  # Global batch.
   config.train.eval_every = 500  # Steps between evaluations.
   config.train.checkpoint_every = 500  # Steps between checkpoints.
