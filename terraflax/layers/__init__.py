@@ -31,6 +31,7 @@ from terraflax.layers.core import Tanh as Tanh
 from terraflax.layers.feedforward import FeedForward as FeedForward
 from terraflax.layers.fourier import FourierMixing as FourierMixing
 from terraflax.layers.fourier import MaskedFourierMixing as MaskedFourierMixing
+from terraflax.layers.lsh_attention import LSHSelfAttention as LSHSelfAttention
 from terraflax.layers.metrics import Accuracy as Accuracy
 from terraflax.layers.metrics import CrossEntropyLoss as CrossEntropyLoss
 from terraflax.layers.metrics import accuracy_sum as accuracy_sum
@@ -43,4 +44,6 @@ from terraflax.layers.prefix import PrefixAttention as PrefixAttention
 from terraflax.layers.prefix import PrefixCausalAttention as PrefixCausalAttention
 from terraflax.layers.sparse_ff import SparseFF as SparseFF
 from terraflax.layers.sparse_qkv import ModularCausalConv as ModularCausalConv
+from terraflax.layers.sparse_qkv import (
+    MultiplicativeConvCausalAttention as MultiplicativeConvCausalAttention)
 from terraflax.layers.sparse_qkv import MultiplicativeDense as MultiplicativeDense
