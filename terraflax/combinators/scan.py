@@ -35,6 +35,7 @@ class _RepeatFields(Layer):
   layer: Any = None
   n: int = 1
   remat: bool = False
+  share_params: bool = False
   preserve_adopted_names = True
 
 
@@ -46,9 +47,15 @@ class Repeat(_RepeatFields):
   Parameters, caches and sown intermediates get a leading axis of size `n`;
   each copy draws its own randomness. `remat=True` recomputes each copy's
   activations in the backward pass instead of storing them.
+
+  `share_params=True` (ALBERT's cross-layer sharing) applies the one `layer`
+  instance `n` times with a single set of parameters (no leading axis; their
+  gradient sums over the applications). Caches and intermediates are still
+  per application, so a shared causal-attention block keeps one key/value
+  cache per depth in predict mode.
   """
 
-  def __init__(self, layer=None, n=1, *, remat=False, **kwargs):
+  def __init__(self, layer=None, n=1, *, remat=False, share_params=False, **kwargs):
     layer = _one_layer(layer)
     if layer is None:
       raise LayerError('Repeat needs a layer.')
@@ -59,7 +66,7 @@ class Repeat(_RepeatFields):
           f'Repeat needs a layer with n_in == n_out, got {label_of(layer)} with '
           f'n_in={n_in_of(layer)}, n_out={n_out_of(layer)}.')
     name_children([layer], 'Repeat')
-    super().__init__(layer=layer, n=n, remat=remat, **kwargs)
+    super().__init__(layer=layer, n=n, remat=remat, share_params=share_params, **kwargs)
 
   @property
   def n_in(self):
@@ -78,12 +85,20 @@ class Repeat(_RepeatFields):
 
     if self.remat:
       body = nn.remat(body, prevent_cse=False)
-    scanned = nn.scan(
-        body,
-        variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
-        split_rngs={stream: True for stream in RNG_STREAMS},
-        length=self.n,
-        metadata_params={nn.PARTITION_NAME: 'layers'})
+    if self.share_params:  # One set of parameters, initialised once, read by every copy.
+      scanned = nn.scan(
+          body,
+          variable_broadcast='params',
+          variable_axes={'cache': 0, 'intermediates': 0},
+          split_rngs={stream: stream != 'params' for stream in RNG_STREAMS},
+          length=self.n)
+    else:
+      scanned = nn.scan(
+          body,
+          variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+          split_rngs={stream: True for stream in RNG_STREAMS},
+          length=self.n,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, _ = scanned(self.layer, tuple(stack), None)
     return as_return(carry)
 

@@ -131,19 +131,32 @@ class CausalAttention(_AttentionBase):
   def __call__(self, x):
     self.check_input(x)
     d_model = x.shape[-1]
-    d_qk, d_v = self.widths(d_model)
-    q, k, v = self.heads(x, 'query', d_qk), self.heads(x, 'key', d_qk), self.heads(x, 'value', d_v)
+    q, k, v = self.queries_keys_values(x, *self.widths(d_model))
+    return self.combine(self.attend_causal(q, k, v), d_model)
+
+  def queries_keys_values(self, x, d_qk: int, d_v: int):
+    """(b, l, d) -> q, k (b, l, h, d_qk), v (b, l, h, d_v): the three projections.
+
+    Subclasses with other projections (sparse QKV) replace this method only;
+    the causal attention and its predict-mode cache stay the same.
+    """
+    return self.heads(x, 'query', d_qk), self.heads(x, 'key', d_qk), self.heads(x, 'value', d_v)
+
+  def attend_causal(self, q, k, v):
+    """Causal attention of per-head q, k, v (b, l, h, width) -> (b, l, h, d_v).
+
+    In `'predict'` mode k and v are appended to the key/value cache first and
+    q attends to everything cached so far.
+    """
     if self.mode == 'predict':
-      out = self._attend_cached(q, k, v)
-    else:
-      out = self.attend(q, k, v, causal=True)
-    return self.combine(out, d_model)
+      return self._attend_cached(q, k, v)
+    return self.attend(q, k, v, causal=True)
 
   def _attend_cached(self, q, k, v):
     b, length = k.shape[:2]
     if length > self.max_len:
-      raise ValueError(f'CausalAttention max_len={self.max_len} (the predict-mode cache) is '
-                       f'shorter than the input length {length}.')
+      raise ValueError(f'{type(self).__name__} max_len={self.max_len} (the predict-mode cache) '
+                       f'is shorter than the input length {length}.')
     # Stored (b, h, width, max_len): the layout XLA's CPU dots read directly, so no
     # transposed copy of the cache is made per step (measured: ~25% faster decoding).
     cached_key = self.variable('cache', 'cached_key', jnp.zeros,
@@ -154,8 +167,9 @@ class CausalAttention(_AttentionBase):
     if self.is_initializing():  # Allocate only; the first real call starts at position 0.
       return self.attend(q, k, v, causal=True)
     if cached_key.value.shape[0] != b:
-      raise ValueError(f'CausalAttention: the cache holds batch {cached_key.value.shape[0]} but '
-                       f'the input has batch {b}; init with the decoding batch size.')
+      raise ValueError(f'{type(self).__name__}: the cache holds batch '
+                       f'{cached_key.value.shape[0]} but the input has batch {b}; init with the '
+                       'decoding batch size.')
     for cached, new in ((cached_key, k), (cached_value, v)):
       cached.value = jax.lax.dynamic_update_slice_in_dim(
           cached.value, jnp.transpose(new, (0, 2, 3, 1)).astype(cached.value.dtype), start,

@@ -49,7 +49,7 @@ def straight_through(choices: jax.Array, probs: jax.Array) -> jax.Array:
 
 
 class SparseFF(Layer):
-  """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1 (any leading axes).
+  """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1 (2 -> 2 with `replay`).
 
   A feed-forward block y = (act(x W_in + b_in) * mask) W_out + b_out whose
   `d_ff` hidden units are grouped into k = d_ff / n_elements_in_block blocks
@@ -85,6 +85,15 @@ class SparseFF(Layer):
 
   With `sow_choices`, the chosen elements, int32 (b, l, k), are sown to
   `intermediates` as `choices`. `dropout` applies to the output in `'train'`.
+
+  `replay=True` makes the layer [x, recorded] -> [y, choices]: (b, l, d),
+  int (b, l, k) -> (b, l, d), (b, l, k) (n_in = n_out = 2). Where `recorded`
+  is >= 0 that element is used instead of the controller's choice (the
+  controller still runs and draws its noise, so randomness and the
+  straight-through gradient are unchanged); -1 means "choose". `choices`
+  (in `recorded`'s dtype) are the elements used. A reversible stack uses it
+  to replay, in its backward pass, exactly the choices of the forward pass
+  (see `terraflax.layers.sparse_reversible`).
   """
 
   _: dataclasses.KW_ONLY
@@ -103,6 +112,7 @@ class SparseFF(Layer):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  replay: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'SparseFF mode')
@@ -123,6 +133,14 @@ class SparseFF(Layer):
     super().__post_init__()
 
   @property
+  def n_in(self) -> int:
+    return 2 if self.replay else 1
+
+  @property
+  def n_out(self) -> int:
+    return self.n_in
+
+  @property
   def n_blocks(self) -> int:
     return self.d_ff // self.n_elements_in_block
 
@@ -134,7 +152,11 @@ class SparseFF(Layer):
     return self.make_rng('sparse')
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, recorded=None):
+    if self.replay != (recorded is not None):
+      raise ValueError(
+          'SparseFF takes [x, recorded] with replay=True and [x] otherwise; got replay='
+          f'{self.replay} and {"no " if recorded is None else ""}recorded choices.')
     d_model = x.shape[-1]
     k, e = self.n_blocks, self.n_elements_in_block
     kernel_in = self.param('kernel_in', self.kernel_init, (self.d_ff, d_model), self.param_dtype)
@@ -158,6 +180,11 @@ class SparseFF(Layer):
       choices = block_choices(logits, self.temperature, self._rng('Gumbel noise'))
     else:
       choices = block_choices(logits)
+    if recorded is not None:
+      if recorded.shape != choices.shape or not jnp.issubdtype(recorded.dtype, jnp.integer):
+        raise ValueError(f'SparseFF recorded choices must be int {choices.shape} (-1: choose), '
+                         f'got {recorded.dtype}{tuple(recorded.shape)}.')
+      choices = jnp.where(recorded >= 0, recorded.astype(jnp.int32), choices)
     if self.sow_choices:
       self.sow('intermediates', 'choices', choices)
 
@@ -180,6 +207,8 @@ class SparseFF(Layer):
       y = y + lift_to(bias_out.astype(dtype), y)
     if self.mode == 'train' and self.dropout > 0:
       y = dropout(y, self.dropout, self.make_rng('dropout'))
+    if recorded is not None:
+      return y, choices.astype(recorded.dtype)
     return y
 
   def _masked_dense(self, x, mask, kernel_in, bias_in, kernel_out):

@@ -1,4 +1,4 @@
-"""Terraformer's sparse QKV pieces: a multiplicative dense layer and a causal conv.
+"""Terraformer's sparse QKV: a multiplicative dense layer, a causal conv, and attention.
 
 Jaszczur et al., "Sparse is Enough in Scaling Transformers" (2021), section
 on sparse QKV: the d x d projections of attention are replaced by
@@ -6,7 +6,8 @@ on sparse QKV: the d x d projections of attention are replaced by
 followed by `ModularCausalConv`, a small convolution over (length, modules)
 that is causal along the length. Both map flat (b, l, S * M) arrays, so they
 compose with `Serial` and attention can feed their outputs straight to its
-head split.
+head split. `MultiplicativeConvCausalAttention` is causal self-attention whose
+queries, keys and values come from them.
 
 Axis letters (beyond the package's): s modules (S), m units of a module (M),
 i input features.
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer, check_mode
+from terraflax.layers.attention import CausalAttention
 from terraflax.layers.core import lift_to
 
 Initializer = Callable[..., jax.Array]
@@ -169,3 +171,97 @@ class ModularCausalConv(Layer):
       bias = self.param('bias', self.bias_init, (d_module_out,), self.param_dtype)
       y = y + lift_to(bias.astype(dtype), y)
     return y.reshape(batch, length, self.n_modules * d_module_out)
+
+
+OUTPUT_LAYERS = ('dense', 'multiplicative', 'none')
+
+
+class MultiplicativeConvCausalAttention(CausalAttention):
+  """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1. Causal attention, sparse QKV.
+
+  `CausalAttention` whose d x d query/key/value projections are replaced by
+  the Terraformer's sparse QKV (arranged as Trax's layer of this name):
+
+    shared = MultiplicativeDense(n_modules)(x)                  (b, l, S * M)
+    q = ModularCausalConv(module_kernel_size)(shared)           per head
+    k = ModularCausalConv(module_kernel_size)(shared)           per head
+    v = ModularCausalConv(module_kernel_size=1)(shared)         per head
+
+  One multiplicative layer is shared by Q, K and V; each has its own
+  convolution over (length, modules), causal along the length
+  (`length_kernel_size` positions: the token and the ones before it). The
+  query and key convolutions also mix `module_kernel_size` neighbouring
+  modules; the value convolution treats each module on its own. With
+  `n_modules` (S, default `n_heads`) equal to `n_heads`, module s becomes
+  head s. The heads attend causally (`dot_product_attention`) and
+  `output_layer` maps them back to d: 'dense' (a `Dense`, as in
+  `CausalAttention`), 'multiplicative' (a `MultiplicativeDense` with S
+  modules) or 'none' (the merged heads as they are; needs n_heads * d_v = d).
+  Parameters: `multiplicative/{gating, kernel, bias}`,
+  `{query,key,value}_conv/{kernel, bias}`, `output/...`, d * (S + M) +
+  O(M^2) for the projections instead of 3 d^2.
+
+  `'predict'` mode: the key/value cache of `CausalAttention`
+  (`cached_key`, `cached_value`, `position`, `max_len` positions) plus each
+  convolution's last `length_kernel_size - 1` inputs (`{query,key,value}_conv/
+  inputs`), so one call per token (or a longer prefill call) equals the full
+  causal pass. Other fields as in `CausalAttention`.
+  """
+
+  n_modules: int | None = None
+  length_kernel_size: int = 3
+  module_kernel_size: int = 3
+  output_layer: str = 'dense'
+
+  def __post_init__(self):
+    name = type(self).__name__
+    if self.n_modules is not None:
+      _positive_int(name, 'n_modules', self.n_modules)
+    _positive_int(name, 'length_kernel_size', self.length_kernel_size)
+    _positive_int(name, 'module_kernel_size', self.module_kernel_size)
+    if self.module_kernel_size % 2 != 1:
+      raise ValueError(f'{name} module_kernel_size must be odd (centred on the module), got '
+                       f'{self.module_kernel_size}.')
+    if self.output_layer not in OUTPUT_LAYERS:
+      raise ValueError(f'{name} output_layer must be one of {OUTPUT_LAYERS}, got '
+                       f'{self.output_layer!r}.')
+    super().__post_init__()
+
+  def _n_modules(self, d_model: int, d_qk: int, d_v: int) -> int:
+    n_modules = self.n_modules or self.n_heads
+    for what, width in (('the input width', d_model), ('n_heads * d_qk', self.n_heads * d_qk),
+                        ('n_heads * d_v', self.n_heads * d_v)):
+      if width % n_modules:
+        raise ValueError(f'{type(self).__name__}: {what} = {width} must be a multiple of '
+                         f'n_modules={n_modules}' + ('' if self.n_modules else ' (n_heads)')
+                         + '.')
+    return n_modules
+
+  def queries_keys_values(self, x, d_qk: int, d_v: int):
+    n_modules = self._n_modules(x.shape[-1], d_qk, d_v)
+    shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
+                                 name='multiplicative')(x)
+
+    def heads(name, width, module_kernel_size):
+      conv = ModularCausalConv(
+          n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
+          length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
+          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name)
+      y = conv(shared)
+      return jnp.reshape(y, y.shape[:-1] + (self.n_heads, width))
+
+    return (heads('query_conv', d_qk, self.module_kernel_size),
+            heads('key_conv', d_qk, self.module_kernel_size),
+            heads('value_conv', d_v, 1))
+
+  def combine(self, out, d_model: int):
+    if self.output_layer == 'dense':
+      return super().combine(out, d_model)
+    out = jnp.reshape(out, out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
+    if self.output_layer == 'none':
+      if out.shape[-1] != d_model:
+        raise ValueError(f"{type(self).__name__} output_layer='none' needs n_heads * d_v = "
+                         f'{out.shape[-1]} to equal the input width {d_model}.')
+      return out
+    return MultiplicativeDense(n_modules=self.n_modules or self.n_heads, d_out=d_model,
+                               use_bias=self.use_bias, dtype=self.dtype, name='output')(out)

@@ -13,6 +13,17 @@ leading axis of size `n_layers`. Parameters have the same names and shapes in
 'bfloat16') computes in bfloat16 with float32 parameters; logits are float32.
 Token id `pad_id` (0) is padding: the LMs' `ShiftRight` inserts it, and the
 encoders mask it out.
+
+Options of `TransformerLM` and `TransformerEncoder` (defaults: the plain model):
+  share_layers   ALBERT's cross-layer sharing: one block applied n_layers times
+                 with one set of parameters (`Repeat(share_params=True)`)
+  d_embedding    ALBERT's factorised embeddings: tokens embed to d_embedding
+                 and a Dense projects them to d_model (the LM's output goes
+                 d_model -> d_embedding -> vocab too)
+  n_prefix       prefix tuning: n_prefix trainable keys/values at every
+                 attention layer (`terraflax.layers.prefix`)
+  mixing         (encoder only) 'attention' or 'fourier' (FNet) token mixing,
+                 for all layers or one kind per layer
 """
 
 from __future__ import annotations
@@ -22,13 +33,18 @@ import jax.numpy as jnp
 import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import check_mode
+from terraflax.layers.prefix import PrefixAttention, PrefixCausalAttention
+
+MIXING_KINDS = ('attention', 'fourier')
 
 
 def _check_hyperparameters(model: str, mode: str, **values):
   """Clear errors for a bad `mode` and non-positive sizes, before anything is built."""
   check_mode(mode, f'{model} mode')
   for name, value in values.items():
-    if name in ('attention_chunk_len', 'ff_chunk_len') and value is None:
+    if name in ('attention_chunk_len', 'ff_chunk_len', 'd_embedding') and value is None:
+      continue
+    if name == 'n_prefix' and value == 0:
       continue
     if name == 'dropout':
       if not 0.0 <= value < 1.0:
@@ -65,12 +81,54 @@ def _masked_mean(x, mask):
   return total / count
 
 
-def _embed(vocab_size, d_model, max_len, dropout, mode, dtype):
-  """[ids] -> [x]: token embedding plus sinusoidal positions, with dropout."""
+def _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None):
+  """[ids] -> [x]: token embedding plus sinusoidal positions, with dropout.
+
+  With `d_embedding`, tokens embed to d_embedding and a Dense projects to d_model.
+  """
+  if d_embedding is None:
+    return [
+        tl.Embedding(vocab_size, d_model, dtype=dtype),
+        tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
+    ]
   return [
-      tl.Embedding(vocab_size, d_model, dtype=dtype),
+      tl.Embedding(vocab_size, d_embedding, dtype=dtype),
+      tl.Dense(d_model, dtype=dtype),  # The factorised embedding's projection.
       tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
   ]
+
+
+def _check_d_embedding(model, d_embedding, d_model):
+  if d_embedding is not None and d_embedding > d_model:
+    raise ValueError(f'{model} d_embedding={d_embedding} must be <= d_model={d_model} (a '
+                     'factorised embedding is narrower than the model).')
+
+
+def _mixing_kinds(model, mixing, n_layers) -> tuple[str, ...]:
+  """`mixing` ('attention', 'fourier' or one of them per layer) as n_layers kinds."""
+  kinds = (mixing,) * n_layers if isinstance(mixing, str) else tuple(mixing)
+  if len(kinds) != n_layers or any(kind not in MIXING_KINDS for kind in kinds):
+    raise ValueError(f'{model} mixing must be one of {MIXING_KINDS} or a sequence of n_layers='
+                     f'{n_layers} of them, got {mixing!r}.')
+  return kinds
+
+
+def _stack(blocks, kinds, share_layers, model):
+  """`Repeat`s of the blocks of each run of equal `kinds` (one Repeat when all are equal).
+
+  `blocks[kind]()` makes a fresh block (a list of layers) of that kind.
+  """
+  runs = []
+  for kind in kinds:
+    if runs and runs[-1][0] == kind:
+      runs[-1][1] += 1
+    else:
+      runs.append([kind, 1])
+  if share_layers and len(runs) > 1:
+    raise ValueError(f'{model} share_layers needs one mixing kind for all layers (one shared '
+                     f'block), got {kinds}.')
+  repeats = [cb.Repeat(blocks[kind](), n, share_params=share_layers) for kind, n in runs]
+  return repeats[0] if len(repeats) == 1 else cb.Serial(*repeats, label='Encoder')
 
 
 def _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len):
@@ -79,32 +137,56 @@ def _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len):
 
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention_chunk_len=None, ff_chunk_len=None):
+                 attention_chunk_len=None, ff_chunk_len=None, n_prefix=0):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
 
-  Pre-norm causal self-attention and feed-forward residual blocks.
+  Pre-norm causal self-attention and feed-forward residual blocks; with
+  `n_prefix`, the attention has that many trainable prefix keys/values.
   """
+  kwargs = dict(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len, max_len=max_len,
+                mode=mode, dtype=dtype)
+  attention = (PrefixCausalAttention(n_prefix=n_prefix, **kwargs) if n_prefix
+               else tl.CausalAttention(**kwargs))
   return [
       cb.Residual(
           tl.LayerNorm(),
-          tl.CausalAttention(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len,
-                             max_len=max_len, mode=mode, dtype=dtype),
+          attention,
           tl.Dropout(dropout, mode=mode)),
       _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
 def EncoderBlock(*, d_model, d_ff, n_heads, dropout, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention_chunk_len=None, ff_chunk_len=None):
+                 attention_chunk_len=None, ff_chunk_len=None, n_prefix=0):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> (b, l, d), (b, l); a list, 2 -> 2.
 
-  Pre-norm bidirectional self-attention over real tokens, then feed-forward.
+  Pre-norm bidirectional self-attention over real tokens, then feed-forward;
+  with `n_prefix`, the attention has that many trainable prefix keys/values.
+  """
+  kwargs = dict(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len, mode=mode,
+                dtype=dtype)
+  attention = (PrefixAttention(n_prefix=n_prefix, **kwargs) if n_prefix
+               else tl.Attention(**kwargs))
+  return [
+      cb.Residual(
+          tl.LayerNorm(),
+          attention,
+          tl.Dropout(dropout, mode=mode)),  # stack: x, mask
+      _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+  ]
+
+
+def FourierEncoderBlock(*, d_model, d_ff, dropout, mode, dtype=None,  # pylint: disable=invalid-name
+                        ff_chunk_len=None):
+  """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> (b, l, d), (b, l); a list, 2 -> 2.
+
+  FNet's block: pre-norm Fourier mixing (padding zeroed first), then
+  feed-forward. Its only parameters are the norm's and the feed-forward's.
   """
   return [
       cb.Residual(
           tl.LayerNorm(),
-          tl.Attention(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len,
-                       mode=mode, dtype=dtype),
+          tl.MaskedFourierMixing(),
           tl.Dropout(dropout, mode=mode)),  # stack: x, mask
       _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
@@ -134,7 +216,9 @@ def EncoderDecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype
 def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
                   n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1,
                   max_len: int = 2048, mode: str = 'train', dtype=None,
-                  attention_chunk_len: int | None = None, ff_chunk_len: int | None = None):
+                  attention_chunk_len: int | None = None, ff_chunk_len: int | None = None,
+                  share_layers: bool = False, d_embedding: int | None = None,
+                  n_prefix: int = 0):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   A decoder-only Transformer language model. It shifts its input right
@@ -156,29 +240,75 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     dtype: compute dtype (e.g. 'bfloat16'); parameters stay float32.
     attention_chunk_len: query-chunked attention (memory linear in length).
     ff_chunk_len: run the feed-forward blocks this many positions at a time.
+    share_layers: ALBERT: one decoder block applied n_layers times, one set of
+      its parameters (each depth keeps its own predict-mode cache).
+    d_embedding: ALBERT's factorised embeddings: embed to d_embedding
+      (<= d_model) and project to d_model; the output is factorised the same
+      way (LayerNorm, Dense(d_embedding), Dense(vocab_size)).
+    n_prefix: prefix tuning: trainable keys/values at every attention layer
+      (`prefix_key`/`prefix_value` parameters; 0: none).
   """
   _check_hyperparameters('TransformerLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
                          n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                         attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len)
+                         attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
+                         d_embedding=d_embedding, n_prefix=n_prefix)
+  _check_d_embedding('TransformerLM', d_embedding, d_model)
   dtype = _dtype(dtype)
   block = DecoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
                        max_len=max_len, mode=mode, dtype=dtype,
-                       attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len)
+                       attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
+                       n_prefix=n_prefix)
   return cb.Serial(
       tl.ShiftRight(mode=mode),
-      _embed(vocab_size, d_model, max_len, dropout, mode, dtype),
-      cb.Repeat(block, n_layers),
+      _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      cb.Repeat(block, n_layers, share_params=share_layers),
       tl.LayerNorm(),
+      tl.Dense(d_embedding, dtype=dtype) if d_embedding is not None else None,
       tl.Dense(vocab_size, dtype=dtype),
       _float32(),
   )
+
+
+def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # pylint: disable=invalid-name
+                n_heads: int, dropout: float, max_len: int, mode: str, dtype=None,
+                attention_chunk_len: int | None = None, ff_chunk_len: int | None = None,
+                pad_id: int | None = 0, share_layers: bool = False,
+                d_embedding: int | None = None, mixing='attention', n_prefix: int = 0):
+  """[tokens] -> [x, mask]: int (b, l) -> (b, l, d_model), bool (b, l); a list, 1 -> 2.
+
+  The encoder up to its final LayerNorm, shared by `TransformerEncoder` and
+  `terraflax.models.BertMLM` so that their bodies have the same parameter
+  paths (a pre-trained body loads into a classifier by path). `mask` is
+  `tokens != pad_id`. Arguments are `TransformerEncoder`'s.
+  """
+  kinds = _mixing_kinds('TransformerEncoder', mixing, n_layers)
+  _check_d_embedding('TransformerEncoder', d_embedding, d_model)
+  dtype = _dtype(dtype)
+  if mode == 'predict':  # No incremental form: predict is eval.
+    mode = 'eval'
+  blocks = {
+      'attention': lambda: EncoderBlock(
+          d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode, dtype=dtype,
+          attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len, n_prefix=n_prefix),
+      'fourier': lambda: FourierEncoderBlock(
+          d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode, dtype=dtype,
+          ff_chunk_len=ff_chunk_len),
+  }
+  return [
+      cb.Branch(None, _padding_mask(pad_id)),  # stack: ids, mask
+      _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      _stack(blocks, kinds, share_layers, 'TransformerEncoder'),  # stack: x, mask
+      tl.LayerNorm(),
+  ]
 
 
 def TransformerEncoder(*, vocab_size: int, n_classes: int = 10, d_model: int = 512,  # pylint: disable=invalid-name
                        d_ff: int = 2048, n_layers: int = 6, n_heads: int = 8,
                        dropout: float = 0.1, max_len: int = 2048, mode: str = 'train',
                        dtype=None, attention_chunk_len: int | None = None,
-                       ff_chunk_len: int | None = None, pad_id: int | None = 0):
+                       ff_chunk_len: int | None = None, pad_id: int | None = 0,
+                       share_layers: bool = False, d_embedding: int | None = None,
+                       mixing='attention', n_prefix: int = 0):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, n_classes); 1 -> 1.
 
   A BERT-style bidirectional encoder with a classification head: tokens equal
@@ -186,23 +316,25 @@ def TransformerEncoder(*, vocab_size: int, n_classes: int = 10, d_model: int = 5
   of the mean pooling over positions that feeds the final `Dense(n_classes)`.
   Right-padding a batch therefore does not change a sequence's logits.
   There is no incremental form: `'predict'` behaves as `'eval'`.
-  Other arguments are as in `TransformerLM`.
+  `mixing` is 'attention', 'fourier' (FNet's parameter-free Fourier mixing)
+  or a sequence of one of them per layer, e.g. ('fourier', 'fourier',
+  'attention'); runs of equal kinds are scanned together. `share_layers`,
+  `d_embedding` and `n_prefix` are as in `TransformerLM` (`share_layers`
+  needs one mixing kind). Other arguments are as in `TransformerLM`.
   """
   _check_hyperparameters('TransformerEncoder', mode, vocab_size=vocab_size, n_classes=n_classes,
                          d_model=d_model, d_ff=d_ff, n_layers=n_layers, n_heads=n_heads,
                          dropout=dropout, max_len=max_len, attention_chunk_len=attention_chunk_len,
-                         ff_chunk_len=ff_chunk_len)
-  dtype = _dtype(dtype)
-  block = EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode,
-                       dtype=dtype, attention_chunk_len=attention_chunk_len,
-                       ff_chunk_len=ff_chunk_len)
+                         ff_chunk_len=ff_chunk_len, d_embedding=d_embedding, n_prefix=n_prefix)
+  body = EncoderBody(vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, n_layers=n_layers,
+                     n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
+                     attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
+                     pad_id=pad_id, share_layers=share_layers, d_embedding=d_embedding,
+                     mixing=mixing, n_prefix=n_prefix)
   return cb.Serial(
-      cb.Branch(None, _padding_mask(pad_id)),  # stack: ids, mask
-      _embed(vocab_size, d_model, max_len, dropout, 'eval' if mode == 'predict' else mode, dtype),
-      cb.Repeat(block, n_layers),  # stack: x, mask
-      tl.LayerNorm(),
+      body,  # stack: x, mask
       cb.Fn('MaskedMean', _masked_mean),  # stack: pooled (b, d)
-      tl.Dense(n_classes, dtype=dtype),
+      tl.Dense(n_classes, dtype=_dtype(dtype)),
       _float32(),
   )
 

@@ -1,10 +1,12 @@
 """Training: `python -m terraflax.train --config=configs/NAME.py --workdir=DIR`.
 
   config.py       schema, validation (`validate_config`, `ConfigError`), model factories
-  data.py         grain pipelines: bytes, duplication, listops, text classification
+  data.py         grain pipelines: bytes, duplication, listops, text classification, reverse,
+                  masked LM, byte classification, digits
   listops.py      the ListOps generator and evaluator (LRA format)
-  optimizers.py   optax schedules and optimizers, weight-decay masks
-  checkpoint.py   orbax CheckpointManager items, `load_for_inference`
+  optimizers.py   optax schedules and optimizers, weight-decay masks, frozen parameters
+  checkpoint.py   orbax CheckpointManager items, `load_for_inference`, `load_matching_params`
+  distill.py      the teacher of knowledge distillation (`config.distill`)
   metrics.py      metrics.jsonl, TensorBoard events, progress lines
   sharding.py     the ('data', 'model') mesh, shardings, multi-process start
   trainer.py      `train_step`, `eval_step`, `train_and_evaluate`

@@ -116,6 +116,61 @@ def load_for_inference(workdir: str, step: int | None = None):
   return config, restored['params']
 
 
+class InitFromError(ValueError):
+  """`config.init_from` names parameters that cannot initialise this model."""
+
+
+def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
+  """(params, report): `params` with every leaf that `workdir`'s latest checkpoint also has.
+
+  Leaves are matched by their path in the parameter tree ('Repeat_3/.../kernel').
+  A matching leaf takes the checkpoint's value (placed like the leaf it
+  replaces when that is an array); the others are kept as they are, so
+  `params` may be abstract (`jax.ShapeDtypeStruct`s): the trainer checks and
+  loads before compiling anything. `report` has the step and the matched,
+  fresh and unused paths. Raises `InitFromError` when
+  no path matches, or when a path matches with a different shape or dtype
+  (the models disagree; nothing is loaded).
+  """
+  from terraflax.train import optimizers  # pylint: disable=import-outside-toplevel
+  source_config, source = load_for_inference(workdir)
+  manager = make_manager(workdir, read_only=True, async_save=False)
+  step = manager.latest_step()
+  manager.close()
+  flat_source = {optimizers.path_name(p): x
+                 for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  matched, fresh, values, mismatched = [], [], [], []
+  for path, leaf in leaves:
+    name = optimizers.path_name(path)
+    if name not in flat_source:
+      fresh.append(name)
+      values.append(leaf)
+      continue
+    value = flat_source[name]
+    if value.shape != leaf.shape or value.dtype != leaf.dtype:
+      mismatched.append(f'{name}: checkpoint {value.dtype}{tuple(value.shape)}, model '
+                        f'{leaf.dtype}{tuple(leaf.shape)}')
+      continue
+    matched.append(name)
+    values.append(jax.device_put(value, leaf.sharding) if isinstance(leaf, jax.Array) else value)
+  source_name = source_config.model.get('name', '?')
+  if mismatched:
+    raise InitFromError(
+        f'config.{field}={workdir!r} ({source_name}) has {len(mismatched)} parameter(s) whose '
+        f'shape or dtype differs from this model\'s: ' + '; '.join(mismatched[:4])
+        + ('; ...' if len(mismatched) > 4 else '') + '. The two models must agree on the '
+        'shared layers (d_model, d_ff, n_heads, vocab_size, ...).')
+  if not matched:
+    raise InitFromError(
+        f'config.{field}={workdir!r} ({source_name}) shares no parameter path with this model; '
+        f'its paths look like {", ".join(sorted(flat_source)[:3])}, this model\'s like '
+        f'{", ".join(fresh[:3])}.')
+  unused = sorted(set(flat_source) - set(matched))
+  report = {'step': step, 'matched': matched, 'fresh': fresh, 'unused': unused}
+  return jax.tree_util.tree_unflatten(treedef, values), report
+
+
 def model_from_config(config: ml_collections.ConfigDict, mode: str):
   """The model `config.model` describes, built in `mode`."""
   factory = config_lib.resolve_factory(config.model.name)

@@ -25,8 +25,10 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,8 +69,19 @@ def _one_of(*choices):
   return Field(str, choices[0], lambda v: v in choices, f'one of {choices}')
 
 
+def _regex(v):
+  try:
+    re.compile(v)
+  except re.error:
+    return False
+  return True
+
+
 SCHEMA: dict[str, Field] = {
     'seed': Field(int, 0, _non_negative, 'a non-negative int'),
+    # A workdir whose latest checkpoint initialises the parameters it shares (by path and shape)
+    # with this model; the others start fresh. Ignored when resuming this run's own checkpoint.
+    'init_from': Field(str, ''),
     # data
     'data.name': Field(str, _REQUIRED, lambda v: v in data_lib.DATASETS,
                        f'one of {data_lib.DATASETS}'),
@@ -85,6 +98,9 @@ SCHEMA: dict[str, Field] = {
     'data.max_args': Field(int, 10, lambda v: v >= 2, 'an int >= 2'),
     'data.n_classes': Field(int, 2, lambda v: v >= 2, 'an int >= 2'),
     'data.num_threads': Field(int, 1, _positive, 'a positive int'),
+    'data.mask_rate': Field((int, float), 0.15, lambda v: 0.0 < v < 1.0,
+                            'a number in (0, 1)'),
+    'data.classes': Field((tuple, list), ()),
     # train
     'train.steps': Field(int, _REQUIRED, _positive, 'a positive int'),
     'train.batch_size': Field(int, _REQUIRED, _positive, 'a positive int'),
@@ -108,6 +124,13 @@ SCHEMA: dict[str, Field] = {
     'optimizer.weight_decay': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
     'optimizer.grad_clip': Field((int, float), 0.0, _non_negative,
                                  'a non-negative number (0: off)'),
+    # A regex searched in each parameter path ('Repeat_3/.../prefix_key'): only matching
+    # parameters are trained, the others stay frozen ('' : train everything).
+    'optimizer.trainable': Field(str, '', _regex, 'a valid regular expression'),
+    # Knowledge distillation from a trained teacher (a workdir; '' : no teacher).
+    'distill.teacher_workdir': Field(str, ''),
+    'distill.temperature': Field((int, float), 2.0, _positive, 'a positive number'),
+    'distill.alpha': Field((int, float), 0.5, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
     # sharding and multi-process start
     'sharding.model_parallel': Field(int, 1, _positive, 'a positive int'),
     'sharding.logical_axis_rules': Field((tuple, list), ()),
@@ -120,7 +143,8 @@ SCHEMA: dict[str, Field] = {
     'sample.max_new_tokens': Field(int, 0, _non_negative, 'a non-negative int (0: no sample)'),
     'sample.temperature': Field((int, float), 1.0, _non_negative, 'a non-negative number'),
 }
-SECTIONS = ('seed', 'model', 'data', 'train', 'optimizer', 'sharding', 'distributed', 'sample')
+SECTIONS = ('seed', 'init_from', 'model', 'data', 'train', 'optimizer', 'distill', 'sharding',
+            'distributed', 'sample')
 _KIND_NAMES = {int: 'int', float: 'float', str: 'str', bool: 'bool', tuple: 'tuple', list: 'list'}
 
 
@@ -376,7 +400,7 @@ def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
     raise ConfigError(f'config.model.* (name={config.model.name!r}) cannot take inputs of '
                       f'shape {shape} (train.batch_size/grad_accum_steps, '
                       f'config.data.seq_len={config.data.seq_len}): {type(e).__name__}: {e}') from e
-  if info.task in ('lm', 'seq2seq'):
+  if info.task in ('lm', 'seq2seq', 'mlm'):
     want = shape + (kwargs.get('vocab_size', '?'),)
     ok = (logits.ndim == 3 and logits.shape[:2] == shape and logits.shape[2] >= info.vocab_size)
   else:
@@ -430,7 +454,29 @@ def validate_config(config, *, n_devices: int | None = None,
     raise ConfigError('config.sample.max_new_tokens must be 0 unless the task is a language '
                       f'model (data.name={config.data.name!r} is {data.info.task}).')
   variables = trace_model(config, factory, kwargs, data.info)
+  check_trainable(config.optimizer.trainable, nn.meta.unbox(variables['params']))
+  for field, workdir in (('init_from', config.init_from),
+                         ('distill.teacher_workdir', config.distill.teacher_workdir)):
+    if workdir and not os.path.isdir(os.path.join(os.path.expanduser(workdir), 'checkpoints')):
+      raise ConfigError(f'config.{field}={workdir!r} is not a training workdir (it has no '
+                        'checkpoints/ directory).')
   return Experiment(config, factory, kwargs, data, variables)
+
+
+def param_paths(params) -> list[str]:
+  """'Repeat_3/Serial_0/.../kernel' for every parameter leaf, in tree order."""
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def check_trainable(pattern: str, params) -> None:
+  """`config.optimizer.trainable` must select at least one parameter when set."""
+  if not pattern:
+    return
+  paths = param_paths(params)
+  if not any(re.search(pattern, path) for path in paths):
+    raise ConfigError(f'config.optimizer.trainable={pattern!r} matches no parameter path; paths '
+                      f'look like {", ".join(repr(p) for p in paths[:3])}, ...')
 
 
 def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,19 @@ Built in (`config.data.name`):
   reverse              seq2seq sanity task: inputs w, targets w reversed,
                        symbols 1..V-1 (an encoder-decoder reads inputs and
                        predicts targets)
+  mlm                  BERT masked-LM pre-training on the bytes of a file or
+                       directory (ids byte + 1, 0 padding, 257 [MASK]): each
+                       position is selected with probability data.mask_rate
+                       (0.15); a selected one becomes [MASK] (80%), a random
+                       byte (10%) or stays (10%); only selected ones are scored
+  byte_classification  which of data.classes (sub-directories of data.path)
+                       a random window of seq_len bytes comes from (ids
+                       byte + 1, as text_classification and mlm); eval windows
+                       come from the last eval_fraction of each class's bytes
+  digits               scikit-learn's 8x8 handwritten digits (1797 images,
+                       shipped with the package): inputs are the 64 pixel
+                       intensities 0..16, targets the digit; a fixed
+                       permutation holds out data.eval_examples test images
 
 The training iterator's position is its whole state (`get_state()` is the
 grain iterator's JSON state), so a restored iterator continues exactly.
@@ -40,11 +53,16 @@ import numpy as np
 
 from terraflax.train import listops
 
-DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse')
+DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse', 'mlm',
+            'byte_classification', 'digits')
 # How the model is called: 'lm' model(inputs) -> (b, l, v); 'classification'
-# model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v).
+# model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v);
+# 'mlm' model(inputs) -> (b, l, v), bidirectional, scored at the masked positions.
 TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
-         'text_classification': 'classification', 'reverse': 'seq2seq'}
+         'text_classification': 'classification', 'reverse': 'seq2seq', 'mlm': 'mlm',
+         'byte_classification': 'classification', 'digits': 'classification'}
+MASK_ID = 257  # [MASK] in the mlm data set; bytes are 1..256 and 0 is padding.
+MLM_VOCAB_SIZE = 258
 BYTE_LEVEL = frozenset({'bytes'})  # Data sets whose tokens are raw bytes (text in, text out).
 EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
 
@@ -332,12 +350,127 @@ def reverse_data(cfg, seed: int) -> Data:
       eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
 
 
+# ----------------------------------------------------------------------------- mlm
+
+
+def mlm_mask(ids: np.ndarray, rng: np.random.Generator, *, mask_rate: float = 0.15,
+             mask_id: int = MASK_ID, n_real: int = 256) -> dict[str, np.ndarray]:
+  """BERT's masking of token ids (l,): an example scored only at the selected positions.
+
+  Each non-padding position (id != 0) is selected with probability
+  `mask_rate`; a selected position's input becomes `mask_id` with probability
+  0.8, a uniformly random real token (1..n_real) with 0.1, and stays with 0.1.
+  Targets are the original ids; weights are 1 at selected positions, else 0.
+  """
+  ids = np.asarray(ids, np.int32)
+  selected = (rng.random(ids.shape) < mask_rate) & (ids != 0)
+  action = rng.random(ids.shape)
+  inputs = ids.copy()
+  inputs[selected & (action < 0.8)] = mask_id
+  randomised = selected & (action >= 0.8) & (action < 0.9)
+  inputs[randomised] = rng.integers(1, n_real + 1, size=int(randomised.sum()))
+  return {'inputs': inputs, 'targets': ids.copy(), 'weights': selected.astype(np.float32)}
+
+
+def mlm_data(cfg, seed: int) -> Data:
+  seq_len = cfg.seq_len
+  train, evaluation, _ = split_bytes(read_bytes(cfg.path, cfg.glob), cfg.eval_fraction,
+                                     cfg.test_fraction)
+  for name, part in (('training', train), ('evaluation', evaluation)):
+    if part.size < seq_len:
+      raise DataError(f'The {name} split of config.data.path={cfg.path!r} has {part.size} bytes, '
+                      f'fewer than data.seq_len={seq_len}.')
+  ids = lambda window: window.astype(np.int32) + 1
+
+  def random_window(_, rng):
+    start = int(rng.integers(0, train.size - seq_len + 1))
+    return mlm_mask(ids(train[start:start + seq_len]), rng, mask_rate=cfg.mask_rate)
+
+  def eval_window(i):
+    rng = np.random.default_rng([seed ^ EVAL_SEED_SALT, i])  # The same masks every evaluation.
+    return mlm_mask(ids(evaluation[i * seq_len:(i + 1) * seq_len]), rng, mask_rate=cfg.mask_rate)
+
+  return Data(
+      info=DataInfo(task='mlm', vocab_size=MLM_VOCAB_SIZE),
+      train=grain.MapDataset.range(max(1, train.size // seq_len)).repeat().random_map(
+          random_window, seed=seed),
+      eval=grain.MapDataset.range(evaluation.size // seq_len).map(eval_window))
+
+
+# ----------------------------------------------------------------------------- byte classification
+
+
+def byte_classification_data(cfg, seed: int) -> Data:
+  classes = tuple(cfg.classes)
+  if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+    raise DataError('config.data.classes must name >= 2 sub-directories of data.path (one per '
+                    f'class) for byte_classification, got {classes!r}.')
+  seq_len, splits = cfg.seq_len, []
+  for name in classes:
+    folder = os.path.join(os.path.expanduser(cfg.path), name)
+    train, evaluation, _ = split_bytes(read_bytes(folder, cfg.glob), cfg.eval_fraction, 0.0)
+    if min(train.size, evaluation.size) < seq_len:
+      raise DataError(f'config.data.classes: class {name!r} ({folder}) has too few bytes for '
+                      f'windows of data.seq_len={seq_len} in both splits.')
+    splits.append((train, evaluation))
+
+  def window(part, label, rng):
+    start = int(rng.integers(0, part.size - seq_len + 1))
+    return classification_example(part[start:start + seq_len].astype(np.int32) + 1, label)
+
+  def train_example(_, rng):
+    label = int(rng.integers(0, len(classes)))  # Balanced classes.
+    return window(splits[label][0], label, rng)
+
+  def eval_example(i):
+    label = i % len(classes)
+    return window(splits[label][1], label, np.random.default_rng([seed ^ EVAL_SEED_SALT, i]))
+
+  return Data(
+      info=DataInfo(task='classification', vocab_size=257, n_classes=len(classes)),
+      train=grain.MapDataset.range(1).repeat().random_map(train_example, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).map(eval_example))
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """(pixels int32 (1797, 64) in 0..16, labels int32 (1797,)) from scikit-learn."""
+  try:
+    from sklearn import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise DataError("data.name='digits' needs scikit-learn, which ships the 8x8 digits: "
+                    "pip install 'terraflax[vision]' (or scikit-learn).") from None
+  pixels, labels = datasets.load_digits(return_X_y=True)
+  return pixels.astype(np.int32), labels.astype(np.int32)
+
+
+def digits_data(cfg, seed: int) -> Data:
+  if cfg.seq_len != 64:
+    raise DataError(f'config.data.seq_len must be 64 (8x8 pixels) for digits, got {cfg.seq_len}.')
+  pixels, labels = load_digits()
+  order = np.random.default_rng(0).permutation(len(labels))  # A fixed split, whatever the seed.
+  n_test = cfg.eval_examples
+  if not 0 < n_test < len(labels):
+    raise DataError(f'config.data.eval_examples={n_test} (held-out test images) must be in '
+                    f'[1, {len(labels) - 1}] for digits.')
+  examples = lambda rows: [classification_example(pixels[i], labels[i]) for i in rows]
+  return Data(
+      info=DataInfo(task='classification', vocab_size=17, n_classes=10),
+      train=grain.MapDataset.source(examples(order[n_test:])).shuffle(seed=seed).repeat(),
+      eval=grain.MapDataset.source(examples(order[:n_test])))
+
+
 BUILDERS: dict[str, Callable[[Any, int], Data]] = {
     'bytes': byte_data,
     'duplication': duplication_data,
     'listops': listops_data,
     'text_classification': text_classification_data,
     'reverse': reverse_data,
+    'mlm': mlm_data,
+    'byte_classification': byte_classification_data,
+    'digits': digits_data,
 }
 
 

@@ -9,9 +9,18 @@ Schedule: linear warm-up from 0 to `learning_rate` over `warmup_steps`, then
 Optimizer: adam, adamw (decoupled weight decay), adafactor or sgd (with
 momentum), after global-norm gradient clipping when `grad_clip > 0`. Weight
 decay skips biases and normalisation scales (`decay_mask`).
+
+Frozen parameters: with `trainable` (a regex searched in each parameter's
+path, e.g. 'prefix_' or 'Dense_6'), only matching parameters are updated; the
+rest get zero updates from `optax.set_to_zero` (and no optimizer state), so
+they stay bit-identical. Clipping, the optimizer and weight decay see only the
+trained parameters. This serves prefix tuning, fine-tuning a head on a frozen
+body, and any other partial training.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +58,33 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def path_name(path) -> str:
+  """'Repeat_3/Serial_0/.../kernel': a parameter's tree path as text."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def trainable_labels(params, pattern: str):
+  """'trained' for the leaves whose path matches the regex `pattern` ('' : all), else 'frozen'."""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'trained' if regex.search(path_name(path)) else 'frozen', params)
+
+
+def count_trained(params, pattern: str) -> int:
+  """How many scalar parameters `trainable=pattern` trains (all of them for '')."""
+  labels = jax.tree_util.tree_leaves(trainable_labels(params, pattern or ''))
+  return int(sum(x.size for x, label in zip(jax.tree_util.tree_leaves(params), labels)
+                 if label == 'trained'))
+
+
+def freeze_unmatched(tx: optax.GradientTransformation, pattern: str):
+  """`tx` on the parameters matching `pattern`; zero updates (and no state) for the others."""
+  if not pattern:
+    return tx
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()},
+                               lambda params: trainable_labels(params, pattern))
+
+
 def make_optimizer(optimizer_config, total_steps: int):
   """(optax.GradientTransformation, schedule) for `config.optimizer`."""
   o = optimizer_config
@@ -70,4 +106,4 @@ def make_optimizer(optimizer_config, total_steps: int):
     parts.append(optax.sgd(schedule, momentum=o.momentum or None))
   else:
     raise ValueError(f"optimizer.name must be adam, adamw, adafactor or sgd, got {o.name!r}.")
-  return optax.chain(*parts), schedule
+  return freeze_unmatched(optax.chain(*parts), o.get('trainable', '')), schedule

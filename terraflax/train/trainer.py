@@ -9,10 +9,20 @@ brought to the host when logging, where they are normalised.
 `train.grad_accum_steps = k` splits each global batch into k micro-batches
 whose gradients of the summed loss are added up (a `lax.scan`) and divided by
 the total weight once: one optimizer update equal to that of the whole batch.
+
+Transfer and partial training, for any model:
+  init_from              start from another workdir's parameters, matched by
+                         path (`checkpoint.load_matching_params`); fresh rest
+  optimizer.trainable    train only the matching parameters; the others stay
+                         bit-identical (`optimizers.freeze_unmatched`)
+  distill.*              learn from a teacher's softened logits (`distill.py`)
+The parameter counts (total, trained) are printed and written to
+`WORKDIR/parameters.json`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,14 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraflax.layers.distillation import distillation_sum
 from terraflax.layers.metrics import accuracy_sum, cross_entropy_sum
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
+from terraflax.train import distill as distill_lib
 from terraflax.train import metrics as metrics_lib
 from terraflax.train import optimizers
 from terraflax.train import sharding as sharding_lib
 
 SUM_KEYS = ('loss_sum', 'correct_sum', 'weight_sum')
+PARAMETERS_FILE = 'parameters.json'
 NOISE_STREAMS = ('dropout', 'hash', 'sparse')
 
 
@@ -62,25 +75,34 @@ def batch_sums(logits, batch) -> dict[str, jax.Array]:
   return {'loss_sum': loss_sum, 'correct_sum': correct_sum, 'weight_sum': weight_sum}
 
 
-def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
+def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
+                    teacher: distill_lib.Teacher | None = None):
   """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
 
   `task` says how the model is called (`config.model_inputs`): model(inputs),
-  or model(inputs, targets) for 'seq2seq'.
+  or model(inputs, targets) for 'seq2seq'. With a `teacher`, the step is
+  `train_step(state, batch, teacher_params)` and minimises the distillation
+  loss; the metrics stay the student's cross-entropy on the labels.
   """
 
-  def loss_fn(params, batch, key):
-    logits = model.apply({'params': params}, *config_lib.model_inputs(batch, task),
-                         rngs=stream_rngs(key))
+  def loss_fn(params, batch, key, teacher_params):
+    inputs = config_lib.model_inputs(batch, task)
+    logits = model.apply({'params': params}, *inputs, rngs=stream_rngs(key))
     sums = batch_sums(logits, batch)
-    return sums['loss_sum'], sums
+    if teacher is None:
+      return sums['loss_sum'], sums
+    teacher_logits = teacher.model.apply({'params': teacher_params}, *inputs,
+                                         rngs=stream_rngs(jax.random.fold_in(key, 1)))
+    objective, _ = distillation_sum(logits, teacher_logits, batch['targets'], batch['weights'],
+                                    temperature=teacher.temperature, alpha=teacher.alpha)
+    return objective, sums
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher_params=None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
-      (_, sums), grads = grad_fn(state.params, batch, key)
+      (_, sums), grads = grad_fn(state.params, batch, key, teacher_params)
     else:
       k = grad_accum_steps
       # Micro-batch j holds rows j, j + k, ...: each stays spread over the 'data' axis.
@@ -90,7 +112,8 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm'):
       def accumulate(carry, xs):
         grads_sum, sums_sum = carry
         micro_batch, index = xs
-        (_, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+        (_, sums), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index),
+                                   teacher_params)
         return (jax.tree_util.tree_map(jnp.add, grads_sum, grads),
                 jax.tree_util.tree_map(jnp.add, sums_sum, sums)), None
 
@@ -146,19 +169,47 @@ def normalise(sums: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def opt_state_shardings(tx, params, mesh):
-  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate."""
+  """Optimizer-state shardings: param-shaped leaves follow their parameter, the rest replicate.
+
+  A state leaf follows the parameter whose path ends its own path (Adam's
+  `mu['Dense_5']['kernel']` follows `Dense_5/kernel`) when their shapes agree.
+  Matching paths rather than tree structures also covers masked states
+  (`optax.multi_transform` for frozen parameters), whose subtrees hold
+  placeholders where parameters are frozen.
+  """
   replicated = sharding_lib.replicated(mesh)
   abstract = jax.eval_shape(tx.init, params)
+  by_path = {tuple(optimizers.path_name(p).split('/')): x
+             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  longest = max((len(k) for k in by_path), default=0)
 
-  def follow(leaf, param):
-    return param.sharding if leaf.shape == param.shape else replicated
+  def follow(path, leaf):
+    keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(max(len(keys) - longest, 0), len(keys)):
+      param = by_path.get(keys[start:])
+      if param is not None and param.shape == leaf.shape:
+        return param.sharding
+    return replicated
 
-  return optax.tree_map_params(tx, follow, abstract, params,
-                               transform_non_params=lambda _: replicated)
+  return jax.tree_util.tree_map_with_path(follow, abstract)
 
 
 def count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def write_parameter_counts(workdir: str, n_params: int, n_trained: int, config,
+                           init_report=None) -> None:
+  """`WORKDIR/parameters.json`: total, trained and frozen counts, and what init_from loaded."""
+  record = {'total': n_params, 'trained': n_trained, 'frozen': n_params - n_trained,
+            'trainable': config.optimizer.trainable, 'init_from': config.init_from}
+  if init_report is not None:
+    record['init_from_step'] = init_report['step']
+    record['init_from_loaded'] = len(init_report['matched'])
+    record['init_from_fresh'] = init_report['fresh']
+  with open(os.path.join(workdir, PARAMETERS_FILE), 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=2)
+    f.write('\n')
 
 
 class _StopSignal:
@@ -204,8 +255,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     return _train_and_evaluate(config, workdir, stop)
 
 
-def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
-  """Freshly initialised parameters and optimizer state, laid out on `mesh`."""
+def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> TrainState:
+  """Freshly initialised parameters and optimizer state, laid out on `mesh`.
+
+  `loaded` (from `checkpoint.load_matching_params` on the abstract parameters)
+  replaces the parameters it holds arrays for; its `ShapeDtypeStruct` leaves
+  keep their fresh initialisation.
+  """
   config = experiment.config
   replicated = sharding_lib.replicated(mesh)
   param_shardings = sharding_lib.variable_shardings(
@@ -221,6 +277,10 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
 
   with jax.set_mesh(mesh):
     params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
+    if loaded is not None:
+      params = jax.tree_util.tree_map(
+          lambda new, fresh: fresh if isinstance(new, jax.ShapeDtypeStruct)
+          else jax.device_put(new, fresh.sharding), loaded, params)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     opt_state=opt_state,
@@ -242,16 +302,28 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
   train_model, eval_model = experiment.model('train'), experiment.model('eval')
   tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
   replicated = sharding_lib.replicated(mesh)
-  state = initial_state(experiment, tx, mesh)
+  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  start = manager.latest_step() or 0
+  # Other workdirs this run reads, checked before anything compiles.
+  loaded, init_report = None, None
+  if not start and config.init_from:
+    try:
+      loaded, init_report = ckpt.load_matching_params(
+          config.init_from, nn.meta.unbox(experiment.abstract_variables['params']))
+    except ckpt.InitFromError as e:
+      raise config_lib.ConfigError(str(e)) from None
+  teacher, teacher_params = None, None
+  if config.distill.teacher_workdir:
+    teacher, teacher_params = distill_lib.load_teacher(experiment)
+
+  state = initial_state(experiment, tx, mesh, loaded)
+  del loaded
   state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
   pending = jax.device_put(zero_pending(), replicated)
   health = jax.device_put(jnp.array(-1, jnp.int32), replicated)
-
-  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   data_iter = data.train_iterator(batch_size=t.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count(),
                                   num_threads=config.data.num_threads)
-  start = manager.latest_step() or 0
   if start:
     params, opt_state, train_items, data_state = ckpt.restore(
         manager, start, params=state.params, opt_state=state.opt_state,
@@ -263,14 +335,33 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
 
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, total_steps=t.steps)
   n_params = count_params(state.params)
-  writer.info(f'terraflax.train: {config.model.name} with {n_params:,} parameters; '
+  n_trained = optimizers.count_trained(state.params, config.optimizer.trainable)
+  trained = ('' if n_trained == n_params else
+             f' ({n_trained:,} trained, optimizer.trainable={config.optimizer.trainable!r})')
+  writer.info(f'terraflax.train: {config.model.name} with {n_params:,} parameters{trained}; '
               f'{jax.device_count()} device(s), mesh {dict(mesh.shape)}; workdir {workdir}')
+  if init_report is not None:
+    writer.info(f'Initialised {len(init_report["matched"])} of '
+                f'{len(init_report["matched"]) + len(init_report["fresh"])} parameter arrays from '
+                f'{config.init_from} (step {init_report["step"]}); fresh: '
+                f'{", ".join(init_report["fresh"]) or "none"}; not used: '
+                f'{", ".join(init_report["unused"]) or "none"}.')
   if start:
     writer.info(f'Resumed from the checkpoint at step {start}.')
+  if jax.process_index() == 0 and (not start or not os.path.exists(
+      os.path.join(workdir, PARAMETERS_FILE))):  # A resumed run keeps what init_from loaded.
+    write_parameter_counts(workdir, n_params, n_trained, config, init_report)
 
   task = data.info.task
+  teacher_args = ()
+  if teacher is not None:
+    teacher_args = (jax.device_put(teacher_params, replicated),)
+    writer.info(f'Distilling from {teacher.name} in {teacher.workdir} '
+                f'({count_params(teacher_params):,} parameters; temperature '
+                f'{teacher.temperature:g}, alpha {teacher.alpha:g}).')
   train_step = jax.jit(
-      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task),
+      make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task,
+                      teacher=teacher),
       donate_argnums=(0,), out_shardings=(state_shardings, replicated))
   eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated)
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -304,7 +395,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
     try:
       for step in range(start + 1, t.steps + 1):
         batch = sharding_lib.put_batch(next(data_iter), mesh)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, *teacher_args)
         pending, health = _accumulate(pending, health, step_metrics, step)
         if timer_start is None:  # Time from the end of the first (compiling) step.
           jax.block_until_ready(state.step)

@@ -52,6 +52,35 @@ class RepeatTest(parameterized.TestCase):
     self.assertBetween(survivors, 30, 100)
     self.assertTrue(bool(jnp.all((out == 0) | (out == 16.0))))
 
+  @parameterized.parameters(False, True)
+  def test_shared_params_equal_one_instance_applied_n_times(self, remat):
+    shared = block()
+    repeat = cb.Repeat(shared, 3, remat=remat, share_params=True)
+    x = jax.random.normal(KEY, (2, 5, 4))
+    variables = repeat.init(KEY, x)
+    one = variables['params']['Residual_0']
+    self.assertEqual(one['Dense_1']['kernel'].shape, (4, 6))  # One set, no leading axis.
+    single = block()
+    apply_once = lambda p, y: single.apply({'params': p}, y)
+
+    def expected(params):
+      y = x
+      for _ in range(3):
+        y = apply_once(params, y)
+      return y
+
+    chex.assert_trees_all_close(repeat.apply(variables, x), expected(one), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(lambda v: jnp.sum(repeat.apply(v, x) ** 2))(variables)
+    reference = jax.grad(lambda p: jnp.sum(expected(p) ** 2))(one)
+    chex.assert_trees_all_close(grads['params']['Residual_0'], reference, rtol=1e-4, atol=1e-5)
+
+  def test_shared_params_keep_one_cache_per_application(self):
+    repeat = cb.Repeat(tl.CausalAttention(n_heads=2, max_len=4, mode='predict'), 3,
+                       share_params=True)
+    variables = repeat.init(KEY, jnp.ones((1, 1, 4)))
+    self.assertEqual(variables['params']['CausalAttention_0']['query']['kernel'].shape, (4, 4))
+    self.assertEqual(variables['cache']['CausalAttention_0']['cached_key'].shape, (3, 1, 2, 2, 4))
+
   def test_rejects_layer_with_unequal_counts(self):
     with self.assertRaisesRegex(cb.LayerError, 'n_in == n_out'):
       cb.Repeat(cb.Add(), 2)

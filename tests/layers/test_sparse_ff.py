@@ -142,6 +142,40 @@ class SparseFFForwardTest(parameterized.TestCase):
     self.assertEqual(shapes[0], shapes[1])
     self.assertEqual(shapes[0], shapes[2])
 
+  @parameterized.parameters('eval', 'predict')
+  def test_replay_uses_the_recorded_choices(self, mode):
+    params = init_params()
+    x = jax.random.normal(KEY, (2, 3, D_MODEL))
+    recorded = np.random.default_rng(0).integers(-1, N_EL, (2, 3, N_BLOCKS)).astype(np.int8)
+    layer = make(mode, replay=True, sow_choices=False)
+    self.assertEqual((layer.n_in, layer.n_out), (2, 2))
+    y, choices = layer.apply({'params': params}, x, jnp.asarray(recorded))
+    expected = np.where(recorded >= 0, recorded, np_logits(params, x).argmax(-1))
+    self.assertEqual(choices.dtype, jnp.int8)
+    np.testing.assert_array_equal(choices, expected)
+    np.testing.assert_allclose(y, np_masked_ff(params, x, one_hot(expected)), rtol=1e-5,
+                               atol=1e-5)
+
+  def test_replay_with_nothing_recorded_is_the_plain_layer(self):
+    """Same noise, same outputs and same gradients in train mode."""
+    params = init_params()
+    x = jax.random.normal(KEY, (2, 5, D_MODEL))
+    nothing = jnp.full((2, 5, N_BLOCKS), -1, jnp.int32)
+    rngs = {'sparse': jax.random.key(4)}
+    plain = make('train', temperature=1.0, quant_prob=1.0, sow_choices=False)
+    replay = make('train', temperature=1.0, quant_prob=1.0, sow_choices=False, replay=True)
+    loss_plain = lambda p: jnp.sum(jnp.sin(plain.apply({'params': p}, x, rngs=rngs)))
+    loss_replay = lambda p: jnp.sum(jnp.sin(replay.apply({'params': p}, x, nothing,
+                                                         rngs=rngs)[0]))
+    np.testing.assert_allclose(loss_replay(params), loss_plain(params), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss_replay)(params)),
+                    jax.tree_util.tree_leaves(jax.grad(loss_plain)(params))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, r'SparseFF takes \[x, recorded\] with replay=True'):
+      replay.apply({'params': params}, x, rngs=rngs)
+    with self.assertRaisesRegex(ValueError, 'recorded choices must be int'):
+      replay.apply({'params': params}, x, nothing[:, :, :2], rngs=rngs)
+
 
 class SparseFFTrainTest(parameterized.TestCase):
 

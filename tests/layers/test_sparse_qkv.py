@@ -1,4 +1,4 @@
-"""MultiplicativeDense and ModularCausalConv against float64 numpy definitions."""
+"""MultiplicativeDense, ModularCausalConv and the sparse QKV attention against float64 numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +180,104 @@ class ModularCausalConvTest(parameterized.TestCase):
       tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((1, 3, 5)))
     with self.assertRaisesRegex(ValueError, r'expects \(b, l, d\) inputs'):
       tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((3, 4)))
+
+
+def np_multiplicative(x, p):
+  """MultiplicativeDense in float64: (..., d_in) -> (..., S * M)."""
+  y = np.einsum('...i,is,im->...sm', f64(x), f64(p['gating']), f64(p['kernel']))
+  return y.reshape(x.shape[:-1] + (-1,)) + f64(p['bias'])
+
+
+def np_causal_attention(q, k, v):
+  """Causal softmax attention per head in float64: (b, l, h, w) -> (b, l, h, w_v)."""
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  length = q.shape[1]
+  logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('dense_output', dict(output_layer='dense')),
+      ('multiplicative_output', dict(output_layer='multiplicative', n_modules=2)),
+      ('no_output_layer', dict(output_layer='none', length_kernel_size=2)),
+      ('other_head_widths', dict(d_qk=6, d_v=3, module_kernel_size=1)))
+  def test_equals_float64_reference(self, kw):
+    b, l, d, n_heads = 2, 6, 8, 2
+    x = jax.random.normal(KEY, (b, l, d))
+    layer = tl.MultiplicativeConvCausalAttention(n_heads=n_heads, mode='eval', **kw)
+    variables = randomise(layer.init(KEY, x))
+    p = variables['params']
+    n_modules = kw.get('n_modules', n_heads)
+    shared = np_multiplicative(x, p['multiplicative'])
+    heads = [np_causal_conv(shared, p[name]['kernel'], p[name]['bias'], n_modules)
+             .reshape(b, l, n_heads, -1) for name in ('query_conv', 'key_conv', 'value_conv')]
+    # Q and K mix neighbouring modules, V does not.
+    self.assertEqual(p['query_conv']['kernel'].shape[1], kw.get('module_kernel_size', 3))
+    self.assertEqual(p['value_conv']['kernel'].shape[1], 1)
+    out = np_causal_attention(*heads).reshape(b, l, -1)
+    if kw.get('output_layer', 'dense') == 'dense':
+      out = out @ f64(p['output']['kernel']) + f64(p['output']['bias'])
+    elif kw['output_layer'] == 'multiplicative':
+      out = np_multiplicative(out, p['output'])
+    else:
+      self.assertNotIn('output', p)
+    np.testing.assert_allclose(layer.apply(variables, x), out, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(((1,) * 7,), ((3, 1, 2, 1),))
+  def test_predict_steps_equal_eval(self, step_lengths):
+    b, l, d = 2, 7, 12
+    x = jax.random.normal(KEY, (b, l, d))
+    make = lambda mode: tl.MultiplicativeConvCausalAttention(n_heads=3, n_modules=3, max_len=9,
+                                                             mode=mode)
+    variables = randomise(make('eval').init(KEY, x))
+    full = make('eval').apply(variables, x)
+    predict = make('predict')
+    cache = predict.init(KEY, x[:, :1])['cache']
+    self.assertEqual(cache['cached_key'].shape, (b, 3, 4, 9))  # (b, h, d_qk, max_len)
+    for name in ('query_conv', 'key_conv', 'value_conv'):  # the last 2 inputs, per module
+      self.assertEqual(cache[name]['inputs'].shape, (b, 2, 3, 4))
+    step, start = stepper(predict), 0
+    for length in step_lengths:
+      out, state = step({**variables, 'cache': cache}, x[:, start:start + length])
+      cache = state['cache']
+      np.testing.assert_allclose(out, full[:, start:start + length], rtol=1e-5, atol=1e-5)
+      start += length
+    self.assertEqual(int(cache['position']), l)
+
+  def test_outputs_ignore_future_tokens(self):
+    x = jax.random.normal(KEY, (1, 8, 32))
+    layer = tl.MultiplicativeConvCausalAttention(n_heads=4, mode='eval')
+    variables = randomise(layer.init(KEY, x))
+    y = layer.apply(variables, x)
+    changed = layer.apply(variables, x.at[:, 5:].set(1.0))
+    np.testing.assert_allclose(changed[:, :5], y[:, :5], rtol=1e-6, atol=1e-6)
+    self.assertFalse(np.allclose(changed[:, 5:], y[:, 5:]))
+
+  def test_projections_have_few_parameters(self):
+    d, n_heads = 256, 4  # M = 64
+    x = jax.ShapeDtypeStruct((1, 1, d), jnp.float32)
+    count = lambda layer: n_params(jax.eval_shape(layer.init, KEY, x)) - (d * d + d)  # no output
+    sparse = count(tl.MultiplicativeConvCausalAttention(n_heads=n_heads, mode='eval'))
+    # d (S + M) + d for the multiplicative layer, (3 * 3 + 3 * 3 + 3 * 1) M^2 + 3 M for the convs.
+    self.assertEqual(sparse, d * (n_heads + 64) + d + 21 * 64 * 64 + 3 * 64)
+    self.assertLess(sparse, 0.6 * count(tl.CausalAttention(n_heads=n_heads, mode='eval')))
+
+  def test_clear_errors(self):
+    with self.assertRaisesRegex(ValueError, "output_layer must be one of \\('dense', "):
+      tl.MultiplicativeConvCausalAttention(output_layer='sparse')
+    with self.assertRaisesRegex(ValueError, 'module_kernel_size must be odd'):
+      tl.MultiplicativeConvCausalAttention(module_kernel_size=2)
+    with self.assertRaisesRegex(ValueError, 'MultiplicativeConvCausalAttention mode must be'):
+      tl.MultiplicativeConvCausalAttention(mode='decode')
+    with self.assertRaisesRegex(ValueError, r'input width = 12 must be a multiple of n_modules=5'):
+      tl.MultiplicativeConvCausalAttention(n_heads=2, n_modules=5).init(KEY, jnp.zeros((1, 2, 12)))
+    with self.assertRaisesRegex(ValueError, r"output_layer='none' needs n_heads \* d_v = 6"):
+      tl.MultiplicativeConvCausalAttention(n_heads=2, d_v=3, output_layer='none').init(
+          KEY, jnp.zeros((1, 2, 12)))
 
 
 if __name__ == '__main__':

@@ -137,6 +137,91 @@ class TransformerEncoderTest(absltest.TestCase):
     self.assertEqual(trees[0], trees[2])
 
 
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def lm_count(*, vocab_size, d_model, d_ff, n_layers, d_embedding=None, **_):
+  """Hand count of a TransformerLM's parameters: embeddings, blocks, final norm, output."""
+  v, d, f = vocab_size, d_model, d_ff
+  block = 2 * d + 4 * (d * d + d) + 2 * d + (d * f + f + f * d + d)
+  if d_embedding is None:
+    return v * d + n_layers * block + 2 * d + (d * v + v)
+  e = d_embedding
+  return v * e + (e * d + d) + n_layers * block + 2 * d + (d * e + e) + (e * v + v)
+
+
+class AlbertOptionsTest(parameterized.TestCase):
+  """Cross-layer sharing and factorised embeddings (ALBERT) on the LM and the encoder."""
+
+  @parameterized.parameters(None, 8)
+  def test_counts_match_a_hand_count(self, d_embedding):
+    x = tokens((2, 6))
+    config = dict(LM, n_layers=3, d_embedding=d_embedding)
+    plain = shapes_of(tm.TransformerLM(**config), x)
+    shared = shapes_of(tm.TransformerLM(share_layers=True, **config), x)
+    self.assertEqual(count(fake_params(tm.TransformerLM(**config), x)), lm_count(**config))
+    self.assertEqual(count(fake_params(tm.TransformerLM(share_layers=True, **config), x)),
+                     lm_count(**dict(config, n_layers=1)))
+    # Exactly one set of block parameters: the stacked tree without its layer axis.
+    unstack = lambda leaf: (leaf[0][1:], leaf[1])
+    is_leaf = lambda leaf: isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[0], tuple)
+    self.assertEqual(shared['Repeat_4' if d_embedding else 'Repeat_3'],
+                     jax.tree_util.tree_map(unstack, plain['Repeat_4' if d_embedding else
+                                                           'Repeat_3'], is_leaf=is_leaf))
+
+  def test_shared_lm_equals_plain_lm_with_copied_blocks_in_every_mode(self):
+    x = tokens((2, 7))
+    config = dict(LM, n_layers=3)
+    shared = tm.TransformerLM(mode='eval', share_layers=True, **config)
+    params = fake_params(shared, x)
+    copies = dict(params, Repeat_3=jax.tree_util.tree_map(
+        lambda p: jnp.stack([p] * 3), params['Repeat_3']))
+    full = shared.apply({'params': params}, x)
+    np.testing.assert_allclose(tm.TransformerLM(mode='eval', **config).apply({'params': copies}, x),
+                               full, rtol=1e-5, atol=1e-5)
+    predict = tm.TransformerLM(mode='predict', share_layers=True, **config)
+    cache = predict.init(KEY, x[:, :1])['cache']  # One cache per depth.
+    self.assertEqual(cache['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']
+                     ['cached_key'].shape[0], 3)
+    logits, _ = predict.apply({'params': params, 'cache': cache},
+                              jnp.pad(x, ((0, 0), (1, 0)))[:, :-1], mutable=['cache'])
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+
+  def test_encoder_sharing_and_factorised_embedding(self):
+    x = tokens((2, 6))
+    config = dict(ENCODER, n_layers=4, d_embedding=8)
+    shared = fake_params(tm.TransformerEncoder(share_layers=True, **config), x)
+    one = fake_params(tm.TransformerEncoder(**dict(config, n_layers=1)), x)
+    self.assertEqual(count(shared), count(one))
+    self.assertEqual(shared['Embedding_1']['embedding'].shape, (13, 8))
+    self.assertEqual(shared['Dense_2']['kernel'].shape, (8, 16))  # The projection.
+    with self.assertRaisesRegex(ValueError, 'd_embedding=32 must be <= d_model=16'):
+      tm.TransformerLM(**dict(LM, d_embedding=32))
+    with self.assertRaisesRegex(ValueError, 'share_layers needs one mixing kind'):
+      tm.TransformerEncoder(share_layers=True, mixing=('fourier', 'attention'), **ENCODER)
+
+
+class MixingTest(absltest.TestCase):
+  """Attention or Fourier mixing per encoder layer."""
+
+  def test_per_layer_kinds(self):
+    x = tokens((2, 6))
+    mixed = fake_params(tm.TransformerEncoder(mixing=('fourier', 'attention', 'attention'),
+                                              **dict(ENCODER, n_layers=3)), x)
+    runs = mixed['Encoder_3']
+    self.assertNotIn('Attention_1', runs['Repeat_0']['Serial_0']['Residual_0'])
+    self.assertEqual(runs['Repeat_1']['Serial_0']['Residual_0']['Attention_1']['query']['kernel']
+                     .shape, (2, 16, 16))
+    self.assertEqual(runs['Repeat_0']['Serial_0']['Residual_1']['FeedForward_0']['Dense_1']
+                     ['kernel'].shape, (1, 16, 24))
+    all_fourier = fake_params(tm.TransformerEncoder(mixing='fourier', **ENCODER), x)
+    self.assertEqual(count(all_fourier), count(fake_params(tm.TransformerEncoder(**ENCODER), x))
+                     - 2 * 4 * (16 * 16 + 16))  # No attention projections in either layer.
+    with self.assertRaisesRegex(ValueError, r"mixing must be one of \('attention', 'fourier'\)"):
+      tm.TransformerEncoder(mixing=('fourier',), **ENCODER)  # n_layers=2 needs two kinds.
+
+
 class TransformerTest(absltest.TestCase):
 
   def test_same_parameters_in_every_mode(self):

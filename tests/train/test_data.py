@@ -16,7 +16,7 @@ from terraflax.train import listops
 def data_config(**fields):
   defaults = dict(path='', glob='*', seq_len=16, eval_fraction=0.05, test_fraction=0.0,
                   vocab_size=0, eval_examples=8, min_len=1, max_len=0, max_depth=10, max_args=10,
-                  n_classes=2, num_threads=1)
+                  n_classes=2, num_threads=1, mask_rate=0.15, classes=())
   defaults.update(fields)
   return ml_collections.ConfigDict(defaults)
 
@@ -202,6 +202,94 @@ class TextClassificationTest(absltest.TestCase):
   def test_missing_directory(self):
     with self.assertRaisesRegex(data_lib.DataError, r'config\.data\.path is empty'):
       data_lib.make_data(data_config(name='text_classification'), 0)
+
+
+class MaskedLMTest(absltest.TestCase):
+
+  def test_masking_statistics_on_a_large_batch(self):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 257, size=(400, 512)).astype(np.int32)
+    ids[:, 500:] = 0  # Padding is never selected.
+    examples = [data_lib.mlm_mask(row, np.random.default_rng([1, i])) for i, row in enumerate(ids)]
+    inputs = np.stack([e['inputs'] for e in examples])
+    targets = np.stack([e['targets'] for e in examples])
+    selected = np.stack([e['weights'] for e in examples]) > 0
+    np.testing.assert_array_equal(targets, ids)
+    self.assertFalse(selected[:, 500:].any())
+    np.testing.assert_array_equal(inputs[~selected], ids[~selected])  # Only selected change.
+    real = ids != 0
+    n, k = real.sum(), selected.sum()  # n = 200,000 candidates, k ~ 30,000 selected
+    # Binomial bounds at 5 standard deviations.
+    self.assertAlmostEqual(k / n, 0.15, delta=5 * math.sqrt(0.15 * 0.85 / n))
+    masked = (inputs == data_lib.MASK_ID) & selected
+    replaced = (inputs != data_lib.MASK_ID) & (inputs != ids) & selected
+    kept = (inputs == ids) & selected
+    # A random replacement equals the original byte with probability 1/256.
+    for observed, p in ((masked, 0.8), (replaced, 0.1 * 255 / 256), (kept, 0.1 + 0.1 / 256)):
+      self.assertAlmostEqual(observed.sum() / k, p, delta=5 * math.sqrt(p * (1 - p) / k))
+    random_tokens = inputs[replaced]
+    self.assertTrue(((random_tokens >= 1) & (random_tokens <= 256)).all())
+    counts = np.bincount(random_tokens, minlength=257)[1:]  # ~12 per byte value
+    self.assertGreater((counts > 0).mean(), 0.97)
+
+  def test_pipeline_windows_and_fixed_eval_masks(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      text = bytes(range(256)) * 8
+      with open(os.path.join(tmp, 'a.txt'), 'wb') as f:
+        f.write(text)
+      data = data_lib.make_data(data_config(name='mlm', path=tmp, seq_len=32,
+                                            eval_fraction=0.25), seed=3)
+      self.assertEqual((data.info.task, data.info.vocab_size), ('mlm', 258))
+      batch = next(data.train_iterator(batch_size=64))
+      self.assertEqual(batch['inputs'].shape, (64, 32))
+      for row in batch['targets']:  # Windows of consecutive bytes, as ids byte + 1.
+        np.testing.assert_array_equal(np.diff(row) % 256, 1)
+      self.assertAlmostEqual(batch['weights'].mean(), 0.15, delta=0.05)
+      first = list(data.eval_batches(batch_size=4, n_batches=-1))
+      again = list(data.eval_batches(batch_size=4, n_batches=-1))
+      for a, b in zip(first, again):
+        np.testing.assert_array_equal(a['inputs'], b['inputs'])
+      np.testing.assert_array_equal(first[0]['targets'][0], np.arange(32) + 1 + 1536 % 256)
+
+
+class ByteClassificationTest(absltest.TestCase):
+
+  def test_windows_come_from_their_class_folder(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      for name, byte in (('ayes', b'a'), ('bees', b'b'), ('sees', b'c')):
+        os.makedirs(os.path.join(tmp, name))
+        with open(os.path.join(tmp, name, 'x.txt'), 'wb') as f:
+          f.write(byte * 400)
+      data = data_lib.make_data(data_config(name='byte_classification', path=tmp, seq_len=16,
+                                            eval_fraction=0.25, eval_examples=6,
+                                            classes=['ayes', 'bees', 'sees']), seed=0)
+      self.assertEqual((data.info.n_classes, data.info.vocab_size), (3, 257))
+      batch = next(data.train_iterator(batch_size=30))
+      np.testing.assert_array_equal(batch['inputs'], np.broadcast_to(
+          (ord('a') + 1 + batch['targets'])[:, None], (30, 16)))
+      self.assertLen(set(batch['targets'].tolist()), 3)
+      evaluation = next(data.eval_batches(batch_size=6, n_batches=1))
+      np.testing.assert_array_equal(evaluation['targets'], [0, 1, 2, 0, 1, 2])
+      with self.assertRaisesRegex(data_lib.DataError, 'data.classes must name >= 2'):
+        data_lib.make_data(data_config(name='byte_classification', path=tmp, classes=['ayes']), 0)
+
+
+class DigitsTest(absltest.TestCase):
+
+  def test_fixed_held_out_split(self):
+    data = data_lib.make_data(data_config(name='digits', seq_len=64, eval_examples=360), seed=5)
+    other = data_lib.make_data(data_config(name='digits', seq_len=64, eval_examples=360), seed=9)
+    self.assertEqual((data.info.n_classes, len(data.eval)), (10, 360))
+    pixels, labels = data_lib.load_digits()
+    test = np.stack([data.eval[i]['inputs'] for i in range(360)])
+    np.testing.assert_array_equal(test, np.stack([other.eval[i]['inputs'] for i in range(360)]))
+    train = next(data.train_iterator(batch_size=1437))['inputs']  # One epoch of the rest.
+    # Train (one epoch) and test partition the 1797 images.
+    self.assertEqual(sorted(r.tobytes() for r in np.concatenate([train, test])),
+                     sorted(r.tobytes() for r in pixels))
+    self.assertEqual((test.min(), test.max()), (0, 16))
+    with self.assertRaisesRegex(data_lib.DataError, 'seq_len must be 64'):
+      data_lib.make_data(data_config(name='digits', seq_len=32), seed=0)
 
 
 class IteratorTest(absltest.TestCase):

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl.testing import absltest, parameterized
+from flax import traverse_util
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
@@ -96,6 +97,42 @@ class WeightDecayTest(absltest.TestCase):
       tx, _ = optimizers.make_optimizer(cfg, 10)
       updates, _ = tx.update({'w': jnp.ones((3, 4))}, tx.init(params), params)
       self.assertTrue(np.all(np.asarray(updates['w']) < 0), cfg.name)
+
+
+class FrozenParametersTest(absltest.TestCase):
+
+  def test_only_matching_parameters_change_and_follow_the_plain_optimizer(self):
+    params = norm_model().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params']
+    config = opt_config(name='adamw', learning_rate=0.1, weight_decay=0.1, grad_clip=0.5,
+                        trainable='Dense_3|Dense_1/kernel')
+    tx, _ = optimizers.make_optimizer(config, 10)
+    plain, _ = optimizers.make_optimizer(opt_config(**dict(config, trainable='')), 10)
+    is_trained = lambda path: 'Dense_3' in path or 'Dense_1/kernel' in path
+    flat = lambda tree: {optimizers.path_name(p): x
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    nest = lambda items: traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in items})
+    trained = nest((k, v) for k, v in flat(params).items() if is_trained(k))
+    self.assertLen(flat(trained), 3)
+    self.assertEqual(optimizers.count_trained(params, config.trainable),
+                     sum(x.size for x in flat(trained).values()))
+    rng = np.random.default_rng(0)
+    state, plain_state = tx.init(params), plain.init(trained)
+    for _ in range(3):
+      grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+                                     params)
+      updates, state = tx.update(grads, state, params)
+      new = optax.apply_updates(params, updates)
+      # Reference: the plain optimizer (clipping, adamw, decay mask) on the trained leaves only.
+      plain_grads = nest((k, v) for k, v in flat(grads).items() if is_trained(k))
+      plain_updates, plain_state = plain.update(plain_grads, plain_state, trained)
+      trained = optax.apply_updates(trained, plain_updates)
+      for path, value in flat(new).items():
+        if is_trained(path):
+          np.testing.assert_allclose(value, flat(trained)[path], rtol=1e-6, atol=1e-7,
+                                     err_msg=path)
+        else:  # Frozen: bit-identical.
+          np.testing.assert_array_equal(value, flat(params)[path], err_msg=path)
+      params = new
 
 
 class GradAccumulationTest(absltest.TestCase):
