@@ -1,143 +1,151 @@
-"""How far 'predict'-mode LSH decoding is from the eval-mode forward pass.
+"""How far 'predict'-mode LSH decoding is from the eval-mode forward pass, on a trained model.
 
-Trains a tiny decoder-only LM (foundation layers + LSHSelfAttention) on the
-Reformer duplication task (0 w 0 w over random symbols) with optax, then
-compares, position by position, the next-token distributions of
+Trains a small `ReformerLM` with the trainer (`terraflax.train`) on bytes of
+the Python standard library (`--task bytes`, configs/default.py with a
+shorter sequence and more, smaller chunks) or on the Reformer duplication
+task (`--task duplication`, configs/duplication.py with smaller sizes; it
+needs thousands of steps before the copy is learnt), loads the checkpoint
+and compares, position by position, the next-token distributions of
 
   eval:    one forward pass over the whole sequence (fresh rotations), and
-  predict: token-by-token decoding with the layer's ring-buffer cache,
+  predict: token-by-token decoding with the LSH layers' ring-buffer caches,
 
-as the mean KL(eval || predict) in nats. For scale it also prints the KL
-between two eval passes with different hash rotations, and the accuracy of
-eval and predict on the copied half.
+as the mean KL(eval || predict) in nats, over all positions and over the
+positions the task scores (all for bytes, the copied half for duplication).
+For scale it also prints the KL between two eval passes with different
+rotations, and the accuracy of each on the scored positions. With n_buckets=1 (and chunk_len >= length) predict equals
+eval exactly (tests/models/test_reformer.py); with many buckets the two
+attend to different key sets: a predict-mode query sees the keys that share
+its bucket in any round plus its recent positions, an eval-mode query the
+chunks its sorted bucket order puts it next to.
 
-  python benchmarks/lsh_predict_kl.py --steps 3000 --vocab 8 --length 32 \
-      --chunk_len 4 --n_buckets 16
+  python benchmarks/lsh_predict_kl.py [--task bytes] [--steps 500] [--seq_len 128]
+      [--chunk_len 16] [--n_buckets 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import terraflax.combinators as cb
-import terraflax.layers as tl
-
-
-def TinyLM(*, vocab: int, d_model: int, n_layers: int,  # pylint: disable=invalid-name
-           n_heads: int, n_hashes: int, n_buckets, chunk_len: int, length: int, mode: str):
-  """ids (b, l) -> logits (b, l, vocab): ShiftRight, embeddings, LSH blocks, Dense."""
-  blocks = []
-  for _ in range(n_layers):
-    blocks += [
-        cb.Residual(tl.LayerNorm(), tl.LSHSelfAttention(
-            n_heads=n_heads, d_qk=d_model // n_heads, d_v=d_model // n_heads,
-            n_hashes=n_hashes, n_buckets=n_buckets, chunk_len=chunk_len, n_chunks_before=1,
-            causal=True, mode=mode, predict_mem_len=length)),
-        cb.Residual(tl.FeedForward(d_model=d_model, d_ff=4 * d_model, mode=mode)),
-    ]
-  return cb.Serial(tl.ShiftRight(mode=mode), tl.Embedding(vocab, d_model),
-                   tl.PositionalEncoding(max_len=length, mode=mode), blocks,
-                   tl.LayerNorm(), tl.Dense(vocab))
+from terraflax.train import checkpoint as ckpt
+from terraflax.train import config as config_lib
+from terraflax.train.trainer import train_and_evaluate
 
 
-def duplication_batch(rng: np.random.RandomState, batch: int, length: int, vocab: int):
-  """0 w 0 w with w uniform over 1..vocab-1; length must be even."""
-  w = rng.randint(1, vocab, size=(batch, length // 2 - 1))
-  zero = np.zeros((batch, 1), np.int64)
-  return np.concatenate([zero, w, zero, w], axis=1).astype(np.int32)
+def make_config(args):
+  name = 'default' if args.task == 'bytes' else 'duplication'
+  config = config_lib.load_sibling(__file__.replace('benchmarks', 'configs'), name)
+  config.seed = args.seed
+  config.data.seq_len = args.seq_len
+  if args.task == 'duplication':
+    config.data.vocab_size = args.vocab
+    config.data.eval_examples = args.eval_batch * 2
+    config.model.vocab_size = args.vocab
+  else:
+    config.model.max_len = args.seq_len  # predict_mem_len = max_len = the training length
+    config.sample.max_new_tokens = 0
+  config.model.attention_type = 'lsh'
+  config.model.d_model = args.d_model
+  config.model.d_ff = 2 * args.d_model
+  config.model.n_layers = args.n_layers
+  config.model.n_heads = args.n_heads
+  config.model.n_hashes = args.n_hashes
+  config.model.n_buckets = args.n_buckets
+  config.model.chunk_len = args.chunk_len
+  config.train.steps = args.steps
+  config.train.batch_size = args.batch
+  config.train.log_every = 100
+  config.train.eval_every = args.steps
+  config.train.eval_batches = 4
+  config.train.checkpoint_every = args.steps
+  config.train.async_checkpoints = False
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.warmup_steps = 50
+  return config
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--length', type=int, default=64)
-  parser.add_argument('--vocab', type=int, default=16)
-  parser.add_argument('--d_model', type=int, default=64)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--task', default='bytes', choices=('bytes', 'duplication'))
+  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--seq_len', type=int, default=128)
+  parser.add_argument('--vocab', type=int, default=16, help='duplication: symbols + 1')
+  parser.add_argument('--d_model', type=int, default=128)
   parser.add_argument('--n_layers', type=int, default=2)
-  parser.add_argument('--n_heads', type=int, default=2)
+  parser.add_argument('--n_heads', type=int, default=4)
   parser.add_argument('--n_hashes', type=int, default=2)
   parser.add_argument('--n_buckets', type=int, default=16)
-  parser.add_argument('--chunk_len', type=int, default=8)
-  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--chunk_len', type=int, default=16)
+  parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--eval_batch', type=int, default=32)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--workdir', default=None, help='default: a temporary directory')
   args = parser.parse_args()
 
-  def make(mode, n_buckets=args.n_buckets):
-    return TinyLM(vocab=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                  n_heads=args.n_heads, n_hashes=args.n_hashes, n_buckets=n_buckets,
-                  chunk_len=args.chunk_len, length=args.length, mode=mode)
-
-  data = np.random.RandomState(args.seed)
-  model = make('train')
-  key = jax.random.key(args.seed)
-  params = jax.jit(model.init)({'params': key, 'hash': key},
-                               jnp.zeros((1, args.length), jnp.int32))['params']
-  optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, args.steps))
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def train_step(params, opt_state, ids, rng):
-    def loss_fn(params):
-      logits = model.apply({'params': params}, ids, rngs={'hash': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, ids).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  config = make_config(args)
+  workdir = args.workdir or tempfile.mkdtemp(prefix='lsh_predict_kl_')
   start = time.perf_counter()
-  for step in range(args.steps):
-    ids = jnp.asarray(duplication_batch(data, args.batch, args.length, args.vocab))
-    params, opt_state, loss = train_step(params, opt_state, ids, jax.random.fold_in(key, step))
-    if step % 100 == 0 or step == args.steps - 1:
-      print(f'step {step}: loss {float(loss):.3f}', flush=True)
-  print(f'trained {args.steps} steps in {time.perf_counter() - start:.0f}s')
+  train_and_evaluate(config, workdir)
+  print(f'trained {args.steps} steps with terraflax.train in {time.perf_counter() - start:.0f}s '
+        f'(workdir {workdir})')
 
-  ids = jnp.asarray(duplication_batch(data, args.eval_batch, args.length, args.vocab))
-  eval_model = make('eval')
-
-  @jax.jit
-  def eval_log_probs(rng):
-    return jax.nn.log_softmax(eval_model.apply({'params': params}, ids, rngs={'hash': rng}))
-
-  predict_model = make('predict')
+  config, params = ckpt.load_for_inference(workdir)
+  experiment_data = config_lib.validate_config(config).data
+  batch = next(experiment_data.eval_batches(batch_size=args.eval_batch, n_batches=1))
+  ids, scored = jnp.asarray(batch['inputs']), jnp.asarray(batch['weights']) > 0
+  eval_model = ckpt.model_from_config(config, 'eval')
+  predict_model = ckpt.model_from_config(config, 'predict')
 
   @jax.jit
-  def predict_log_probs(rng):
-    inputs = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # The previous token at each step.
-    cache = predict_model.init({'params': rng, 'hash': rng}, inputs[:, :1])['cache']
+  def eval_log_probs(key):
+    logits = eval_model.apply({'params': params}, ids, rngs={'hash': key})
+    return jax.nn.log_softmax(logits)
+
+  @jax.jit
+  def predict_log_probs(key):
+    previous = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # The token before each position.
+    cache = predict_model.init({'params': key, 'hash': key}, previous[:, :1])['cache']
 
     def step(cache, token):
-      logits, state = predict_model.apply(
-          {'params': params, 'cache': cache}, token[:, None], mutable=['cache'])
+      logits, state = predict_model.apply({'params': params, 'cache': cache}, token[:, None],
+                                          mutable=['cache'])
       return state['cache'], logits[:, 0]
 
-    _, logits = jax.lax.scan(step, cache, inputs.T)
+    _, logits = jax.lax.scan(step, cache, previous.T)
     return jax.nn.log_softmax(jnp.moveaxis(logits, 0, 1))
 
-  def kl(p_log, q_log):
-    return float(jnp.mean(jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1)))
+  def kl(p_log, q_log, where=None):
+    per_position = jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1)
+    if where is None:
+      return float(jnp.mean(per_position))
+    return float(jnp.sum(per_position * where) / jnp.sum(where))
 
-  def copy_accuracy(log_probs):
-    half = args.length // 2 + 1
-    return float(jnp.mean(jnp.argmax(log_probs[:, half:], -1) == ids[:, half:]))
+  def accuracy(log_probs):
+    return float(jnp.sum((jnp.argmax(log_probs, -1) == ids) * scored) / jnp.sum(scored))
 
   eval_a, eval_b = eval_log_probs(jax.random.key(101)), eval_log_probs(jax.random.key(202))
   predict = predict_log_probs(jax.random.key(303))
-  print(f'n_buckets {args.n_buckets}, n_hashes {args.n_hashes}, chunk_len {args.chunk_len}, '
-        f'length {args.length}, predict_mem_len {args.length}')
-  print(f'copy accuracy: eval {copy_accuracy(eval_a):.3f}, predict {copy_accuracy(predict):.3f}')
-  print(f'KL(eval || predict), mean over positions: {kl(eval_a, predict):.4f} nats')
-  print(f'KL(eval || eval with other rotations):    {kl(eval_a, eval_b):.4f} nats')
-  half = args.length // 2 + 1
-  print(f'on the copied half: KL(eval || predict) {kl(eval_a[:, half:], predict[:, half:]):.4f}, '
-        f'KL(eval || eval with other rotations) {kl(eval_a[:, half:], eval_b[:, half:]):.4f} nats')
+  m = config.model
+  print(f'\nReformerLM on {args.task}, {args.steps} steps: d_model {m.d_model}, {m.n_layers} '
+        f'layers, {m.n_heads} heads, n_hashes {m.n_hashes}, n_buckets {m.n_buckets}, chunk_len '
+        f'{m.chunk_len}, seq_len {config.data.seq_len} (predict_mem_len = max_len = '
+        f'{m.max_len}); {args.eval_batch} eval sequences\n')
+  scored_name = 'copied half' if args.task == 'duplication' else 'scored positions (all)'
+  print(f'| | all positions | {scored_name} |')
+  print('|---|---|---|')
+  print(f'| KL(eval \\|\\| predict), nats | {kl(eval_a, predict):.4f} | '
+        f'{kl(eval_a, predict, scored):.4f} |')
+  print(f'| KL(eval \\|\\| eval, other rotations), nats | {kl(eval_a, eval_b):.4f} | '
+        f'{kl(eval_a, eval_b, scored):.4f} |')
+  print(f'| next-token accuracy: eval / predict | | {accuracy(eval_a):.3f} / '
+        f'{accuracy(predict):.3f} |')
 
 
 if __name__ == '__main__':

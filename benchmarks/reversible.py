@@ -5,19 +5,21 @@ Four stacks of the same attention + feed-forward blocks, n blocks deep:
   rev. autodiff    the same with reversible=False (same parameters, all activations kept)
   plain            Repeat(pre-norm residual block, n)
   plain + remat    Repeat(pre-norm residual block, n, remat=True)
-A training step is value_and_grad of a loss on the stack's output. Memory is
-the compiled step's temp size (`memory_analysis().temp_size_in_bytes`, no run
-needed); step time is the median of a few executed steps (skipped when the
-step would need more than --max_run_gib). Prints markdown tables.
+The attention is LSHSelfAttention (--attention lsh, 2 hash rounds) or
+CausalAttention (--attention full). A training step is value_and_grad of a
+loss on the stack's output. Memory is the compiled step's temp size
+(`memory_analysis().temp_size_in_bytes`, no run needed); step time is the
+median of a few executed steps (skipped when the step would need more than
+--max_run_gib, or for depths not in --time_depths). Prints markdown tables.
 
-  python benchmarks/reversible.py [--depths 2,6,12,24] [--batch 4] [--length 512]
+  python benchmarks/reversible.py [--attention lsh|full] [--depths 2,6,12,24] [--batch 4]
+      [--length 512]
 """
 
 import argparse
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -25,38 +27,17 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 
 
-class StandInAttention(cb.Layer):
-  """[x] -> [causal softmax attention of x]: (b, l, d) -> (b, l, d).
-
-  A stand-in with the memory profile of full attention ((b, h, l, l) scores),
-  used until the attention layers land.
-  """
-
-  d_model: int
-  n_heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, l, d = x.shape
-    k_dim = d // self.n_heads
-    q, k, v = (tl.Dense(d, use_bias=False, name=n)(x).reshape(b, l, self.n_heads, k_dim)
-               for n in ('query', 'key', 'value'))
-    scores = jnp.einsum('blhk,bmhk->bhlm', q, k) / jnp.sqrt(k_dim).astype(x.dtype)
-    causal = jnp.tril(jnp.ones((l, l), bool))[None, None]
-    weights = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
-    y = jnp.einsum('bhlm,bmhk->blhk', weights, v).reshape(b, l, d)
-    return tl.Dense(d, name='out')(y)
-
-
-def Mixer(d_model: int, n_heads: int):  # pylint: disable=invalid-name
-  """The token-mixing layer of every block; swap in real attention here."""
-  # return tl.CausalAttention(d_model=d_model, n_heads=n_heads)
-  return StandInAttention(d_model=d_model, n_heads=n_heads)
+def Mixer(kind: str, d_model: int, n_heads: int, chunk_len: int):  # pylint: disable=invalid-name
+  """The token-mixing layer of every block: causal full or LSH attention, (b, l, d) -> (b, l, d)."""
+  if kind == 'lsh':
+    return tl.LSHSelfAttention(n_heads=n_heads, d_qk=d_model // n_heads, d_v=d_model // n_heads,
+                               n_hashes=2, chunk_len=chunk_len, causal=True)
+  return tl.CausalAttention(n_heads=n_heads, use_bias=False)
 
 
 def make_stack(kind: str, depth: int, args):
   ff = lambda: tl.FeedForward(d_model=args.d_model, d_ff=args.d_ff, dropout=args.dropout)
-  mixer = lambda: Mixer(args.d_model, args.n_heads)
+  mixer = lambda: Mixer(args.attention, args.d_model, args.n_heads, args.chunk_len)
   if kind in ('reversible', 'rev. autodiff'):
     return cb.Serial(
         cb.Dup(),  # stack: x, x
@@ -75,7 +56,7 @@ def make_stack(kind: str, depth: int, args):
 
 def training_step(model):
   def loss(params, x, rng):
-    y = model.apply({'params': params}, x, rngs={'dropout': rng})
+    y = model.apply({'params': params}, x, rngs={'dropout': rng, 'hash': rng})
     return jnp.mean(jnp.square(y))
   return jax.jit(jax.value_and_grad(loss))
 
@@ -89,7 +70,8 @@ def measure(kind, depth, args):
   model = make_stack(kind, depth, args)
   x = jax.random.normal(jax.random.key(1), (args.batch, args.length, args.d_model))
   rng = jax.random.key(2)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  init_rngs = {'params': jax.random.key(0), 'hash': jax.random.key(3)}
+  shapes = jax.eval_shape(model.init, init_rngs, x)['params']
   compile_s = compile_cpu_s = float('inf')
   for _ in range(args.compile_repeats):
     step = training_step(model)  # A fresh jit: nothing cached.
@@ -100,7 +82,7 @@ def measure(kind, depth, args):
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
   step_ms = None
   if depth in args.time_depths and temp_mib < args.max_run_gib * 1024:
-    params = model.init(jax.random.key(0), x)['params']
+    params = jax.jit(model.init)(init_rngs, x)['params']
     jax.block_until_ready(compiled(params, x, rng))
     times = []
     for _ in range(args.steps):
@@ -117,6 +99,9 @@ KINDS = ('reversible', 'rev. autodiff', 'plain', 'plain + remat')
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--depths', default='2,6,12,24')
+  parser.add_argument('--attention', default='lsh', choices=('lsh', 'full'),
+                      help='LSHSelfAttention (2 hash rounds) or CausalAttention')
+  parser.add_argument('--chunk_len', type=int, default=64, help='LSH chunk length')
   parser.add_argument('--time_depths', default=None, help='depths to time (default: all)')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--length', type=int, default=512)
@@ -137,7 +122,8 @@ def main():
   results = {(k, d): measure(k, d, args) for d in depths for k in kinds}
 
   print(f'jax {jax.__version__}, backend {jax.default_backend()}; training step '
-        f'(value_and_grad) of n blocks [attention stand-in + feed-forward], batch {args.batch}, '
+        f'(value_and_grad) of n blocks [{args.attention} attention + feed-forward], batch '
+        f'{args.batch}, '
         f'length {args.length}, d_model {args.d_model}, d_ff {args.d_ff}, heads '
         f'{args.n_heads}, dropout {args.dropout}\n')
   print('Compiled temp memory (MiB)\n')

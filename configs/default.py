@@ -29,14 +29,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'ReformerLM'  # Decoder-only Reformer: LSH attention, reversible layers.
   config.model.vocab_size = 256  # Byte-level: one token per byte.
-  config.model.d_model = 128  # Width of the residual stream.
+  config.model.d_model = 128  # Width of each of the two residual streams.
   config.model.d_ff = 256  # Hidden width of each feed-forward block.
-  config.model.n_layers = 2  # Number of (reversible) attention + feed-forward blocks.
+  config.model.n_layers = 2  # Attention + feed-forward blocks (scanned, reversible).
   config.model.n_heads = 4  # Attention heads; d_model must be divisible by n_heads.
+  config.model.attention_type = 'lsh'  # 'lsh', 'full', or a list cycled over the layers.
   config.model.n_hashes = 2  # LSH hash rounds (more rounds: closer to full attention).
-  config.model.chunk_len = 64  # LSH attention chunk length (positions per chunk).
+  config.model.n_buckets = 8  # LSH buckets per round (about 2 per chunk of the sequence).
+  config.model.chunk_len = 64  # LSH chunk length (positions per chunk).
+  config.model.pos_type = 'axial'  # Positions: axial (factorised), sinusoidal or learned.
+  config.model.ff_chunk_len = 0  # Feed-forward run this many positions at a time (0: whole).
   config.model.dropout = 0.0  # Dropout rate in train mode (a tiny model does not need it).
-  config.model.max_len = 256  # Longest sequence the positional encoding supports.
+  config.model.max_len = 256  # Longest sequence (positions, decoding caches).
+  config.model.reversible = True  # Rebuild activations in the backward pass (False: store).
   config.model.dtype = 'float32'  # Compute dtype ('bfloat16': mixed precision); params float32.
 
   # The data: byte-level LM windows of `seq_len` bytes.

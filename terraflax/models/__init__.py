@@ -2,6 +2,8 @@
 
 from terraflax.models.bert import BertMLM as BertMLM
 from terraflax.models.fnet import FNet as FNet
+from terraflax.models.reformer import Reformer as Reformer
+from terraflax.models.reformer import ReformerLM as ReformerLM
 from terraflax.models.terraformer import Terraformer as Terraformer
 from terraflax.models.terraformer import TerraformerLM as TerraformerLM
 from terraflax.models.transformer import Transformer as Transformer

@@ -94,6 +94,20 @@ def block(dropout=0.25):
   ]
 
 
+def lsh_block(dropout=0.25):
+  """A Reformer block with real LSH attention (2 rounds, 4 buckets, chunks of 4)."""
+  return [
+      cb.ReversibleHalfResidual(
+          tl.LayerNorm(),
+          tl.LSHSelfAttention(n_heads=2, d_qk=2, d_v=2, n_hashes=2, n_buckets=4, chunk_len=4,
+                              causal=True, attention_dropout=dropout),
+          tl.Dropout(dropout)),
+      cb.ReversibleSwap(),
+      cb.ReversibleHalfResidual(tl.FeedForward(d_model=D, d_ff=8, dropout=dropout)),
+      cb.ReversibleSwap(),
+  ]
+
+
 def context_block(dropout=0.25):
   """A block on [x1, x2, ctx, mask]: every layer reads a context item."""
   return [
@@ -191,6 +205,33 @@ class GradientTest(absltest.TestCase):
       other_value, _ = step(variables['params'], x1, x2,
                             dict(RNGS, **{stream: jax.random.key(99)}))
       self.assertGreater(abs(float(value - other_value)), 1e-3)
+
+  def test_gradients_equal_plain_autodiff_with_dropout_and_lsh_attention(self):
+    model = cb.ReversibleSerial(*lsh_block(), n_repeats=2)
+    # Length 6 is padded to two chunks of 4 inside the LSH layers.
+    x1, x2 = (jax.random.normal(k, (2, 6, D)) for k in jax.random.split(jax.random.key(3)))
+    variables = model.init({'params': KEY, **RNGS}, x1, x2)
+    unrolled = lsh_block() + lsh_block()
+    cb.Serial(*unrolled)  # Names the layers by position, as an unrolled stack does.
+
+    def loss(params, x1, x2, rngs):
+      return loss_of_stack(model.apply({'params': params}, x1, x2, rngs=rngs))
+
+    def ref_loss(params, x1, x2):
+      return loss_of_stack(plain_stack(unrolled, params, [x1, x2]))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    value, grads = step(variables['params'], x1, x2, RNGS)
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1, 2)))(
+        unrolled_params(variables['params'], unrolled, 2), x1, x2)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    assert_trees_rel_close(
+        self, (unrolled_params(grads[0], unrolled, 2),) + grads[1:], ref_grads)
+    # Dropout masks and hash rotations are really drawn: other keys change the loss.
+    for stream in RNGS:
+      other_value, _ = step(variables['params'], x1, x2,
+                            dict(RNGS, **{stream: jax.random.key(99)}))
+      self.assertGreater(abs(float(value - other_value)), 1e-4)
 
   def test_generic_reversible_layer_nested_stack_and_shared_layer(self):
     def model(reversible):
