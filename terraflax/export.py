@@ -61,7 +61,7 @@ def _load_leaves(path: str) -> list[np.ndarray]:
     return [data[k] for k in sorted(data.files)]
 
 
-def _rngs_of(key_data):
+def rngs_of(key_data):
   """The model's rng streams from raw key data (what `terraflax.decoding` folds in)."""
   from terraflax.combinators.scan import RNG_STREAMS  # pylint: disable=import-outside-toplevel
   key = jax.random.wrap_key_data(key_data)
@@ -91,14 +91,14 @@ def export_decode_step(model, params, out_dir: str, *, batch_size: int = 1, seed
     raise ValueError(f'export_decode_step batch_size must be a positive int, got {batch_size!r}.')
   key_data = jax.random.key_data(jax.random.key(seed))
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  if 'cache' not in jax.eval_shape(model.init, _rngs_of(key_data), tokens):
+  if 'cache' not in jax.eval_shape(model.init, rngs_of(key_data), tokens):
     raise ValueError("export_decode_step needs a model built with mode='predict' (it keeps no "
                      'cache).')
-  cache = jax.jit(model.init)(_rngs_of(key_data), tokens)['cache']
+  cache = jax.jit(model.init)(rngs_of(key_data), tokens)['cache']
 
   def step(params, cache, tokens, key_data):
     logits, state = model.apply({'params': params, 'cache': cache}, tokens,
-                                rngs=_rngs_of(key_data), mutable=['cache'])
+                                rngs=rngs_of(key_data), mutable=['cache'])
     return logits.astype(jnp.float32), state['cache']
 
   spec = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -117,7 +117,7 @@ def export_forward(model, params, out_dir: str, *, batch_size: int = 1, length: 
   key_data = jax.random.key_data(jax.random.key(seed))
 
   def forward(params, tokens, key_data):
-    return model.apply({'params': params}, tokens, rngs=_rngs_of(key_data)).astype(jnp.float32)
+    return model.apply({'params': params}, tokens, rngs=rngs_of(key_data)).astype(jnp.float32)
 
   spec = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                              tree)

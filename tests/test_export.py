@@ -56,7 +56,7 @@ class ExportTest(absltest.TestCase):
     cls.decode_dir = export.export_decode_step(cls.model, cls.params,
                                                os.path.join(cls.tmp, 'decode'), batch_size=2)
     # The live model, stepped by hand with the same rngs (the LSH rotations are drawn at init).
-    rngs = export._rngs_of(jax.random.key_data(jax.random.key(0)))  # pylint: disable=protected-access
+    rngs = export.rngs_of(jax.random.key_data(jax.random.key(0)))
     cls.cache = jax.jit(cls.model.init)(rngs, jnp.zeros((2, 1), jnp.int32))['cache']
     cls.step = jax.jit(lambda cache, tokens: cls.model.apply(
         {'params': cls.params, 'cache': cache}, tokens, rngs=rngs, mutable=['cache']))
@@ -114,7 +114,7 @@ class ExportTest(absltest.TestCase):
                                  length=8, seed=3)
     tokens = np.arange(8, dtype=np.int32)[None] % 11
     served = export.Exported(path)
-    rngs = export._rngs_of(jax.random.key_data(jax.random.key(3)))  # pylint: disable=protected-access
+    rngs = export.rngs_of(jax.random.key_data(jax.random.key(3)))
     want = jax.jit(eval_model.apply)({'params': self.params}, tokens, rngs=rngs)
     np.testing.assert_allclose(np.asarray(served.forward(tokens)), np.asarray(want), rtol=1e-5,
                                atol=1e-5)

@@ -117,8 +117,13 @@ def _period(layers: list[str]) -> tuple[str, ...]:
   return tuple(layers)
 
 
-def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None) -> dict:
-  """`ReformerLM` keyword arguments (without `mode`) for a HF Reformer config."""
+def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
+                        num_buckets: Any = None) -> dict:
+  """`ReformerLM` keyword arguments (without `mode`) for a HF Reformer config.
+
+  `num_buckets` (an even int or a list of two) overrides the config's, which
+  must then be null: HF picks it from the length at run time.
+  """
   positive = lambda v: v > 0
   non_negative = lambda v: v >= 0
   model_type = config.get('model_type', 'reformer')
@@ -194,6 +199,11 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None) ->
     kwargs['n_hashes'] = _field(config, 'num_hashes', int, check=positive,
                                 expect='a positive int')
     buckets = config.get('num_buckets')
+    if num_buckets is not None:
+      if buckets is not None:
+        raise ConversionError(f'{CONFIG_FILE} sets num_buckets={buckets!r}; an override '
+                              f'({num_buckets!r}) only applies when it is null.')
+      buckets = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else num_buckets
     ok_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2 and v % 2 == 0
     if isinstance(buckets, list) and len(buckets) == 1:
       buckets = buckets[0]
@@ -204,8 +214,8 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None) ->
     else:
       raise ConversionError(
           f'{CONFIG_FILE}: num_buckets={buckets!r} is not supported; expected an even int or a '
-          'list of one or two even ints (null, chosen by HF from the length at run time, is not '
-          'supported: set it explicitly).')
+          'list of one or two even ints (null, chosen by HF from the length at run time, needs '
+          'an explicit value: --num_buckets / num_buckets=).')
   ff_chunk = _field(config, 'chunk_size_feed_forward', int, default=0, check=non_negative,
                     expect='an int >= 0')
   kwargs['ff_chunk_len'] = ff_chunk or None
@@ -266,7 +276,8 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: dict, kwargs: dict,
     return t.take(name, (h * k, d)).T.reshape(d, h, k)
 
   def norm(prefix, width):
-    return {'scale': t.take(prefix + '.weight', (width,)), 'bias': t.take(prefix + '.bias', (width,))}
+    return {'scale': t.take(prefix + '.weight', (width,)),
+            'bias': t.take(prefix + '.bias', (width,))}
 
   params[_child(abstract, 'Embedding', 'the model')] = {
       'embedding': t.take('reformer.embeddings.word_embeddings.weight', (v, d))}
@@ -372,10 +383,14 @@ def lsh_rotations(kwargs: dict, rotations: dict[int, np.ndarray]) -> dict:
   return {_child(abstract, 'ReversibleSerial', 'the model'): serial}
 
 
-def from_hf_reformer(path: str, *, predict_mem_len: int | None = None):
-  """(ReformerLM kwargs without mode, params) of a HF ReformerModelWithLMHead directory."""
+def from_hf_reformer(path: str, *, predict_mem_len: int | None = None, num_buckets: Any = None):
+  """(ReformerLM kwargs without mode, params) of a HF ReformerModelWithLMHead directory.
+
+  `predict_mem_len`: positions each LSH layer keeps when decoding (default
+  min(max_len, 2048)); `num_buckets`: for configs whose num_buckets is null.
+  """
   config = read_hf_config(path)
-  kwargs = model_kwargs_from_hf(config, predict_mem_len=predict_mem_len)
+  kwargs = model_kwargs_from_hf(config, predict_mem_len=predict_mem_len, num_buckets=num_buckets)
   tensors = read_safetensors(path)
   params = hf_to_params(tensors, config, kwargs, file=os.path.join(path, WEIGHTS_FILE))
   return kwargs, params
@@ -387,7 +402,8 @@ def from_hf_reformer(path: str, *, predict_mem_len: int | None = None):
 def _token_offset_layer():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from terraflax.combinators.base import Layer, check_mode  # pylint: disable=import-outside-toplevel
+  from terraflax.combinators import base  # pylint: disable=import-outside-toplevel
+  Layer, check_mode = base.Layer, base.check_mode  # pylint: disable=invalid-name
   from terraflax.layers.core import advance_position  # pylint: disable=import-outside-toplevel
 
   class TokenOffset(Layer):
@@ -416,7 +432,8 @@ def _token_offset_layer():
   return TokenOffset
 
 
-def ByteLM(*, byte_offset: int, mode: str = 'train', **reformer_kwargs):  # pylint: disable=invalid-name
+def ByteLM(*, byte_offset: int, mode: str = 'train',  # pylint: disable=invalid-name
+           **reformer_kwargs):
   """[bytes] -> [byte logits]: int (b, l) in [0, 256) -> float32 (b, l, 256); 1 -> 1.
 
   A `ReformerLM` whose token ids are bytes + `byte_offset` (HF's byte-level
@@ -495,7 +512,16 @@ def main(argv):
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   try:
-    kwargs, params = from_hf_reformer(f.from_hf, predict_mem_len=f.predict_mem_len)
+    buckets = None
+    if f.num_buckets:
+      try:
+        buckets = [int(n) for n in f.num_buckets.split(',')]
+      except ValueError:
+        raise ConversionError(f'--num_buckets must be an int or two ints "n1,n2", got '
+                              f'{f.num_buckets!r}.') from None
+      buckets = buckets[0] if len(buckets) == 1 else buckets
+    kwargs, params = from_hf_reformer(f.from_hf, predict_mem_len=f.predict_mem_len,
+                                      num_buckets=buckets)
     write_workdir(f.to, kwargs, params, byte_offset=f.byte_offset)
   except ConversionError as e:
     sys.exit(f'terraflax.models.convert: {e}')
@@ -513,6 +539,8 @@ def _define_flags():
                        'token ids are bytes + this offset (2 for google/reformer-enwik8).')
   flags.DEFINE_integer('predict_mem_len', None, 'Positions each LSH layer remembers when '
                        f'decoding (default min(max_len, {DEFAULT_PREDICT_MEM_LEN})).')
+  flags.DEFINE_string('num_buckets', None, 'LSH buckets ("n" or "n1,n2") for configs whose '
+                      'num_buckets is null (HF then picks it from the input length).')
   flags.mark_flags_as_required(['from_hf', 'to'])
 
 

@@ -224,6 +224,14 @@ class ErrorTest(absltest.TestCase):
       with self.subTest(changes=changes):
         self.assert_error(pattern)
 
+  def test_num_buckets_override(self):
+    self.edit_config(num_buckets=None)
+    kwargs, _ = convert.from_hf_reformer(self.path, num_buckets=[2, 4])
+    self.assertEqual(kwargs['n_buckets'], (2, 4))
+    shutil.copy(FIXTURES / 'hf_reformer_lsh' / 'config.json', self.path)
+    with self.assertRaisesRegex(convert.ConversionError, 'only applies when it is null'):
+      convert.from_hf_reformer(self.path, num_buckets=8)
+
   def test_cli_reports_errors_cleanly(self):
     os.remove(os.path.join(self.path, 'model.safetensors'))
     result = run('terraflax.models.convert', f'--from_hf={self.path}',
