@@ -168,7 +168,8 @@ class TrainerTest(absltest.TestCase):
         assert jax.device_count() == 8, jax.devices()
         trainer.train_and_evaluate(tiny_lm_config(**{CONFIG!r}), {self.tmp.name + '/eight'!r})
         """)
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                                      ' --xla_force_host_platform_device_count=8').strip(),
                JAX_PLATFORMS='cpu')
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
