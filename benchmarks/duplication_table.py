@@ -115,8 +115,8 @@ def make_config(overrides: dict):
 def command(workdir: str, overrides: dict) -> str:
   parts = ['python -m terraflax.train --config=configs/duplication.py', f'--workdir={workdir}']
   for path, value in overrides.items():
-    parts.append(f'--config.{path}={value!r}' if isinstance(value, str)
-                 else f'--config.{path}={value}')
+    if value is not None:  # None is the config's default (and no flag can say None).
+      parts.append(f'--config.{path}={value}')
   return ' '.join(parts)
 
 
