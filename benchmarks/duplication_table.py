@@ -187,8 +187,11 @@ def main(argv):
 
   w, steps = _W.value, _STEPS.value
   print()
-  print(f'Scale: |w| = {w} (seq_len {seq_len}), symbols 1..127, 1 layer, d_model = d_ff = 256, '
-        f'4 heads; {steps} steps of batch {_BATCH.value} (Adam, lr {_LR.value:g}, '
+  m = make_config(row_overrides(rows[0], extra))
+  print(f'Scale: |w| = {w} (seq_len {seq_len}), symbols 1..{m.data.vocab_size - 1}, '
+        f'{m.model.n_layers} layer(s), d_model {m.model.d_model}, d_ff {m.model.d_ff}, '
+        f'{m.model.n_heads} heads, {m.model.pos_type} positions; {steps} steps of batch '
+        f'{_BATCH.value} ({m.optimizer.name}, lr {_LR.value:g}, '
         f'{_WARMUP.value} warm-up steps, cosine decay); LSH chunks of {_CHUNK.value} with '
         f'{2 * seq_len // _CHUNK.value} buckets; {_EVAL_EXAMPLES.value} evaluation sequences. '
         'Token accuracy on the second copy of w.')
