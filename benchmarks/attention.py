@@ -93,10 +93,10 @@ def attention_table(lengths, max_run_gib: float, kinds, max_run_seconds: float =
       results[name, length] = temp, seconds
       if seconds is not None:
         shown, last = f'{seconds:.3f}', (length, seconds)
-      elif not run:
-        shown = f'skipped (~{estimate:.0f} s extrapolated)'
-      else:
+      elif temp > max_run_gib * 2**30:
         shown = f'out of memory (skipped, > {max_run_gib:g} GiB)'
+      else:
+        shown = f'skipped (~{estimate:.0f} s extrapolated)'
       print(f'| {name} | {length} | {shown} | {temp / 2**20:.0f} |', flush=True)
   if 4096 in lengths and 16384 in lengths:
     print('\nGrowth from 4K to 16K tokens (4x the length):')

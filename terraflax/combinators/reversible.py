@@ -395,8 +395,9 @@ class ReversibleSerial(_ReversibleSerialFields):
   block's inputs from its outputs (`reverse`) and recomputes the block to get
   its gradients. `reversible=False` runs the same computation, with the same
   parameters and randomness, under plain autodiff (all activations stored).
-  During `init`, or when `cache` or `intermediates` is mutable (predict-mode
-  decoding, sown attention weights), the layers simply run forward (scanned
+  During `init`, when `cache` or `intermediates` is mutable (predict-mode
+  decoding, sown attention weights), or when given LSH rotations are passed
+  in the `lsh_rotations` collection, the layers simply run forward (scanned
   with `nn.scan` like `Repeat`, caches stacked per block); their randomness is
   then Flax's own and differs from the training path's.
 
@@ -433,7 +434,8 @@ class ReversibleSerial(_ReversibleSerialFields):
 
   def _runs_forward_only(self) -> bool:
     return (self.is_initializing() or self.is_mutable_collection('cache')
-            or self.is_mutable_collection('intermediates'))
+            or self.is_mutable_collection('intermediates')
+            or 'lsh_rotations' in self.variables)  # Given LSH rotations (LSHSelfAttention).
 
   def _flax_forward(self, stack):
     """Runs the bound children: init, predict-mode caches, sown intermediates."""
@@ -445,7 +447,7 @@ class ReversibleSerial(_ReversibleSerialFields):
 
     scanned = nn.scan(
         body,
-        variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+        variable_axes={'params': 0, 'cache': 0, 'intermediates': 0, 'lsh_rotations': 0},
         split_rngs={stream: True for stream in RNG_STREAMS},
         length=self.n_repeats,
         metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -31,6 +31,7 @@ from terraflax.layers.core import Tanh as Tanh
 from terraflax.layers.feedforward import FeedForward as FeedForward
 from terraflax.layers.fourier import FourierMixing as FourierMixing
 from terraflax.layers.fourier import MaskedFourierMixing as MaskedFourierMixing
+from terraflax.layers.local_attention import LocalSelfAttention as LocalSelfAttention
 from terraflax.layers.lsh_attention import LSHSelfAttention as LSHSelfAttention
 from terraflax.layers.metrics import Accuracy as Accuracy
 from terraflax.layers.metrics import CrossEntropyLoss as CrossEntropyLoss

@@ -45,6 +45,10 @@ from terraflax.layers import lsh_hashing
 MASKED_LOGIT = -1e9
 SELF_LOGIT = -1e5
 
+# Optional variable collection with given rotations (see `LSHSelfAttention`).
+ROTATIONS_COLLECTION = 'lsh_rotations'
+CONVENTIONS = ('terraflax', 'hf')
+
 
 def _normalise(x):
   """x / |x| along the last axis."""
@@ -300,8 +304,14 @@ def _window_attention_bwd(w: _Windowing, residuals, d_out):
 _window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 
-def _combine_rounds(o, lse):
-  """Outputs of n rounds weighted by softmax(lse): (..., n, dv), (..., n, 1) -> (..., dv)."""
+def _combine_rounds(o, lse, hf: bool = False):
+  """Outputs of n rounds weighted by softmax(lse): (..., n, dv), (..., n, 1) -> (..., dv).
+
+  `hf=True` weights round r by exp(lse_r - logsumexp(lse)) as Hugging Face
+  does, in float32: when a query saw only itself (lse near SELF_LOGIT), the
+  rounding of logsumexp at that magnitude leaves the weights summing to
+  slightly less or more than 1 (up to ~0.4%), and so does HF's output.
+  """
   n = o.shape[-2]
   if n == 1:
     return o[..., 0, :]
@@ -309,6 +319,10 @@ def _combine_rounds(o, lse):
   top = functools.reduce(jnp.maximum, parts)
   weights = [jnp.exp(p - top) for p in parts]
   total = functools.reduce(jnp.add, weights)
+  if hf:
+    log_total = top + jnp.log(total)
+    return functools.reduce(jnp.add, [o[..., r, :] * jnp.exp(parts[r] - log_total)
+                                      for r in range(n)])
   out = functools.reduce(jnp.add, [o[..., r, :] * weights[r] for r in range(n)])
   return out * (1.0 / total)
 
@@ -349,8 +363,15 @@ def _sort_rounds(buckets, n_bucket_ids: int | None):
 def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
                       n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = False,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                      n_bucket_ids: int | None = None):
-  """`lsh_attend` of queries and values packed as qv (b, L, h, d_qk + dv)."""
+                      n_bucket_ids: int | None = None, rounds_joined: bool = False):
+  """`lsh_attend` of queries and values packed as qv (b, L, h, d_qk + dv).
+
+  `rounds_joined=True` is Hugging Face's (and the original Trax's) layout:
+  the n sorted rounds form one sequence of n * L positions, so the windows of
+  a round's first chunks reach into the previous round's last chunks, a pair
+  that meets several times is counted each time (no discount), and rounds
+  combine with HF's float32 formula (see `_combine_rounds`).
+  """
   b, big_l, h, _ = qv.shape
   d_k, d_v = d_qk, qv.shape[-1] - d_qk
   n = buckets.shape[2]
@@ -382,7 +403,11 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
   spos = perm.reshape(b * h * n, n_chunks, c)
   chunks = None
-  if n > 1 or n_chunks < 1 + before + after:  # Pairs can meet more than once.
+  if rounds_joined:  # One row of n * C chunks per (batch, head); same flat layout.
+    sqv = sqv.reshape(b * h, n * n_chunks, c, d_k + d_v)
+    spos = spos.reshape(b * h, n * n_chunks, c)
+    n_chunks, n = n * n_chunks, 1
+  elif n > 1 or n_chunks < 1 + before + after:  # Pairs can meet more than once.
     chunk_of = (inv // c).transpose(0, 1, 3, 2).reshape(b * h * big_l, n)
     chunks = _gather_rows(chunk_of, (batch * h + head) * big_l + perm)  # (b, h, n, L, n)
     chunks = lax.stop_gradient(chunks.reshape(b * h * n, n_chunks, c, n))
@@ -396,9 +421,10 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   packed = _window_attention(windowing, sqv, spos, chunks, rng)
 
   # Back to input order: (b, h, n, L) sorted rows -> (b, L, h, n).
+  n = buckets.shape[2]
   packed = packed.reshape(b * h * n * big_l, d_v + 1)
   back = permute_rows(packed, sorted_idx, (table_idx * n + rounds).reshape(-1, 1))
-  return _combine_rounds(back[..., :d_v], back[..., d_v:])
+  return _combine_rounds(back[..., :d_v], back[..., d_v:], hf=rounds_joined)
 
 
 @jax.custom_vjp
@@ -480,6 +506,17 @@ class LSHSelfAttention(Layer, kw_only=True):
     dtype: compute dtype of the projections (None: the input's); the
       attention itself always runs in float32.
     sow_weights: sow the bucket ids (b, h, n_hashes, l) to `intermediates`.
+    convention: 'terraflax' (above) or 'hf', Hugging Face's `LSHSelfAttention`
+      in train/eval mode: the rounds are sorted into one sequence whose
+      windows cross round boundaries, repeated meetings are not discounted,
+      and inputs no longer than `chunk_len` get plain attention (one round, no
+      hashing). Use it to reproduce converted Hugging Face models.
+
+  Given rotations: when the `lsh_rotations` variable collection holds
+  `rotations` for this layer, float32 (n_heads, d_qk, n_hashes, r) shared by
+  the batch (Hugging Face's layout) or (b, n_heads, d_qk, n_hashes, r), they
+  are used in train/eval mode instead of drawing from the `hash` stream;
+  hashing, sorting and chunking run as usual (r: `lsh_hashing.rotation_width`).
   """
 
   n_heads: int = 8
@@ -496,9 +533,13 @@ class LSHSelfAttention(Layer, kw_only=True):
   predict_mem_len: int = 2048
   dtype: Any = None
   sow_weights: bool = False
+  convention: str = 'terraflax'
 
   def __post_init__(self):
     check_mode(self.mode, 'LSHSelfAttention mode')
+    if self.convention not in CONVENTIONS:
+      raise ValueError(f'LSHSelfAttention convention must be one of {CONVENTIONS}, got '
+                       f'{self.convention!r}.')
     for name in ('n_heads', 'd_qk', 'd_v', 'n_hashes', 'chunk_len', 'predict_mem_len'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -561,9 +602,11 @@ class LSHSelfAttention(Layer, kw_only=True):
     """Train/eval: fresh rotations, sort, chunked attention. (b, L, h, k + dv) -> (b, l, h, dv)."""
     b, big_l = qv.shape[:2]
     n_buckets = self.buckets_for(length)
-    rotations = lsh_hashing.draw_rotations(
-        self._hash_rng(), (b, self.n_heads), self.d_qk, self.n_hashes, n_buckets)
-    buckets = _hash_heads(qv[..., :self.d_qk], rotations, n_buckets)
+    hf = self.convention == 'hf'
+    if hf and length <= self.chunk_len:  # Plain attention: one round, one bucket.
+      buckets = jnp.zeros((b, self.n_heads, 1, big_l), jnp.int32)
+    else:
+      buckets = _hash_heads(qv[..., :self.d_qk], self._rotations(b, n_buckets), n_buckets)
     if big_l > length:  # Padding goes to an extra bucket, after every real one.
       real = lax.broadcasted_iota(jnp.int32, buckets.shape, 3) < length
       buckets = jnp.where(real, buckets, lsh_hashing.total_buckets(n_buckets))
@@ -576,8 +619,24 @@ class LSHSelfAttention(Layer, kw_only=True):
         n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
         causal=self.causal, dropout_rate=rate,
         dropout_rng=self.make_rng('dropout') if rate > 0 else None,
-        n_bucket_ids=lsh_hashing.total_buckets(n_buckets) + 1)
+        n_bucket_ids=lsh_hashing.total_buckets(n_buckets) + 1, rounds_joined=hf)
     return o[:, :length]
+
+  def _rotations(self, b: int, n_buckets):
+    """(b, h, d_qk, n_hashes, r): given in `lsh_rotations`, else drawn from `hash`."""
+    shape = (self.n_heads, self.d_qk, self.n_hashes, lsh_hashing.rotation_width(n_buckets))
+    if self.has_variable(ROTATIONS_COLLECTION, 'rotations'):
+      given = jnp.asarray(self.get_variable(ROTATIONS_COLLECTION, 'rotations'), jnp.float32)
+      if given.shape == shape:
+        given = jnp.broadcast_to(given[None], (b,) + shape)
+      if given.shape != (b,) + shape:
+        raise ValueError(
+            f'LSHSelfAttention given rotations ({ROTATIONS_COLLECTION}/rotations) have shape '
+            f'{given.shape}; expected {shape} or {(b,) + shape} (n_heads, d_qk, n_hashes, '
+            f'n_buckets columns).')
+      return given
+    return lsh_hashing.draw_rotations(
+        self._hash_rng(), (b, self.n_heads), self.d_qk, self.n_hashes, n_buckets)
 
   def _decode(self, q, v):
     """Predict: attend over the ring-buffer memory, one position at a time."""

@@ -26,7 +26,9 @@ encoder and of the decoder are averaged.
 Attention types: 'lsh' is `LSHSelfAttention` (shared-QK, hashed chunks); 'full'
 is exact dot-product attention (`CausalAttention` in decoders, `Attention`
 with the padding mask in the encoder), run `chunk_len` queries at a time so
-its memory is linear in the length. Neither uses biases, as in Trax and HF.
+its memory is linear in the length; 'local' is `LocalSelfAttention`
+(Hugging Face's local layers: separate q/k/v, each chunk attends to its
+window of neighbouring chunks). None uses biases, as in Trax and HF.
 
 Parameters have the same names and shapes in 'train', 'eval' and 'predict'
 modes and with `reversible` on or off. In 'predict' mode the models decode
@@ -46,7 +48,7 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import check_mode
 
-ATTENTION_TYPES = ('lsh', 'full')
+ATTENTION_TYPES = ('lsh', 'full', 'local')
 POS_TYPES = ('axial', 'sinusoidal', 'learned')
 FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
 
@@ -198,19 +200,28 @@ def Embedder(*, vocab_size, d_model, max_len, dropout, pos_type, axial_shape,  #
 
 def SelfAttention(kind, *, causal, n_heads, d_qk, d_v, attention_dropout, n_hashes,  # pylint: disable=invalid-name
                   n_buckets, chunk_len, n_chunks_before, n_chunks_after, predict_mem_len,
-                  max_len, mode, dtype):
-  """One self-attention layer of type `kind` ('lsh' or 'full').
+                  max_len, mode, dtype, local_chunk_len=None, local_n_chunks_before=None,
+                  local_n_chunks_after=None, lsh_convention='terraflax'):
+  """One self-attention layer of type `kind` ('lsh', 'full' or 'local').
 
-  'lsh' and causal 'full' are [x] -> [y], 1 -> 1; non-causal 'full' is
-  `Attention`, [x, mask] -> [y, mask], 2 -> 2 (LSHSelfAttention takes no
-  padding mask).
+  'lsh', 'local' and causal 'full' are [x] -> [y], 1 -> 1; non-causal 'full'
+  is `Attention`, [x, mask] -> [y, mask], 2 -> 2 (LSHSelfAttention and
+  LocalSelfAttention take no padding mask). 'local' windows default to the
+  LSH ones (`chunk_len`, `n_chunks_before`, `n_chunks_after`).
   """
+  if kind == 'local':
+    pick = lambda value, default: default if value is None else value
+    return tl.LocalSelfAttention(
+        n_heads=n_heads, d_qk=d_qk, d_v=d_v, chunk_len=pick(local_chunk_len, chunk_len),
+        n_chunks_before=pick(local_n_chunks_before, n_chunks_before),
+        n_chunks_after=pick(local_n_chunks_after, n_chunks_after), causal=causal,
+        attention_dropout=attention_dropout, mode=mode, dtype=dtype)
   if kind == 'lsh':
     return tl.LSHSelfAttention(
         n_heads=n_heads, d_qk=d_qk, d_v=d_v, n_hashes=n_hashes, n_buckets=n_buckets,
         chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
         causal=causal, attention_dropout=attention_dropout, mode=mode,
-        predict_mem_len=predict_mem_len, dtype=dtype)
+        predict_mem_len=predict_mem_len, dtype=dtype, convention=lsh_convention)
   full = dict(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=attention_dropout,
               chunk_len=chunk_len, mode=mode, dtype=dtype, use_bias=False)
   if causal:
@@ -259,7 +270,9 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
                n_chunks_after: int = 0, predict_mem_len: int | None = None,
                pos_type: str = 'axial', axial_shape: Sequence[int] | None = None,
                axial_d_embs: Sequence[int] | None = None, ff_chunk_len: int | None = None,
-               ff_activation: Any = 'relu', reversible: bool = True):
+               ff_activation: Any = 'relu', reversible: bool = True,
+               local_chunk_len: int | None = None, local_n_chunks_before: int | None = None,
+               local_n_chunks_after: int | None = None, lsh_convention: str = 'terraflax'):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   A decoder-only Reformer language model. It shifts its input right
@@ -280,7 +293,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
     max_len: longest sequence (positions, the full attention's predict-mode cache).
     mode: 'train', 'eval' or 'predict'.
     dtype: compute dtype (e.g. 'bfloat16'); parameters stay float32, logits are float32.
-    attention_type: 'lsh', 'full', or a sequence of them cycled over the layers
+    attention_type: 'lsh', 'full', 'local', or a sequence of them cycled over the layers
       (n_layers must be a multiple of its length), like Trax's list of types.
     n_hashes: LSH hash rounds.
     n_buckets: LSH buckets per round: an even int, a pair (n1, n2), 1, or None
@@ -298,8 +311,19 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
     ff_activation: 'relu', 'gelu', 'fast_gelu' or a layer factory (tl.Relu).
     reversible: rebuild activations in the backward pass (True) or store
       them (False); the parameters and the function are the same.
+    local_chunk_len, local_n_chunks_before, local_n_chunks_after: the windows
+      of 'local' layers (default: chunk_len, n_chunks_before, n_chunks_after).
+    lsh_convention: 'terraflax' or 'hf' (`LSHSelfAttention.convention`; 'hf'
+      reproduces Hugging Face's LSH layers, see `terraflax.models.convert`).
   """
   name = 'ReformerLM'
+  _check_int(name, 'local_chunk_len', local_chunk_len, allow_none=True)
+  for field, value in (('local_n_chunks_before', local_n_chunks_before),
+                       ('local_n_chunks_after', local_n_chunks_after)):
+    _check_int(name, field, value, minimum=0, allow_none=True)
+  if lsh_convention not in tl.lsh_attention.CONVENTIONS:
+    raise ValueError(f'{name} lsh_convention must be one of {tl.lsh_attention.CONVENTIONS}, '
+                     f'got {lsh_convention!r}.')
   _check_int(name, 'vocab_size', vocab_size)
   _check_int(name, 'n_layers', n_layers)
   pattern = attention_pattern(name, attention_type, n_layers)
@@ -319,7 +343,9 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
         kind, causal=True, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
         attention_dropout=attention_dropout, n_hashes=n_hashes, n_buckets=n_buckets,
         chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-        predict_mem_len=predict_mem_len, max_len=max_len, mode=mode, dtype=dtype)
+        predict_mem_len=predict_mem_len, max_len=max_len, mode=mode, dtype=dtype,
+        local_chunk_len=local_chunk_len, local_n_chunks_before=local_n_chunks_before,
+        local_n_chunks_after=local_n_chunks_after, lsh_convention=lsh_convention)
 
   def feed_forward():
     return _feed_forward_half(d_model=d_model, d_ff=d_ff, dropout=dropout,

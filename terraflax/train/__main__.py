@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from terraflax.train.config import ConfigError
@@ -17,6 +17,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    # The trainer prints its own progress lines; orbax's and jax's INFO logs are opt-in
+    # (--verbosity=0).
+    logging.set_verbosity(logging.WARNING)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingDivergedError) as e:

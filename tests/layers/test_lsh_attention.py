@@ -326,7 +326,7 @@ class LayerTest(parameterized.TestCase):
     self.assertLess(errors[8], errors[2])
     self.assertLess(errors[2], errors[1])
 
-  def test_causal_gradient_never_reaches_the_past(self):
+  def test_causal_output_has_zero_gradient_from_future_inputs(self):
     layer = make_layer(n_hashes=3, n_buckets=8, chunk_len=2, causal=True, d_qk=4, d_v=4)
     x, params = jax.random.normal(KEY, (1, 11, 6)), make_params(6, 2, 4, 4)
     f = lambda x: layer.apply(  # noqa: E731

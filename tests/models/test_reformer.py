@@ -136,7 +136,7 @@ class ReformerLMTest(parameterized.TestCase):
     cases = [
         (dict(mode='test'), 'mode must be one of'),
         (dict(d_model=10, n_heads=3), 'd_model=10 must be divisible by n_heads=3'),
-        (dict(attention_type='local'), "attention_type must be one of \\('lsh', 'full'\\)"),
+        (dict(attention_type='sparse'), "attention_type must be one of \\('lsh', 'full', 'local'\\)"),
         (dict(attention_type=('lsh', 'full', 'full')), 'multiple of 3; got 2'),
         (dict(axial_shape=(2, 2)), r'axial_shape=\(2, 2\) covers 4 positions, fewer than '
                                    'max_len=8'),
