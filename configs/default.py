@@ -97,4 +97,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.prompt = 'def '  # Text the sample continues.
   config.sample.max_new_tokens = 200  # Tokens to generate (0: no sample).
   config.sample.temperature = 0.8  # Sampling temperature (0: greedy).
+
+  # Eval-only runs (terraflax/train/eval_only.py): setting any field here away from its default
+  # trains nothing and scores a checkpoint of the workdir, appending to eval_results.jsonl.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.only = False  # True: score the checkpoint with the model as trained.
+  config.eval.step = 0  # The checkpoint to score (0: the latest).
+  config.eval.attention = ''  # '' (as trained), 'lsh', or 'full' (LSH layers as full shared-QK).
+  config.eval.n_hashes = 0  # LSH hash rounds (0: as trained).
+  config.eval.n_buckets = 0  # Buckets per round (0: as trained, -1: from the length, 1: none).
+  config.eval.chunk_len = 0  # LSH chunk length (0: as trained).
+  config.eval.n_chunks_before = -1  # Neighbouring chunks attended to (-1: as trained).
   return config

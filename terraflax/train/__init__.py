@@ -10,12 +10,15 @@
   metrics.py      metrics.jsonl, TensorBoard events, progress lines
   sharding.py     the ('data', 'model') mesh, shardings, multi-process start
   trainer.py      `train_step`, `eval_step`, `train_and_evaluate`
+  eval_only.py    `config.eval.*`: score a checkpoint, e.g. with other LSH hash rounds or
+                  as full shared-QK attention, without training
 """
 
 from terraflax.train.checkpoint import load_for_inference as load_for_inference
 from terraflax.train.checkpoint import model_from_config as model_from_config
 from terraflax.train.config import ConfigError as ConfigError
 from terraflax.train.config import validate_config as validate_config
+from terraflax.train.eval_only import evaluate_checkpoint as evaluate_checkpoint
 from terraflax.train.trainer import TrainingDivergedError as TrainingDivergedError
 from terraflax.train.trainer import TrainState as TrainState
 from terraflax.train.trainer import make_train_step as make_train_step

@@ -138,13 +138,25 @@ SCHEMA: dict[str, Field] = {
     'distributed.coordinator_address': Field(str, ''),
     'distributed.num_processes': Field(int, 0, _non_negative, 'a non-negative int (0: auto)'),
     'distributed.process_id': Field(int, -1, lambda v: v >= -1, 'an int >= -1 (-1: auto)'),
+    # Eval-only (`eval_only.py`): score a workdir's checkpoint and train nothing. Any field
+    # below set away from its default asks for it; the LSH fields override the trained model's.
+    'eval.only': Field(bool, False),
+    'eval.step': Field(int, 0, _non_negative, 'a non-negative int (0: the latest checkpoint)'),
+    # 'full': every LSH layer as full shared-QK attention (n_buckets=1, one chunk of seq_len).
+    'eval.attention': _one_of('', 'lsh', 'full'),
+    'eval.n_hashes': Field(int, 0, _non_negative, 'a non-negative int (0: as trained)'),
+    'eval.n_buckets': Field(int, 0, lambda v: v in (-1, 0, 1) or (v > 0 and v % 2 == 0),
+                            "0 (as trained), -1 (Trax's rule from the length), 1 or a positive "
+                            'even int'),
+    'eval.chunk_len': Field(int, 0, _non_negative, 'a non-negative int (0: as trained)'),
+    'eval.n_chunks_before': Field(int, -1, lambda v: v >= -1, 'an int >= -1 (-1: as trained)'),
     # a decoded sample at the end of training (LM tasks)
     'sample.prompt': Field(str, ''),
     'sample.max_new_tokens': Field(int, 0, _non_negative, 'a non-negative int (0: no sample)'),
     'sample.temperature': Field((int, float), 1.0, _non_negative, 'a non-negative number'),
 }
 SECTIONS = ('seed', 'init_from', 'model', 'data', 'train', 'optimizer', 'distill', 'sharding',
-            'distributed', 'sample')
+            'distributed', 'sample', 'eval')
 _KIND_NAMES = {int: 'int', float: 'float', str: 'str', bool: 'bool', tuple: 'tuple', list: 'list'}
 
 

@@ -244,13 +244,33 @@ def _preempted(step: int, local_flag: bool) -> bool:
     return local_flag
 
 
+def evaluate_params(eval_step, data, params, *, batch_size: int, n_batches: int,
+                    mesh) -> dict[str, float]:
+  """{'eval/loss', 'eval/accuracy'[, 'eval/bits_per_byte']} of `params` on the eval split."""
+  sums = {name: jnp.zeros((), jnp.float32) for name in SUM_KEYS}
+  for index, batch in enumerate(data.eval_batches(
+      batch_size=batch_size, n_batches=n_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())):
+    batch_sums_ = eval_step(params, sharding_lib.put_batch(batch, mesh), index)
+    sums = jax.tree_util.tree_map(jnp.add, sums, batch_sums_)
+  result = normalise(jax.device_get(sums), 'eval')
+  if data.info.byte_level:
+    result['eval/bits_per_byte'] = result['eval/loss'] / math.log(2)
+  return result
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains and evaluates as `config` says, in `workdir`; returns the last logged metrics.
 
   Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
   SIGTERM saves a checkpoint and returns normally. A NaN/inf loss raises
   `TrainingDivergedError` and leaves the last good checkpoint in place.
+  With `eval.only` or any other `eval.*` field set, it trains nothing and
+  scores a checkpoint instead (`eval_only.evaluate_checkpoint`).
   """
+  from terraflax.train import eval_only  # pylint: disable=import-outside-toplevel
+  if eval_only.requested(config_lib.check_fields(config)):
+    return eval_only.evaluate_checkpoint(config, workdir)
   with _StopSignal() as stop:  # From the start: a SIGTERM during set-up stops after step 1.
     return _train_and_evaluate(config, workdir, stop)
 
@@ -378,16 +398,8 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
           'optimizer.learning_rate, a longer optimizer.warmup_steps or optimizer.grad_clip.')
 
   def evaluate(params):
-    sums = {name: jnp.zeros((), jnp.float32) for name in SUM_KEYS}
-    for index, batch in enumerate(data.eval_batches(
-        batch_size=t.batch_size, n_batches=t.eval_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())):
-      batch_sums_ = eval_step(params, sharding_lib.put_batch(batch, mesh), index)
-      sums = jax.tree_util.tree_map(jnp.add, sums, batch_sums_)
-    result = normalise(jax.device_get(sums), 'eval')
-    if data.info.byte_level:
-      result['eval/bits_per_byte'] = result['eval/loss'] / math.log(2)
-    return result
+    return evaluate_params(eval_step, data, params, batch_size=t.batch_size,
+                           n_batches=t.eval_batches, mesh=mesh)
 
   last: dict[str, float] = {}
   timer_start, timed_steps, seconds_per_step = None, 0, 0.0

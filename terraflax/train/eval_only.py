@@ -1,0 +1,195 @@
+"""Eval-only runs: score a workdir's checkpoint, optionally with other LSH settings.
+
+  python -m terraflax.train --config=configs/duplication.py --workdir=DIR \\
+      --config.eval.n_hashes=8
+
+`train_and_evaluate` trains nothing and only evaluates when `eval.only=True`
+or any other `eval.*` field is set away from its default:
+
+  eval.step             the checkpoint to score (0: the latest)
+  eval.attention        '' (as trained), 'lsh', or 'full': every LSH layer
+                        becomes full shared-QK attention (below)
+  eval.n_hashes         hash rounds (0: as trained)
+  eval.n_buckets        buckets per round (0: as trained, -1: Trax's rule
+                        from the length, 1: no hashing, or an even count)
+  eval.chunk_len        LSH chunk length (0: as trained)
+  eval.n_chunks_before  chunks each chunk also attends to (-1: as trained)
+
+'full' rests on an identity: LSH attention with one bucket, one round and one
+chunk covering the whole sequence (n_buckets=1, n_hashes=1,
+chunk_len=data.seq_len, no neighbouring chunks) is exactly full shared-QK
+attention, with LSH's rule that a token sees itself only when nothing else
+is visible. So a model trained with LSH can be scored with full attention
+and vice versa, on the same parameters. Layers that are already full
+attention (`attention_type='full'`: separate queries and keys) have no LSH
+form; asking an all-'full' model for LSH settings is an error.
+
+The model is the one the checkpoint was trained as: `config.model.*` must
+equal the workdir's `config.json` (change the attention with `eval.*`). The
+evaluation set is `config.data`'s, with `train.eval_batches` batches of
+`train.batch_size`, and the same hashing noise per batch as the trainer's
+evaluations, so `eval.only=True` reproduces the last logged `eval/*` numbers.
+Nothing in the workdir is written but one JSON line appended to
+`WORKDIR/eval_results.jsonl`: the checkpoint step, the effective LSH
+settings, the overrides and `eval/loss`, `eval/accuracy`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import time
+
+import jax
+import ml_collections
+
+from terraflax.train import checkpoint as ckpt
+from terraflax.train import config as config_lib
+from terraflax.train import sharding as sharding_lib
+
+RESULTS_FILE = 'eval_results.jsonl'
+LSH_FIELDS = ('n_hashes', 'n_buckets', 'chunk_len', 'n_chunks_before')
+DEFAULTS = {name: config_lib.SCHEMA[f'eval.{name}'].default
+            for name in ('only', 'step', 'attention') + LSH_FIELDS}
+
+
+def requested(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` (with defaults filled in) asks for an eval-only run."""
+  return any(config.eval[name] != default for name, default in DEFAULTS.items())
+
+
+def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
+  """The model keyword arguments that `config.eval.*` changes, from the trained `kwargs`."""
+  e = config.eval
+  if e.attention == 'full':
+    clash = [f'eval.{name}' for name in LSH_FIELDS if e[name] != DEFAULTS[name]]
+    if clash:
+      raise config_lib.ConfigError(
+          f"config.eval.attention='full' sets the LSH fields itself (one bucket, one round, one "
+          f'chunk of data.seq_len); do not also set config.{", config.".join(clash)}.')
+    return {'n_hashes': 1, 'n_buckets': 1, 'chunk_len': config.data.seq_len,
+            'n_chunks_before': 0, 'n_chunks_after': 0}
+  out = {}
+  if e.n_hashes:
+    out['n_hashes'] = e.n_hashes
+  if e.n_buckets:
+    out['n_buckets'] = None if e.n_buckets == -1 else e.n_buckets
+  if e.chunk_len:
+    out['chunk_len'] = e.chunk_len
+  if e.n_chunks_before >= 0:
+    out['n_chunks_before'] = e.n_chunks_before
+  if e.attention == 'lsh' and out.get('n_buckets', trained.get('n_buckets')) == 1:
+    raise config_lib.ConfigError(
+        "config.eval.attention='lsh' but the trained model has n_buckets=1 (no hashing: full "
+        'shared-QK attention); set config.eval.n_buckets (-1: Trax\'s rule from the length) '
+        'and config.eval.chunk_len for hashed attention.')
+  return out
+
+
+def effective_settings(factory, kwargs: dict) -> dict:
+  """The LSH fields the model is built with: `kwargs`, else the factory's defaults."""
+  try:
+    parameters = inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    parameters = {}
+  out = {}
+  for name in LSH_FIELDS:
+    if name in kwargs:
+      out[name] = kwargs[name]
+    elif name in parameters and parameters[name].default is not parameters[name].empty:
+      out[name] = parameters[name].default
+  return out
+
+
+def _check_overrides(config, factory, trained: dict, overrides: dict) -> None:
+  name = config.model.name
+  try:
+    parameters = inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    parameters = None
+  if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+    missing = [k for k in overrides if k not in parameters]
+    if missing:
+      raise config_lib.ConfigError(
+          f'config.eval.* changes {", ".join(missing)}, which {name} does not take: eval-time '
+          'attention settings need a model with LSH attention (such as ReformerLM).')
+  kind = trained.get('attention_type', 'lsh')
+  kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+  if overrides and 'lsh' not in kinds:
+    raise config_lib.ConfigError(
+        f'config.eval.* asks for other attention settings, but the trained model has '
+        f'attention_type={kind!r}: its full attention has separate queries and keys and no LSH '
+        "form. Train with attention_type='lsh' (n_buckets=1 and chunk_len=data.seq_len give "
+        'full shared-QK attention) to compare attentions on the same parameters.')
+
+
+def _check_same_model(config, workdir: str) -> None:
+  try:
+    stored = ckpt.read_config(workdir)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f'eval-only: {e}') from None
+  given = json.loads(ml_collections.ConfigDict(config.model.to_dict()).to_json_best_effort())
+  trained = stored.get('model', ml_collections.ConfigDict()).to_dict()
+  for key in sorted(set(given) | set(trained)):
+    if given.get(key, '<unset>') != trained.get(key, '<unset>'):
+      raise config_lib.ConfigError(
+          f'config.model.{key}={given.get(key, "<unset>")!r} differs from the trained model\'s '
+          f'{trained.get(key, "<unset>")!r} ({os.path.join(workdir, ckpt.CONFIG_FILE)}): '
+          'eval-only scores the model as it was trained, so pass the same config.model.* '
+          'fields and change the attention with config.eval.*.')
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """Scores a checkpoint of `workdir` as `config.eval` says; returns {'eval/loss', ...}.
+
+  Raises `ConfigError` before anything compiles when the workdir has no such
+  checkpoint, the model differs from the trained one, or the overrides do
+  not fit the model. Appends the result to `WORKDIR/eval_results.jsonl`.
+  """
+  from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
+  began = time.time()
+  config = config_lib.check_fields(config)
+  experiment = config_lib.validate_config(config)
+  config, data = experiment.config, experiment.data
+  _check_same_model(config, workdir)
+  manager = ckpt.make_manager(workdir, read_only=True, async_save=False)
+  steps = list(manager.all_steps())
+  manager.close()
+  if not steps:
+    raise config_lib.ConfigError(f'eval-only: {ckpt.checkpoint_dir(workdir)} holds no '
+                                 'checkpoint to evaluate.')
+  step = config.eval.step or max(steps)
+  if step not in steps:
+    raise config_lib.ConfigError(f'config.eval.step={step} is not a checkpoint of {workdir}; '
+                                 f'it has steps {sorted(steps)}.')
+  trained = experiment.model_kwargs
+  overrides = lsh_overrides(config, trained)
+  _check_overrides(config, experiment.factory, trained, overrides)
+  kwargs = dict(trained, **overrides)
+  try:
+    config_lib.trace_model(config, experiment.factory, kwargs, data.info)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f'with the config.eval.* overrides {overrides}: {e}') from None
+
+  _, params = ckpt.load_for_inference(workdir, step)
+  mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
+  replicated = sharding_lib.replicated(mesh)
+  params = jax.device_put(params, replicated)
+  model = config_lib.build_model(experiment.factory, kwargs, 'eval')
+  eval_step = jax.jit(trainer.make_eval_step(model, data.info.task), out_shardings=replicated)
+  with jax.set_mesh(mesh):
+    result = trainer.evaluate_params(eval_step, data, params, batch_size=config.train.batch_size,
+                                     n_batches=config.train.eval_batches, mesh=mesh)
+  settings = effective_settings(experiment.factory, kwargs)
+  label = ('full' if config.eval.attention == 'full' else
+           f'lsh-{settings["n_hashes"]}' if overrides and 'n_hashes' in settings else 'as trained')
+  record = {'step': int(step), 'attention': label, 'model': settings, 'overrides': overrides,
+            **result}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, RESULTS_FILE), 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record, sort_keys=True) + '\n')
+    print(f'terraflax.train: eval-only, checkpoint {step} of {workdir} with {label} '
+          f'{settings}: ' + ', '.join(f'{k[5:]} {v:.4f}' for k, v in sorted(result.items()))
+          + f' ({time.time() - began:.0f}s); appended to {RESULTS_FILE}.', flush=True)
+  return result
