@@ -42,11 +42,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import jax.numpy as jnp
-
 import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import check_mode
+from terraflax.models.transformer import _dtype, _float32, _padding_mask
 
 ATTENTION_TYPES = ('lsh', 'full', 'local')
 POS_TYPES = ('axial', 'sinusoidal', 'learned')
@@ -163,22 +162,6 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def _dtype(dtype):
-  """None, a dtype or its name ('bfloat16') -> a jnp dtype or None."""
-  return None if dtype is None else jnp.dtype(dtype)
-
-
-def _float32():
-  return cb.Fn('Float32', lambda x: x.astype(jnp.float32))
-
-
-def _padding_mask(pad_id):
-  """[ids] -> [ids != pad_id] (all True when pad_id is None)."""
-  if pad_id is None:
-    return cb.Fn('PaddingMask', lambda ids: jnp.ones(ids.shape, jnp.bool_))
-  return cb.Fn('PaddingMask', lambda ids: ids != pad_id)
 
 
 def Embedder(*, vocab_size, d_model, max_len, dropout, pos_type, axial_shape,  # pylint: disable=invalid-name
