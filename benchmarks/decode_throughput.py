@@ -87,10 +87,12 @@ def measure(name: str, batch: int, tokens: int, repeats: int) -> dict:
           'same_tokens': bool((out == first).all()), 'error': None}
 
 
-def hf(python: str, attention: str, batch: int, tokens: int, timeout: float) -> dict:
+def hf(python: str, attention: str, batch: int, args) -> dict:
   cmd = [python, os.path.join(HERE, 'peers', 'hf_reformer.py'), '--mode', 'decode',
-         '--attention', attention, '--batch', str(batch), '--decode_tokens', str(tokens),
-         '--length', str(MAX_LEN), '--torch_threads', '2', '--steps', '3', '--warmup_steps', '1']
+         '--attention', attention, '--batch', str(batch), '--decode_tokens', str(args.tokens),
+         '--length', str(MAX_LEN), '--torch_threads', str(args.torch_threads),
+         '--steps', str(args.peer_steps), '--warmup_steps', str(args.peer_warmup)]
+  timeout = args.timeout
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           check=False)
@@ -117,7 +119,10 @@ def main():
   parser.add_argument('--tokens', type=int, default=256)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--hf_python', default='')
-  parser.add_argument('--timeout', type=float, default=1200)
+  parser.add_argument('--timeout', type=float, default=1200, help='seconds per HF run')
+  parser.add_argument('--torch_threads', type=int, default=2, help='HF threads (JAX gets 2 cores)')
+  parser.add_argument('--peer_steps', type=int, default=3, help='timed HF decodes (median)')
+  parser.add_argument('--peer_warmup', type=int, default=1, help='untimed HF decodes')
   args = parser.parse_args()
   models = [m for m in args.models.split(',') if m]
   for m in models:
@@ -130,7 +135,7 @@ def main():
     for name in models:
       peer = None
       if args.hf_python and name in PEER_OF:
-        peer = hf(args.hf_python, PEER_OF[name], batch, args.tokens, args.timeout)
+        peer = hf(args.hf_python, PEER_OF[name], batch, args)
         print(f'# HF {PEER_OF[name]} batch {batch}: {cell(peer)}', flush=True)
       try:
         ours = measure(name, batch, args.tokens, args.repeats)
@@ -144,7 +149,7 @@ def main():
   head = '| model | batch | terraflax tok/s | first call s |'
   sep = '|---|---|---|---|'
   if args.hf_python:
-    head += ' HF tok/s (same attention) | ratio |'
+    head += f' HF tok/s ({args.torch_threads} threads, same attention) | ratio |'
     sep += '---|---|'
   print(head + ' load avg |')
   print(sep + '---|')
