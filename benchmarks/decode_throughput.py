@@ -122,13 +122,16 @@ def main():
   parser.add_argument('--timeout', type=float, default=1200, help='seconds per HF run')
   parser.add_argument('--torch_threads', type=int, default=2, help='HF threads (JAX gets 2 cores)')
   parser.add_argument('--peer_steps', type=int, default=3, help='timed HF decodes (median)')
-  parser.add_argument('--peer_warmup', type=int, default=1, help='untimed HF decodes')
+  parser.add_argument('--peer_warmup', type=int, default=1,
+                      help='untimed HF decodes (>= 1: the peer compiles/warms up in the first)')
   args = parser.parse_args()
   models = [m for m in args.models.split(',') if m]
   for m in models:
     if m not in ('transformer', 'reformer', 'terraformer'):
       parser.error(f'--models: unknown {m!r}; valid: transformer, reformer, terraformer')
   batches = [int(b) for b in args.batches.split(',') if b]
+  if args.peer_warmup < 1:
+    parser.error(f'--peer_warmup must be >= 1, got {args.peer_warmup}.')
 
   rows = []
   for batch in batches:
