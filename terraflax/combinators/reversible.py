@@ -39,7 +39,7 @@ from terraflax.combinators.base import (
     label_of, layer_path, n_in_of, n_out_of)
 from terraflax.combinators.core import (
     Fn, _layers_init, run_serial, serial_n_in_n_out)
-from terraflax.combinators.scan import RNG_STREAMS
+from terraflax.combinators.scan import RNG_STREAMS, predict_unroll
 
 
 def is_reversible(layer: Any) -> bool:
@@ -450,6 +450,7 @@ class ReversibleSerial(_ReversibleSerialFields):
         variable_axes={'params': 0, 'cache': 0, 'intermediates': 0, 'lsh_rotations': 0},
         split_rngs={stream: True for stream in RNG_STREAMS},
         length=self.n_repeats,
+        unroll=predict_unroll(self, self.n_repeats),
         metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, _ = scanned(self, tuple(stack), None)
     return list(carry)

@@ -23,6 +23,20 @@ from terraflax.combinators.core import (
 RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
 
 
+def predict_unroll(module: nn.Module, n: int) -> int:
+  """`nn.scan`'s unroll for a stack of n copies: n (no loop) when decoding, else 1.
+
+  In predict mode (the `cache` collection mutable, not initialising) the
+  stack runs once per token inside the decoding loop. Scanned, every token
+  would dynamic-slice (copy) each block's stacked weights; fully unrolled,
+  the blocks index their weights at static offsets, which XLA hoists out of
+  the decoding loop. Training and init stay scanned (flat compile time).
+  """
+  if module.is_initializing() or not module.is_mutable_collection('cache'):
+    return 1
+  return n
+
+
 def _one_layer(layer: Any) -> Any:
   """A layer, or a `Serial` of a list of them."""
   if isinstance(layer, (list, tuple)):
@@ -91,13 +105,15 @@ class Repeat(_RepeatFields):
           variable_broadcast='params',
           variable_axes={'cache': 0, 'intermediates': 0},
           split_rngs={stream: stream != 'params' for stream in RNG_STREAMS},
-          length=self.n)
+          length=self.n,
+          unroll=predict_unroll(self, self.n))
     else:
       scanned = nn.scan(
           body,
           variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
           split_rngs={stream: True for stream in RNG_STREAMS},
           length=self.n,
+          unroll=predict_unroll(self, self.n),
           metadata_params={nn.PARTITION_NAME: 'layers'})
     carry, _ = scanned(self.layer, tuple(stack), None)
     return as_return(carry)

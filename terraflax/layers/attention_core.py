@@ -22,6 +22,7 @@ memory is linear in the length. The result is the same as the unchunked one
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -169,17 +170,148 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
   batch_shape, lq, lk = q.shape[:-3], q.shape[-3], k.shape[-3]
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   mask = _full_mask(mask, q.ndim)
+  q_positions_given = q_positions is not None or k_positions is not None
   if causal:
     q_positions = _positions(q_positions, lq, batch_shape, 'q_positions')
     k_positions = _positions(k_positions, lk, batch_shape, 'k_positions')
   args = (causal, scale, float(dropout_rate), dropout_rng, return_weights)
-  if chunk_len is None or chunk_len >= lq:
+  blocks = _causal_blocks(lq, lk, chunk_len)
+  if (causal and blocks and mask is None and not dropout_rate and not return_weights
+      and q_positions_given is False):
+    out, lse = causal_blocked_attention(q, k, v, scale=scale, block_len=blocks)
+    result = AttentionOutput(out, lse, None)
+  elif chunk_len is None or chunk_len >= lq:
     result = _attend(q, k, v, mask, q_positions, k_positions, *args)
   else:
     result = _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, *args)
   if return_details:
     return result
   return (result.out, result.weights) if return_weights else result.out
+
+
+# ----------------------------------------------------------------------------
+# Causal attention in query blocks that skip the keys after the block.
+
+MAX_SEGMENTS = 8  # Key ranges of the causal fast path (each a loop over query blocks).
+
+
+def _causal_blocks(lq: int, lk: int, chunk_len):
+  """The query block length of the causal fast path (chunk_len), or None if it does not apply.
+
+  It applies to self-attention (lq == lk) with query chunking, lq a multiple
+  of chunk_len.
+  """
+  if chunk_len is None or chunk_len >= lq or lq != lk or lq % chunk_len:
+    return None
+  return chunk_len
+
+
+def causal_blocked_attention(q, k, v, *, scale: float, block_len: int):
+  """Exact causal self-attention, `block_len` queries at a time: (out, logsumexp).
+
+  q, k (*batch, l, h, dk), v (*batch, l, h, dv), positions 0..l-1 for both,
+  l a multiple of `block_len`. The query blocks are split into up to
+  MAX_SEGMENTS consecutive segments; segment s loops over its blocks against
+  the keys up to its own end only, so most keys after a query are never
+  touched (with S segments the work is (S + 1) / 2S of the full square).
+  The backward pass (flash-attention style) recomputes each block's weights
+  from the stored log-normalisers. Memory is linear in l: one loop step's
+  (h, block_len, keys) logits at a time. Returns out (*batch, l, h, dv) in
+  v's dtype and logsumexp (*batch, h, l) float32.
+  """
+  batch_shape, l, h = q.shape[:-3], q.shape[-3], q.shape[-2]
+  heads_first = lambda x: jnp.swapaxes(jnp.reshape(x, (-1,) + x.shape[-3:]), 1, 2)
+  out, lse = _causal_blocked(float(scale), int(block_len), heads_first(q), heads_first(k),
+                             heads_first(v))
+  out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
+  return (jnp.reshape(out, batch_shape + out.shape[1:]), jnp.reshape(lse, batch_shape + (h, l)))
+
+
+def _segments(l: int, block_len: int):
+  """[(first block, blocks, key end)] of the causal fast path."""
+  n_blocks = l // block_len
+  n_segments = max(d for d in range(1, min(MAX_SEGMENTS, n_blocks) + 1) if n_blocks % d == 0)
+  per = n_blocks // n_segments
+  return [(s * per, per, (s + 1) * per * block_len) for s in range(n_segments)]
+
+
+def _logits(scale, block_len, i, q, k_end):
+  """Block i's scaled, causally masked logits (n, h, B, E), float32; q (n, h, l, d)."""
+  qi = jax.lax.dynamic_slice_in_dim(q, i * block_len, block_len, axis=2)
+  s = jnp.einsum('nhqd,nhkd->nhqk', qi, k_end, preferred_element_type=jnp.float32)
+  s = s * jnp.float32(scale)
+  q_pos = jax.lax.broadcasted_iota(jnp.int32, s.shape[2:], 0) + i * block_len
+  k_pos = jax.lax.broadcasted_iota(jnp.int32, s.shape[2:], 1)
+  return qi, jnp.where(k_pos <= q_pos, s, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _causal_blocked(scale, block_len, q, k, v):
+  return _causal_blocked_fwd(scale, block_len, q, k, v)[0]
+
+
+def _causal_blocked_fwd(scale, block_len, q, k, v):
+  n, h, l = q.shape[:3]
+  out = jnp.zeros((n, h, l, v.shape[-1]), jnp.float32)
+  lse = jnp.zeros((n, h, l), jnp.float32)
+  for first, count, end in _segments(l, block_len):
+    k_end, v_end = k[:, :, :end], v[:, :, :end]
+
+    def step(j, carry, first=first, k_end=k_end, v_end=v_end):
+      out, lse = carry
+      i = first + j
+      _, s = _logits(scale, block_len, i, q, k_end)
+      peak = jnp.max(s, axis=-1, keepdims=True)
+      e = jnp.exp(s - peak)
+      total = jnp.sum(e, axis=-1, keepdims=True)
+      o = jnp.einsum('nhqk,nhkd->nhqd', (e * (1.0 / total)).astype(v.dtype), v_end,
+                     preferred_element_type=jnp.float32)
+      out = jax.lax.dynamic_update_slice_in_dim(out, o, i * block_len, axis=2)
+      lse = jax.lax.dynamic_update_slice_in_dim(lse, (peak + jnp.log(total))[..., 0],
+                                                i * block_len, axis=2)
+      return out, lse
+
+    out, lse = jax.lax.fori_loop(0, count, step, (out, lse))
+  return (out, lse), (q, k, v, out, lse)
+
+
+def _causal_blocked_bwd(scale, block_len, residuals, cotangents):
+  q, k, v, out, lse = residuals
+  d_out, d_lse = cotangents
+  d_out = d_out.astype(jnp.float32)
+  # d logit = p (dp - sum_k p dp + d lse), and sum_k p dp = d_out . out per query.
+  row = jnp.sum(d_out * out, axis=-1) - d_lse.astype(jnp.float32)  # (n, h, l)
+  l = q.shape[2]
+  dq = jnp.zeros(q.shape, jnp.float32)
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  for first, count, end in _segments(l, block_len):
+    k_end, v_end = k[:, :, :end], v[:, :, :end]
+
+    def step(j, carry, first=first, k_end=k_end, v_end=v_end):
+      dq, dk_end, dv_end = carry
+      i = first + j
+      qi, s = _logits(scale, block_len, i, q, k_end)
+      rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block_len, block_len, axis=2)
+      p = jnp.exp(s - rows(lse)[..., None])
+      do_i = rows(d_out)
+      dp = jnp.einsum('nhqd,nhkd->nhqk', do_i, v_end, preferred_element_type=jnp.float32)
+      ds = p * (dp - rows(row)[..., None]) * jnp.float32(scale)
+      dq_i = jnp.einsum('nhqk,nhkd->nhqd', ds, k_end, preferred_element_type=jnp.float32)
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * block_len, axis=2)
+      dk_end = dk_end + jnp.einsum('nhqk,nhqd->nhkd', ds, qi, preferred_element_type=jnp.float32)
+      dv_end = dv_end + jnp.einsum('nhqk,nhqd->nhkd', p, do_i, preferred_element_type=jnp.float32)
+      return dq, dk_end, dv_end
+
+    zeros_k = jnp.zeros(k_end.shape, jnp.float32)
+    zeros_v = jnp.zeros(v_end.shape, jnp.float32)
+    dq, dk_end, dv_end = jax.lax.fori_loop(0, count, step, (dq, zeros_k, zeros_v))
+    dk = dk.at[:, :, :end].add(dk_end)
+    dv = dv.at[:, :, :end].add(dv_end)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_causal_blocked.defvjp(_causal_blocked_fwd, _causal_blocked_bwd)
 
 
 def _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, causal, scale, dropout_rate,

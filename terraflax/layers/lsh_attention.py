@@ -457,18 +457,11 @@ _project.defvjp(_project_fwd, _project_bwd)
 def _hash_heads(q, rotations, n_buckets):
   """Bucket ids of q (b, L, h, k) under per-head rotations (b, h, k, n, r): int32 (b, h, n, L).
 
-  One matrix product with a block-diagonal rotation (heads x heads blocks)
-  rather than a per-head product, which would need q transposed to
-  (b, h, L, k) first; the zero blocks add exact zeros.
+  The rotated vectors come out as (b, h, n, r, L), positions minor, so the
+  argmax over the r columns is elementwise work on rows of L (fast on CPU).
   """
-  b, big_l, h, k = q.shape
-  n, r = rotations.shape[-2:]
-  block_diagonal = jnp.einsum('bhknr,hg->bhkgnr', rotations, jnp.eye(h, dtype=rotations.dtype))
-  rotated = jnp.einsum('blf,bfg->blg', q.reshape(b, big_l, h * k),
-                       block_diagonal.reshape(b, h * k, h * n * r),
-                       precision=lax.Precision.HIGHEST)
-  buckets = lsh_hashing.buckets_of_rotated(rotated.reshape(b, big_l, h, n, r), n_buckets)
-  return jnp.transpose(buckets, (0, 2, 3, 1))
+  rotated = jnp.einsum('bhknr,blhk->bhnrl', rotations, q, precision=lax.Precision.HIGHEST)
+  return lsh_hashing.buckets_of_rotated(rotated, n_buckets, axis=3)
 
 
 class LSHSelfAttention(Layer, kw_only=True):

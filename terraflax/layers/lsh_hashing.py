@@ -86,26 +86,43 @@ def hash_vectors(vecs: jax.Array, rotations: jax.Array, n_buckets: NBuckets) -> 
   return buckets_of_rotated(rotated, n_buckets)
 
 
-def buckets_of_rotated(rotated: jax.Array, n_buckets: NBuckets) -> jax.Array:
+def buckets_of_rotated(rotated: jax.Array, n_buckets: NBuckets, axis: int = -1) -> jax.Array:
   """Bucket ids from rotated vectors: float (..., r) -> int32 (...,).
 
   Each factor f > 1 takes the next f/2 columns and answers the argmax over
-  [x, -x]; factor ids combine as b1 + n1 * b2. Vectors that rotate to exactly
-  zero land in bucket 0, like any argmax tie.
+  [x, -x] (the first maximum on ties, so a column of x beats the same
+  column of -x); factor ids combine as b1 + n1 * b2. Vectors that rotate to
+  exactly zero land in bucket 0, like any argmax tie. `axis` is the column
+  axis (removed from the result); a major axis (e.g. (..., r, l) with
+  axis=-2) is the fast layout on CPU.
+
+  The argmax is a running max/min over the f/2 columns (elementwise updates
+  of whole rows), which XLA fuses into one pass: a reduction along the
+  columns (`jnp.argmax`) is many times slower on XLA:CPU.
   """
   factors = bucket_factors(n_buckets)
-  if rotated.shape[-1] != rotation_width(n_buckets):
+  axis = axis % rotated.ndim
+  if rotated.shape[axis] != rotation_width(n_buckets):
     raise ValueError(
-        f'rotations have {rotated.shape[-1]} columns but n_buckets={n_buckets!r} needs '
+        f'rotations have {rotated.shape[axis]} columns but n_buckets={n_buckets!r} needs '
         f'{rotation_width(n_buckets)}.')
-  buckets = jnp.zeros(rotated.shape[:-1], jnp.int32)
+  shape = rotated.shape[:axis] + rotated.shape[axis + 1:]
+  buckets = jnp.zeros(shape, jnp.int32)
   column, stride = 0, 1
   for f in factors:
     if f == 1:
       continue
-    part = rotated[..., column:column + f // 2]
-    column += f // 2
-    ids = jnp.argmax(jnp.concatenate([part, -part], axis=-1), axis=-1).astype(jnp.int32)
+    half = f // 2
+    first = jax.lax.index_in_dim(rotated, column, axis, keepdims=False)
+    hi, lo = first, first
+    hi_id = lo_id = jnp.zeros(shape, jnp.int32)
+    for j in range(1, half):
+      x = jax.lax.index_in_dim(rotated, column + j, axis, keepdims=False)
+      up, down = x > hi, x < lo
+      hi, hi_id = jnp.where(up, x, hi), jnp.where(up, j, hi_id)
+      lo, lo_id = jnp.where(down, x, lo), jnp.where(down, j, lo_id)
+    column += half
+    ids = jnp.where(hi >= -lo, hi_id, half + lo_id)  # argmax over [x, -x]
     buckets = buckets + stride * ids
     stride *= f
   return buckets
