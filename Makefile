@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-test
 TRAIN_CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2  # pytest-xdist: two workers (the suite is compile-bound, one core each)
 
 .PHONY: test train bench venv clean
 
