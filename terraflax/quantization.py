@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from terraflax.combinators.scan import RNG_STREAMS
 from terraflax.layers.core import Dense, Embedding, lift_to
 
 QMAX = 127
@@ -87,7 +88,7 @@ def find_quantizable(model, *inputs, **apply_kwargs) -> dict[tuple[str, ...], st
     return next_fun(*args, **kwargs)
 
   key = jax.random.key(0)
-  rngs = {s: key for s in ('params', 'dropout', 'hash', 'sparse')}
+  rngs = {s: key for s in RNG_STREAMS}
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init(rngs, *inputs, **apply_kwargs))
   return found
@@ -160,7 +161,8 @@ def _int8_embedding(module: Embedding, method: str, x):
     dtype = module.dtype or module.param_dtype
     return (jnp.take(q, x, axis=0).astype(dtype) * jnp.take(scale, x, axis=0).astype(dtype))
   dtype = module.dtype or jnp.result_type(x, scale)
-  return jnp.matmul(x.astype(dtype), dequantize(q, scale).astype(dtype).T)
+  # x @ (q * scale).T == (x @ q.T) * scale.T: no float copy of the (v, d) table.
+  return jnp.matmul(x.astype(dtype), q.T.astype(dtype)) * scale[:, 0].astype(dtype)
 
 
 @contextlib.contextmanager

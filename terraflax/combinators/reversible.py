@@ -39,7 +39,7 @@ from terraflax.combinators.base import (
     label_of, layer_path, n_in_of, n_out_of)
 from terraflax.combinators.core import (
     Fn, _layers_init, run_serial, serial_n_in_n_out)
-from terraflax.combinators.scan import RNG_STREAMS, predict_unroll
+from terraflax.combinators.scan import RNG_STREAMS, predict_unroll, stacked_axes
 
 
 def is_reversible(layer: Any) -> bool:
@@ -433,9 +433,11 @@ class ReversibleSerial(_ReversibleSerialFields):
     return self.n_in
 
   def _runs_forward_only(self) -> bool:
+    # The pure (custom VJP) path carries parameters only: any other collection passed in
+    # (e.g. given LSH rotations) or written (caches, sown values) needs the flax forward.
     return (self.is_initializing() or self.is_mutable_collection('cache')
             or self.is_mutable_collection('intermediates')
-            or 'lsh_rotations' in self.variables)  # Given LSH rotations (LSHSelfAttention).
+            or bool(set(self.variables) - {'params'}))
 
   def _flax_forward(self, stack):
     """Runs the bound children: init, predict-mode caches, sown intermediates."""
@@ -447,7 +449,7 @@ class ReversibleSerial(_ReversibleSerialFields):
 
     scanned = nn.scan(
         body,
-        variable_axes={'params': 0, 'cache': 0, 'intermediates': 0, 'lsh_rotations': 0},
+        variable_axes=stacked_axes(self),
         split_rngs={stream: True for stream in RNG_STREAMS},
         length=self.n_repeats,
         unroll=predict_unroll(self, self.n_repeats),

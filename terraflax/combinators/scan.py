@@ -23,6 +23,18 @@ from terraflax.combinators.core import (
 RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
 
 
+def stacked_axes(module: nn.Module, broadcast: tuple[str, ...] = ()) -> dict[str, int]:
+  """`nn.scan`'s variable_axes for a stack of copies: axis 0 for every collection.
+
+  Parameters, predict-mode caches and sown values always; also any other
+  collection the caller passed in (e.g. given LSH rotations,
+  `lsh_attention.ROTATIONS_COLLECTION`), so that each copy reads its own
+  slice. `broadcast` names collections shared by every copy instead.
+  """
+  names = {'params', 'cache', 'intermediates'} | set(module.variables)
+  return {name: 0 for name in sorted(names - set(broadcast))}
+
+
 def predict_unroll(module: nn.Module, n: int) -> int:
   """`nn.scan`'s unroll for a stack of n copies: n (no loop) when decoding, else 1.
 
@@ -103,14 +115,14 @@ class Repeat(_RepeatFields):
       scanned = nn.scan(
           body,
           variable_broadcast='params',
-          variable_axes={'cache': 0, 'intermediates': 0},
+          variable_axes=stacked_axes(self, broadcast=('params',)),
           split_rngs={stream: stream != 'params' for stream in RNG_STREAMS},
           length=self.n,
           unroll=predict_unroll(self, self.n))
     else:
       scanned = nn.scan(
           body,
-          variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+          variable_axes=stacked_axes(self),
           split_rngs={stream: True for stream in RNG_STREAMS},
           length=self.n,
           unroll=predict_unroll(self, self.n),

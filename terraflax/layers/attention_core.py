@@ -170,17 +170,17 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
   batch_shape, lq, lk = q.shape[:-3], q.shape[-3], k.shape[-3]
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   mask = _full_mask(mask, q.ndim)
-  q_positions_given = q_positions is not None or k_positions is not None
+  blocks = _causal_blocks(lq, lk, chunk_len)
+  if (causal and blocks and mask is None and not dropout_rate and not return_weights
+      and q_positions is None and k_positions is None):
+    out, lse = causal_blocked_attention(q, k, v, scale=scale, block_len=blocks)
+    result = AttentionOutput(out, lse, None)
+    return result if return_details else result.out
   if causal:
     q_positions = _positions(q_positions, lq, batch_shape, 'q_positions')
     k_positions = _positions(k_positions, lk, batch_shape, 'k_positions')
   args = (causal, scale, float(dropout_rate), dropout_rng, return_weights)
-  blocks = _causal_blocks(lq, lk, chunk_len)
-  if (causal and blocks and mask is None and not dropout_rate and not return_weights
-      and q_positions_given is False):
-    out, lse = causal_blocked_attention(q, k, v, scale=scale, block_len=blocks)
-    result = AttentionOutput(out, lse, None)
-  elif chunk_len is None or chunk_len >= lq:
+  if chunk_len is None or chunk_len >= lq:
     result = _attend(q, k, v, mask, q_positions, k_positions, *args)
   else:
     result = _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, *args)

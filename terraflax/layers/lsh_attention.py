@@ -644,7 +644,7 @@ class LSHSelfAttention(Layer, kw_only=True):
     buckets = self.variable('cache', 'buckets', jnp.zeros, (b, h, self.n_hashes, m), jnp.int32)
     slot_pos = self.variable('cache', 'slot_positions', lambda: jnp.full((m,), -1, jnp.int32))
     start = advance_position(self, length)
-    q_buckets = lsh_hashing.hash_vectors(jnp.transpose(q, (0, 2, 1, 3)), rotations.value, n_buckets)
+    q_buckets = _hash_heads(q, rotations.value, n_buckets)  # (b, h, n, l), as in training
     recent = self.chunk_len * (self.n_chunks_before + 1)
 
     def step(memory, inputs):

@@ -52,9 +52,10 @@ import jax
 import jax.numpy as jnp
 
 from terraflax.combinators.base import (
-    Layer, LayerError, check_inputs, describe_shapes, label_of, layer_path)
+    Layer, LayerError, check_inputs)
 from terraflax.combinators.core import run_serial, serial_n_in_n_out
-from terraflax.combinators.reversible import ReversibleHalfResidual, ReversibleLayer
+from terraflax.combinators.reversible import (
+    ReversibleHalfResidual, ReversibleLayer, _check_same_shape)
 
 NOT_RECORDED = -1
 
@@ -131,10 +132,7 @@ class ReplayedHalfResidual(ReversibleHalfResidual):
   def __call__(self, *inputs):
     x1, x2, slot, record = check_inputs(self, inputs)
     fx, choices = self._residual_and_choices(x2, slot, record)
-    if fx.shape != x1.shape:
-      raise LayerError(f'{layer_path(self)} ({label_of(self)}) needs its layers\' y to have the '
-                       f'shape of x1, got x1 {describe_shapes([x1])} and y '
-                       f'{describe_shapes([fx])}.')
+    _check_same_shape(self, x1, fx, 'ReplayedHalfResidual')
     record = jax.lax.dynamic_update_index_in_dim(record, choices.astype(record.dtype), slot,
                                                  axis=0)
     return (x1 + fx).astype(x1.dtype), x2, slot, record

@@ -12,11 +12,10 @@ the classification head starts fresh. The data comes from the `mlm` data set
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import terraflax.combinators as cb
 import terraflax.layers as tl
-from terraflax.models.transformer import EncoderBody, _check_hyperparameters, _dtype
+from terraflax.models.transformer import (
+    EncoderBody, _check_hyperparameters, _dtype, _float32)
 
 
 def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
@@ -48,5 +47,5 @@ def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint:
       cb.Select([0], n_in=2),  # stack: x
       cb.Serial(tl.Dense(d_embedding or d_model, dtype=dtype), tl.Gelu(), tl.LayerNorm(),
                 tl.Dense(vocab_size, dtype=dtype), label='MLMHead'),
-      cb.Fn('Float32', lambda x: x.astype(jnp.float32)),
+      _float32(),
   )

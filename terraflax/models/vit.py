@@ -13,7 +13,8 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import check_mode
 from terraflax.models.transformer import (
-    EncoderBlock, FourierEncoderBlock, _check_hyperparameters, _dtype, _mixing_kinds, _stack)
+    EncoderBlock, FourierEncoderBlock, _check_hyperparameters, _dtype, _float32, _mixing_kinds,
+    _stack)
 
 
 def _as_images(image_shape, scale):
@@ -80,5 +81,5 @@ def ViT(*, image_shape: Sequence[int] = (8, 8, 1), patch_size: int = 2,  # pylin
       tl.LayerNorm(),
       cb.Fn('ClassOutput', lambda x: x[:, 0]),  # stack: (b, d)
       tl.Dense(n_classes, dtype=dtype),
-      cb.Fn('Float32', lambda x: x.astype(jnp.float32)),
+      _float32(),
   )
