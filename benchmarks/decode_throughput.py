@@ -26,10 +26,8 @@ the same batch: LSH (against `reformer`) and full attention (against
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -42,6 +40,8 @@ MAX_LEN = 512
 SIZE = dict(vocab_size=256, d_model=256, d_ff=1024, n_layers=2, n_heads=4, dropout=0.0,
             max_len=MAX_LEN)
 PEER_OF = {'transformer': 'full', 'reformer': 'lsh'}
+
+from train_throughput import cell, load_average, ratio, run_json  # noqa: E402  (benchmarks/ is the script's dir)
 
 
 def build(name: str, mode: str):
@@ -92,24 +92,7 @@ def hf(python: str, attention: str, batch: int, args) -> dict:
          '--attention', attention, '--batch', str(batch), '--decode_tokens', str(args.tokens),
          '--length', str(MAX_LEN), '--torch_threads', str(args.torch_threads),
          '--steps', str(args.peer_steps), '--warmup_steps', str(args.peer_warmup)]
-  timeout = args.timeout
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False)
-  except subprocess.TimeoutExpired:
-    return {'error': f'timeout ({timeout:.0f} s)'}
-  for line in reversed(proc.stdout.strip().splitlines()):
-    if line.startswith('{'):
-      return json.loads(line)
-  return {'error': f'exit {proc.returncode}: ' + ' | '.join(proc.stderr.strip().splitlines()[-2:])}
-
-
-def cell(result) -> str:
-  if result is None:
-    return '-'
-  if result.get('error'):
-    return 'out of memory' if 'memory' in str(result['error']) else f"error: {result['error']}"
-  return f"{result['tokens_per_sec']:.0f}"
+  return run_json(cmd, args.timeout)
 
 
 def main():
@@ -144,7 +127,7 @@ def main():
         ours = measure(name, batch, args.tokens, args.repeats)
       except Exception as e:  # pylint: disable=broad-except
         ours = {'error': f'{type(e).__name__}: {e}'[:200]}
-      load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
+      load = load_average()
       print(f'# {name} batch {batch}: {cell(ours)} (load {load})', flush=True)
       rows.append((name, batch, ours, peer, load))
 
@@ -160,10 +143,7 @@ def main():
     first = '-' if ours.get('error') else f"{ours['first_call_seconds']:.1f}"
     line = f'| {name} | {batch} | {cell(ours)} | {first} |'
     if args.hf_python:
-      ratio = '-'
-      if peer and not peer.get('error') and not ours.get('error'):
-        ratio = f"{ours['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x"
-      line += f' {cell(peer)} | {ratio} |'
+      line += f' {cell(peer)} | {ratio(ours, peer)} |'
     print(line + f' {load} |')
 
 

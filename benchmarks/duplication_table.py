@@ -103,12 +103,7 @@ def row_overrides(kind, extra: dict) -> dict:
 
 def make_config(overrides: dict):
   config = base_config()
-  for path, value in overrides.items():
-    *parents, leaf = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)  # {'model.n_hashes': 4, ...}
   return config
 
 

@@ -184,6 +184,19 @@ class Reporter:
       return True
 
 
+def start_report(library: str, args: argparse.Namespace) -> Reporter:
+  """The Reporter of one run, with the fields every peer reports, guarded against OOM."""
+  reporter = Reporter({
+      'library': library, 'mode': args.mode, 'attention': args.attention,
+      'length': args.length, 'batch': args.batch,
+      'decode_tokens': args.decode_tokens if args.mode == 'decode' else None,
+      'axial_shape': list(axial_shape(args.length, args.axial_shape)),
+      'tokens_per_sec': None, 'median_step_seconds': None, 'step_seconds': [],
+      'first_step_seconds': None, 'n_buckets': None})
+  MemoryGuard(reporter, args.max_memory_gib, args.min_free_gib)
+  return reporter
+
+
 class MemoryGuard:
   """Stops the process as "out of memory" before it takes the machine down."""
 

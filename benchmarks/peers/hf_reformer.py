@@ -198,14 +198,7 @@ def main():
   args = parser.parse_args()
   common.check_common_flags(args)
 
-  reporter = common.Reporter({
-      'library': 'hf', 'mode': args.mode, 'attention': args.attention,
-      'length': args.length, 'batch': args.batch,
-      'decode_tokens': args.decode_tokens if args.mode == 'decode' else None,
-      'axial_shape': list(common.axial_shape(args.length, args.axial_shape)),
-      'tokens_per_sec': None, 'median_step_seconds': None, 'step_seconds': [],
-      'first_step_seconds': None, 'n_buckets': None})
-  common.MemoryGuard(reporter, args.max_memory_gib, args.min_free_gib)
+  reporter = common.start_report('hf', args)
 
   def measure():
     import torch  # pylint: disable=g-import-not-at-top
