@@ -185,10 +185,11 @@ def SelfAttention(kind, *, causal, n_heads, d_qk, d_v, attention_dropout, n_hash
                   n_buckets, chunk_len, n_chunks_before, n_chunks_after, predict_mem_len,
                   max_len, mode, dtype, local_chunk_len=None, local_n_chunks_before=None,
                   local_n_chunks_after=None, lsh_convention='terraflax'):
-  """One self-attention layer of type `kind` ('lsh', 'full' or 'local').
+  """[x] -> [y]: (b, l, d) -> (b, l, d); one self-attention layer of type `kind`.
 
-  'lsh', 'local' and causal 'full' are [x] -> [y], 1 -> 1; non-causal 'full'
-  is `Attention`, [x, mask] -> [y, mask], 2 -> 2 (LSHSelfAttention and
+  `kind` is 'lsh', 'full' or 'local'. 'lsh', 'local' and causal 'full' have
+  n_in = n_out = 1; non-causal 'full' is `Attention`, [x, mask] -> [y, mask]:
+  (b, l, d), bool (b, l) -> the same, n_in = n_out = 2 (LSHSelfAttention and
   LocalSelfAttention take no padding mask). 'local' windows default to the
   LSH ones (`chunk_len`, `n_chunks_before`, `n_chunks_after`).
   """
@@ -213,6 +214,7 @@ def SelfAttention(kind, *, causal, n_heads, d_qk, d_v, attention_dropout, n_hash
 
 
 def _feed_forward_half(*, d_model, d_ff, dropout, ff_activation, ff_chunk_len, mode, dtype):
+  """[x1, x2] -> [x1 + FeedForward(x2), x2]: (b, l, d) x 2 -> the same; n_in = n_out = 2."""
   activation = FF_ACTIVATIONS.get(ff_activation, ff_activation)
   return cb.ReversibleHalfResidual(tl.FeedForward(
       d_model=d_model, d_ff=d_ff, dropout=dropout, activation=activation, mode=mode,
@@ -223,7 +225,8 @@ def ReversibleBlocks(pattern, *, n_layers, reversible, attention, feed_forward, 
                      dropout, mode, extra=None):
   """`ReversibleSerial` of n_layers two-stream blocks, one per entry of `pattern` in turn.
 
-  [x1, x2, ctx...] -> [y1, y2, ctx...]. `attention(kind)` makes the
+  [x1, x2, ctx...] -> [y1, y2, ctx...]: (b, l, d) x 2 and the context arrays
+  unchanged; n_in = n_out = 2 + len(ctx). `attention(kind)` makes the
   self-attention layer of a block, `feed_forward()` its feed-forward half
   residual, and `extra()` (optional) more half residuals after the
   self-attention (the decoder's attention to the encoder). The pattern's

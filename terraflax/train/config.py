@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from terraflax.train import data as data_lib
+from terraflax.train import optimizers
 
 _REQUIRED = object()
 RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
@@ -477,7 +478,7 @@ def validate_config(config, *, n_devices: int | None = None,
 
 def param_paths(params) -> list[str]:
   """'Repeat_3/Serial_0/.../kernel' for every parameter leaf, in tree order."""
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+  return [optimizers.path_name(path)
           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
@@ -485,8 +486,8 @@ def check_trainable(pattern: str, params) -> None:
   """`config.optimizer.trainable` must select at least one parameter when set."""
   if not pattern:
     return
-  paths = param_paths(params)
-  if not any(re.search(pattern, path) for path in paths):
+  if not optimizers.count_trained(params, pattern):
+    paths = param_paths(params)
     raise ConfigError(f'config.optimizer.trainable={pattern!r} matches no parameter path; paths '
                       f'look like {", ".join(repr(p) for p in paths[:3])}, ...')
 
