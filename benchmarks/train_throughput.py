@@ -89,6 +89,7 @@ def worker(args) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   from terraflax.layers import lsh_hashing  # pylint: disable=import-outside-toplevel
+  from terraflax import compiler  # pylint: disable=import-outside-toplevel
   from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
 
   attention, length, n_layers, d_model, d_ff, n_heads = ROWS[args.worker]
@@ -103,7 +104,8 @@ def worker(args) -> dict:
                              opt_state=jax.jit(tx.init)(params),
                              rng=jax.random.key_data(jax.random.key(args.seed + 1)))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
-  step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
+  step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,),
+                    compiler_options=compiler.options())
 
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()

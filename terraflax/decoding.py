@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from terraflax import compiler
 from terraflax.combinators.scan import RNG_STREAMS
 
 _NEG_INF = -jnp.inf
@@ -197,7 +198,7 @@ def autoregressive_sample(model, params, prompt=None, max_new_tokens: int = 1, *
                      pad_id=int(pad_id))
 
 
-@functools.partial(jax.jit, static_argnames=(
+@functools.partial(compiler.jit, static_argnames=(
     'model', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_id', 'pad_id'))
 def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, temperature,
                 top_k, top_p, eos_id, pad_id):
@@ -319,7 +320,7 @@ def beam_search(model, params, prompt=None, max_new_tokens: int = 1, *, beam_siz
                    axes=axes)
 
 
-@functools.partial(jax.jit, static_argnames=(
+@functools.partial(compiler.jit, static_argnames=(
     'model', 'max_new_tokens', 'beam_size', 'alpha', 'eos_id', 'pad_id', 'axes'))
 def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, beam_size, alpha,
               eos_id, pad_id, axes):

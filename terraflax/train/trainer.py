@@ -40,6 +40,7 @@ import optax
 from terraflax.layers.distillation import distillation_sum
 from terraflax.layers.metrics import accuracy_sum, cross_entropy_sum
 from terraflax.train import checkpoint as ckpt
+from terraflax import compiler
 from terraflax.train import config as config_lib
 from terraflax.train import distill as distill_lib
 from terraflax.train import metrics as metrics_lib
@@ -382,8 +383,10 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
   train_step = jax.jit(
       make_train_step(train_model, tx, grad_accum_steps=t.grad_accum_steps, task=task,
                       teacher=teacher),
-      donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-  eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated)
+      donate_argnums=(0,), out_shardings=(state_shardings, replicated),
+      compiler_options=compiler.options())
+  eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated,
+                      compiler_options=compiler.options())
   tokens_per_step = t.batch_size * config.data.seq_len
 
   def check_health(step):
