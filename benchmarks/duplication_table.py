@@ -18,7 +18,7 @@ the equivalent command lines are printed. Resumable: a row whose workdir
 already holds the checkpoint at --steps is not trained again, and an
 evaluation already in its eval_results.jsonl is not run again.
 
-  python benchmarks/duplication_table.py --w=63 --steps=600 --root=runs/duplication
+  python benchmarks/duplication_table.py --w=127 --steps=1500 --root=runs/duplication
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ PAPER = {  # Table 2 of the paper: |w| = 511, trained rows x evaluated columns.
     1: {'full': 0.8, 8: 99.9, 4: 99.6, 2: 94.8, 1: 77.9},
 }
 
-_W = flags.DEFINE_integer('w', 63, '|w|: the sequences are 0 w 0 w, seq_len = 2 (|w| + 1).')
-_STEPS = flags.DEFINE_integer('steps', 600, 'Training steps of each row.')
+_W = flags.DEFINE_integer('w', 127, '|w|: the sequences are 0 w 0 w, seq_len = 2 (|w| + 1).')
+_STEPS = flags.DEFINE_integer('steps', 1500, 'Training steps of each row.')
 _BATCH = flags.DEFINE_integer('batch', 16, 'Training (and evaluation) batch size.')
 _ROOT = flags.DEFINE_string('root', 'runs/duplication', 'One workdir per row under this.')
 _CHUNK = flags.DEFINE_integer('chunk_len', 16, 'LSH chunk length (rows and columns).')
