@@ -82,28 +82,38 @@ def build_model(attention, length, n_layers, d_model, d_ff, n_heads, mode='train
       ff_activation='fast_gelu', reversible=True)
 
 
-def worker(args) -> dict:
-  """Measures one row in this process; returns the result dict."""
+def training_setup(row: str, seed: int = 0):
+  """(model, batch, optimizer, state, n_params) for one row: a random batch of bytes, Adam 1e-3."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
-  from terraflax.layers import lsh_hashing  # pylint: disable=import-outside-toplevel
-  from terraflax import compiler  # pylint: disable=import-outside-toplevel
   from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
 
-  attention, length, n_layers, d_model, d_ff, n_heads = ROWS[args.worker]
+  attention, length, n_layers, d_model, d_ff, n_heads = ROWS[row]
   model = build_model(attention, length, n_layers, d_model, d_ff, n_heads)
-  tokens = np.random.RandomState(args.seed).randint(0, 256, (1, length)).astype(np.int32)
+  tokens = np.random.RandomState(seed).randint(0, 256, (1, length)).astype(np.int32)
   batch = {'inputs': jnp.asarray(tokens), 'targets': jnp.asarray(tokens),
            'weights': jnp.ones((1, length), jnp.float32)}
   tx = optax.adam(1e-3)
   params = jax.jit(lambda key: model.init(trainer.stream_rngs(key) | {'params': key},
-                                          batch['inputs'])['params'])(jax.random.key(args.seed))
+                                          batch['inputs'])['params'])(jax.random.key(seed))
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params),
-                             rng=jax.random.key_data(jax.random.key(args.seed + 1)))
+                             rng=jax.random.key_data(jax.random.key(seed + 1)))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  return model, batch, tx, state, n_params
+
+
+def worker(args) -> dict:
+  """Measures one row in this process; returns the result dict."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from terraflax import compiler  # pylint: disable=import-outside-toplevel
+  from terraflax.layers import lsh_hashing  # pylint: disable=import-outside-toplevel
+  from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
+
+  attention, length, n_layers, d_model = ROWS[args.worker][:4]
+  model, batch, tx, state, n_params = training_setup(args.worker, args.seed)
   step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,),
                     compiler_options=compiler.options())
 

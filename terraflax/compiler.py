@@ -3,9 +3,11 @@
 On XLA:CPU (jax 0.10) the default hands matrix products, elementwise work
 and reductions to YNNPACK fusions. Its reductions over a long major axis
 (a bias or norm-scale gradient summed over 4096 positions) and its small
-elementwise fusions run several times slower than XLA's own loops; handing
-it only the matrix products made a 4K-token ReformerLM training step about
-20% faster (benchmarks/train_throughput.py). Other backends get no options.
+elementwise fusions run several times slower than XLA's own loops. Handing
+it only the matrix products made ReformerLM (LSH) training steps at 4K and
+16K tokens ~1.25x faster and batch-8 decoding ~1.2x, while a full-attention
+training step at 4K ran 0.88x (benchmarks/compiler_options.py). Other
+backends get no options.
 
 Pass them explicitly, `jax.jit(step, compiler_options=compiler.options())`,
 or decorate with `compiler.jit`.
