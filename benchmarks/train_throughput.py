@@ -1,8 +1,8 @@
 """Training tokens/s of ReformerLM (issue 12), side by side with Trax and HF's Reformer.
 
 One training step = forward + backward + Adam, through the trainer's own
-`make_train_step` (jitted with the state donated, as `train_and_evaluate`
-does). The configuration is issue 12's: float32, batch 1, byte vocabulary,
+`make_train_step` (jitted with the state donated and `terraflax.compiler`'s
+options, as `train_and_evaluate` does). The configuration is issue 12's: float32, batch 1, byte vocabulary,
 d_model 256, d_ff 1024, 2 layers, 4 heads of 64, axial positions (64, 192)
 over the most balanced factorisation of the length, reversible layers,
 FastGelu feed-forward, dropout 0, Adam at 1e-3, the same random batch every

@@ -30,6 +30,23 @@ def check_mode(mode: str, where: str = 'mode') -> str:
   return mode
 
 
+def check_int(owner: str, name: str, value: Any, minimum: int = 1,
+              allow_none: bool = False) -> None:
+  """Raises '{owner} {name} must be a positive int, got ...' unless value is an int >= minimum."""
+  if value is None and allow_none:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    what = 'a positive int' if minimum == 1 else f'an int >= {minimum}'
+    raise ValueError(f'{owner} {name} must be {what}{" or None" if allow_none else ""}, '
+                     f'got {value!r}.')
+
+
+def check_rate(owner: str, name: str, value: Any) -> None:
+  """Raises '{owner} {name} must be in [0, 1), got ...' unless 0 <= value < 1."""
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+    raise ValueError(f'{owner} {name} must be in [0, 1), got {value!r}.')
+
+
 class Layer(nn.Module):
   """Base class of terraflax layers: `n_in` arrays in, `n_out` arrays out.
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from terraflax.combinators.base import Layer, check_mode
+from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.layers.core import advance_position
 
 # Logit of a masked key (causal, padding), as in Hugging Face's float32 path.
@@ -104,16 +104,10 @@ class LocalSelfAttention(Layer, kw_only=True):
   def __post_init__(self):
     check_mode(self.mode, 'LocalSelfAttention mode')
     for name in ('n_heads', 'd_qk', 'd_v', 'chunk_len'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'LocalSelfAttention {name} must be a positive int, got {value!r}.')
+      check_int('LocalSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f'LocalSelfAttention {name} must be an int >= 0, got {value!r}.')
-    if not 0.0 <= self.attention_dropout < 1.0:
-      raise ValueError(f'LocalSelfAttention attention_dropout must be in [0, 1), got '
-                       f'{self.attention_dropout}.')
+      check_int('LocalSelfAttention', name, getattr(self, name), minimum=0)
+    check_rate('LocalSelfAttention', 'attention_dropout', self.attention_dropout)
     if self.mode == 'predict' and not self.causal:
       raise ValueError("LocalSelfAttention mode='predict' decodes causally; set causal=True.")
     super().__post_init__()

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from terraflax.combinators.base import Layer, check_mode
+from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.layers.core import advance_position
 from terraflax.layers import lsh_hashing
 
@@ -534,18 +534,12 @@ class LSHSelfAttention(Layer, kw_only=True):
       raise ValueError(f'LSHSelfAttention convention must be one of {CONVENTIONS}, got '
                        f'{self.convention!r}.')
     for name in ('n_heads', 'd_qk', 'd_v', 'n_hashes', 'chunk_len', 'predict_mem_len'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'LSHSelfAttention {name} must be a positive int, got {value!r}.')
+      check_int('LSHSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f'LSHSelfAttention {name} must be an int >= 0, got {value!r}.')
+      check_int('LSHSelfAttention', name, getattr(self, name), minimum=0)
     if self.n_buckets is not None:
       lsh_hashing.bucket_factors(self.n_buckets, 'LSHSelfAttention n_buckets')
-    if not 0.0 <= self.attention_dropout < 1.0:
-      raise ValueError(
-          f'LSHSelfAttention attention_dropout must be in [0, 1), got {self.attention_dropout}.')
+    check_rate('LSHSelfAttention', 'attention_dropout', self.attention_dropout)
     if self.mode == 'predict':
       if not self.causal:
         raise ValueError("LSHSelfAttention mode='predict' decodes causally; set causal=True.")

@@ -507,6 +507,7 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
 
 
 def main(argv):
+  import jax  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -525,7 +526,7 @@ def main(argv):
     write_workdir(f.to, kwargs, params, byte_offset=f.byte_offset)
   except ConversionError as e:
     sys.exit(f'terraflax.models.convert: {e}')
-  n = sum(int(np.size(x)) for x in __import__('jax').tree_util.tree_leaves(params))
+  n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
   print(f'Converted {f.from_hf} ({n:,} parameters, attention {kwargs["attention_type"]}) '
         f'to {f.to}; decode with: python -m terraflax.decoding --workdir={f.to} --prompt=...')
 

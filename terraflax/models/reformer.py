@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
-from terraflax.combinators.base import check_mode
+from terraflax.combinators.base import check_int, check_mode, check_rate
 from terraflax.models.transformer import _dtype, _float32, _padding_mask
 
 ATTENTION_TYPES = ('lsh', 'full', 'local')
@@ -53,20 +53,6 @@ FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def _check_int(model, name, value, minimum=1, allow_none=False):
-  if value is None and allow_none:
-    return
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    what = 'a positive int' if minimum == 1 else f'an int >= {minimum}'
-    raise ValueError(f'{model} {name} must be {what}{" or None" if allow_none else ""}, '
-                     f'got {value!r}.')
-
-
-def _check_rate(model, name, value):
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
-    raise ValueError(f'{model} {name} must be in [0, 1), got {value!r}.')
 
 
 def attention_pattern(model: str, attention_type: Any, n_layers: int, where='attention_type'):
@@ -134,14 +120,14 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
   check_mode(mode, f'{model} mode')
   for name, value in (('d_model', d_model), ('d_ff', d_ff), ('n_heads', n_heads),
                       ('max_len', max_len), ('n_hashes', n_hashes), ('chunk_len', chunk_len)):
-    _check_int(model, name, value)
+    check_int(model, name, value)
   for name, value in (('n_chunks_before', n_chunks_before), ('n_chunks_after', n_chunks_after)):
-    _check_int(model, name, value, minimum=0)
+    check_int(model, name, value, minimum=0)
   for name, value in (('d_qk', d_qk), ('d_v', d_v), ('predict_mem_len', predict_mem_len)):
-    _check_int(model, name, value, allow_none=True)
-  _check_int(model, 'ff_chunk_len', ff_chunk_len, minimum=0, allow_none=True)
-  _check_rate(model, 'dropout', dropout)
-  _check_rate(model, 'attention_dropout', attention_dropout)
+    check_int(model, name, value, allow_none=True)
+  check_int(model, 'ff_chunk_len', ff_chunk_len, minimum=0, allow_none=True)
+  check_rate(model, 'dropout', dropout)
+  check_rate(model, 'attention_dropout', attention_dropout)
   if (d_qk is None or d_v is None) and d_model % n_heads:
     raise ValueError(f'{model} d_model={d_model} must be divisible by n_heads={n_heads} '
                      '(or set both d_qk and d_v, the per-head widths).')
@@ -303,15 +289,15 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
       reproduces Hugging Face's LSH layers, see `terraflax.models.convert`).
   """
   name = 'ReformerLM'
-  _check_int(name, 'local_chunk_len', local_chunk_len, allow_none=True)
+  check_int(name, 'local_chunk_len', local_chunk_len, allow_none=True)
   for field, value in (('local_n_chunks_before', local_n_chunks_before),
                        ('local_n_chunks_after', local_n_chunks_after)):
-    _check_int(name, field, value, minimum=0, allow_none=True)
+    check_int(name, field, value, minimum=0, allow_none=True)
   if lsh_convention not in tl.lsh_attention.CONVENTIONS:
     raise ValueError(f'{name} lsh_convention must be one of {tl.lsh_attention.CONVENTIONS}, '
                      f'got {lsh_convention!r}.')
-  _check_int(name, 'vocab_size', vocab_size)
-  _check_int(name, 'n_layers', n_layers)
+  check_int(name, 'vocab_size', vocab_size)
+  check_int(name, 'n_layers', n_layers)
   pattern = attention_pattern(name, attention_type, n_layers)
   d_qk, d_v, predict_mem_len = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
@@ -396,7 +382,7 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
   for field, value in (('vocab_size', vocab_size), ('output_vocab_size', output_vocab_size),
                        ('n_encoder_layers', n_encoder_layers),
                        ('n_decoder_layers', n_decoder_layers)):
-    _check_int(name, field, value)
+    check_int(name, field, value)
   encoder_pattern = attention_pattern(name, encoder_attention_type, n_encoder_layers,
                                       'encoder_attention_type')
   decoder_pattern = attention_pattern(name, decoder_attention_type, n_decoder_layers,

@@ -7,6 +7,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
 from terraflax.layers.local_attention import local_attend
+from tests import contracts
 
 
 def reference(q, k, v, *, chunk_len, before, after, causal, length):
@@ -69,16 +70,8 @@ class LocalSelfAttentionTest(absltest.TestCase):
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
 
     predict = tl.LocalSelfAttention(**fields, mode='predict')
-    cache = predict.init(jax.random.key(0), x[:, :1])['cache']
-    step = jax.jit(lambda cache, xt: predict.apply({'params': params, 'cache': cache}, xt,
-                                                   mutable=['cache']))
-    outs = []
-    for t in range(14):
-      out, state = step(cache, x[:, t:t + 1])
-      cache = state['cache']
-      outs.append(out)
-    np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(y), rtol=1e-5,
-                               atol=1e-5)
+    outs = contracts.predict_one_at_a_time(predict, params, x)
+    np.testing.assert_allclose(outs, np.asarray(y), rtol=1e-5, atol=1e-5)
 
   def test_bad_fields(self):
     with self.assertRaisesRegex(ValueError, 'chunk_len must be a positive int'):

@@ -8,6 +8,7 @@ from absl.testing import absltest, parameterized
 import terraflax.layers as tl
 import terraflax.models as tm
 from terraflax.layers import prefix as prefix_lib
+from tests import contracts
 
 KEY = jax.random.key(0)
 
@@ -101,16 +102,9 @@ class PrefixLMTest(absltest.TestCase):
         (2, 3, 2, 4))  # Per layer (scanned), per prefix position, head and width.
     full = eval_model.apply({'params': params}, x)
     predict = tm.TransformerLM(mode='predict', n_prefix=3, **self.LM)
-    cache = predict.init(KEY, x[:, :1])['cache']
     shifted = jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]
-    step = jax.jit(lambda c, t: predict.apply({'params': params, 'cache': c}, t,
-                                              mutable=['cache']))
-    steps = []
-    for i in range(7):
-      logits, state = step(cache, shifted[:, i:i + 1])
-      cache = state['cache']
-      steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
+    steps = contracts.predict_one_at_a_time(predict, params, shifted, KEY)
+    np.testing.assert_allclose(steps, full, rtol=1e-4, atol=1e-4)
 
   def test_one_base_serves_several_prefix_sets(self):
     x = jnp.asarray(np.random.default_rng(1).integers(1, 11, (2, 6)), jnp.int32)
