@@ -6,6 +6,7 @@ over the distinct keys met; they share no code with the layer.
 """
 
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
-from terraflax.layers import lsh_hashing
+from terraflax.layers import lsh_attention, lsh_hashing
 from terraflax.layers.lsh_attention import _hash_heads, _project, lsh_attend
 
 KEY = jax.random.key(0)
@@ -267,6 +268,33 @@ class CoreTest(parameterized.TestCase):
                 np.einsum('bld,blhk->dhk', f64(x), f64(d_y)))
     for g, e in zip(got, expected):
       np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters(1, 2, 3)
+  def test_several_blocks_per_round(self, block):
+    """Loop steps of `block` chunks (as at long lengths): values and gradients unchanged.
+
+    Windows reach 2 chunks back and 1 ahead, so they cross block boundaries
+    and wrap around the round; the gradient is compared with one block per
+    round (checked against dense autodiff above).
+    """
+    length, c = 22, 4  # 6 chunks, the last padded.
+    q, v, buckets = random_core_inputs(11, length, 3, b=1)
+    cotangent = jax.random.normal(jax.random.key(4), (1, 24, 2, 3))
+
+    def loss(q, v):
+      out = lsh_attend(q, v, buckets, length=length, chunk_len=c, n_chunks_before=2,
+                       n_chunks_after=1, causal=True)
+      return jnp.sum(out[:, :length] * cotangent[:, :length]), out
+
+    one_block = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(q, v)
+    logits_per_chunk = c * c * 4
+    with mock.patch.object(lsh_attention, 'BLOCK_LOGITS', block * logits_per_chunk):
+      self.assertEqual(lsh_attention._block_chunks(6, c, 4), block)
+      grads, out = jax.jit(jax.grad(lambda q, v: loss(q, v), argnums=(0, 1), has_aux=True))(q, v)
+    expected = reference_core(q, v, buckets[..., :length], length, c, 2, 1, True)
+    np.testing.assert_allclose(out[:, :length], expected, rtol=2e-5, atol=2e-5)
+    for g, e in zip(grads, one_block[0]):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
   def test_padding_content_is_never_seen(self):
     q, v, buckets = random_core_inputs(3, 10, 2, b=1)  # 10 real positions of 12.
