@@ -45,7 +45,6 @@ import jax
 import ml_collections
 
 from terraflax.train import checkpoint as ckpt
-from terraflax import compiler
 from terraflax.train import config as config_lib
 from terraflax.train import sharding as sharding_lib
 
@@ -178,8 +177,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   replicated = sharding_lib.replicated(mesh)
   params = jax.device_put(params, replicated)
   model = config_lib.build_model(experiment.factory, kwargs, 'eval')
-  eval_step = jax.jit(trainer.make_eval_step(model, data.info.task), out_shardings=replicated,
-                      compiler_options=compiler.options())
+  eval_step = trainer.jit_eval_step(model, data.info.task, replicated)
   with jax.set_mesh(mesh):
     result = trainer.evaluate_params(eval_step, data, params, batch_size=config.train.batch_size,
                                      n_batches=config.train.eval_batches, mesh=mesh)

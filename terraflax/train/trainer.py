@@ -156,6 +156,12 @@ def make_eval_step(model, task: str = 'lm'):
   return eval_step
 
 
+def jit_eval_step(model, task: str, out_sharding):
+  """`make_eval_step` jitted as the trainer and eval-only scoring run it."""
+  return jax.jit(make_eval_step(model, task), out_shardings=out_sharding,
+                 compiler_options=compiler.options())
+
+
 def zero_pending() -> dict[str, jax.Array]:
   """Metric sums since the last log, kept on the device (and in checkpoints)."""
   return {'loss_sum': jnp.zeros((), jnp.float32), 'correct_sum': jnp.zeros((), jnp.float32),
@@ -396,8 +402,7 @@ def _train_and_evaluate(config, workdir: str, stop: _StopSignal) -> dict[str, fl
                       teacher=teacher, trainable=config.optimizer.trainable),
       donate_argnums=(0,), out_shardings=(state_shardings, replicated),
       compiler_options=compiler.options())
-  eval_step = jax.jit(make_eval_step(eval_model, task), out_shardings=replicated,
-                      compiler_options=compiler.options())
+  eval_step = jit_eval_step(eval_model, task, replicated)
   tokens_per_step = t.batch_size * config.data.seq_len
 
   def check_health(step):
