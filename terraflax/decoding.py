@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import compiler
-from terraflax.combinators.scan import RNG_STREAMS
+from terraflax.combinators.scan import rngs_for_streams
 
 _NEG_INF = -jnp.inf
 
@@ -76,10 +76,6 @@ def _check_new_tokens(max_new_tokens):
   return int(max_new_tokens)
 
 
-def _rngs(rng):
-  return {stream: jax.random.fold_in(rng, i) for i, stream in enumerate(RNG_STREAMS)}
-
-
 def _model_args(inputs, tokens):
   """The model's positional inputs for a step of (B, 1) tokens."""
   return (tokens,) if inputs is None else (inputs, tokens)
@@ -88,7 +84,7 @@ def _model_args(inputs, tokens):
 def _init_cache(model, batch_size, inputs, rng):
   """The model's predict-mode cache for `batch_size` rows (parameters discarded)."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  variables = model.init(_rngs(rng), *_model_args(inputs, tokens))
+  variables = model.init(rngs_for_streams(rng), *_model_args(inputs, tokens))
   if 'cache' not in variables:
     raise ValueError('The model keeps no cache: build it with mode=\'predict\' '
                      '(e.g. TransformerLM(..., mode=\'predict\')).')
@@ -99,7 +95,7 @@ def _step(model, params, cache, tokens, inputs, rng):
   """One decoding step: tokens (B,) -> float32 logits (B, v) and the new cache."""
   logits, state = model.apply({'params': params, 'cache': cache},
                               *_model_args(inputs, tokens[:, None]),
-                              rngs=_rngs(rng), mutable=['cache'])
+                              rngs=rngs_for_streams(rng), mutable=['cache'])
   if logits.ndim != 3 or logits.shape[1] != 1:
     raise ValueError(f'A decoding step must return logits (b, 1, v), got {tuple(logits.shape)}.')
   return logits[:, 0].astype(jnp.float32), state['cache']

@@ -63,9 +63,8 @@ def _load_leaves(path: str) -> list[np.ndarray]:
 
 def rngs_of(key_data):
   """The model's rng streams from raw key data (what `terraflax.decoding` folds in)."""
-  from terraflax.combinators.scan import RNG_STREAMS  # pylint: disable=import-outside-toplevel
-  key = jax.random.wrap_key_data(key_data)
-  return {stream: jax.random.fold_in(key, i) for i, stream in enumerate(RNG_STREAMS)}
+  from terraflax.combinators.scan import rngs_for_streams  # pylint: disable=import-outside-toplevel
+  return rngs_for_streams(jax.random.wrap_key_data(key_data))
 
 
 def _write(out_dir: str, exported, params, meta: dict, cache=None) -> str:

@@ -23,6 +23,11 @@ from terraflax.combinators.core import (
 RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
 
 
+def rngs_for_streams(key: jax.Array) -> dict[str, jax.Array]:
+  """{stream: fold_in(key, i)} for every stream of RNG_STREAMS: the rngs of one apply."""
+  return {stream: jax.random.fold_in(key, i) for i, stream in enumerate(RNG_STREAMS)}
+
+
 def stacked_axes(module: nn.Module, broadcast: tuple[str, ...] = ()) -> dict[str, int]:
   """`nn.scan`'s variable_axes for a stack of copies: axis 0 for every collection.
 

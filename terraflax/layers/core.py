@@ -35,6 +35,18 @@ def advance_position(module: nn.Module, length: int):
   return start
 
 
+def chunk_padded(owner: str, x, chunk_len: int, mode: str):
+  """(b, l, d) -> (b, L, d), L the next multiple of chunk_len, zeros after l.
+
+  For the chunked attention layers; 'predict' mode (positions one call at a
+  time) is not padded. A rank other than 3 is an error naming `owner`.
+  """
+  if x.ndim != 3:
+    raise ValueError(f'{owner} expects (batch, length, d_model) inputs, got shape {x.shape}.')
+  pad = 0 if mode == 'predict' else -x.shape[1] % chunk_len
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
+
+
 class Dense(Layer):
   """[x] -> [x @ kernel + bias]: (..., d_in) -> (..., features); n_in = n_out = 1.
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
-from terraflax.layers.core import advance_position
+from terraflax.layers.core import advance_position, chunk_padded
 
 # Logit of a masked key (causal, padding), as in Hugging Face's float32 path.
 MASKED_LOGIT = -1e9
@@ -114,9 +114,7 @@ class LocalSelfAttention(Layer, kw_only=True):
 
   @nn.compact
   def __call__(self, x):
-    if x.ndim != 3:
-      raise ValueError(
-          f'LocalSelfAttention expects (batch, length, d_model) inputs, got shape {x.shape}.')
+    xc = chunk_padded('LocalSelfAttention', x, self.chunk_len, self.mode)
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
     init = nn.initializers.xavier_uniform
@@ -126,8 +124,6 @@ class LocalSelfAttention(Layer, kw_only=True):
     w_v = self.param('value', init(in_axis=0, out_axis=(1, 2)), (d, h, self.d_v))
     w_o = self.param('output', init(in_axis=(0, 1), out_axis=2), (h, self.d_v, d))
     length = x.shape[1]
-    pad = 0 if self.mode == 'predict' else -length % self.chunk_len
-    xc = jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
     xc = xc.astype(dtype)
 
     def project(w):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
-from terraflax.layers.core import advance_position
+from terraflax.layers.core import advance_position, chunk_padded
 from terraflax.layers import lsh_hashing
 
 # Logit of a masked key (causal, padding) and of the query itself: the self
@@ -405,10 +405,11 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
   spos = perm.reshape(b * h * n, n_chunks, c)
   chunks = None
+  row_chunks, row_rounds = n_chunks, n  # What one row of the window loop holds.
   if rounds_joined:  # One row of n * C chunks per (batch, head); same flat layout.
-    sqv = sqv.reshape(b * h, n * n_chunks, c, d_k + d_v)
-    spos = spos.reshape(b * h, n * n_chunks, c)
-    n_chunks, n = n * n_chunks, 1
+    row_chunks, row_rounds = n * n_chunks, 1
+    sqv = sqv.reshape(b * h, row_chunks, c, d_k + d_v)
+    spos = spos.reshape(b * h, row_chunks, c)
   elif n > 1 or n_chunks < 1 + before + after:  # Pairs can meet more than once.
     chunk_of = (inv // c).transpose(0, 1, 3, 2).reshape(b * h * big_l, n)
     chunks = _gather_rows(chunk_of, (batch * h + head) * big_l + perm)  # (b, h, n, L, n)
@@ -416,14 +417,13 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
 
   width = before + 1 + after
   windowing = _Windowing(
-      length=length, n_chunks=n_chunks, chunk_len=c, n_before=before, n_after=after,
-      n_rounds=n, d_qk=d_k, causal=causal, dropout_rate=float(dropout_rate),
-      block=_block_chunks(n_chunks, c, width))
+      length=length, n_chunks=row_chunks, chunk_len=c, n_before=before, n_after=after,
+      n_rounds=row_rounds, d_qk=d_k, causal=causal, dropout_rate=float(dropout_rate),
+      block=_block_chunks(row_chunks, c, width))
   rng = dropout_rng if dropout_rate > 0 else jax.random.key(0)
   packed = _window_attention(windowing, sqv, spos, chunks, rng)
 
   # Back to input order: (b, h, n, L) sorted rows -> (b, L, h, n).
-  n = buckets.shape[2]
   packed = packed.reshape(b * h * n * big_l, d_v + 1)
   back = permute_rows(packed, sorted_idx, (table_idx * n + rounds).reshape(-1, 1))
   return _combine_rounds(back[..., :d_v], back[..., d_v:], hf=rounds_joined)
@@ -560,9 +560,7 @@ class LSHSelfAttention(Layer, kw_only=True):
 
   @nn.compact
   def __call__(self, x):
-    if x.ndim != 3:
-      raise ValueError(
-          f'LSHSelfAttention expects (batch, length, d_model) inputs, got shape {x.shape}.')
+    xc = chunk_padded('LSHSelfAttention', x, self.chunk_len, self.mode)
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
     init = nn.initializers.xavier_uniform
@@ -570,8 +568,6 @@ class LSHSelfAttention(Layer, kw_only=True):
     w_v = self.param('value', init(in_axis=0, out_axis=(1, 2)), (d, self.n_heads, self.d_v))
     w_o = self.param('output', init(in_axis=(0, 1), out_axis=2), (self.n_heads, self.d_v, d))
     length = x.shape[1]
-    pad = 0 if self.mode == 'predict' else -length % self.chunk_len
-    xc = jnp.pad(x, ((0, 0), (0, pad), (0, 0))) if pad else x
     w_qkv = jnp.concatenate([w_qk, w_v], axis=-1).astype(dtype)  # One product for q and v.
     qv = _project(xc.astype(dtype), w_qkv).astype(jnp.float32)
     if self.mode == 'predict':

@@ -477,7 +477,7 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
   decoding CLI reads and writes text; otherwise prompts are token ids.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
   from terraflax.train import checkpoint  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(
@@ -495,14 +495,8 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
                      'seq_len': seq_len},
             'source': 'converted from Hugging Face by terraflax.models.convert'}
   config['model'] = {k: list(v) if isinstance(v, tuple) else v for k, v in config['model'].items()}
-  with open(os.path.join(workdir, checkpoint.CONFIG_FILE), 'w', encoding='utf-8') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write('\n')
-  manager = checkpoint.make_manager(workdir, async_save=False)
-  params = jax.tree_util.tree_map(np.asarray, params)
-  manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-  manager.wait_until_finished()
-  manager.close()
+  checkpoint.write_config(workdir, ml_collections.ConfigDict(config))
+  checkpoint.save_params(workdir, 0, jax.tree_util.tree_map(np.asarray, params))
   return workdir
 
 

@@ -74,6 +74,15 @@ def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state, tra
   return restored['params'], restored['opt_state'], restored['train'], restored['data']
 
 
+def save_params(workdir: str, step: int, params) -> None:
+  """A checkpoint of `params` alone at `step`, written before returning (`load_for_inference`
+  reads it): how models made outside the trainer (converted ones) become workdirs."""
+  manager = make_manager(workdir, async_save=False)
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """`WORKDIR/config.json`: the resolved config (defaults filled in)."""
   with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:

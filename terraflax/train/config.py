@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from terraflax.combinators.scan import RNG_STREAMS
 from terraflax.train import data as data_lib
 from terraflax.train import optimizers
 
 _REQUIRED = object()
-RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
 
 
 class ConfigError(ValueError):
@@ -330,11 +330,18 @@ def model_kwargs(config) -> dict[str, Any]:
   return kwargs
 
 
+def factory_parameters(factory):
+  """`inspect.signature(factory).parameters`, or None when it has no signature to read."""
+  try:
+    return inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    return None
+
+
 def check_model_fields(factory, kwargs: dict[str, Any], name: str) -> None:
   """`kwargs` against the factory's signature: unknown, missing and `mode` fields."""
-  try:
-    parameters = inspect.signature(factory).parameters
-  except (TypeError, ValueError):
+  parameters = factory_parameters(factory)
+  if parameters is None:
     return
   if 'mode' in kwargs:
     raise ConfigError('config.model.mode must not be set: the trainer builds the model in '

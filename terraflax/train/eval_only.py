@@ -36,7 +36,6 @@ settings, the overrides and `eval/loss`, `eval/accuracy`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import time
@@ -89,10 +88,7 @@ def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
 
 def effective_settings(factory, kwargs: dict) -> dict:
   """The LSH fields the model is built with: `kwargs`, else the factory's defaults."""
-  try:
-    parameters = inspect.signature(factory).parameters
-  except (TypeError, ValueError):
-    parameters = {}
+  parameters = config_lib.factory_parameters(factory) or {}
   out = {}
   for name in LSH_FIELDS:
     if name in kwargs:
@@ -104,10 +100,7 @@ def effective_settings(factory, kwargs: dict) -> dict:
 
 def _check_overrides(config, factory, trained: dict, overrides: dict) -> None:
   name = config.model.name
-  try:
-    parameters = inspect.signature(factory).parameters
-  except (TypeError, ValueError):
-    parameters = None
+  parameters = config_lib.factory_parameters(factory)
   if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
     missing = [k for k in overrides if k not in parameters]
     if missing:

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from terraflax import compiler
 from terraflax.layers.distillation import distillation_sum
 from terraflax.layers.metrics import accuracy_sum, cross_entropy_sum
 from terraflax.train import checkpoint as ckpt
-from terraflax import compiler
 from terraflax.train import config as config_lib
 from terraflax.train import distill as distill_lib
 from terraflax.train import metrics as metrics_lib
