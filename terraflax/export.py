@@ -102,8 +102,10 @@ def export_decode_step(model, params, out_dir: str, *, batch_size: int = 1, seed
 
   spec = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                              tree)
-  exported = jax.export.export(jax.jit(step), platforms=platforms)(
-      spec(params), spec(cache), spec(tokens), spec(key_data))
+  from terraflax import kernels  # pylint: disable=import-outside-toplevel
+  with kernels.xla_only():  # The artifact must run without terraflax's native kernels.
+    exported = jax.export.export(jax.jit(step), platforms=platforms)(
+        spec(params), spec(cache), spec(tokens), spec(key_data))
   logits_shape = exported.out_avals[0].shape
   return _write(out_dir, exported, params, dict(
       meta or {}, kind='decode_step', batch_size=batch_size, vocab_size=int(logits_shape[-1]),
@@ -121,8 +123,10 @@ def export_forward(model, params, out_dir: str, *, batch_size: int = 1, length: 
   spec = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                              tree)
   tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
-  exported = jax.export.export(jax.jit(forward), platforms=platforms)(
-      spec(params), tokens, spec(key_data))
+  from terraflax import kernels  # pylint: disable=import-outside-toplevel
+  with kernels.xla_only():  # The artifact must run without terraflax's native kernels.
+    exported = jax.export.export(jax.jit(forward), platforms=platforms)(
+        spec(params), tokens, spec(key_data))
   return _write(out_dir, exported, params, dict(
       meta or {}, kind='forward', batch_size=batch_size, length=length,
       vocab_size=int(exported.out_avals[0].shape[-1]),

@@ -23,6 +23,11 @@ with a hand-written, flash-attention-style backward pass that recomputes each
 block's weights from its stored log-normalisers. No array of all logits ever
 exists: memory is linear in the length (about n_hashes * l * (2 d_qk + 3 d_v)
 floats per head), and time is linear apart from the n log n sort.
+
+On the CPU the same computation after the sort runs by default as a native
+kernel (`terraflax.kernels.lsh_cpu`: `kernel='auto'`), about twice as fast;
+`kernel='xla'` keeps the XLA path (which also serves the 'hf' convention,
+attention dropout and sizes that are not multiples of 16).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraflax import kernels
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
+from terraflax.kernels import lsh_cpu
 from terraflax.layers.core import advance_position, chunk_padded
 from terraflax.layers import lsh_hashing
 
@@ -48,6 +55,8 @@ SELF_LOGIT = -1e5
 # Optional variable collection with given rotations (see `LSHSelfAttention`).
 ROTATIONS_COLLECTION = 'lsh_rotations'
 CONVENTIONS = ('terraflax', 'hf')
+# 'auto': the native CPU kernel where it applies, else XLA; 'cpu': the kernel or an error.
+KERNELS = ('auto', 'xla', 'cpu')
 
 
 def _normalise(x):
@@ -331,21 +340,23 @@ def _combine_rounds(o, lse, hf: bool = False):
 
 def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: int = 1,
                n_chunks_after: int = 0, causal: bool = False, dropout_rate: float = 0.0,
-               dropout_rng: jax.Array | None = None, n_bucket_ids: int | None = None):
+               dropout_rng: jax.Array | None = None, n_bucket_ids: int | None = None,
+               kernel: str = 'auto'):
   """LSH attention of queries that are already hashed.
 
   q (b, L, h, k), v (b, L, h, dv) float32, buckets int (b, h, n, L) with
   L a multiple of `chunk_len`; positions at and beyond `length` are padding:
   never attended to (give them a bucket above all real ones so they sort
   last). `n_bucket_ids`, if given, bounds the bucket ids (0 <= id <
-  n_bucket_ids) and allows a faster sort. Returns (b, L, h, dv); rows of
-  padding positions are meaningless.
+  n_bucket_ids) and allows a faster sort. `kernel` is one of `KERNELS` (see
+  `LSHSelfAttention`). Returns (b, L, h, dv); rows of padding positions are
+  meaningless.
   """
   return lsh_attend_packed(
       jnp.concatenate([q, v], axis=-1), buckets, d_qk=q.shape[-1], length=length,
       chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
       causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-      n_bucket_ids=n_bucket_ids)
+      n_bucket_ids=n_bucket_ids, kernel=kernel)
 
 
 def _sort_rounds(buckets, n_bucket_ids: int | None):
@@ -362,10 +373,40 @@ def _sort_rounds(buckets, n_bucket_ids: int | None):
   return perm
 
 
+def _cpu_kernel_applies(kernel: str, *, dtype, d_qk: int, d_v: int, padded_length: int,
+                        chunk_len: int, n_chunks_before: int, n_chunks_after: int,
+                        dropout_rate: float, rounds_joined: bool) -> bool:
+  """Whether this call runs the native CPU kernel; kernel='cpu' raises when it cannot."""
+  if kernel not in KERNELS:
+    raise ValueError(f'lsh_attend kernel must be one of {KERNELS}, got {kernel!r}.')
+  if kernel == 'xla':
+    return False
+  why = None
+  if rounds_joined:
+    why = "the 'hf' convention (rounds joined) runs on XLA only"
+  elif dropout_rate > 0:
+    why = 'attention dropout runs on XLA only'
+  elif dtype != jnp.float32:
+    why = f'the kernel computes in float32, got {dtype} inputs'
+  else:
+    why = lsh_cpu.unsupported(d_qk=d_qk, d_v=d_v, padded_length=padded_length,
+                              chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                              n_chunks_after=n_chunks_after)
+  if why is None and not kernels.native_allowed():
+    why = 'the default backend is not the CPU (or kernels.xla_only() is active)'
+  if why is None and not lsh_cpu.available():
+    why = 'the native library could not be built (see the warning logged)'
+  if why is not None and kernel == 'cpu':
+    raise ValueError(f"lsh_attend kernel='cpu' cannot run this call: {why}. Use kernel='auto' "
+                     "(falls back to XLA) or 'xla'.")
+  return why is None
+
+
 def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
                       n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = False,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                      n_bucket_ids: int | None = None, rounds_joined: bool = False):
+                      n_bucket_ids: int | None = None, rounds_joined: bool = False,
+                      kernel: str = 'auto'):
   """`lsh_attend` of queries and values packed as qv (b, L, h, d_qk + dv).
 
   `rounds_joined=True` is Hugging Face's (and the original Trax's) layout:
@@ -386,7 +427,12 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   before, after = n_chunks_before, n_chunks_after
 
   # Sort each round by (bucket, position).
-  perm = _sort_rounds(buckets, n_bucket_ids)
+  perm = lax.stop_gradient(_sort_rounds(buckets, n_bucket_ids))
+  if _cpu_kernel_applies(kernel, dtype=qv.dtype, d_qk=d_k, d_v=d_v, padded_length=big_l, chunk_len=c,
+                         n_chunks_before=before, n_chunks_after=after,
+                         dropout_rate=dropout_rate, rounds_joined=rounds_joined):
+    return lsh_cpu.attend(qv, perm, d_qk=d_k, length=length, chunk_len=c,
+                          n_chunks_before=before, n_chunks_after=after, causal=causal)
   iota = lax.broadcasted_iota(jnp.int32, buckets.shape, 3)
   batch = lax.broadcasted_iota(jnp.int32, buckets.shape, 0)
   head = lax.broadcasted_iota(jnp.int32, buckets.shape, 1)
@@ -501,6 +547,12 @@ class LSHSelfAttention(Layer, kw_only=True):
     dtype: compute dtype of the projections (None: the input's); the
       attention itself always runs in float32.
     sow_weights: sow the bucket ids (b, h, n_hashes, l) to `intermediates`.
+    kernel: 'auto' runs train/eval attention as the native CPU kernel
+      (`terraflax.kernels.lsh_cpu`) when the default backend is the CPU and
+      it applies (terraflax convention, no attention dropout, chunk_len,
+      d_qk and d_v multiples of 16), else on XLA; 'xla' always uses XLA;
+      'cpu' requires the kernel (an error names what prevents it). Both
+      compute the same function.
     convention: 'terraflax' (above) or 'hf', Hugging Face's `LSHSelfAttention`
       in train/eval mode: the rounds are sorted into one sequence whose
       windows cross round boundaries, repeated meetings are not discounted,
@@ -529,12 +581,16 @@ class LSHSelfAttention(Layer, kw_only=True):
   dtype: Any = None
   sow_weights: bool = False
   convention: str = 'terraflax'
+  kernel: str = 'auto'
 
   def __post_init__(self):
     check_mode(self.mode, 'LSHSelfAttention mode')
     if self.convention not in CONVENTIONS:
       raise ValueError(f'LSHSelfAttention convention must be one of {CONVENTIONS}, got '
                        f'{self.convention!r}.')
+    if self.kernel not in KERNELS:
+      raise ValueError(f'LSHSelfAttention kernel must be one of {KERNELS}, got '
+                       f'{self.kernel!r}.')
     for name in ('n_heads', 'd_qk', 'd_v', 'n_hashes', 'chunk_len', 'predict_mem_len'):
       check_int('LSHSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
@@ -604,7 +660,8 @@ class LSHSelfAttention(Layer, kw_only=True):
         n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
         causal=self.causal, dropout_rate=rate,
         dropout_rng=self.make_rng('dropout') if rate > 0 else None,
-        n_bucket_ids=lsh_hashing.total_buckets(n_buckets) + 1, rounds_joined=hf)
+        n_bucket_ids=lsh_hashing.total_buckets(n_buckets) + 1, rounds_joined=hf,
+        kernel=self.kernel)
     return o[:, :length]
 
   def _rotations(self, b: int, n_buckets):

@@ -1,0 +1,125 @@
+"""Native CPU kernels: C++ sources compiled on first use and called through XLA's FFI.
+
+XLA:CPU runs small batched matrix products, gathers and masks (LSH
+attention's chunk windows) far below the machine's matmul rate; a kernel
+that keeps one chunk's logits in cache and does everything in one pass is
+about twice as fast. Each kernel is a `.cc` file next to this one, built
+with the system C++ compiler for this machine (`-O3 -march=native`) the
+first time it is needed and kept in a cache directory:
+
+  $TERRAFLAX_CACHE_DIR, else $XDG_CACHE_HOME/terraflax, else ~/.cache/terraflax
+
+keyed by the source, the flags, jaxlib's version and the CPU's features, so
+a shared home directory never runs a library built for another CPU. `$CXX`
+picks the compiler (default `c++`).
+
+When a kernel cannot be built (no compiler, or a compile error) `load`
+returns None, logs why once, and the layers use their XLA path: the
+kernels are a speed-up, never a requirement. Layers choose per call (for
+instance `LSHSelfAttention(kernel='auto' | 'xla' | 'cpu')`), and nothing
+native is used off the CPU or while `xla_only()` is active (as
+`terraflax.export` does, since an exported function must run without this
+package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+
+import jax
+
+FLAGS = ('-O3', '-march=native', '-std=c++17', '-ffp-contract=fast', '-fno-math-errno',
+         '-shared', '-fPIC')
+
+_XLA_ONLY = contextvars.ContextVar('terraflax_xla_only', default=False)
+
+
+@contextlib.contextmanager
+def xla_only():
+  """Within this block, layers trace their XLA paths (no native custom calls)."""
+  token = _XLA_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _XLA_ONLY.reset(token)
+
+
+def native_allowed() -> bool:
+  """Whether a layer traced now may call a native kernel: on the CPU, outside `xla_only`."""
+  return not _XLA_ONLY.get() and jax.default_backend() == 'cpu'
+
+
+def cache_dir() -> str:
+  if os.environ.get('TERRAFLAX_CACHE_DIR'):
+    return os.environ['TERRAFLAX_CACHE_DIR']
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'terraflax')
+
+
+def _cpu_features() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith(('flags', 'Features')):
+          return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def _build(source: str, compiler: str) -> str:
+  """Compiles `source` into the cache (atomically); returns the library's path."""
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  with open(source, 'rb') as f:
+    code = f.read()
+  key = hashlib.sha256(b'\0'.join([
+      code, ' '.join(FLAGS).encode(), compiler.encode(), jaxlib.__version__.encode(),
+      platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]
+  name = os.path.splitext(os.path.basename(source))[0]
+  target = os.path.join(cache_dir(), f'{name}-{key}.so')
+  if os.path.exists(target):
+    return target
+  os.makedirs(cache_dir(), exist_ok=True)
+  fd, partial = tempfile.mkstemp(suffix='.so', dir=cache_dir())
+  os.close(fd)
+  command = [*shlex.split(compiler), *FLAGS, '-isystem', jax.ffi.include_dir(), source,
+             '-o', partial]
+  try:
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return target
+
+
+@functools.cache
+def load(name: str, symbols: tuple[str, ...]) -> bool:
+  """Builds `name`.cc if needed and registers its handlers as FFI targets; False on failure.
+
+  `symbols` are the handler symbols; each is registered for the CPU under
+  the same name.
+  """
+  source = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + '.cc')
+  compiler = os.environ.get('CXX', 'c++')
+  try:
+    library = ctypes.cdll.LoadLibrary(_build(source, compiler))
+    for symbol in symbols:
+      jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform='cpu')
+  except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+    detail = getattr(e, 'stderr', '') or str(e)
+    logging.warning('terraflax: native kernel %s unavailable, using the XLA path (%s: %s)',
+                    name, type(e).__name__, detail.strip()[-2000:])
+    return False
+  return True

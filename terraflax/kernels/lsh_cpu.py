@@ -1,0 +1,107 @@
+"""LSH attention's sorted chunk windows as one native CPU kernel (lsh_cpu.cc).
+
+`attend(qv, perm, ...)` computes what `lsh_attention.lsh_attend_packed`'s
+XLA path computes after sorting, for the terraflax convention without
+dropout: every round's sorted chunks attend to their windows (shared-QK,
+causal and padding masks, the self logit, repeated meetings discounted) and
+the rounds are combined by their log-sum-exp weights. Its gradient is a
+second kernel that recomputes the weights chunk by chunk from the saved
+log-normalisers (as flash attention does). Memory stays linear in the
+length: the residuals are the inputs, the output and two floats per
+position and head.
+
+Both kernels split the work by (batch, head) over XLA's CPU thread pool,
+gather each round into sorted order themselves and write outputs in input
+order, so no sorted copy or window array exists outside them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from terraflax import kernels
+
+FORWARD = 'TerraflaxLshForward'
+BACKWARD = 'TerraflaxLshBackward'
+LANES = 16  # chunk_len, d_qk and d_v must be multiples of this
+
+
+class Spec(NamedTuple):
+  """The static arguments of one call (the kernels' attributes)."""
+  d_qk: int
+  length: int
+  chunk_len: int
+  n_chunks_before: int
+  n_chunks_after: int
+  causal: bool
+
+  def attributes(self) -> dict:
+    return dict(d_qk=np.int64(self.d_qk), length=np.int64(self.length),
+                chunk_len=np.int64(self.chunk_len),
+                n_chunks_before=np.int64(self.n_chunks_before),
+                n_chunks_after=np.int64(self.n_chunks_after), causal=np.bool_(self.causal))
+
+
+def unsupported(*, d_qk: int, d_v: int, padded_length: int, chunk_len: int,
+                n_chunks_before: int, n_chunks_after: int) -> str | None:
+  """Why the kernel cannot run this configuration, or None if it can."""
+  if chunk_len % LANES or d_qk % LANES or d_v % LANES:
+    return (f'chunk_len, d_qk and d_v must be multiples of {LANES}, got {chunk_len}, {d_qk}, '
+            f'{d_v}')
+  if padded_length // chunk_len < n_chunks_before + 1 + n_chunks_after:
+    return (f'the {padded_length // chunk_len} chunks are fewer than the '
+            f'{n_chunks_before + 1 + n_chunks_after} window slots')
+  return None
+
+
+def available() -> bool:
+  """Whether the kernel library is built and registered (builds it on the first call)."""
+  return kernels.load('lsh_cpu', (FORWARD, BACKWARD))
+
+
+def _forward(qv, perm, spec: Spec):
+  b, big_l, h, width = qv.shape
+  shapes = (jax.ShapeDtypeStruct((b, big_l, h, width - spec.d_qk), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, 2, big_l), jnp.float32))
+  return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='sequential')(
+      qv, perm, **spec.attributes())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _attend(qv, perm, spec: Spec):
+  return _forward(qv, perm, spec)[0]
+
+
+def _attend_fwd(qv, perm, spec: Spec):
+  out, log_norm = _forward(qv, perm, spec)
+  return out, (qv, perm, out, log_norm)
+
+
+def _attend_bwd(spec: Spec, residuals, d_out):
+  qv, perm, out, log_norm = residuals
+  d_qv = jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qv.shape, jnp.float32),
+                          vmap_method='sequential')(
+                              qv, perm, out, log_norm, d_out.astype(jnp.float32),
+                              **spec.attributes())
+  return d_qv, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend(qv, perm, *, d_qk: int, length: int, chunk_len: int, n_chunks_before: int,
+           n_chunks_after: int, causal: bool):
+  """Sorted, chunked LSH attention with rounds combined: (b, L, h, dv).
+
+  qv float32 (b, L, h, d_qk + dv): queries (= keys before normalising) and
+  values in input order; perm int32 (b, h, n, L): each round's positions in
+  (bucket, position) order, padding (positions >= `length`) last. The
+  caller checks `unsupported(...)` and `available()` first.
+  """
+  spec = Spec(d_qk, length, chunk_len, n_chunks_before, n_chunks_after, bool(causal))
+  return _attend(qv.astype(jnp.float32), perm.astype(jnp.int32), spec)
