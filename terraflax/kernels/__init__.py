@@ -80,8 +80,12 @@ def _cpu_features() -> str:
 def _build(source: str, compiler: str) -> str:
   """Compiles `source` into the cache (atomically); returns the library's path."""
   import jaxlib  # pylint: disable=import-outside-toplevel
-  with open(source, 'rb') as f:
-    code = f.read()
+  here = os.path.dirname(source)
+  code = b''
+  for path in [source] + sorted(os.path.join(here, f) for f in os.listdir(here)
+                                if f.endswith('.h')):  # The shared headers count too.
+    with open(path, 'rb') as f:
+      code += f.read()
   key = hashlib.sha256(b'\0'.join([
       code, ' '.join(FLAGS).encode(), compiler.encode(), jaxlib.__version__.encode(),
       platform.machine().encode(), _cpu_features().encode()])).hexdigest()[:16]

@@ -18,185 +18,16 @@
 // perm[b, h, r] lists the positions of round r in (bucket, position) order.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <utility>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_common.h"
 
 namespace {
 
-// ---------------------------------------------------------------- vectors
-
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi_u __attribute__((vector_size(64), aligned(4)));
-
-inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
-inline vi loadi(const int32_t* p) { return *reinterpret_cast<const vi_u*>(p); }
-inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
-inline vf splat(float x) { return vf{} + x; }
-inline vi splati(int32_t x) { return vi{} + x; }
-inline vf select(vi mask, vf yes, vf no) { return mask ? yes : no; }
-
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
-}
-
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
-
-// e^x, about 1 ulp, for the softmax's shifted logits (x <= ~0); exactly 0
-// below -80, where the result is below float32 resolution next to the
-// largest term (which is 1).
-inline vf vexp(vf x) {
-  const vi tiny = x < -80.0f;
-  x = select(tiny, splat(-80.0f), x);
-  const vf t = x * 1.44269504088896341f;
-  const vf n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  const vi bits = (vi)p + (__builtin_convertvector(n, vi) << 23);
-  return select(tiny, splat(0.0f), (vf)bits);
-}
-
-// ---------------------------------------------------------------- products
-
-// C (MR x 16 NV) (+)= A (MR x K) B (K x 16 NV). A is read one element at a
-// time through strides (so it may be a transpose); B's rows are contiguous.
-template <int MR, int NV>
-inline void tile(int k_size, const float* a, int64_t a_m, int64_t a_k, const float* b,
-                 int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  vf acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? load(c + i * ldc + j * kLanes) : vf{};
-  for (int k = 0; k < k_size; ++k) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) bv[j] = load(b + k * ldb + j * kLanes);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const vf av = splat(a[i * a_m + k * a_k]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] += av * bv[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(c + i * ldc + j * kLanes, acc[i][j]);
-}
-
-#ifdef __AVX512F__
-constexpr int kRows = 6;     // 6 x 4 accumulators of 16 floats: 24 of 32 registers.
-constexpr int kMaxVecs = 4;
-#else
-constexpr int kRows = 4;     // 16 lanes are two AVX registers: 4 x 1 x 2 of 16.
-constexpr int kMaxVecs = 1;
-#endif
-
-template <int MR>
-inline void tile_rows(int nv, int k_size, const float* a, int64_t a_m, int64_t a_k,
-                      const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  switch (nv) {
-    case 1: tile<MR, 1>(k_size, a, a_m, a_k, b, ldb, c, ldc, accumulate); break;
-#if defined(__AVX512F__)
-    case 2: tile<MR, 2>(k_size, a, a_m, a_k, b, ldb, c, ldc, accumulate); break;
-    case 3: tile<MR, 3>(k_size, a, a_m, a_k, b, ldb, c, ldc, accumulate); break;
-    case 4: tile<MR, 4>(k_size, a, a_m, a_k, b, ldb, c, ldc, accumulate); break;
-#endif
-  }
-}
-
-// C (M x N) (+)= A (M x K) B (K x N); N a multiple of 16. A(m, k) = a[m a_m + k a_k].
-void gemm(int m_size, int n_size, int k_size, const float* a, int64_t a_m, int64_t a_k,
-          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int n0 = 0; n0 < n_size; n0 += kMaxVecs * kLanes) {
-    const int nv = std::min(kMaxVecs, (n_size - n0) / kLanes);
-    const float* bn = b + n0;
-    float* cn = c + n0;
-    int m0 = 0;
-    for (; m0 + kRows <= m_size; m0 += kRows)
-      tile_rows<kRows>(nv, k_size, a + m0 * a_m, a_m, a_k, bn, ldb, cn + m0 * ldc, ldc,
-                       accumulate);
-    const float* am = a + m0 * a_m;
-    float* cm = cn + m0 * ldc;
-    switch (m_size - m0) {
-      case 1: tile_rows<1>(nv, k_size, am, a_m, a_k, bn, ldb, cm, ldc, accumulate); break;
-      case 2: tile_rows<2>(nv, k_size, am, a_m, a_k, bn, ldb, cm, ldc, accumulate); break;
-      case 3: tile_rows<3>(nv, k_size, am, a_m, a_k, bn, ldb, cm, ldc, accumulate); break;
-#ifdef __AVX512F__
-      case 4: tile_rows<4>(nv, k_size, am, a_m, a_k, bn, ldb, cm, ldc, accumulate); break;
-      case 5: tile_rows<5>(nv, k_size, am, a_m, a_k, bn, ldb, cm, ldc, accumulate); break;
-#endif
-      default: break;
-    }
-  }
-}
-
-// ---------------------------------------------------------------- threads
-
-// Runs f(0..n_items-1) on the caller and on XLA's intra-op pool. A helper
-// that starts after every item was claimed touches nothing but `state`.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int n_items, const F& f) {
-  const int64_t threads = std::min<int64_t>(pool.num_threads(), n_items);
-  if (threads <= 1) {
-    for (int i = 0; i < n_items; ++i) f(i);
-    return;
-  }
-  struct State {
-    std::atomic<int> next{0};
-    std::atomic<int> done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const F* fp = &f;
-  auto work = [state, fp, n_items]() {
-    for (;;) {
-      const int i = state->next.fetch_add(1);
-      if (i >= n_items) return;
-      (*fp)(i);
-      if (state->done.fetch_add(1) + 1 == n_items) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == n_items; });
-}
+using namespace terraflax;  // NOLINT
 
 // ---------------------------------------------------------------- one unit
 
@@ -213,70 +44,6 @@ struct Spec {
     return ((i + w - before) % n_chunks + n_chunks) % n_chunks;
   }
 };
-
-// Rows this many positions ahead are prefetched: the gathers and scatters
-// of whole rows at random positions are otherwise bound by memory latency.
-constexpr int64_t kAhead = 8;
-
-inline void prefetch_row(const float* p, int64_t floats, bool write) {
-  for (int64_t o = 0; o < floats; o += kLanes) {
-    if (write) {
-      __builtin_prefetch(p + o, 1, 3);
-    } else {
-      __builtin_prefetch(p + o, 0, 3);
-    }
-  }
-}
-
-#if defined(__clang__)
-// dst (16 x 16, leading dimension ldd) = src (16 x 16, lds) transposed.
-inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  for (int i = 0; i < kLanes; ++i)
-    for (int j = 0; j < kLanes; ++j) dst[j * ldd + i] = src[i * lds + j];
-}
-#else
-// For rows a and b = a + S: the columns of a and b with bit S swapped
-// between the row and the column index.
-template <int S, int... I>
-constexpr vi swap_low(std::integer_sequence<int, I...>) {
-  return vi{((I & S) ? kLanes + I - S : I)...};
-}
-template <int S, int... I>
-constexpr vi swap_high(std::integer_sequence<int, I...>) {
-  return vi{((I & S) ? kLanes + I : I + S)...};
-}
-
-template <int S>
-inline void swap_bit(vf* rows) {
-  constexpr vi lo = swap_low<S>(std::make_integer_sequence<int, kLanes>());
-  constexpr vi hi = swap_high<S>(std::make_integer_sequence<int, kLanes>());
-  for (int i = 0; i < kLanes; ++i) {
-    if (i & S) continue;
-    const vf a = rows[i], b = rows[i + S];
-    rows[i] = __builtin_shuffle(a, b, lo);
-    rows[i + S] = __builtin_shuffle(a, b, hi);
-  }
-}
-
-// dst (16 x 16, leading dimension ldd) = src (16 x 16, lds) transposed: each
-// stage swaps one bit between the row and the column index.
-inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  vf rows[kLanes];
-  for (int i = 0; i < kLanes; ++i) rows[i] = load(src + i * lds);
-  swap_bit<8>(rows);
-  swap_bit<4>(rows);
-  swap_bit<2>(rows);
-  swap_bit<1>(rows);
-  for (int i = 0; i < kLanes; ++i) store(dst + i * ldd, rows[i]);
-}
-#endif
-
-// dst (d, c) = src (c, d) transposed (c and d multiples of 16).
-inline void transpose_chunk(const float* src, int64_t c, int64_t d_size, float* dst) {
-  for (int64_t j = 0; j < c; j += kLanes)
-    for (int64_t d = 0; d < d_size; d += kLanes)
-      transpose16(src + j * d_size + d, d_size, dst + d * c + j, c);
-}
 
 // -log(m) for m = 0..15 meetings (entry 0 unused).
 struct MeetingTable {
@@ -297,15 +64,9 @@ struct Workspace {
   std::vector<float> d_o, d_q, d_k, d_v;             // backward: (R, c, e), (R, c, k), (R, c, k), (R, c, e)
   std::vector<int32_t> chunk_of;                     // (n, L)
   std::vector<char> written;                         // (C)
-  std::vector<float> logits, grads, chunk_out, chunk_lse, row_term;
+  std::vector<float> logits, grads, chunk_out, chunk_lse, chunk_scale, row_term;
   std::vector<int32_t> shifts;                       // (n - 1)
 };
-
-template <typename T>
-T* sized(std::vector<T>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(n);
-  return v.data();
-}
 
 Workspace& thread_workspace() {
   static thread_local Workspace workspace;
@@ -339,6 +100,7 @@ class UnitRounds {
     sized(w.grads, c * s.big_w());
     sized(w.chunk_out, c * dv);
     sized(w.chunk_lse, c);
+    sized(w.chunk_scale, c);
     sized(w.shifts, std::max<int64_t>(s.n - 1, 1));
     if (backward_) {
       sized(w.v_t, slots * c * dv);
@@ -373,16 +135,64 @@ class UnitRounds {
   // Moves from chunk i - 1's window to chunk i's (i >= 1): gathers the new chunk.
   void advance(int64_t i) { gather(i + s_.after); }
 
-  // logits (c, W) = chunk i's queries . the unit keys of its window, masked
-  // and corrected for repeated meetings.
-  void logits(int64_t i, float* out) {
+  // logits (c, W) = chunk i's queries . the unit keys of its window (raw).
+  void dot_products(int64_t i, float* out) {
     const int64_t c = s_.c, dk = s_.dk, big_w = s_.big_w();
     const float* q = &w_.q[slot(i) * c * dk];
     for (int64_t w = 0; w < s_.width; ++w) {
       const int64_t ks = slot(i - s_.before + w);
       gemm(c, c, dk, q, dk, 1, &w_.k_t[ks * dk * c], c, out + w * c, big_w, false);
     }
-    mask(i, out);
+  }
+
+  // Calls visit(a, row, q_pos) for every query a of chunk i, where row(j) is
+  // the masked, corrected logit vector of window columns j..j+15 computed
+  // from the raw dot products in logits (c, W).
+  template <typename Visit>
+  void for_each_masked_row(int64_t i, const float* logits, Visit&& visit) {
+    const Spec& s = s_;
+    const int64_t c = s.c, big_w = s.big_w(), nc = s.n_chunks, n_other = s.n - 1;
+    const int64_t own = slot(i);
+    int32_t* q_shift = w_.shifts.data();  // per other round: the query's chunk - before - C
+    for (int64_t a = 0; a < c; ++a) {
+      const int32_t q_pos = w_.pos[own * c + a];
+      for (int64_t o = 0; o < n_other; ++o)
+        q_shift[o] = w_.chunk_in[(own * n_other + o) * c + a] - int32_t(s.before) - int32_t(nc);
+      const float* row = logits + a * big_w;
+      auto masked = [&, row, q_pos](int64_t j) -> vf {
+        const int64_t w = j / c, j0 = j % c, ks = slot(i - s.before + w);
+        vf x = load(row + j);
+        if (n_other > 0) {
+          vi count = splati(1);  // the round of this window
+          for (int64_t o = 0; o < n_other; ++o) {
+            const vu t = (vu)(loadi(&w_.chunk_in[(ks * n_other + o) * c + j0]) - q_shift[o]);
+            vu m = t - uint32_t(nc);
+            m = m < t ? m : t;
+            const vu m2 = m - uint32_t(nc);
+            m = m2 < m ? m2 : m;  // (key chunk - query chunk + before) mod C
+            count -= (vi)(m <= uint32_t(s.width - 1));
+          }
+          if (table_.small) {
+#if defined(__clang__)
+            vf correction = vf{};
+            for (int m = 2; m < kLanes; ++m)
+              correction = select(count == m, splat(table_.minus_log[m]), correction);
+            x += correction;
+#else
+            x += __builtin_shuffle(table_.minus_log, count);
+#endif
+          } else {
+            for (int l = 0; l < kLanes; ++l) x[l] -= std::log(float(count[l]));
+          }
+        }
+        const vi k_pos = loadi(&w_.pos[ks * c + j0]);
+        vi hidden = k_pos >= int32_t(s.length);
+        if (s.causal) hidden |= k_pos > q_pos;
+        x = select(hidden, splat(kMaskedLogit), x);
+        return select(k_pos == q_pos, splat(kSelfLogit), x);
+      };
+      visit(a, masked, q_pos);
+    }
   }
 
   const Spec& s_;
@@ -431,55 +241,6 @@ class UnitRounds {
     if (backward_) transpose_chunk(&w_.v[sl * c * dv], c, dv, &w_.v_t[sl * dv * c]);
   }
 
-  void mask(int64_t i, float* logits) {
-    const Spec& s = s_;
-    const int64_t c = s.c, big_w = s.big_w(), nc = s.n_chunks, n_other = s.n - 1;
-    const int64_t own = slot(i);
-    int32_t* q_shift = w_.shifts.data();  // per other round: the query's chunk - before - C
-    for (int64_t a = 0; a < c; ++a) {
-      const int32_t q_pos = w_.pos[own * c + a];
-      for (int64_t o = 0; o < n_other; ++o)
-        q_shift[o] = w_.chunk_in[(own * n_other + o) * c + a] - int32_t(s.before) - int32_t(nc);
-      float* row = logits + a * big_w;
-      for (int64_t w = 0; w < s.width; ++w) {
-        const int64_t ks = slot(i - s.before + w);
-        for (int64_t j0 = 0; j0 < c; j0 += kLanes) {
-          float* out = row + w * c + j0;
-          vf x = load(out);
-          if (n_other > 0) {
-            vi count = splati(1);  // the round of this window
-            for (int64_t o = 0; o < n_other; ++o) {
-              const vu t = (vu)(loadi(&w_.chunk_in[(ks * n_other + o) * c + j0]) - q_shift[o]);
-              vu m = t - uint32_t(nc);
-              m = m < t ? m : t;
-              const vu m2 = m - uint32_t(nc);
-              m = m2 < m ? m2 : m;  // (key chunk - query chunk + before) mod C
-              count -= (vi)(m <= uint32_t(s.width - 1));
-            }
-            if (table_.small) {
-#if defined(__clang__)
-              vf correction = vf{};
-              for (int m = 2; m < kLanes; ++m)
-                correction = select(count == m, splat(table_.minus_log[m]), correction);
-              x += correction;
-#else
-              x += __builtin_shuffle(table_.minus_log, count);
-#endif
-            } else {
-              for (int l = 0; l < kLanes; ++l) x[l] -= std::log(float(count[l]));
-            }
-          }
-          const vi k_pos = loadi(&w_.pos[ks * c + j0]);
-          vi masked = k_pos >= int32_t(s.length);
-          if (s.causal) masked |= k_pos > q_pos;
-          x = select(masked, splat(kMaskedLogit), x);
-          x = select(k_pos == q_pos, splat(kSelfLogit), x);
-          store(out, x);
-        }
-      }
-    }
-  }
-
   const MeetingTable table_;
   const bool backward_;
   const float* qv_;
@@ -508,17 +269,20 @@ void forward_unit(const Spec& s, const float* qv, const int32_t* perm, float* ou
   float* logits = w.logits.data();
   float* chunk_out = w.chunk_out.data();
   float* chunk_lse = w.chunk_lse.data();  // each query's log-normaliser in this round
+  float* chunk_scale = w.chunk_scale.data();  // and 1 / its sum of weights
   for (int64_t r = 0; r < s.n; ++r) {
     rounds.start_round(r);
     const int32_t* order = rounds.order();
     for (int64_t chunk = 0; chunk < s.n_chunks; ++chunk) {
       if (chunk > 0) rounds.advance(chunk);
-      rounds.logits(chunk, logits);
-      for (int64_t a = 0; a < c; ++a) {
+      rounds.dot_products(chunk, logits);
+      // Unnormalised weights e = exp(logit - max); the output is scaled by 1 / sum after.
+      rounds.for_each_masked_row(chunk, logits, [&](int64_t a, auto&& masked, int32_t) {
         float* row = &logits[a * big_w];
         vf top = splat(-INFINITY);
         for (int64_t j = 0; j < big_w; j += kLanes) {
-          const vf x = load(row + j);
+          const vf x = masked(j);
+          store(row + j, x);
           top = select(x > top, x, top);
         }
         const float m = hmax(top);
@@ -529,10 +293,9 @@ void forward_unit(const Spec& s, const float* qv, const int32_t* perm, float* ou
           total += e;
         }
         const float sum = hsum(total);
-        const float scale = 1.0f / sum;
-        for (int64_t j = 0; j < big_w; j += kLanes) store(row + j, load(row + j) * scale);
+        chunk_scale[a] = 1.0f / sum;
         chunk_lse[a] = m + std::log(sum);
-      }
+      });
       for (int64_t slot = 0; slot < s.width; ++slot) {
         const int64_t vs = rounds.slot(chunk - s.before + slot);
         gemm(c, dv, c, &logits[slot * c], big_w, 1, &w.v[vs * c * dv], dv, chunk_out, dv,
@@ -543,7 +306,8 @@ void forward_unit(const Spec& s, const float* qv, const int32_t* perm, float* ou
         if (i + kAhead < big_l) prefetch_row(out_bh + order[i + kAhead] * out_stride, dv, true);
         const int32_t p = order[i];
         float* dst = out_bh + p * out_stride;
-        const float* src = chunk_out + a * dv;
+        float* src = chunk_out + a * dv;
+        for (int64_t d = 0; d < dv; d += kLanes) store(src + d, load(src + d) * chunk_scale[a]);
         if (r == 0) {
           std::memcpy(dst, src, dv * sizeof(float));
           top_bh[p] = chunk_lse[a];
@@ -624,27 +388,26 @@ void backward_unit(const Spec& s, const float* qv, const int32_t* perm, const fl
     for (int64_t chunk = 0; chunk < s.n_chunks; ++chunk) {
       if (chunk > 0) rounds.advance(chunk);
       const int64_t own = rounds.slot(chunk);
-      rounds.logits(chunk, probs);
+      rounds.dot_products(chunk, probs);
       // d_logits = d_o . v of the window (c, W).
       for (int64_t slot = 0; slot < s.width; ++slot) {
         const int64_t vs = rounds.slot(chunk - s.before + slot);
         gemm(c, c, dv, &w.d_o[own * c * dv], dv, 1, &w.v_t[vs * dv * c], c, &d_logits[slot * c],
              big_w, false);
       }
-      for (int64_t a = 0; a < c; ++a) {
-        const int32_t q_pos = w.pos[own * c + a];
+      // The self logit is a constant, yet its gradient needs no mask: its
+      // weight is exactly 0 next to any other key, and when a query saw only
+      // itself, o = v and d_o . v - term = 0.
+      rounds.for_each_masked_row(chunk, probs, [&](int64_t a, auto&& masked, int32_t q_pos) {
         const float top = top_bh[q_pos], rest = rest_bh[q_pos], term = row_term[q_pos];
         float* p_row = &probs[a * big_w];
         float* g_row = &d_logits[a * big_w];
-        // The self logit is a constant, yet its gradient needs no mask: its
-        // weight is exactly 0 next to any other key, and when a query saw
-        // only itself, o = v and d_o . v - term = 0.
         for (int64_t j = 0; j < big_w; j += kLanes) {
-          const vf p = vexp((load(p_row + j) - top) - rest);
+          const vf p = vexp((masked(j) - top) - rest);
           store(p_row + j, p);
           store(g_row + j, p * (load(g_row + j) - term));
         }
-      }
+      });
       // d_q (own) += d_logits . unit keys; d_k, d_v (window) += d_logits^T q, probs^T d_o.
       for (int64_t slot = 0; slot < s.width; ++slot) {
         const int64_t vs = rounds.slot(chunk - s.before + slot);
