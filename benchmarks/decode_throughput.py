@@ -21,11 +21,13 @@ the same batch: LSH (against `reformer`) and full attention (against
 
   python benchmarks/decode_throughput.py [--hf_python=/work/venvs/hf/bin/python]
       [--models transformer,reformer,terraformer] [--batches 1,8] [--tokens 256]
+      [--kernels xla]   # without terraflax's native CPU kernels
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -102,6 +104,9 @@ def main():
   parser.add_argument('--tokens', type=int, default=256)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--hf_python', default='')
+  parser.add_argument('--kernels', choices=('native', 'xla'), default='native',
+                      help="'xla': trace decoding inside terraflax.kernels.xla_only() (no native "
+                           'CPU kernels), to compare')
   parser.add_argument('--timeout', type=float, default=1200, help='seconds per HF run')
   parser.add_argument('--torch_threads', type=int, default=2, help='HF threads (JAX gets 2 cores)')
   parser.add_argument('--peer_steps', type=int, default=3, help='timed HF decodes (median)')
@@ -124,7 +129,9 @@ def main():
         peer = hf(args.hf_python, PEER_OF[name], batch, args)
         print(f'# HF {PEER_OF[name]} batch {batch}: {cell(peer)}', flush=True)
       try:
-        ours = measure(name, batch, args.tokens, args.repeats)
+        from terraflax import kernels  # pylint: disable=import-outside-toplevel
+        with kernels.xla_only() if args.kernels == 'xla' else contextlib.nullcontext():
+          ours = measure(name, batch, args.tokens, args.repeats)
       except Exception as e:  # pylint: disable=broad-except
         ours = {'error': f'{type(e).__name__}: {e}'[:200]}
       load = load_average()

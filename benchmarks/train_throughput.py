@@ -22,6 +22,7 @@ timed steps (each timed to `block_until_ready`).
       --trax_python=/work/venvs/trax/bin/python --hf_python=/work/venvs/hf/bin/python \\
       --rows=lsh1k,lsh4k,lsh16k,full4k
   python benchmarks/train_throughput.py --rows=big64k          # 12 layers, d_model 512, 64K
+  python benchmarks/train_throughput.py --kernels=xla          # without the native CPU kernels
 
 Rows: lsh1k lsh4k lsh16k lsh64k full4k full16k big64k (default: all but big64k;
 `--big_64k` adds it). Peers run only for the issue's rows (not big64k).
@@ -107,8 +108,9 @@ def training_setup(row: str, seed: int = 0):
 
 def worker(args) -> dict:
   """Measures one row in this process; returns the result dict."""
+  import contextlib  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from terraflax import compiler  # pylint: disable=import-outside-toplevel
+  from terraflax import compiler, kernels  # pylint: disable=import-outside-toplevel
   from terraflax.layers import lsh_hashing  # pylint: disable=import-outside-toplevel
   from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
 
@@ -118,7 +120,8 @@ def worker(args) -> dict:
                     compiler_options=compiler.options())
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  with kernels.xla_only() if args.kernels == 'xla' else contextlib.nullcontext():
+    compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   temp_gib = None if memory is None else memory.temp_size_in_bytes / 2 ** 30
@@ -178,7 +181,7 @@ def run_json(cmd, timeout, env=None) -> dict:
 
 def ours(row, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', row, '--steps', str(args.steps),
-         '--warmup', str(args.warmup), '--seed', str(args.seed)]
+         '--warmup', str(args.warmup), '--seed', str(args.seed), '--kernels', args.kernels]
   if args.max_memory_gib:  # Address-space limit: XLA fails to allocate instead of swapping.
     cmd = ['prlimit', f'--as={int(args.max_memory_gib * 2 ** 30)}', '--'] + cmd
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -230,6 +233,9 @@ def main():
                       help='address-space limit of each terraflax measurement (0: none)')
   parser.add_argument('--peer_max_memory_gib', type=float, default=20.0)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--kernels', choices=('native', 'xla'), default='native',
+                      help="'xla': trace the step inside terraflax.kernels.xla_only() (no native "
+                           'CPU kernels), to compare')
   parser.add_argument('--json', default='', help='also write all results to this file')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -252,7 +258,7 @@ def main():
   if bad:
     parser.error(f'--rows: unknown {bad}; valid: {",".join(ROWS)}')
 
-  print(f'# train_throughput: load average before: {load_average()}', flush=True)
+  print(f'# train_throughput (kernels: {args.kernels}): load average before: {load_average()}', flush=True)
   results = []
   for row in rows:
     found = {'row': row}

@@ -165,7 +165,8 @@ ffi::Error forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   Sizes s;
   ffi::Error error = sizes_of(x, w1, w2, s);
   if (error.failure()) return error;
-  Packed p1, p2;
+  // The calling thread's packed weights, kept between calls (no fresh pages each time).
+  static thread_local Packed p1, p2;
   if (s.n_rows < kPackRows) {
     p1.view(w1.typed_data(), s.d, s.f);
     p2.view(w2.typed_data(), s.f, s.e);
@@ -218,7 +219,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (!recompute && (h.dimensions().size() != 2 || h.dimensions()[0] != s.n_rows ||
                      h.dimensions()[1] != s.f))
     return ffi::Error::InvalidArgument("ff_cpu: h must be (N, f) unless recomputed");
-  Packed p1, p1_t, p2_t;
+  static thread_local Packed p1, p1_t, p2_t;
   if (recompute) p1.pack(w1.typed_data(), s.d, s.f, false);
   p1_t.pack(w1.typed_data(), s.f, s.d, true);   // W1^T (f x d)
   p2_t.pack(w2.typed_data(), s.e, s.f, true);   // W2^T (e x f)
