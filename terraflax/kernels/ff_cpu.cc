@@ -165,8 +165,12 @@ ffi::Error forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   Sizes s;
   ffi::Error error = sizes_of(x, w1, w2, s);
   if (error.failure()) return error;
-  // The calling thread's packed weights, kept between calls (no fresh pages each time).
-  static thread_local Packed p1, p2;
+  // The calling thread's packed weights, kept between calls (no fresh pages each
+  // time). Bound to references here: inside the parallel loop a thread_local
+  // name would mean the worker thread's own copy.
+  static thread_local Packed packed_1, packed_2;
+  Packed& p1 = packed_1;
+  Packed& p2 = packed_2;
   if (s.n_rows < kPackRows) {
     p1.view(w1.typed_data(), s.d, s.f);
     p2.view(w2.typed_data(), s.f, s.e);
@@ -219,7 +223,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (!recompute && (h.dimensions().size() != 2 || h.dimensions()[0] != s.n_rows ||
                      h.dimensions()[1] != s.f))
     return ffi::Error::InvalidArgument("ff_cpu: h must be (N, f) unless recomputed");
-  static thread_local Packed p1, p1_t, p2_t;
+  static thread_local Packed packed_1, packed_1_t, packed_2_t;  // as in forward()
+  Packed& p1 = packed_1;
+  Packed& p1_t = packed_1_t;
+  Packed& p2_t = packed_2_t;
   if (recompute) p1.pack(w1.typed_data(), s.d, s.f, false);
   p1_t.pack(w1.typed_data(), s.f, s.d, true);   // W1^T (f x d)
   p2_t.pack(w2.typed_data(), s.e, s.f, true);   // W2^T (e x f)
