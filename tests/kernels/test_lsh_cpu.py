@@ -20,7 +20,7 @@ import terraflax.layers as tl
 from terraflax import kernels
 from terraflax.kernels import lsh_cpu
 from terraflax.layers.lsh_attention import lsh_attend
-from tests.layers.test_lsh_attention import lsh_sets, reference_core
+from tests.layers.test_lsh_attention import dense_set_loss, reference_core
 
 HAS_COMPILER = shutil.which(os.environ.get('CXX', 'c++').split()[0]) is not None
 
@@ -72,19 +72,7 @@ class KernelTest(parameterized.TestCase):
     c, h = 16, 2
     q, v, buckets = inputs(n_hashes, length=length, n_hashes=n_hashes, n_buckets=3, h=h)
     cotangent = jax.random.normal(jax.random.key(9), (1, length, h, 16))
-    allowed = np.zeros((1, h, length, length), bool)
-    for head in range(h):
-      sets = lsh_sets(np.asarray(buckets[0, head, :, :length]), length, c, before, after, causal)
-      for query, keys in enumerate(sets):
-        allowed[0, head, query, sorted(keys - {query})] = True
-
-    def dense(q, v):
-      q, v = q[:, :length], v[:, :length]
-      k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-      logits = jnp.where(allowed, jnp.einsum('bihk,bjhk->bhij', q, k), -1e30)
-      out = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(logits, axis=-1), v)
-      alone = ~allowed.any(-1).transpose(0, 2, 1)[..., None]
-      return jnp.sum(jnp.where(alone, v, out) * cotangent)
+    dense = dense_set_loss(buckets, length, c, before, after, causal, cotangent)
 
     def native(q, v):
       out = attend(q, v, buckets, kernel='cpu', n_buckets=3, length=length, chunk_len=c,

@@ -82,6 +82,30 @@ def reference_core(q, v, buckets, length, chunk_len, before, after, causal):
   return out
 
 
+def dense_set_loss(buckets, length, chunk_len, before, after, causal, cotangent):
+  """(q, v) -> sum(out * cotangent), out a dense softmax over each query's LSH set (b = 1).
+
+  Differentiable with JAX: the reference for hand-written backward passes.
+  """
+  h = buckets.shape[1]
+  allowed = np.zeros((1, h, length, length), bool)
+  for head in range(h):
+    sets = lsh_sets(np.asarray(buckets[0, head, :, :length]), length, chunk_len, before, after,
+                    causal)
+    for query, keys in enumerate(sets):
+      allowed[0, head, query, sorted(keys - {query})] = True
+  alone = ~allowed.any(-1).transpose(0, 2, 1)[..., None]
+
+  def dense(q, v):
+    q, v = q[:, :length], v[:, :length]
+    k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    logits = jnp.where(allowed, jnp.einsum('bihk,bjhk->bhij', q, k), -1e30)
+    out = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(logits, axis=-1), v)
+    return jnp.sum(jnp.where(alone, v, out) * cotangent)
+
+  return dense
+
+
 def project(params, x):
   """q, v of a layer in float64: (b, l, h, k), (b, l, h, dv)."""
   x = f64(x)
@@ -217,19 +241,7 @@ class CoreTest(parameterized.TestCase):
     """The hand-written backward pass equals autodiff of a dense masked softmax."""
     q, v, buckets = random_core_inputs(n_hashes, length, n_hashes, b=1)
     cotangent = jax.random.normal(jax.random.key(9), (1, length, 2, 3))
-    allowed = np.zeros((1, 2, length, length), bool)
-    for h in range(2):
-      sets = lsh_sets(np.asarray(buckets[0, h, :, :length]), length, 4, 1, 0, causal)
-      for query, keys in enumerate(sets):
-        allowed[0, h, query, sorted(keys - {query})] = True
-
-    def dense(q, v):
-      q, v = q[:, :length], v[:, :length]
-      k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
-      logits = jnp.where(allowed, jnp.einsum('bihk,bjhk->bhij', q, k), -1e30)
-      out = jnp.einsum('bhij,bjhd->bihd', jax.nn.softmax(logits, axis=-1), v)
-      alone = ~allowed.any(-1).transpose(0, 2, 1)[..., None]
-      return jnp.sum(jnp.where(alone, v, out) * cotangent)
+    dense = dense_set_loss(buckets, length, 4, 1, 0, causal, cotangent)
 
     def lsh(q, v):
       out = lsh_attend(q, v, buckets, length=length, chunk_len=4, causal=causal)
