@@ -59,6 +59,36 @@ def native_allowed() -> bool:
   return not _XLA_ONLY.get() and jax.default_backend() == 'cpu'
 
 
+# A layer's `kernel` field: 'auto' takes the native kernel where it applies, else XLA;
+# 'xla' always XLA; 'cpu' the native kernel or an error naming what prevents it.
+KERNELS = ('auto', 'xla', 'cpu')
+
+
+def check_kernel(owner: str, kernel: str) -> None:
+  if kernel not in KERNELS:
+    raise ValueError(f'{owner} kernel must be one of {KERNELS}, got {kernel!r}.')
+
+
+def use_native(owner: str, kernel: str, why_not: str | None, available) -> bool:
+  """Whether `owner` runs its native kernel now.
+
+  `why_not`: what already rules the kernel out for this call (sizes, dtype,
+  dropout), or None; `available`: the kernel's build-and-register check.
+  Adds the backend and build checks; kernel='cpu' turns any reason into an error.
+  """
+  check_kernel(owner, kernel)
+  if kernel == 'xla':
+    return False
+  if why_not is None and not native_allowed():
+    why_not = 'the default backend is not the CPU (or kernels.xla_only() is active)'
+  if why_not is None and not available():
+    why_not = 'the native library could not be built (see the warning logged)'
+  if why_not is not None and kernel == 'cpu':
+    raise ValueError(f"{owner} kernel='cpu' cannot run here: {why_not}. Use kernel='auto' "
+                     "(falls back to XLA) or 'xla'.")
+  return why_not is None
+
+
 def cache_dir() -> str:
   if os.environ.get('TERRAFLAX_CACHE_DIR'):
     return os.environ['TERRAFLAX_CACHE_DIR']

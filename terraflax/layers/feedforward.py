@@ -13,8 +13,6 @@ from terraflax.combinators.scan import Chunk, _ChunkFields
 from terraflax.kernels import ff_cpu
 from terraflax.layers.core import Dense, Dropout, FastGelu, LayerNorm, Relu
 
-# 'auto': the native CPU kernel where it applies, else XLA; 'cpu': the kernel or an error.
-KERNELS = ('auto', 'xla', 'cpu')
 # Activation factories the native kernel computes itself.
 NATIVE_ACTIVATIONS = {Relu: 'relu', FastGelu: 'fast_gelu'}
 
@@ -37,8 +35,7 @@ class FeedForwardBlock(_FeedForwardFields, Chunk):
 
   def __init__(self, *layers, **kwargs):
     _layers_init(FeedForwardBlock, self, layers, kwargs)
-    if self.kernel not in KERNELS:
-      raise ValueError(f'FeedForward kernel must be one of {KERNELS}, got {self.kernel!r}.')
+    kernels.check_kernel('FeedForward', self.kernel)
 
   def __call__(self, *inputs):
     stack = check_inputs(self, inputs)
@@ -54,30 +51,20 @@ class FeedForwardBlock(_FeedForwardFields, Chunk):
     if self.kernel == 'xla' or self.is_initializing():
       return False
     _, first, _, drop, second, _ = self.layers
-    why = None
     if self.activation_name is None:
-      why = 'its activation is not one the kernel computes (Relu, FastGelu)'
+      why_not = 'its activation is not one the kernel computes (Relu, FastGelu)'
     elif drop.mode == 'train' and drop.rate > 0:
-      why = 'dropout in training runs on XLA only'
+      why_not = 'dropout in training runs on XLA only'
     elif not (first.use_bias and second.use_bias):
-      why = 'the kernel adds both biases'
-    elif any(d.dtype not in (None, jnp.float32) for d in (first, second)) or x.dtype != jnp.float32:
-      why = 'the kernel computes in float32'
+      why_not = 'the kernel adds both biases'
+    elif (any(d.dtype not in (None, jnp.float32) for d in (first, second))
+          or x.dtype != jnp.float32
+          or any(d.variables['params']['kernel'].dtype != jnp.float32 for d in (first, second))):
+      why_not = 'the kernel computes in float32, on float32 weights'
     else:
-      kinds = [first.variables['params']['kernel'].dtype, second.variables['params']['kernel'].dtype]
-      if any(k != jnp.float32 for k in kinds):
-        why = 'the kernel needs float32 weights'
-      else:
-        why = ff_cpu.unsupported(d_in=x.shape[-1], d_ff=first.features,
-                                 d_out=second.features, activation=self.activation_name)
-    if why is None and not kernels.native_allowed():
-      why = 'the default backend is not the CPU (or kernels.xla_only() is active)'
-    if why is None and not ff_cpu.available():
-      why = 'the native library could not be built (see the warning logged)'
-    if why is not None and self.kernel == 'cpu':
-      raise ValueError(f"FeedForward kernel='cpu' cannot run here: {why}. Use kernel='auto' "
-                       "(falls back to XLA) or 'xla'.")
-    return why is None
+      why_not = ff_cpu.unsupported(d_in=x.shape[-1], d_ff=first.features,
+                                   d_out=second.features, activation=self.activation_name)
+    return kernels.use_native('FeedForward', self.kernel, why_not, ff_cpu.available)
 
 
 def FeedForward(*, d_model: int, d_ff: int, dropout: float = 0.0,  # pylint: disable=invalid-name

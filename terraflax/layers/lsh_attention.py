@@ -55,8 +55,6 @@ SELF_LOGIT = -1e5
 # Optional variable collection with given rotations (see `LSHSelfAttention`).
 ROTATIONS_COLLECTION = 'lsh_rotations'
 CONVENTIONS = ('terraflax', 'hf')
-# 'auto': the native CPU kernel where it applies, else XLA; 'cpu': the kernel or an error.
-KERNELS = ('auto', 'xla', 'cpu')
 
 
 def _normalise(x):
@@ -348,8 +346,8 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
   L a multiple of `chunk_len`; positions at and beyond `length` are padding:
   never attended to (give them a bucket above all real ones so they sort
   last). `n_bucket_ids`, if given, bounds the bucket ids (0 <= id <
-  n_bucket_ids) and allows a faster sort. `kernel` is one of `KERNELS` (see
-  `LSHSelfAttention`). Returns (b, L, h, dv); rows of padding positions are
+  n_bucket_ids) and allows a faster sort. `kernel` is one of `kernels.KERNELS`
+  (see `LSHSelfAttention`). Returns (b, L, h, dv); rows of padding positions are
   meaningless.
   """
   return lsh_attend_packed(
@@ -376,30 +374,18 @@ def _sort_rounds(buckets, n_bucket_ids: int | None):
 def _cpu_kernel_applies(kernel: str, *, dtype, d_qk: int, d_v: int, padded_length: int,
                         chunk_len: int, n_chunks_before: int, n_chunks_after: int,
                         dropout_rate: float, rounds_joined: bool) -> bool:
-  """Whether this call runs the native CPU kernel; kernel='cpu' raises when it cannot."""
-  if kernel not in KERNELS:
-    raise ValueError(f'lsh_attend kernel must be one of {KERNELS}, got {kernel!r}.')
-  if kernel == 'xla':
-    return False
-  why = None
+  """Whether this call runs the native CPU kernel (see `kernels.use_native`)."""
   if rounds_joined:
-    why = "the 'hf' convention (rounds joined) runs on XLA only"
+    why_not = "the 'hf' convention (rounds joined) runs on XLA only"
   elif dropout_rate > 0:
-    why = 'attention dropout runs on XLA only'
+    why_not = 'attention dropout runs on XLA only'
   elif dtype != jnp.float32:
-    why = f'the kernel computes in float32, got {dtype} inputs'
+    why_not = f'the kernel computes in float32, got {dtype} inputs'
   else:
-    why = lsh_cpu.unsupported(d_qk=d_qk, d_v=d_v, padded_length=padded_length,
-                              chunk_len=chunk_len, n_chunks_before=n_chunks_before,
-                              n_chunks_after=n_chunks_after)
-  if why is None and not kernels.native_allowed():
-    why = 'the default backend is not the CPU (or kernels.xla_only() is active)'
-  if why is None and not lsh_cpu.available():
-    why = 'the native library could not be built (see the warning logged)'
-  if why is not None and kernel == 'cpu':
-    raise ValueError(f"lsh_attend kernel='cpu' cannot run this call: {why}. Use kernel='auto' "
-                     "(falls back to XLA) or 'xla'.")
-  return why is None
+    why_not = lsh_cpu.unsupported(d_qk=d_qk, d_v=d_v, padded_length=padded_length,
+                                  chunk_len=chunk_len, n_chunks_before=n_chunks_before,
+                                  n_chunks_after=n_chunks_after)
+  return kernels.use_native('lsh_attend', kernel, why_not, lsh_cpu.available)
 
 
 def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
@@ -588,9 +574,7 @@ class LSHSelfAttention(Layer, kw_only=True):
     if self.convention not in CONVENTIONS:
       raise ValueError(f'LSHSelfAttention convention must be one of {CONVENTIONS}, got '
                        f'{self.convention!r}.')
-    if self.kernel not in KERNELS:
-      raise ValueError(f'LSHSelfAttention kernel must be one of {KERNELS}, got '
-                       f'{self.kernel!r}.')
+    kernels.check_kernel('LSHSelfAttention', self.kernel)
     for name in ('n_heads', 'd_qk', 'd_v', 'n_hashes', 'chunk_len', 'predict_mem_len'):
       check_int('LSHSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
