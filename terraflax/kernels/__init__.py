@@ -14,7 +14,7 @@ a shared home directory never runs a library built for another CPU. `$CXX`
 picks the compiler (default `c++`).
 
 When a kernel cannot be built (no compiler, or a compile error) `load`
-returns None, logs why once, and the layers use their XLA path: the
+returns False, logs why once, and the layers use their XLA path: the
 kernels are a speed-up, never a requirement. Layers choose per call (for
 instance `LSHSelfAttention(kernel='auto' | 'xla' | 'cpu')`), and nothing
 native is used off the CPU or while `xla_only()` is active (as
@@ -58,6 +58,9 @@ def native_allowed() -> bool:
   """Whether a layer traced now may call a native kernel: on the CPU, outside `xla_only`."""
   return not _XLA_ONLY.get() and jax.default_backend() == 'cpu'
 
+
+# The kernels' vector width: the sizes they take (widths, chunk lengths) are multiples of it.
+LANES = 16
 
 # A layer's `kernel` field: 'auto' takes the native kernel where it applies, else XLA;
 # 'xla' always XLA; 'cpu' the native kernel or an error naming what prevents it.

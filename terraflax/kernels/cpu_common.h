@@ -260,4 +260,13 @@ T* sized(std::vector<T>& v, int64_t n) {
 
 }  // namespace terraflax
 
+// Lets XLA infer a handler's binding from its signature (XLA_FFI_DEFINE_HANDLER_SYMBOL
+// without a binding) when it takes the intra-op thread pool.
+namespace xla::ffi {
+template <>
+struct CtxBinding<ThreadPool> {
+  using Ctx = ThreadPool;
+};
+}  // namespace xla::ffi
+
 #endif  // TERRAFLAX_KERNELS_CPU_COMMON_H_

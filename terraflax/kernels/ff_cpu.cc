@@ -198,17 +198,26 @@ ffi::Error forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x,
   return ffi::Error::Success();
 }
 
+// The calls' attributes.
+struct ForwardOptions {
+  int64_t activation;
+};
+struct BackwardOptions {
+  int64_t activation;
+  bool recompute;  // h is a placeholder: recompute it from x
+};
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
                    ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t activation) {
-  return forward(pool, x, w1, b1, w2, b2, y->typed_data(), nullptr, activation);
+                   ffi::ResultBuffer<ffi::F32> y, ForwardOptions options) {
+  return forward(pool, x, w1, b1, w2, b2, y->typed_data(), nullptr, options.activation);
 }
 
 ffi::Error ForwardHidden(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
                          ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2,
                          ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> y,
-                         ffi::ResultBuffer<ffi::F32> h, int64_t activation) {
-  return forward(pool, x, w1, b1, w2, b2, y->typed_data(), h->typed_data(), activation);
+                         ffi::ResultBuffer<ffi::F32> h, ForwardOptions options) {
+  return forward(pool, x, w1, b1, w2, b2, y->typed_data(), h->typed_data(), options.activation);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h,
@@ -216,7 +225,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dw1, ffi::ResultBuffer<ffi::F32> db1,
                     ffi::ResultBuffer<ffi::F32> dw2, ffi::ResultBuffer<ffi::F32> db2,
-                    int64_t activation, bool recompute) {
+                    BackwardOptions options) {
+  const int64_t activation = options.activation;
+  const bool recompute = options.recompute;
   Sizes s;
   ffi::Error error = sizes_of(x, w1, w2, s);
   if (error.failure()) return error;
@@ -295,42 +306,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(ForwardOptions, ffi::StructMember<int64_t>("activation"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(BackwardOptions, ffi::StructMember<int64_t>("activation"),
+                                      ffi::StructMember<bool>("recompute"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfForwardHidden, ForwardHidden,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation")
-                                  .Attr<bool>("recompute"));
+// Bindings inferred from the signatures above.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfForward, Forward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfForwardHidden, ForwardHidden);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxFfBackward, Backward);

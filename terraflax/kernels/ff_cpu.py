@@ -23,7 +23,6 @@ FORWARD = 'TerraflaxFfForward'
 FORWARD_HIDDEN = 'TerraflaxFfForwardHidden'
 BACKWARD = 'TerraflaxFfBackward'
 ACTIVATIONS = {'relu': 0, 'fast_gelu': 1}  # fast_gelu: the tanh approximation
-LANES = 16
 
 
 def available() -> bool:
@@ -35,8 +34,8 @@ def unsupported(*, d_in: int, d_ff: int, d_out: int, activation) -> str | None:
   """Why the kernel cannot run these sizes and activation, or None if it can."""
   if activation not in ACTIVATIONS:
     return f'activation {activation!r} is not one of {tuple(ACTIVATIONS)}'
-  if d_in % LANES or d_ff % LANES or d_out % LANES:
-    return f'widths must be multiples of {LANES}, got {d_in}, {d_ff}, {d_out}'
+  if d_in % kernels.LANES or d_ff % kernels.LANES or d_out % kernels.LANES:
+    return f'widths must be multiples of {kernels.LANES}, got {d_in}, {d_ff}, {d_out}'
   return None
 
 

@@ -426,23 +426,28 @@ void backward_unit(const Spec& s, const float* qv, const int32_t* perm, const fl
 
 // ---------------------------------------------------------------- handlers
 
+// The calls' attributes (lsh_cpu.Spec on the Python side).
+struct Window {
+  int64_t d_qk, length, chunk_len, n_chunks_before, n_chunks_after;
+  bool causal;
+};
+
 ffi::Error make_spec(const ffi::AnyBuffer::Dimensions& qv_dims,
-                     const ffi::AnyBuffer::Dimensions& perm_dims, int64_t d_qk, int64_t length,
-                     int64_t chunk_len, int64_t before, int64_t after, bool causal, Spec& s) {
+                     const ffi::AnyBuffer::Dimensions& perm_dims, const Window& a, Spec& s) {
   if (qv_dims.size() != 4 || perm_dims.size() != 4)
     return ffi::Error::InvalidArgument("lsh_cpu: qv and perm must have rank 4");
   s.b = qv_dims[0];
   s.big_l = qv_dims[1];
   s.h = qv_dims[2];
-  s.dk = d_qk;
-  s.dv = qv_dims[3] - d_qk;
+  s.dk = a.d_qk;
+  s.dv = qv_dims[3] - a.d_qk;
   s.n = perm_dims[2];
-  s.c = chunk_len;
-  s.before = before;
-  s.after = after;
-  s.width = before + 1 + after;
-  s.length = length;
-  s.causal = causal;
+  s.c = a.chunk_len;
+  s.before = a.n_chunks_before;
+  s.after = a.n_chunks_after;
+  s.width = s.before + 1 + s.after;
+  s.length = a.length;
+  s.causal = a.causal;
   if (perm_dims[0] != s.b || perm_dims[1] != s.h || perm_dims[3] != s.big_l)
     return ffi::Error::InvalidArgument("lsh_cpu: perm must be (b, h, n, L) for qv (b, L, h, k + e)");
   if (s.c <= 0 || s.big_l % s.c || s.c % kLanes || s.dk % kLanes || s.dv <= 0 ||
@@ -457,11 +462,9 @@ ffi::Error make_spec(const ffi::AnyBuffer::Dimensions& qv_dims,
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<ffi::S32> perm,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                   int64_t d_qk, int64_t length, int64_t chunk_len, int64_t n_chunks_before,
-                   int64_t n_chunks_after, bool causal) {
+                   Window window) {
   Spec s;
-  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), d_qk, length, chunk_len,
-                               n_chunks_before, n_chunks_after, causal, s);
+  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), window, s);
   if (error.failure()) return error;
   const float* qv_data = qv.typed_data();
   const int32_t* perm_data = perm.typed_data();
@@ -475,12 +478,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<f
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<ffi::S32> perm,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_qv, int64_t d_qk,
-                    int64_t length, int64_t chunk_len, int64_t n_chunks_before,
-                    int64_t n_chunks_after, bool causal) {
+                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_qv,
+                    Window window) {
   Spec s;
-  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), d_qk, length, chunk_len,
-                               n_chunks_before, n_chunks_after, causal, s);
+  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), window, s);
   if (error.failure()) return error;
   const float* qv_data = qv.typed_data();
   const int32_t* perm_data = perm.typed_data();
@@ -496,32 +497,13 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxLshForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("d_qk")
-                                  .Attr<int64_t>("length")
-                                  .Attr<int64_t>("chunk_len")
-                                  .Attr<int64_t>("n_chunks_before")
-                                  .Attr<int64_t>("n_chunks_after")
-                                  .Attr<bool>("causal"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Window, ffi::StructMember<int64_t>("d_qk"),
+                                      ffi::StructMember<int64_t>("length"),
+                                      ffi::StructMember<int64_t>("chunk_len"),
+                                      ffi::StructMember<int64_t>("n_chunks_before"),
+                                      ffi::StructMember<int64_t>("n_chunks_after"),
+                                      ffi::StructMember<bool>("causal"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxLshBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("d_qk")
-                                  .Attr<int64_t>("length")
-                                  .Attr<int64_t>("chunk_len")
-                                  .Attr<int64_t>("n_chunks_before")
-                                  .Attr<int64_t>("n_chunks_after")
-                                  .Attr<bool>("causal"));
+// Bindings inferred from the signatures above.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxLshForward, Forward);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TerraflaxLshBackward, Backward);

@@ -28,7 +28,6 @@ from terraflax import kernels
 
 FORWARD = 'TerraflaxLshForward'
 BACKWARD = 'TerraflaxLshBackward'
-LANES = 16  # chunk_len, d_qk and d_v must be multiples of this
 
 
 class Spec(NamedTuple):
@@ -50,9 +49,9 @@ class Spec(NamedTuple):
 def unsupported(*, d_qk: int, d_v: int, padded_length: int, chunk_len: int,
                 n_chunks_before: int, n_chunks_after: int) -> str | None:
   """Why the kernel cannot run this configuration, or None if it can."""
-  if chunk_len % LANES or d_qk % LANES or d_v % LANES:
-    return (f'chunk_len, d_qk and d_v must be multiples of {LANES}, got {chunk_len}, {d_qk}, '
-            f'{d_v}')
+  if chunk_len % kernels.LANES or d_qk % kernels.LANES or d_v % kernels.LANES:
+    return (f'chunk_len, d_qk and d_v must be multiples of {kernels.LANES}, got {chunk_len}, '
+            f'{d_qk}, {d_v}')
   if padded_length // chunk_len < n_chunks_before + 1 + n_chunks_after:
     return (f'the {padded_length // chunk_len} chunks are fewer than the '
             f'{n_chunks_before + 1 + n_chunks_after} window slots')

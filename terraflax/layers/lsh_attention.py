@@ -414,8 +414,8 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
 
   # Sort each round by (bucket, position).
   perm = lax.stop_gradient(_sort_rounds(buckets, n_bucket_ids))
-  if _cpu_kernel_applies(kernel, dtype=qv.dtype, d_qk=d_k, d_v=d_v, padded_length=big_l, chunk_len=c,
-                         n_chunks_before=before, n_chunks_after=after,
+  if _cpu_kernel_applies(kernel, dtype=qv.dtype, d_qk=d_k, d_v=d_v, padded_length=big_l,
+                         chunk_len=c, n_chunks_before=before, n_chunks_after=after,
                          dropout_rate=dropout_rate, rounds_joined=rounds_joined):
     return lsh_cpu.attend(qv, perm, d_qk=d_k, length=length, chunk_len=c,
                           n_chunks_before=before, n_chunks_after=after, causal=causal)
@@ -426,7 +426,7 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   flat_row = ((batch * h + head) * n + rounds) * big_l  # start of (b, head, round), sorted
   inv = jnp.zeros((b * h * n * big_l,), jnp.int32).at[(flat_row + perm).reshape(-1)].set(
       iota.reshape(-1), unique_indices=True).reshape(buckets.shape)
-  perm, inv = lax.stop_gradient(perm), lax.stop_gradient(inv)
+  inv = lax.stop_gradient(inv)
 
   # Sorted copy of [q, v] for every round: row (b, p, head) of the (b, L, h)
   # table goes to (b, head, round, inv).
