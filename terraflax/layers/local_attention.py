@@ -81,7 +81,7 @@ class LocalSelfAttention(Layer, kw_only=True):
     n_heads, d_qk, d_v: heads and per-head widths.
     chunk_len, n_chunks_before, n_chunks_after: the window of each chunk.
     causal: mask keys after the query.
-    attention_dropout: dropout on the attention weights in 'train' mode.
+    dropout: dropout on the attention weights in 'train' mode.
     mode: 'train' | 'eval' | 'predict'. Predict decodes causally with a
       key/value ring buffer holding the window, `chunk_len * (n_chunks_before
       + 1)` positions: the same keys that the chunked forward pass shows a
@@ -97,7 +97,7 @@ class LocalSelfAttention(Layer, kw_only=True):
   n_chunks_before: int = 1
   n_chunks_after: int = 0
   causal: bool = True
-  attention_dropout: float = 0.0
+  dropout: float = 0.0
   mode: str = 'train'
   dtype: Any = None
 
@@ -107,7 +107,7 @@ class LocalSelfAttention(Layer, kw_only=True):
       check_int('LocalSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
       check_int('LocalSelfAttention', name, getattr(self, name), minimum=0)
-    check_rate('LocalSelfAttention', 'attention_dropout', self.attention_dropout)
+    check_rate('LocalSelfAttention', 'dropout', self.dropout)
     if self.mode == 'predict' and not self.causal:
       raise ValueError("LocalSelfAttention mode='predict' decodes causally; set causal=True.")
     super().__post_init__()
@@ -133,7 +133,7 @@ class LocalSelfAttention(Layer, kw_only=True):
     if self.mode == 'predict':
       o = self._decode(q, k, v)
     else:
-      rate = self.attention_dropout if self.mode == 'train' else 0.0
+      rate = self.dropout if self.mode == 'train' else 0.0
       o = local_attend(q, k, v, length=length, chunk_len=self.chunk_len,
                        n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
                        causal=self.causal, dropout_rate=rate,

@@ -518,7 +518,7 @@ class LSHSelfAttention(Layer, kw_only=True):
     chunk_len, n_chunks_before, n_chunks_after: the sorted sequence is cut
       into chunks of `chunk_len`; each attends to itself and its neighbours.
     causal: mask keys after the query (by original position).
-    attention_dropout: dropout on the attention weights in 'train' mode; the
+    dropout: dropout on the attention weights in 'train' mode; the
       mask is shared across batch and heads.
     mode: 'train' | 'eval' | 'predict'. Train and eval draw fresh rotations
       from the `hash` rng stream on every call. Predict decodes incrementally
@@ -561,7 +561,7 @@ class LSHSelfAttention(Layer, kw_only=True):
   n_chunks_before: int = 1
   n_chunks_after: int = 0
   causal: bool = False
-  attention_dropout: float = 0.0
+  dropout: float = 0.0
   mode: str = 'train'
   predict_mem_len: int = 2048
   dtype: Any = None
@@ -581,7 +581,7 @@ class LSHSelfAttention(Layer, kw_only=True):
       check_int('LSHSelfAttention', name, getattr(self, name), minimum=0)
     if self.n_buckets is not None:
       lsh_hashing.bucket_factors(self.n_buckets, 'LSHSelfAttention n_buckets')
-    check_rate('LSHSelfAttention', 'attention_dropout', self.attention_dropout)
+    check_rate('LSHSelfAttention', 'dropout', self.dropout)
     if self.mode == 'predict':
       if not self.causal:
         raise ValueError("LSHSelfAttention mode='predict' decodes causally; set causal=True.")
@@ -638,7 +638,7 @@ class LSHSelfAttention(Layer, kw_only=True):
     buckets = lax.stop_gradient(buckets)
     if self.sow_weights:
       self.sow('intermediates', 'buckets', buckets[..., :length])
-    rate = self.attention_dropout if self.mode == 'train' else 0.0
+    rate = self.dropout if self.mode == 'train' else 0.0
     o = lsh_attend_packed(
         qv, buckets, d_qk=self.d_qk, length=length, chunk_len=self.chunk_len,
         n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,

@@ -185,12 +185,12 @@ def SelfAttention(kind, *, causal, n_heads, d_qk, d_v, attention_dropout, n_hash
         n_heads=n_heads, d_qk=d_qk, d_v=d_v, chunk_len=pick(local_chunk_len, chunk_len),
         n_chunks_before=pick(local_n_chunks_before, n_chunks_before),
         n_chunks_after=pick(local_n_chunks_after, n_chunks_after), causal=causal,
-        attention_dropout=attention_dropout, mode=mode, dtype=dtype)
+        dropout=attention_dropout, mode=mode, dtype=dtype)
   if kind == 'lsh':
     return tl.LSHSelfAttention(
         n_heads=n_heads, d_qk=d_qk, d_v=d_v, n_hashes=n_hashes, n_buckets=n_buckets,
         chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-        causal=causal, attention_dropout=attention_dropout, mode=mode,
+        causal=causal, dropout=attention_dropout, mode=mode,
         predict_mem_len=predict_mem_len, dtype=dtype, convention=lsh_convention)
   full = dict(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=attention_dropout,
               chunk_len=chunk_len, mode=mode, dtype=dtype, use_bias=False)

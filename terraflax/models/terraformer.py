@@ -61,7 +61,7 @@ def _lsh_attention_kwargs(*, n_heads, dropout, chunk_len, max_len, mode, dtype):
   if chunk_len is not None:
     raise ValueError("attention_chunk_len (query chunking) does not apply to attention_type='lsh'; "
                      "set LSH's own chunk length with attention_options={'chunk_len': ...}.")
-  return dict(n_heads=n_heads, attention_dropout=dropout, causal=True, predict_mem_len=max_len,
+  return dict(n_heads=n_heads, dropout=dropout, causal=True, predict_mem_len=max_len,
               mode=mode, dtype=dtype)
 
 

@@ -100,7 +100,7 @@ def lsh_block(dropout=0.25):
       cb.ReversibleHalfResidual(
           tl.LayerNorm(),
           tl.LSHSelfAttention(n_heads=2, d_qk=2, d_v=2, n_hashes=2, n_buckets=4, chunk_len=4,
-                              causal=True, attention_dropout=dropout),
+                              causal=True, dropout=dropout),
           tl.Dropout(dropout)),
       cb.ReversibleSwap(),
       cb.ReversibleHalfResidual(tl.FeedForward(d_model=D, d_ff=8, dropout=dropout)),

@@ -393,7 +393,7 @@ class LayerTest(parameterized.TestCase):
 
   def test_train_mode_dropout(self):
     x, params = jax.random.normal(KEY, (1, 16, 12)), {'params': make_params()}
-    train = make_layer(mode='train', attention_dropout=0.5)
+    train = make_layer(mode='train', dropout=0.5)
     run = jax.jit(lambda seed: train.apply(
         params, x, rngs={'hash': KEY, 'dropout': jax.random.key(seed)}))
     np.testing.assert_array_equal(run(1), run(1))
@@ -423,8 +423,8 @@ class LayerTest(parameterized.TestCase):
       make_layer(mode='predict', causal=True, predict_mem_len=4)
     with self.assertRaisesRegex(ValueError, 'chunk_len must be a positive int'):
       make_layer(chunk_len=0)
-    with self.assertRaisesRegex(ValueError, 'attention_dropout'):
-      make_layer(attention_dropout=1.0)
+    with self.assertRaisesRegex(ValueError, 'dropout'):
+      make_layer(dropout=1.0)
     with self.assertRaises(TypeError):
       tl.LSHSelfAttention(2)  # pylint: disable=too-many-function-args
     x = jnp.ones((1, 8, 12))
