@@ -16,7 +16,6 @@ for decoding.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -26,25 +25,16 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from terraflax import workdir as workdir_lib
 from terraflax.train import config as config_lib
 from terraflax.train import data as data_lib
 
-CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-
-
-def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
-  """An orbax CheckpointManager over `WORKDIR/checkpoints`, keeping the last `keep`."""
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('params', 'opt_state', 'train', 'data'))
+checkpoint_dir = workdir_lib.checkpoint_dir
+make_manager = workdir_lib.make_manager
+write_config = workdir_lib.write_config
+read_config = workdir_lib.read_config
+save_params = workdir_lib.save_params
+CHECKPOINT_DIR, CONFIG_FILE = workdir_lib.CHECKPOINT_DIR, workdir_lib.CONFIG_FILE
 
 
 def abstract_like(tree: Any) -> Any:
@@ -74,29 +64,6 @@ def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state, tra
   return restored['params'], restored['opt_state'], restored['train'], restored['data']
 
 
-def save_params(workdir: str, step: int, params) -> None:
-  """A checkpoint of `params` alone at `step`, written before returning (`load_for_inference`
-  reads it): how models made outside the trainer (converted ones) become workdirs."""
-  manager = make_manager(workdir, async_save=False)
-  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-  manager.wait_until_finished()
-  manager.close()
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """`WORKDIR/config.json`: the resolved config (defaults filled in)."""
-  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir!r} is not a terraflax workdir.')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def load_for_inference(workdir: str, step: int | None = None):
   """(config, params) of the latest (or the given) checkpoint in `workdir`.
 
@@ -104,11 +71,7 @@ def load_for_inference(workdir: str, step: int | None = None):
   then restores just the `params` item onto the default device. The model for
   decoding is `model_from_config(config, 'predict')`.
   """
-  config = read_config(workdir)
-  manager = make_manager(workdir, read_only=True, async_save=False)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{checkpoint_dir(workdir)} holds no checkpoint.')
+  config = workdir_lib.read_config(workdir)
   model = model_from_config(config, 'eval')
   zeros = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
   tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros},
@@ -116,13 +79,8 @@ def load_for_inference(workdir: str, step: int | None = None):
   key = jax.eval_shape(jax.random.key, 0)
   rngs = {s: key for s in config_lib.RNG_STREAMS}
   abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, *tokens))['params']
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(target)))
-  manager.close()
-  return config, restored['params']
+  _, params, _ = workdir_lib.load_params(workdir, step, abstract)
+  return config, params
 
 
 class InitFromError(ValueError):
