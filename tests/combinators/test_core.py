@@ -269,6 +269,14 @@ class SharingAndJitTest(absltest.TestCase):
     chex.assert_trees_all_close(jax.jit(model.apply)(variables, x), model.apply(variables, x),
                                 rtol=1e-6, atol=1e-6)
 
+  def test_every_layer_call_runs_in_a_named_scope_of_its_path(self):
+    model = cb.Serial(tl.Dense(8), cb.Residual(tl.LayerNorm(), tl.Dense(8)), tl.Relu())
+    x = jax.random.normal(KEY, (3, 5))
+    variables = model.init(KEY, x)
+    text = jax.jit(model.apply).lower(variables, x).as_text(debug_info=True)
+    for scope in ('Dense_0/', 'Residual_1/LayerNorm_0/', 'Residual_1/Dense_1/', 'Relu_2/'):
+      self.assertIn(scope, text)
+
   def test_clone_keeps_structure(self):
     model = cb.Serial(tl.Dense(2), cb.Select([0, 0]), cb.Add(), cb.Residual(tl.Dense(2)))
     clone = model.clone()
