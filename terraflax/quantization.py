@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from terraflax.combinators.scan import RNG_STREAMS
 from terraflax.layers.core import Dense, Embedding, lift_to
+from terraflax.rng import stream_keys
 
 QMAX = 127
 DENSE, EMBEDDING = 'dense', 'embedding'
@@ -87,8 +87,7 @@ def find_quantizable(model, *inputs, **apply_kwargs) -> dict[tuple[str, ...], st
       found[_module_path(context.module)] = EMBEDDING
     return next_fun(*args, **kwargs)
 
-  key = jax.random.key(0)
-  rngs = {s: key for s in RNG_STREAMS}
+  rngs = stream_keys(jax.random.key(0))
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init(rngs, *inputs, **apply_kwargs))
   return found

@@ -10,7 +10,10 @@ Layers run over a data stack whose top is the first item. A layer takes its
   Select([0, 0, 1])                on stack [a, b]         gives [a, a, b]
 
 Constructors take layers positionally; nested lists are flattened and `None`
-is skipped (in `Parallel`/`Branch`, `None` is the identity on one item).
+is skipped. In `Parallel`/`Branch` each argument is one child: a list is its
+`Serial`, and `None` or `[]` is the identity on one item (not a layer that
+takes nothing, which would shift the other children's inputs); so is a
+`Residual` shortcut of `None` or `[]`.
 """
 
 from __future__ import annotations
@@ -102,27 +105,40 @@ class Serial(_LayersFields):
     return as_return(run_serial(self.layers, check_inputs(self, inputs)))
 
 
-def _identity_for_none(layers):
-  flat = []
+def _as_one_layer(items):
+  """A list of layers as one layer: its only layer, its `Serial`, or None if empty."""
+  flat = flatten_layers(items)
+  if not flat:
+    return None
+  return flat[0] if len(flat) == 1 else Serial(*flat)
+
+
+def _one_item_children(layers):
+  """Parallel/Branch children: a list is its `Serial` (or its only layer).
+
+  `None` and an empty list are the identity on one item (`Select([0])`), as
+  in Trax: an empty `Serial` would take and give nothing, shifting the other
+  children onto different inputs.
+  """
+  children = []
   for layer in layers:
     if isinstance(layer, (list, tuple)):
-      flat.append(Serial(*layer) if len(flatten_layers(layer)) != 1 else flatten_layers(layer)[0])
-    else:
-      flat.append(Select([0]) if layer is None else layer)
-  return flat
+      layer = _as_one_layer(layer)
+    children.append(Select([0]) if layer is None else layer)
+  return children
 
 
 class Parallel(_LayersFields):
   """Runs each layer on its own slice of the stack.
 
   F 1->1, G 3->1 on [a, b, c, d] gives [F(a), G(b, c, d)]; n_in and n_out are
-  the sums of the children's. A list argument becomes a `Serial`; `None` is
-  the identity on one item.
+  the sums of the children's. A list argument becomes a `Serial`; `None` and
+  `[]` are the identity on one item: Parallel([], F) on [a, b] gives [a, F(b)].
   """
 
   def __init__(self, *layers, **kwargs):
     if 'layers' not in kwargs:
-      layers = _identity_for_none(layers)
+      layers = _one_item_children(layers)
     _layers_init(Parallel, self, layers, kwargs)
 
   @property
@@ -147,12 +163,13 @@ class Branch(_LayersFields):
 
   F 1->1, G 2->1 on [a, b] gives [F(a), G(a, b)]. n_in is the largest child
   n_in (all of those inputs are consumed), n_out the sum. A list argument
-  becomes a `Serial`; `None` is the identity on the top item.
+  becomes a `Serial`; `None` and `[]` are the identity on the top item:
+  Branch([], Dup()) on [a] gives [a, a, a].
   """
 
   def __init__(self, *layers, **kwargs):
     if 'layers' not in kwargs:
-      layers = _identity_for_none(layers)
+      layers = _one_item_children(layers)
     _layers_init(Branch, self, layers, kwargs)
 
   @property
@@ -178,11 +195,13 @@ class Residual(_ResidualFields):
   """Adds a shortcut to the first output of its layers run in serial.
 
   [x, ...] -> [shortcut(x) + layers(x, ...)[0], layers(x, ...)[1:]]; the
-  shortcut defaults to the identity on the top item. F 2->2 on [x, m] gives
-  [x + F(x, m)[0], F(x, m)[1]].
+  shortcut defaults to the identity on the top item (`None` or `[]`; a list
+  is run in serial). F 2->2 on [x, m] gives [x + F(x, m)[0], F(x, m)[1]].
   """
 
   def __init__(self, *layers, shortcut=None, **kwargs):
+    if isinstance(shortcut, (list, tuple)):
+      shortcut = _as_one_layer(shortcut)
     if 'layers' not in kwargs and shortcut is not None and shortcut.name is None:
       object.__setattr__(shortcut, 'name', 'shortcut')
     _layers_init(Residual, self, layers, dict(kwargs, shortcut=shortcut))

@@ -21,8 +21,8 @@ are a `lax.scan` over the blocks, so compile time and memory stay flat in n.
 
 Randomness is replayed exactly: layer number i of the stack (counting through
 the repeats) draws from `fold_in(make_rng(stream), i)` for every rng stream
-the caller gave (`dropout`, `hash`, `sparse`, ...), and its recomputation
-reuses the same keys.
+the caller gave (see `terraflax.rng.STREAMS`), and its recomputation reuses
+the same keys.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from terraflax.combinators.base import (
     label_of, layer_path, n_in_of, n_out_of)
 from terraflax.combinators.core import (
     Fn, _layers_init, run_serial, serial_n_in_n_out)
-from terraflax.combinators.scan import RNG_STREAMS, predict_unroll, stacked_axes
+from terraflax.combinators.scan import predict_unroll, stacked_axes
+from terraflax.rng import STREAMS
 
 
 def is_reversible(layer: Any) -> bool:
@@ -198,8 +199,8 @@ def _apply(program: _Program, t: Any, params: Any, rngs, inputs, method=None):
 def _ordered_rngs(program, keys, block, position, values):
   """The layer's keys, tied to `values` (its inputs) by an optimization barrier.
 
-  The tie pins each layer's random draws (dropout masks, LSH rotations) to the
-  point where its inputs exist, so XLA cannot draw every layer's bits up front
+  The tie pins each layer's random draws (dropout masks, any other noise) to
+  the point where its inputs exist, so XLA cannot draw every layer's bits up front
   or share them between the forward pass and the recomputation.
   """
   rngs = _layer_rngs(program, keys, block, position)
@@ -396,8 +397,8 @@ class ReversibleSerial(_ReversibleSerialFields):
   its gradients. `reversible=False` runs the same computation, with the same
   parameters and randomness, under plain autodiff (all activations stored).
   During `init`, when `cache` or `intermediates` is mutable (predict-mode
-  decoding, sown attention weights), or when given LSH rotations are passed
-  in the `lsh_rotations` collection, the layers simply run forward (scanned
+  decoding, sown attention weights), or when the caller passes any other
+  collection than `params`, the layers simply run forward (scanned
   with `nn.scan` like `Repeat`, caches stacked per block); their randomness is
   then Flax's own and differs from the training path's.
 
@@ -434,7 +435,7 @@ class ReversibleSerial(_ReversibleSerialFields):
 
   def _runs_forward_only(self) -> bool:
     # The pure (custom VJP) path carries parameters only: any other collection passed in
-    # (e.g. given LSH rotations) or written (caches, sown values) needs the flax forward.
+    # or written (caches, sown values) needs the flax forward.
     return (self.is_initializing() or self.is_mutable_collection('cache')
             or self.is_mutable_collection('intermediates')
             or bool(set(self.variables) - {'params'}))
@@ -450,7 +451,7 @@ class ReversibleSerial(_ReversibleSerialFields):
     scanned = nn.scan(
         body,
         variable_axes=stacked_axes(self),
-        split_rngs={stream: True for stream in RNG_STREAMS},
+        split_rngs={stream: True for stream in STREAMS},
         length=self.n_repeats,
         unroll=predict_unroll(self, self.n_repeats),
         metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -1,7 +1,8 @@
 """Scanned combinators: `Repeat` (a stack of identical layers) and `Chunk`.
 
 Both run their layer inside `nn.scan`, so the traced program holds the layer
-once: compile time does not grow with the number of repeats or chunks.
+once: compile time does not grow with the number of repeats or chunks. The
+rng streams they split are those of `terraflax.rng.STREAMS`.
 """
 
 from __future__ import annotations
@@ -13,28 +14,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from terraflax.rng import STREAMS
+
 from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, as_return, check_inputs, flatten_layers,
     label_of, n_in_of, n_out_of, name_children)
 from terraflax.combinators.core import (
     Serial, _layers_init, _LayersFields, run_serial, serial_n_in_n_out)
 
-# Every random stream a layer may draw from; each repeat gets its own split.
-RNG_STREAMS = ('params', 'dropout', 'hash', 'sparse')
-
-
-def rngs_for_streams(key: jax.Array) -> dict[str, jax.Array]:
-  """{stream: fold_in(key, i)} for every stream of RNG_STREAMS: the rngs of one apply."""
-  return {stream: jax.random.fold_in(key, i) for i, stream in enumerate(RNG_STREAMS)}
-
 
 def stacked_axes(module: nn.Module, broadcast: tuple[str, ...] = ()) -> dict[str, int]:
   """`nn.scan`'s variable_axes for a stack of copies: axis 0 for every collection.
 
   Parameters, predict-mode caches and sown values always; also any other
-  collection the caller passed in (e.g. given LSH rotations,
-  `lsh_attention.ROTATIONS_COLLECTION`), so that each copy reads its own
-  slice. `broadcast` names collections shared by every copy instead.
+  collection the caller passes in, so that each copy reads its own slice.
+  `broadcast` names collections shared by every copy instead.
   """
   names = {'params', 'cache', 'intermediates'} | set(module.variables)
   return {name: 0 for name in sorted(names - set(broadcast))}
@@ -121,14 +115,14 @@ class Repeat(_RepeatFields):
           body,
           variable_broadcast='params',
           variable_axes=stacked_axes(self, broadcast=('params',)),
-          split_rngs={stream: stream != 'params' for stream in RNG_STREAMS},
+          split_rngs={stream: stream != 'params' for stream in STREAMS},
           length=self.n,
           unroll=predict_unroll(self, self.n))
     else:
       scanned = nn.scan(
           body,
           variable_axes=stacked_axes(self),
-          split_rngs={stream: True for stream in RNG_STREAMS},
+          split_rngs={stream: True for stream in STREAMS},
           length=self.n,
           unroll=predict_unroll(self, self.n),
           metadata_params={nn.PARTITION_NAME: 'layers'})
@@ -197,7 +191,7 @@ class Chunk(_ChunkFields):
         nn.remat(body, prevent_cse=False),
         variable_broadcast='params',
         variable_axes={'intermediates': 0},
-        split_rngs={'params': False, 'dropout': True, 'hash': True, 'sparse': True},
+        split_rngs={stream: stream != 'params' for stream in STREAMS},
         length=n_chunks)
     _, outputs = scanned(self, None, tuple(to_chunks(x) for x in stack))
     return as_return([from_chunks(y) for y in outputs])

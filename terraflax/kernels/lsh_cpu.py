@@ -1,7 +1,7 @@
 """LSH attention's sorted chunk windows as one native CPU kernel (lsh_cpu.cc).
 
-`attend(qv, perm, ...)` computes what `lsh_attention.lsh_attend_packed`'s
-XLA path computes after sorting, for the terraflax convention without
+`attend(qv, perm, ...)` computes what `lsh_core.attend_sorted` (the XLA path
+of `lsh_attention.lsh_attend`) computes, for the terraflax convention without
 dropout: every round's sorted chunks attend to their windows (shared-QK,
 causal and padding masks, the self logit, repeated meetings discounted) and
 the rounds are combined by their log-sum-exp weights. Its gradient is a

@@ -7,7 +7,8 @@ from typing import Callable
 import jax.numpy as jnp
 
 from terraflax import kernels
-from terraflax.combinators.base import check_inputs, check_mode
+from terraflax.combinators.base import (
+    LayerError, check_inputs, check_mode, flatten_layers, label_of, name_children)
 from terraflax.combinators.core import _layers_init
 from terraflax.combinators.scan import Chunk, _ChunkFields
 from terraflax.kernels import ff_cpu
@@ -17,9 +18,14 @@ from terraflax.layers.core import Dense, Dropout, FastGelu, LayerNorm, Relu
 NATIVE_ACTIVATIONS = {Relu: 'relu', FastGelu: 'fast_gelu'}
 
 
+# The sub-layers the native path reads, by role; the others are the activation and Dropouts.
+ROLES = ('norm', 'first', 'second')
+
+
 class _FeedForwardFields(_ChunkFields):
   activation_name: str | None = None  # a key of ff_cpu.ACTIVATIONS, or None: XLA only
   kernel: str = 'auto'
+  roles: tuple[tuple[str, str], ...] = ()  # (role, child name) for every role of ROLES
 
 
 class FeedForwardBlock(_FeedForwardFields, Chunk):
@@ -31,29 +37,55 @@ class FeedForwardBlock(_FeedForwardFields, Chunk):
   one kernel (`terraflax.kernels.ff_cpu`) on the same parameters; otherwise
   (or with kernel='xla') the layers run as a `Chunk`. kernel='cpu' requires
   the kernel and says what prevents it.
+
+  `roles` maps 'norm', 'first' and 'second' (the LayerNorm and the two Dense
+  layers) to children (instances, or their names), so the native path finds
+  them by name whatever their order; besides those, the block may hold only
+  Dropouts and the one activation layer that `activation_name` names, or it
+  runs on XLA.
   """
 
-  def __init__(self, *layers, **kwargs):
-    _layers_init(FeedForwardBlock, self, layers, kwargs)
+  def __init__(self, *layers, roles=(), **kwargs):
+    children = flatten_layers(kwargs.get('layers', layers))
+    name_children(children, 'FeedForwardBlock')  # So that roles given as instances have names.
+    roles = tuple((role, child if isinstance(child, str) else child.name)
+                  for role, child in dict(roles).items())
+    _layers_init(FeedForwardBlock, self, layers, dict(kwargs, roles=roles))
     kernels.check_kernel('FeedForward', self.kernel)
+    names = [child.name for child in self.layers]
+    if sorted(dict(roles)) != sorted(ROLES) or any(n not in names for _, n in roles):
+      raise LayerError(
+          f'FeedForwardBlock roles must map each of {ROLES} to one of its layers {names}, '
+          f'got {dict(roles)}.')
+
+  def _role(self, role: str):
+    name = dict(self.roles)[role]
+    return next(child for child in self.layers if child.name == name)
 
   def __call__(self, *inputs):
     stack = check_inputs(self, inputs)
     if not self._runs_native(stack[0]):
       return super().__call__(*inputs)
-    norm, first, _, _, second, _ = self.layers
+    first, second = self._role('first'), self._role('second')
     p1, p2 = first.variables['params'], second.variables['params']
-    return ff_cpu.feed_forward(norm(stack[0]), p1['kernel'], p1['bias'], p2['kernel'],
-                               p2['bias'], activation=self.activation_name,
+    return ff_cpu.feed_forward(self._role('norm')(stack[0]), p1['kernel'], p1['bias'],
+                               p2['kernel'], p2['bias'], activation=self.activation_name,
                                save_hidden=self.chunk_len is None)
 
   def _runs_native(self, x) -> bool:
     if self.kernel == 'xla' or self.is_initializing():
       return False
-    _, first, _, drop, second, _ = self.layers
+    first, second = self._role('first'), self._role('second')
+    role_names = set(dict(self.roles).values())
+    others = [child for child in self.layers
+              if child.name not in role_names and not isinstance(child, Dropout)]
     if self.activation_name is None:
       why_not = 'its activation is not one the kernel computes (Relu, FastGelu)'
-    elif drop.mode == 'train' and drop.rate > 0:
+    elif len(others) != 1:
+      why_not = (f'besides its LayerNorm, Dense layers and Dropouts it must hold one '
+                 f'activation, got {[label_of(child) for child in others]}')
+    elif any(isinstance(child, Dropout) and child.mode == 'train' and child.rate > 0
+             for child in self.layers):
       why_not = 'dropout in training runs on XLA only'
     elif not (first.use_bias and second.use_bias):
       why_not = 'the kernel adds both biases'
@@ -80,12 +112,14 @@ def FeedForward(*, d_model: int, d_ff: int, dropout: float = 0.0,  # pylint: dis
   implementation (see `FeedForwardBlock`); both compute the same function.
   """
   check_mode(mode, 'FeedForward mode')
+  norm, first, second = LayerNorm(), Dense(d_ff, dtype=dtype), Dense(d_model, dtype=dtype)
   return FeedForwardBlock(
-      LayerNorm(),
-      Dense(d_ff, dtype=dtype),
+      norm,
+      first,
       activation(),
       Dropout(dropout, mode=mode),
-      Dense(d_model, dtype=dtype),
+      second,
       Dropout(dropout, mode=mode),
-      chunk_len=chunk_len, label='FeedForward',
+      chunk_len=chunk_len, label='FeedForward', roles={'norm': norm, 'first': first,
+                                                       'second': second},
       activation_name=NATIVE_ACTIVATIONS.get(activation), kernel=kernel)

@@ -109,6 +109,22 @@ class ParallelBranchTest(parameterized.TestCase):
     self.assertEqual((layer.n_in, layer.n_out), (3, 4))
     self.assertEqual(values(run(layer, *map(scalar, [1, 2, 3]))), [1.0, 4.0, 3.0, 6.0])
 
+  def test_parallel_empty_list_is_identity_on_one_item(self):
+    layer = cb.Parallel([], AddOne())  # [a, b] -> [a, b+1], as with None
+    self.assertEqual((layer.n_in, layer.n_out), (2, 2))
+    self.assertEqual(values(run(layer, scalar(1), scalar(5))), [1.0, 6.0])
+    layer = cb.Parallel(AddOne(), [None], Digits2())  # [a, b, c, d] -> [a+1, b, 10c+d]
+    self.assertEqual((layer.n_in, layer.n_out), (4, 3))
+    self.assertEqual(values(run(layer, *map(scalar, [1, 2, 3, 4]))), [2.0, 2.0, 34.0])
+
+  def test_branch_empty_list_is_identity_on_top_item(self):
+    layer = cb.Branch([], cb.Dup())  # [a] -> [a, a, a]
+    self.assertEqual((layer.n_in, layer.n_out), (1, 3))
+    self.assertEqual(values(run(layer, scalar(3))), [3.0, 3.0, 3.0])
+    layer = cb.Branch(Digits2(), [])  # [a, b] -> [10a+b, a]
+    self.assertEqual((layer.n_in, layer.n_out), (2, 2))
+    self.assertEqual(values(run(layer, scalar(1), scalar(2))), [12.0, 1.0])
+
   def test_branch_copies_inputs(self):
     layer = cb.Branch(AddOne(), Digits2())  # [a, b] -> [a+1, 10a+b]
     self.assertEqual((layer.n_in, layer.n_out), (2, 2))
@@ -139,6 +155,18 @@ class ResidualSelectTest(parameterized.TestCase):
   def test_residual_shortcut(self):
     layer = cb.Residual(AddOne(), shortcut=cb.Fn('Neg', lambda x: -x))
     self.assertEqual(values(run(layer, scalar(5))), [1.0])
+
+  def test_residual_empty_list_shortcut_is_identity(self):
+    layer = cb.Residual(AddOne(), shortcut=[])  # [x] -> [x + (x+1)], as with None
+    self.assertEqual(values(run(layer, scalar(5))), [11.0])
+    layer = cb.Residual(AddOne(), shortcut=[AddOne(), AddOne()])  # [x] -> [(x+2) + (x+1)]
+    self.assertEqual(values(run(layer, scalar(5))), [13.0])
+
+  def test_empty_lists_in_serial_and_residual_layers_change_nothing(self):
+    self.assertEqual(values(run(cb.Serial([], Digits2(), []), scalar(1), scalar(2))), [12.0])
+    layer = cb.Residual([], AddOne(), [])
+    self.assertEqual((layer.n_in, layer.n_out), (1, 1))
+    self.assertEqual(values(run(layer, scalar(5))), [11.0])
 
   @parameterized.named_parameters(
       ('copy', [0, 0, 1], None, [1, 1, 2]),
@@ -240,6 +268,14 @@ class SharingAndJitTest(absltest.TestCase):
     variables = model.init(KEY, x)
     chex.assert_trees_all_close(jax.jit(model.apply)(variables, x), model.apply(variables, x),
                                 rtol=1e-6, atol=1e-6)
+
+  def test_every_layer_call_runs_in_a_named_scope_of_its_path(self):
+    model = cb.Serial(tl.Dense(8), cb.Residual(tl.LayerNorm(), tl.Dense(8)), tl.Relu())
+    x = jax.random.normal(KEY, (3, 5))
+    variables = model.init(KEY, x)
+    text = jax.jit(model.apply).lower(variables, x).as_text(debug_info=True)
+    for scope in ('Dense_0/', 'Residual_1/LayerNorm_0/', 'Residual_1/Dense_1/', 'Relu_2/'):
+      self.assertIn(scope, text)
 
   def test_clone_keeps_structure(self):
     model = cb.Serial(tl.Dense(2), cb.Select([0, 0]), cb.Add(), cb.Residual(tl.Dense(2)))

@@ -1,14 +1,26 @@
 """Repeat equals the unrolled stack; Chunk equals the unchunked layer."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl.testing import absltest, parameterized
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from terraflax import rng
 
 KEY = jax.random.key(0)
+
+
+class Noise(cb.Layer):
+  """[x] -> [x + uniform noise drawn from the rng stream `stream`]."""
+
+  stream: str = 'dropout'
+
+  @nn.compact
+  def __call__(self, x):
+    return x + jax.random.uniform(self.make_rng(self.stream), x.shape)
 
 
 def block():
@@ -119,6 +131,13 @@ class ChunkTest(parameterized.TestCase):
     chex.assert_trees_all_close(relu, jax.nn.relu(x @ kernel + bias[None, None]), rtol=1e-5,
                                 atol=1e-6)
     chex.assert_trees_all_close(tanh, jnp.tanh(x), rtol=1e-6)
+
+  @parameterized.parameters(*rng.NOISE_STREAMS)
+  def test_every_noise_stream_is_split_per_chunk(self, stream):
+    layer = cb.Chunk(Noise(stream=stream), chunk_len=2)
+    out = layer.apply({}, jnp.zeros((1, 6, 3)), rngs={stream: KEY})
+    first, second, third = out[:, 0:2], out[:, 2:4], out[:, 4:6]
+    self.assertFalse(jnp.allclose(first, second) or jnp.allclose(second, third))
 
   def test_rejects_bad_chunk_len(self):
     with self.assertRaisesRegex(cb.LayerError, 'chunk_len >= 1 or None'):

@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
+from terraflax.layers.core import project_heads
 
 KEY = jax.random.key(0)
 
@@ -42,6 +43,16 @@ class DenseEmbeddingTest(absltest.TestCase):
     x = jax.random.normal(KEY, (2, 4))
     np.testing.assert_allclose(layer.apply(variables, x, method='attend'), f64(x) @ table.T,
                                rtol=1e-5, atol=1e-6)
+
+  def test_projection_gradient(self):
+    x = jax.random.normal(KEY, (2, 5, 6))
+    w = jax.random.normal(jax.random.key(1), (6, 3, 4))
+    d_y = jax.random.normal(jax.random.key(2), (2, 5, 3, 4))
+    got = jax.vjp(project_heads, x, w)[1](d_y)
+    expected = (np.einsum('blhk,dhk->bld', f64(d_y), f64(w)),
+                np.einsum('bld,blhk->dhk', f64(x), f64(d_y)))
+    for g, e in zip(got, expected):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
 class NormTest(absltest.TestCase):

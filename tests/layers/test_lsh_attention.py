@@ -14,8 +14,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
-from terraflax.layers import lsh_attention, lsh_hashing
-from terraflax.layers.lsh_attention import _hash_heads, _project, lsh_attend
+from terraflax.layers import lsh_core, lsh_hashing
+from terraflax.layers.lsh_attention import _hash_heads, lsh_attend
 
 KEY = jax.random.key(0)
 
@@ -271,16 +271,6 @@ class CoreTest(parameterized.TestCase):
         np.testing.assert_allclose(jnp.sum(grads[i] * direction), numeric, rtol=1e-7)
       self.assertNotAlmostEqual(float(f(q, v)), float(f(q, v, 0.0)), places=3)
 
-  def test_projection_gradient(self):
-    x = jax.random.normal(KEY, (2, 5, 6))
-    w = jax.random.normal(jax.random.key(1), (6, 3, 4))
-    d_y = jax.random.normal(jax.random.key(2), (2, 5, 3, 4))
-    got = jax.vjp(_project, x, w)[1](d_y)
-    expected = (np.einsum('blhk,dhk->bld', f64(d_y), f64(w)),
-                np.einsum('bld,blhk->dhk', f64(x), f64(d_y)))
-    for g, e in zip(got, expected):
-      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-
   @parameterized.parameters(1, 2, 3)
   def test_several_blocks_per_round(self, block):
     """Loop steps of `block` chunks (as at long lengths): values and gradients unchanged.
@@ -300,8 +290,8 @@ class CoreTest(parameterized.TestCase):
 
     one_block = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(q, v)
     logits_per_chunk = c * c * 4
-    with mock.patch.object(lsh_attention, 'BLOCK_LOGITS', block * logits_per_chunk):
-      self.assertEqual(lsh_attention._block_chunks(6, c, 4), block)
+    with mock.patch.object(lsh_core, 'BLOCK_LOGITS', block * logits_per_chunk):
+      self.assertEqual(lsh_core._block_chunks(6, c, 4), block)
       grads, out = jax.jit(jax.grad(lambda q, v: loss(q, v), argnums=(0, 1), has_aux=True))(q, v)
     expected = reference_core(q, v, buckets[..., :length], length, c, 2, 1, True)
     np.testing.assert_allclose(out[:, :length], expected, rtol=2e-5, atol=2e-5)
