@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -134,6 +136,28 @@ class EvalOnlyTest(absltest.TestCase):
       eval_only.evaluate_checkpoint(make_config(**{'eval.only': True}),
                                  os.path.join(self.tmp.name, 'empty'))
     self.assertFalse(os.path.exists(os.path.join(self.tmp.name, 'empty')))
+
+  def test_command_line_scores_and_train_and_evaluate_refuses(self):
+    config_file = os.path.join(self.tmp.name, 'eval_config.py')
+    pathlib.Path(config_file).write_text(
+        'from tests.train.test_eval_only import make_config\n\n\n'
+        'def get_config():\n'
+        "  return make_config(**{'eval.only': True})\n")
+    results_file = os.path.join(self.workdir, eval_only.RESULTS_FILE)
+    n_results = len(self.results()) if os.path.exists(results_file) else 0
+    result = subprocess.run(
+        [sys.executable, '-m', 'terraflax.train', f'--config={config_file}',
+         f'--workdir={self.workdir}'], cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT)), capture_output=True,
+        text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn(f'eval-only, checkpoint 4 of {self.workdir}', result.stdout)
+    self.assertLen(self.results(), n_results + 1)
+    self.assertAlmostEqual(self.results()[-1]['eval/loss'], self.logged['eval/loss'], places=5)
+    before = snapshot(self.workdir)
+    with self.assertRaisesRegex(config_lib.ConfigError, r'config\.eval\.\* asks for an eval-only'):
+      trainer.train_and_evaluate(make_config(**{'eval.only': True}), self.workdir)
+    self.assertEqual(snapshot(self.workdir), before)
 
   def test_full_attention_model_has_no_lsh_form(self):
     config = make_config(**{'model.attention_type': 'full', 'eval.n_hashes': 4})
