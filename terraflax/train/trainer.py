@@ -213,9 +213,12 @@ def _set_up(config, workdir: str) -> _Run:
       experiment.spec.build('train'), tx, grad_accum_steps=t.grad_accum_steps,
       task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable)
   eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated)
-  return _Run(experiment, workdir, mesh, prepared.manager, writer, prepared.start,
-              prepared.state, prepared.pending,
-              jax.device_put(jnp.array(-1, jnp.int32), replicated), data_iter, train_step, eval_step, schedule, teacher_args, began)
+  return _Run(experiment=experiment, workdir=workdir, mesh=mesh, manager=prepared.manager,
+              writer=writer, start=prepared.start, state=prepared.state,
+              pending=prepared.pending,
+              health=jax.device_put(jnp.array(-1, jnp.int32), replicated), data_iter=data_iter,
+              train_step=train_step, eval_step=eval_step, schedule=schedule,
+              teacher_args=teacher_args, began=began)
 
 
 def _load_init_from(experiment: config_lib.Experiment):

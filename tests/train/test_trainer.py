@@ -155,6 +155,12 @@ class TrainerTest(absltest.TestCase):
     self.assertIsNone(steps.peak_flops(0, 'no-such-backend'))
     self.assertIsNone(steps.mfu(flops, 1.0, None))
 
+  def test_a_run_checks_the_config_fields_once(self):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+        mock.patch.object(config_lib, 'check_fields', wraps=config_lib.check_fields) as check:
+      trainer.train_and_evaluate(tiny_lm_config(**{'train.steps': 3}), os.path.join(tmp, 'run'))
+    self.assertEqual(check.call_count, 1)
+
   def test_crash_and_rerun_is_bit_identical(self):
     workdir = os.path.join(self.tmp.name, 'crashed')
     original = data_lib.Data.train_iterator
