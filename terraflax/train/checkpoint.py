@@ -16,7 +16,6 @@ for decoding.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
