@@ -20,15 +20,16 @@ import jax.numpy as jnp
 from terraflax import quantization as qz
 from terraflax.train import checkpoint
 from terraflax.train import config as config_lib
+from terraflax.train import evaluation
 from terraflax.train import trainer
 
 
 def evaluate(eval_step, params, batches):
-  sums = {name: 0.0 for name in trainer.SUM_KEYS}
+  sums = {name: 0.0 for name in evaluation.SUM_KEYS}
   for index, batch in enumerate(batches):
     for name, value in eval_step(params, batch, index).items():
       sums[name] += float(value)
-  return trainer.normalise(sums, 'eval')
+  return evaluation.normalise(sums, 'eval')
 
 
 def main():
@@ -50,7 +51,7 @@ def main():
                                      embeddings=not args.no_embeddings)
   batches = [jax.tree_util.tree_map(jnp.asarray, b) for b in data.eval_batches(
       batch_size=config.train.batch_size, n_batches=args.eval_batches)]
-  step = trainer.make_eval_step(model, task)
+  step = evaluation.make_eval_step(model, task)
   float_metrics = evaluate(jax.jit(step), params, batches)
   with qz.int8_inference():
     int8_metrics = evaluate(jax.jit(step), qparams, batches)

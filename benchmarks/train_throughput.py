@@ -89,6 +89,7 @@ def training_setup(row: str, seed: int = 0):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+  from terraflax import rng as rng_lib  # pylint: disable=import-outside-toplevel
   from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
 
   attention, length, n_layers, d_model, d_ff, n_heads = ROWS[row]
@@ -97,7 +98,7 @@ def training_setup(row: str, seed: int = 0):
   batch = {'inputs': jnp.asarray(tokens), 'targets': jnp.asarray(tokens),
            'weights': jnp.ones((1, length), jnp.float32)}
   tx = optax.adam(1e-3)
-  params = jax.jit(lambda key: model.init(trainer.stream_rngs(key) | {'params': key},
+  params = jax.jit(lambda key: model.init(rng_lib.stream_keys(key),
                                           batch['inputs'])['params'])(jax.random.key(seed))
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=jax.jit(tx.init)(params),
@@ -112,6 +113,7 @@ def worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from terraflax import compiler, kernels  # pylint: disable=import-outside-toplevel
   from terraflax.layers import lsh_hashing  # pylint: disable=import-outside-toplevel
+  from terraflax import rng as rng_lib  # pylint: disable=import-outside-toplevel
   from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
 
   attention, length, n_layers, d_model = ROWS[args.worker][:4]

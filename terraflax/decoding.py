@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import compiler
-from terraflax.combinators.scan import rngs_for_streams
+from terraflax import rng as rng_lib
+from terraflax.models import spec as spec_lib
 
 _NEG_INF = -jnp.inf
 
@@ -84,7 +85,7 @@ def _model_args(inputs, tokens):
 def _init_cache(model, batch_size, inputs, rng):
   """The model's predict-mode cache for `batch_size` rows (parameters discarded)."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  variables = model.init(rngs_for_streams(rng), *_model_args(inputs, tokens))
+  variables = model.init(rng_lib.stream_keys(rng), *_model_args(inputs, tokens))
   if 'cache' not in variables:
     raise ValueError('The model keeps no cache: build it with mode=\'predict\' '
                      '(e.g. TransformerLM(..., mode=\'predict\')).')
@@ -95,7 +96,7 @@ def _step(model, params, cache, tokens, inputs, rng):
   """One decoding step: tokens (B,) -> float32 logits (B, v) and the new cache."""
   logits, state = model.apply({'params': params, 'cache': cache},
                               *_model_args(inputs, tokens[:, None]),
-                              rngs=rngs_for_streams(rng), mutable=['cache'])
+                              rngs=rng_lib.noise_keys(rng), mutable=['cache'])
   if logits.ndim != 3 or logits.shape[1] != 1:
     raise ValueError(f'A decoding step must return logits (b, 1, v), got {tuple(logits.shape)}.')
   return logits[:, 0].astype(jnp.float32), state['cache']
@@ -385,28 +386,53 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
 
 
 # ----------------------------------------------------------------------------
-# Command line: `python -m terraflax.decoding` (restores a checkpoint from a
-# training workdir and decodes; wired by the training system).
+# Text in, text out: the trainer's end-of-training sample and the command line.
+
+def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool,
+                  temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0) -> str:
+  """`prompt` followed by `max_new_tokens` sampled tokens, as text.
+
+  `model` is a predict-mode LM. Byte-level models read and write UTF-8 text;
+  others take the prompt as space-separated token ids and print ids.
+  """
+  if byte_level:
+    ids = np.frombuffer(prompt.encode('utf-8'), np.uint8).astype(np.int32)
+  else:
+    ids = np.asarray([int(t) for t in prompt.split()], np.int32)
+  params = jax.device_put(params, jax.devices()[0])
+  tokens = autoregressive_sample(
+      model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
+      top_k=top_k, top_p=top_p, rng=jax.random.key(seed))
+  tokens = np.concatenate([ids, np.asarray(tokens).reshape(-1)])
+  if byte_level:
+    return bytes(int(t) % 256 for t in tokens).decode('utf-8', errors='replace')
+  return ' '.join(str(int(t)) for t in tokens)
+
+
+def sample_text(spec: spec_lib.ModelSpec, params, prompt: str, *, max_new_tokens: int,
+                byte_level: bool, temperature: float = 1.0, seed: int = 0) -> str:
+  """`generate_text` with the spec's model built in 'predict' mode (`config.sample.*`)."""
+  return generate_text(spec.build('predict'), params, prompt, max_new_tokens=max_new_tokens,
+                       byte_level=byte_level, temperature=temperature, seed=seed)
+
 
 def main(argv):
   """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT --max_new_tokens=N`."""
-  # Imported here: the training system imports this module.
-  from terraflax.train import checkpoint, data, trainer  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
   try:
-    config, params = checkpoint.load_for_inference(f.workdir, step=f.step)
+    config, spec, params = spec_lib.load_workdir(f.workdir, step=f.step)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'terraflax.decoding: {e}')
-  if data.TASKS.get(config.data.name, 'lm') != 'lm':
-    sys.exit(f'terraflax.decoding: {f.workdir} holds a {data.TASKS[config.data.name]} model '
+  if spec.task != 'lm':
+    sys.exit(f'terraflax.decoding: {f.workdir} holds a {spec.task} model '
              f'(data.name={config.data.name!r}); only language models decode.')
-  model = checkpoint.model_from_config(config, 'predict')
-  print(trainer.generate_text(
-      model, params, f.prompt, max_new_tokens=f.max_new_tokens,
-      byte_level=config.data.name in data.BYTE_LEVEL, temperature=f.temperature,
+  print(generate_text(
+      spec.build('predict'), params, f.prompt, max_new_tokens=f.max_new_tokens,
+      byte_level=config.data.name in spec_lib.BYTE_LEVEL, temperature=f.temperature,
       top_k=f.top_k, top_p=f.top_p, seed=f.seed), flush=True)
 
 

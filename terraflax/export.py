@@ -62,9 +62,10 @@ def _load_leaves(path: str) -> list[np.ndarray]:
 
 
 def rngs_of(key_data):
-  """The model's rng streams from raw key data (what `terraflax.decoding` folds in)."""
-  from terraflax.combinators.scan import rngs_for_streams  # pylint: disable=import-outside-toplevel
-  return rngs_for_streams(jax.random.wrap_key_data(key_data))
+  """The model's rng streams from raw key data (`terraflax.rng.stream_keys`, as decoding)."""
+  # Imported here, like every terraflax import of this file: `Exported` runs without terraflax.
+  from terraflax import rng as rng_lib  # pylint: disable=import-outside-toplevel
+  return rng_lib.stream_keys(jax.random.wrap_key_data(key_data))
 
 
 def _write(out_dir: str, exported, params, meta: dict, cache=None) -> str:
@@ -201,15 +202,15 @@ class Exported:
 def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 1,
                    forward_len: int | None = None) -> str:
   """Exports the latest checkpoint of a workdir (its decode step, or forward pass)."""
-  from terraflax.train import checkpoint  # pylint: disable=import-outside-toplevel
-  config, params = checkpoint.load_for_inference(workdir)
-  meta = {'workdir': os.path.abspath(workdir), 'model': config.model.get('name', '?'),
+  from terraflax.models import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  config, spec, params = spec_lib.load_workdir(workdir)
+  meta = {'workdir': os.path.abspath(workdir), 'model': spec.name,
           'data': config.data.get('name', '?')}
   if forward_len is None:
-    return export_decode_step(checkpoint.model_from_config(config, 'predict'), params, out_dir,
-                              batch_size=batch_size, meta=meta)
-  return export_forward(checkpoint.model_from_config(config, 'eval'), params, out_dir,
-                        batch_size=batch_size, length=forward_len, meta=meta)
+    return export_decode_step(spec.build('predict'), params, out_dir, batch_size=batch_size,
+                              meta=meta)
+  return export_forward(spec.build('eval'), params, out_dir, batch_size=batch_size,
+                        length=forward_len, meta=meta)
 
 
 def main(argv):

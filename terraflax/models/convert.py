@@ -478,11 +478,11 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
   """
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from terraflax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  from terraflax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
-  if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(
-      checkpoint.checkpoint_dir(workdir)):
-    raise ConversionError(f'{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; '
+  if os.path.isdir(workdir_lib.checkpoint_dir(workdir)) and os.listdir(
+      workdir_lib.checkpoint_dir(workdir)):
+    raise ConversionError(f'{workdir_lib.checkpoint_dir(workdir)} already holds checkpoints; '
                           'choose an empty --to directory.')
   model = {'name': 'ReformerLM', **kwargs}
   if byte_offset is not None:
@@ -495,8 +495,8 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
                      'seq_len': seq_len},
             'source': 'converted from Hugging Face by terraflax.models.convert'}
   config['model'] = {k: list(v) if isinstance(v, tuple) else v for k, v in config['model'].items()}
-  checkpoint.write_config(workdir, ml_collections.ConfigDict(config))
-  checkpoint.save_params(workdir, 0, jax.tree_util.tree_map(np.asarray, params))
+  workdir_lib.write_config(workdir, ml_collections.ConfigDict(config))
+  workdir_lib.save_params(workdir, 0, jax.tree_util.tree_map(np.asarray, params))
   return workdir
 
 

@@ -1,10 +1,15 @@
-"""`python -m terraflax.train --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]`."""
+"""`python -m terraflax.train --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]`.
+
+Trains (`trainer.train_and_evaluate`), or, when any `config.eval.*` field is
+set, scores a checkpoint of DIR without training (`eval_only.evaluate_checkpoint`).
+"""
 
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from terraflax.train import eval_only
 from terraflax.train.config import ConfigError
 from terraflax.train.trainer import TrainingDivergedError, train_and_evaluate
 
@@ -22,7 +27,10 @@ def main(argv):
     # (--verbosity=0).
     logging.set_verbosity(logging.WARNING)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if eval_only.requested(_CONFIG.value):
+      eval_only.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+    else:
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, TrainingDivergedError) as e:
     sys.exit(f'terraflax.train: {e}')
 

@@ -16,18 +16,16 @@ for decoding.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
 from terraflax import workdir as workdir_lib
+from terraflax.models import spec as spec_lib
 from terraflax.train import config as config_lib
-from terraflax.train import data as data_lib
+from terraflax.train import optimizers
 
 checkpoint_dir = workdir_lib.checkpoint_dir
 make_manager = workdir_lib.make_manager
@@ -67,19 +65,12 @@ def restore(manager: ocp.CheckpointManager, step: int, *, params, opt_state, tra
 def load_for_inference(workdir: str, step: int | None = None):
   """(config, params) of the latest (or the given) checkpoint in `workdir`.
 
-  Builds the model from `config.json` only to learn the parameters' shapes,
-  then restores just the `params` item onto the default device. The model for
-  decoding is `model_from_config(config, 'predict')`.
+  `spec.load_workdir` without the spec; the model for decoding is
+  `model_from_config(config, 'predict')`. Raises `ConfigError` when
+  `config.json`'s model is not valid.
   """
-  config = workdir_lib.read_config(workdir)
-  model = model_from_config(config, 'eval')
-  zeros = jax.ShapeDtypeStruct((1, config.data.seq_len), jnp.int32)
-  tokens = config_lib.model_inputs({'inputs': zeros, 'targets': zeros},
-                                   data_lib.TASKS.get(config.data.name, 'lm'))
-  key = jax.eval_shape(jax.random.key, 0)
-  rngs = {s: key for s in config_lib.RNG_STREAMS}
-  abstract = nn.meta.unbox(jax.eval_shape(model.init, rngs, *tokens))['params']
-  _, params, _ = workdir_lib.load_params(workdir, step, abstract)
+  with config_lib.model_errors():
+    config, _, params = spec_lib.load_workdir(workdir, step)
   return config, params
 
 
@@ -99,7 +90,6 @@ def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
   no path matches, or when a path matches with a different shape or dtype
   (the models disagree; nothing is loaded).
   """
-  from terraflax.train import optimizers  # pylint: disable=import-outside-toplevel
   source_config, source = load_for_inference(workdir)
   manager = make_manager(workdir, read_only=True, async_save=False)
   step = manager.latest_step()
@@ -139,6 +129,5 @@ def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
 
 
 def model_from_config(config: ml_collections.ConfigDict, mode: str):
-  """The model `config.model` describes, built in `mode`."""
-  factory = config_lib.resolve_factory(config.model.name)
-  return factory(**config_lib.model_kwargs(config), mode=mode)
+  """The model `config.model` describes, built in `mode` (`ModelSpec.from_config(...).build`)."""
+  return config_lib.model_spec(config).build(mode)

@@ -14,26 +14,26 @@ Model factories: `config.model.name` is either a name in `terraflax.models`
 (`'TransformerLM'`) or `'package.module:Factory'` for a user's own model. The
 other `config.model.*` fields are the factory's keyword arguments; the trainer
 adds `mode` itself. Fields named `dtype` or `*_dtype` may be given as strings
-(`'bfloat16'`).
+(`'bfloat16'`). `terraflax.models.spec.ModelSpec` resolves and checks them
+(its `ModelSpecError` surfaces here as a `ConfigError`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import importlib
 import importlib.util
-import inspect
 import os
 import re
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from terraflax.combinators.scan import RNG_STREAMS
+from terraflax import rng as rng_lib
+from terraflax.models import spec as spec_lib
 from terraflax.train import data as data_lib
 from terraflax.train import optimizers
 
@@ -112,6 +112,9 @@ SCHEMA: dict[str, Field] = {
     'train.checkpoint_every': Field(int, 1000, _positive, 'a positive int'),
     'train.keep_checkpoints': Field(int, 3, _positive, 'a positive int'),
     'train.async_checkpoints': Field(bool, True),
+    # Peak FLOP/s of one device, for train/mfu (model FLOPs utilisation); 0: the backend's
+    # entry in trainer.PEAK_FLOPS (cpu 180e9, float32), no MFU for a backend not listed.
+    'train.peak_flops': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
     # optimizer
     'optimizer.name': _one_of('adam', 'adamw', 'adafactor', 'sgd'),
     'optimizer.learning_rate': Field((int, float), 1e-3, _positive, 'a positive number'),
@@ -289,85 +292,41 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
 # ----------------------------------------------------------------------------- model
 
 
+@contextlib.contextmanager
+def model_errors():
+  """`with model_errors():` re-raises the model spec's `ModelSpecError` as a `ConfigError`."""
+  try:
+    yield
+  except spec_lib.ModelSpecError as e:
+    raise ConfigError(str(e)) from None
+
+
 def resolve_factory(name: str) -> Callable[..., Any]:
-  """The model factory `name` names: `terraflax.models.<name>` or `'module:Factory'`."""
-  if not isinstance(name, str) or not name:
-    raise ConfigError(f'config.model.name must be a non-empty str, got {name!r}.')
-  if ':' in name:
-    module_name, _, attr = name.partition(':')
-    try:
-      module = importlib.import_module(module_name)
-    except ImportError as e:
-      raise ConfigError(f'config.model.name={name!r}: cannot import {module_name!r}: {e}') from None
-    where = module_name
-  else:
-    try:
-      module = importlib.import_module('terraflax.models')
-    except ImportError as e:
-      raise ConfigError(f'config.model.name={name!r}: terraflax.models is not importable ({e}); '
-                        "name a factory as 'package.module:Factory' instead.") from None
-    attr, where = name, 'terraflax.models'
-  factory = getattr(module, attr, None)
-  if factory is None or not callable(factory):
-    available = sorted(n for n in dir(module) if n[:1].isupper() and callable(getattr(module, n)))
-    raise ConfigError(f'config.model.name={name!r}: {where} has no factory {attr!r}'
-                      f'{_suggest(attr, available)}; available: {", ".join(available) or "none"}.')
-  return factory
+  """`spec.resolve_factory`, raising `ConfigError`."""
+  with model_errors():
+    return spec_lib.resolve_factory(name)
 
 
 def model_kwargs(config) -> dict[str, Any]:
-  """`config.model.*` minus `name`, with dtype strings turned into dtypes."""
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
-  for key, value in kwargs.items():
-    if (key == 'dtype' or key.endswith('_dtype')) and isinstance(value, str):
-      try:
-        kwargs[key] = jnp.dtype(value)
-      except TypeError:
-        raise ConfigError(f"config.model.{key} must be a dtype name such as 'float32' or "
-                          f"'bfloat16', got {value!r}.") from None
-    elif isinstance(value, list):
-      kwargs[key] = tuple(value)
-  return kwargs
-
-
-def factory_parameters(factory):
-  """`inspect.signature(factory).parameters`, or None when it has no signature to read."""
-  try:
-    return inspect.signature(factory).parameters
-  except (TypeError, ValueError):
-    return None
+  """`spec.model_kwargs` of `config.model`, raising `ConfigError`."""
+  with model_errors():
+    return spec_lib.model_kwargs(config.model)
 
 
 def check_model_fields(factory, kwargs: dict[str, Any], name: str) -> None:
-  """`kwargs` against the factory's signature: unknown, missing and `mode` fields."""
-  parameters = factory_parameters(factory)
-  if parameters is None:
-    return
-  if 'mode' in kwargs:
-    raise ConfigError('config.model.mode must not be set: the trainer builds the model in '
-                      "'train', 'eval' and 'predict' mode itself.")
-  takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-  named = {n: p for n, p in parameters.items()
-           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-  valid = sorted(n for n in named if n not in ('mode', 'self'))
-  if not takes_any:
-    for key in kwargs:
-      if key not in named:
-        raise ConfigError(f'config.model.{key} is not an argument of {name}{_suggest(key, valid)}; '
-                          f'valid model fields: name, {", ".join(valid)}.')
-    if 'mode' not in named:
-      raise ConfigError(f'config.model.name={name!r}: the factory must take a `mode` argument '
-                        "('train', 'eval' or 'predict').")
-  missing = [n for n, p in named.items()
-             if p.default is p.empty and n not in kwargs and n not in ('mode', 'self')]
-  if missing:
-    raise ConfigError(f'config.model.{missing[0]} is required by {name} (missing: '
-                      f'{", ".join(missing)}).')
-  d_model, n_heads = kwargs.get('d_model'), kwargs.get('n_heads')
-  if isinstance(d_model, int) and isinstance(n_heads, int):
-    if n_heads <= 0 or d_model % n_heads:
-      raise ConfigError(f'config.model.d_model={d_model} must be divisible by '
-                        f'config.model.n_heads={n_heads}.')
+  """`spec.check_model_fields`, raising `ConfigError`."""
+  with model_errors():
+    spec_lib.check_model_fields(factory, kwargs, name)
+
+
+def model_spec(config) -> spec_lib.ModelSpec:
+  """`ModelSpec.from_config(config)`, raising `ConfigError`."""
+  with model_errors():
+    return spec_lib.ModelSpec.from_config(config)
+
+
+factory_parameters = spec_lib.factory_parameters
+model_inputs = spec_lib.model_inputs
 
 
 def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
@@ -386,17 +345,8 @@ def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
                       f'classes of data.name={config.data.name!r}.')
 
 
-def model_inputs(batch, task: str) -> tuple:
-  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq."""
-  return (batch['inputs'], batch['targets']) if task == 'seq2seq' else (batch['inputs'],)
-
-
-def build_model(factory, kwargs, mode: str):
-  return factory(**kwargs, mode=mode)
-
-
-def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
-  """Builds the model and traces `init` abstractly; returns the abstract variables.
+def trace_model(config, spec: spec_lib.ModelSpec, info: data_lib.DataInfo) -> Any:
+  """Builds the model and traces `init` and `apply` abstractly; returns the abstract variables.
 
   Any error the model raises for this shape is re-raised as a `ConfigError`
   naming `config.model.*` and `config.data.seq_len`.
@@ -404,24 +354,21 @@ def trace_model(config, factory, kwargs, info: data_lib.DataInfo) -> Any:
   micro_batch = config.train.batch_size // config.train.grad_accum_steps
   shape = (micro_batch, config.data.seq_len)
   try:
-    model = build_model(factory, kwargs, 'train')
+    model = spec.build('train')
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config.model (name={config.model.name!r}) was rejected by its factory: '
                       f'{type(e).__name__}: {e}') from e
-  tokens = model_inputs({'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
-                         'targets': jax.ShapeDtypeStruct(shape, jnp.int32)}, info.task)
-  key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed or compiled.
-  try:
-    variables = jax.eval_shape(model.init, {stream: key for stream in RNG_STREAMS}, *tokens)
-    logits = jax.eval_shape(
-        lambda v, x, k: model.apply(v, *x, rngs={s: k for s in RNG_STREAMS if s != 'params'}),
-        variables, tokens, key)
+  try:  # Abstract: nothing is computed or compiled.
+    variables = spec.abstract_variables(*shape, model=model)
+    noise = rng_lib.abstract_keys(rng_lib.NOISE_STREAMS)
+    logits = jax.eval_shape(lambda v, x, k: model.apply(v, *x, rngs=k), variables,
+                            spec.abstract_inputs(*shape), noise)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'config.model.* (name={config.model.name!r}) cannot take inputs of '
                       f'shape {shape} (train.batch_size/grad_accum_steps, '
                       f'config.data.seq_len={config.data.seq_len}): {type(e).__name__}: {e}') from e
   if info.task in ('lm', 'seq2seq', 'mlm'):
-    want = shape + (kwargs.get('vocab_size', '?'),)
+    want = shape + (spec.kwargs.get('vocab_size', '?'),)
     ok = (logits.ndim == 3 and logits.shape[:2] == shape and logits.shape[2] >= info.vocab_size)
   else:
     want = (micro_batch, info.n_classes)
@@ -438,27 +385,37 @@ class Experiment:
   """A validated config with what it resolved to."""
 
   config: ml_collections.ConfigDict  # Complete: defaults filled in.
-  factory: Callable[..., Any]
-  model_kwargs: dict[str, Any]
+  spec: spec_lib.ModelSpec
   data: data_lib.Data
-  abstract_variables: Any
+  abstract_variables: Any  # Boxed abstract init at the micro-batch shape (`trace_model`).
+
+  @property
+  def factory(self) -> Callable[..., Any]:
+    return self.spec.factory
+
+  @property
+  def model_kwargs(self) -> dict[str, Any]:
+    return dict(self.spec.kwargs)
 
   def model(self, mode: str):
     """The model in `mode` ('train', 'eval' or 'predict')."""
-    return build_model(self.factory, self.model_kwargs, mode)
+    return self.spec.build(mode)
 
 
-def validate_config(config, *, n_devices: int | None = None,
-                    n_processes: int | None = None) -> Experiment:
-  """Checks `config` completely, before compiling anything; raises one `ConfigError`."""
+def validate_config(config, *, n_devices: int | None = None, n_processes: int | None = None,
+                    fields_checked: bool = False) -> Experiment:
+  """Checks `config` completely, before compiling anything; raises one `ConfigError`.
+
+  `fields_checked`: `config` is already `check_fields`' result (the trainer
+  checks the fields first to start the processes), so it is not checked again.
+  """
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f'config must be an ml_collections.ConfigDict, got {type(config).__name__}.')
-  config = check_fields(config)
+  if not fields_checked:
+    config = check_fields(config)
   check_combinations(config, jax.device_count() if n_devices is None else n_devices,
                      jax.process_count() if n_processes is None else n_processes)
-  factory = resolve_factory(config.model.name)
-  kwargs = model_kwargs(config)
-  check_model_fields(factory, kwargs, config.model.name)
+  spec = model_spec(config)
   try:
     data = data_lib.make_data(config.data, config.seed)
   except data_lib.DataError as e:
@@ -469,18 +426,18 @@ def validate_config(config, *, n_devices: int | None = None,
     raise ConfigError(f'config.{field}={config.data[field.split(".")[1]]!r} leaves '
                       f'{len(data.eval)} evaluation examples, fewer than one batch of '
                       f'train.batch_size={config.train.batch_size}.')
-  check_model_against_data(config, data.info, kwargs)
+  check_model_against_data(config, data.info, spec.kwargs)
   if config.sample.max_new_tokens and data.info.task != 'lm':
     raise ConfigError('config.sample.max_new_tokens must be 0 unless the task is a language '
                       f'model (data.name={config.data.name!r} is {data.info.task}).')
-  variables = trace_model(config, factory, kwargs, data.info)
+  variables = trace_model(config, spec, data.info)
   check_trainable(config.optimizer.trainable, nn.meta.unbox(variables['params']))
   for field, workdir in (('init_from', config.init_from),
                          ('distill.teacher_workdir', config.distill.teacher_workdir)):
     if workdir and not os.path.isdir(os.path.join(os.path.expanduser(workdir), 'checkpoints')):
       raise ConfigError(f'config.{field}={workdir!r} is not a training workdir (it has no '
                         'checkpoints/ directory).')
-  return Experiment(config, factory, kwargs, data, variables)
+  return Experiment(config, spec, data, variables)
 
 
 def param_paths(params) -> list[str]:

@@ -51,19 +51,15 @@ from typing import Any, Callable, Iterator
 import grain
 import numpy as np
 
+from terraflax.models import spec as spec_lib
 from terraflax.train import listops
 
 DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse', 'mlm',
             'byte_classification', 'digits')
-# How the model is called: 'lm' model(inputs) -> (b, l, v); 'classification'
-# model(inputs) -> (b, n_classes); 'seq2seq' model(inputs, targets) -> (b, l, v);
-# 'mlm' model(inputs) -> (b, l, v), bidirectional, scored at the masked positions.
-TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
-         'text_classification': 'classification', 'reverse': 'seq2seq', 'mlm': 'mlm',
-         'byte_classification': 'classification', 'digits': 'classification'}
+TASKS = spec_lib.TASKS  # How the model is called, by data set name (models/spec.py).
 MASK_ID = 257  # [MASK] in the mlm data set; bytes are 1..256 and 0 is padding.
 MLM_VOCAB_SIZE = 258
-BYTE_LEVEL = frozenset({'bytes'})  # Data sets whose tokens are raw bytes (text in, text out).
+BYTE_LEVEL = spec_lib.BYTE_LEVEL  # Data sets whose tokens are raw bytes (text in, text out).
 EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
 
 
@@ -75,7 +71,7 @@ class DataError(ValueError):
 class DataInfo:
   """What the trainer and the model need to know about a data set."""
 
-  task: str  # 'lm', 'classification' or 'seq2seq' (see TASKS).
+  task: str  # TASKS[config.data.name]: 'lm', 'mlm', 'classification' or 'seq2seq'.
   vocab_size: int  # Token ids are in [0, vocab_size).
   n_classes: int = 0  # Classification only.
   byte_level: bool = False  # One token per byte: eval reports bits per byte.
@@ -198,7 +194,7 @@ def byte_data(cfg, seed: int) -> Data:
     return lm_example(evaluation[i * seq_len:(i + 1) * seq_len])
 
   return Data(
-      info=DataInfo(task='lm', vocab_size=256, byte_level=True),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=256, byte_level=True),
       train=grain.MapDataset.range(n_windows).repeat().random_map(random_window, seed=seed),
       eval=grain.MapDataset.range(evaluation.size // seq_len).map(eval_window))
 
@@ -227,7 +223,7 @@ def duplication_data(cfg, seed: int) -> Data:
     return duplication_example(rng, cfg.seq_len, cfg.vocab_size)
 
   return Data(
-      info=DataInfo(task='lm', vocab_size=cfg.vocab_size),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=cfg.vocab_size),
       train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
       eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
 
@@ -247,7 +243,7 @@ def listops_data(cfg, seed: int) -> Data:
   if not 1 <= cfg.min_len <= cfg.max_len:
     raise DataError(f'config.data.min_len={cfg.min_len} must be in '
                     f'[1, data.max_len={cfg.max_len}].')
-  info = DataInfo(task='classification', vocab_size=listops.VOCAB_SIZE, n_classes=listops.N_CLASSES)
+  info = DataInfo(task=TASKS[cfg.name], vocab_size=listops.VOCAB_SIZE, n_classes=listops.N_CLASSES)
   if cfg.path:
     train = _listops_file(cfg, 'basic_train.tsv')
     evaluation = _listops_file(cfg, 'basic_val.tsv')
@@ -323,7 +319,7 @@ def text_classification_data(cfg, seed: int) -> Data:
     split[name] = [classification_example(byte_ids(text, cfg.seq_len), label)
                    for text, label in read_labelled(cfg.path, name, cfg.n_classes)]
   return Data(
-      info=DataInfo(task='classification', vocab_size=257, n_classes=cfg.n_classes),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=257, n_classes=cfg.n_classes),
       train=grain.MapDataset.source(split['train']).shuffle(seed=seed).repeat(),
       eval=grain.MapDataset.source(split['eval']))
 
@@ -345,7 +341,7 @@ def reverse_data(cfg, seed: int) -> Data:
     return reverse_example(rng, cfg.seq_len, cfg.vocab_size)
 
   return Data(
-      info=DataInfo(task='seq2seq', vocab_size=cfg.vocab_size),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=cfg.vocab_size),
       train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
       eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
 
@@ -391,7 +387,7 @@ def mlm_data(cfg, seed: int) -> Data:
     return mlm_mask(ids(evaluation[i * seq_len:(i + 1) * seq_len]), rng, mask_rate=cfg.mask_rate)
 
   return Data(
-      info=DataInfo(task='mlm', vocab_size=MLM_VOCAB_SIZE),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=MLM_VOCAB_SIZE),
       train=grain.MapDataset.range(max(1, train.size // seq_len)).repeat().random_map(
           random_window, seed=seed),
       eval=grain.MapDataset.range(evaluation.size // seq_len).map(eval_window))
@@ -427,7 +423,7 @@ def byte_classification_data(cfg, seed: int) -> Data:
     return window(splits[label][1], label, np.random.default_rng([seed ^ EVAL_SEED_SALT, i]))
 
   return Data(
-      info=DataInfo(task='classification', vocab_size=257, n_classes=len(classes)),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=257, n_classes=len(classes)),
       train=grain.MapDataset.range(1).repeat().random_map(train_example, seed=seed),
       eval=grain.MapDataset.range(cfg.eval_examples).map(eval_example))
 
@@ -457,7 +453,7 @@ def digits_data(cfg, seed: int) -> Data:
                     f'[1, {len(labels) - 1}] for digits.')
   examples = lambda rows: [classification_example(pixels[i], labels[i]) for i in rows]
   return Data(
-      info=DataInfo(task='classification', vocab_size=17, n_classes=10),
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=17, n_classes=10),
       train=grain.MapDataset.source(examples(order[n_test:])).shuffle(seed=seed).repeat(),
       eval=grain.MapDataset.source(examples(order[:n_test])))
 

@@ -17,11 +17,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from terraflax.train import checkpoint as ckpt
+from terraflax import rng as rng_lib
+from terraflax.models import spec as spec_lib
 from terraflax.train import config as config_lib
-from terraflax.train import data as data_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,30 +40,23 @@ def load_teacher(experiment: config_lib.Experiment):
   Raises `ConfigError` naming `distill.teacher_workdir` when the teacher's
   logits do not have the student's shape.
   """
-  config = experiment.config
+  config, spec = experiment.config, experiment.spec
   workdir = config.distill.teacher_workdir
-  teacher_config, params = ckpt.load_for_inference(workdir)
-  model = ckpt.model_from_config(teacher_config, 'eval')
-  task = experiment.data.info.task
-  teacher_task = data_lib.TASKS.get(teacher_config.data.name, 'lm')
-  if teacher_task != task:
+  with config_lib.model_errors():
+    teacher_config, teacher_spec, params = spec_lib.load_workdir(workdir)
+  if teacher_spec.task != spec.task:
     raise config_lib.ConfigError(
-        f'config.distill.teacher_workdir={workdir!r} holds a {teacher_task} model '
-        f'(data.name={teacher_config.data.name!r}); the student is trained for {task}.')
+        f'config.distill.teacher_workdir={workdir!r} holds a {teacher_spec.task} model '
+        f'(data.name={teacher_config.data.name!r}); the student is trained for {spec.task}.')
   shape = (config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len)
-  batch = {'inputs': jax.ShapeDtypeStruct(shape, jnp.int32),
-           'targets': jax.ShapeDtypeStruct(shape, jnp.int32)}
-  inputs = config_lib.model_inputs(batch, task)
-  key = jax.eval_shape(jax.random.key, 0)  # Abstract: nothing is computed.
+  inputs = spec.abstract_inputs(*shape)
+  model = teacher_spec.build('eval')
 
-  def logits_shape(m, p):
-    return jax.eval_shape(
-        lambda p, x, k: m.apply({'params': p}, *x,
-                                rngs={s: k for s in config_lib.RNG_STREAMS if s != 'params'}),
-        p, inputs, key).shape
+  def logits_shape(m, p):  # Abstract: nothing is computed.
+    return jax.eval_shape(lambda p, x, k: m.apply({'params': p}, *x, rngs=k), p, inputs,
+                          rng_lib.abstract_keys(rng_lib.NOISE_STREAMS)).shape
 
-  want = logits_shape(experiment.model('eval'),
-                      nn.meta.unbox(experiment.abstract_variables['params']))
+  want = logits_shape(spec.build('eval'), nn.meta.unbox(experiment.abstract_variables['params']))
   try:
     got = logits_shape(model, params)
   except Exception as e:  # pylint: disable=broad-except
@@ -76,6 +68,5 @@ def load_teacher(experiment: config_lib.Experiment):
         f'config.distill.teacher_workdir={workdir!r}: the teacher gives logits of shape {got}, '
         f'the student {want}; they must agree (same vocabulary or classes).')
   teacher = Teacher(model=model, temperature=float(config.distill.temperature),
-                    alpha=float(config.distill.alpha), workdir=workdir,
-                    name=teacher_config.model.get('name', '?'))
+                    alpha=float(config.distill.alpha), workdir=workdir, name=teacher_spec.name)
   return teacher, params

@@ -3,8 +3,9 @@
   python -m terraflax.train --config=configs/duplication.py --workdir=DIR \\
       --config.eval.n_hashes=8
 
-`train_and_evaluate` trains nothing and only evaluates when `eval.only=True`
-or any other `eval.*` field is set away from its default:
+`python -m terraflax.train` trains nothing and only evaluates
+(`evaluate_checkpoint`) when `eval.only=True` or any other `eval.*` field is
+set away from its default:
 
   eval.step             the checkpoint to score (0: the latest)
   eval.attention        '' (as trained), 'lsh', or 'full': every LSH layer
@@ -45,6 +46,7 @@ import ml_collections
 
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
+from terraflax.train import evaluation
 from terraflax.train import sharding as sharding_lib
 
 RESULTS_FILE = 'eval_results.jsonl'
@@ -54,8 +56,9 @@ DEFAULTS = {name: config_lib.SCHEMA[f'eval.{name}'].default
 
 
 def requested(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` (with defaults filled in) asks for an eval-only run."""
-  return any(config.eval[name] != default for name, default in DEFAULTS.items())
+  """Whether `config` (as given, or with defaults filled in) asks for an eval-only run."""
+  fields = config.get('eval', None) or {}
+  return any(fields.get(name, default) != default for name, default in DEFAULTS.items())
 
 
 def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
@@ -140,9 +143,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   checkpoint, the model differs from the trained one, or the overrides do
   not fit the model. Appends the result to `WORKDIR/eval_results.jsonl`.
   """
-  from terraflax.train import trainer  # pylint: disable=import-outside-toplevel
   began = time.time()
-  config = config_lib.check_fields(config)
   experiment = config_lib.validate_config(config)
   config, data = experiment.config, experiment.data
   _check_same_model(config, workdir)
@@ -159,9 +160,10 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   trained = experiment.model_kwargs
   overrides = lsh_overrides(config, trained)
   _check_overrides(config, experiment.factory, trained, overrides)
-  kwargs = dict(trained, **overrides)
+  spec = experiment.spec.with_kwargs(**overrides)
+  kwargs = dict(spec.kwargs)
   try:
-    config_lib.trace_model(config, experiment.factory, kwargs, data.info)
+    config_lib.trace_model(config, spec, data.info)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f'with the config.eval.* overrides {overrides}: {e}') from None
 
@@ -169,11 +171,11 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
   replicated = sharding_lib.replicated(mesh)
   params = jax.device_put(params, replicated)
-  model = config_lib.build_model(experiment.factory, kwargs, 'eval')
-  eval_step = trainer.jit_eval_step(model, data.info.task, replicated)
+  eval_step = evaluation.jit_eval_step(spec.build('eval'), spec.task, replicated)
   with jax.set_mesh(mesh):
-    result = trainer.evaluate_params(eval_step, data, params, batch_size=config.train.batch_size,
-                                     n_batches=config.train.eval_batches, mesh=mesh)
+    result = evaluation.evaluate_params(eval_step, data, params,
+                                        batch_size=config.train.batch_size,
+                                        n_batches=config.train.eval_batches, mesh=mesh)
   settings = effective_settings(experiment.factory, kwargs)
   label = ('full' if config.eval.attention == 'full' else
            f'lsh-{settings["n_hashes"]}' if overrides and 'n_hashes' in settings else 'as trained')

@@ -18,7 +18,7 @@ import jax
 
 METRICS_FILE = 'metrics.jsonl'
 # Keys whose values depend on wall-clock time; everything else is reproducible.
-TIMING_KEYS = ('tokens_per_sec', 'steps_per_sec')
+TIMING_KEYS = ('tokens_per_sec', 'steps_per_sec', 'train/mfu')
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -87,7 +87,8 @@ class MetricsWriter:
       self._tb.flush()
 
   def progress(self, step: int, scalars: Mapping[str, float], seconds_per_step: float) -> None:
-    """`step 100/1000 | loss 2.3456 | acc 0.412 | 12,345 tokens/s | ETA 1m23s` on stdout."""
+    """`step 100/1000 | loss 2.3456 | acc 0.412 | 12,345 tokens/s | MFU 31.2% | lr 0.001 |
+    ETA 1m23s` on stdout."""
     if not self.active:
       return
     parts = [f'step {step}/{self.total_steps}']
@@ -97,6 +98,8 @@ class MetricsWriter:
       parts.append(f'acc {scalars["train/accuracy"]:.3f}')
     if 'tokens_per_sec' in scalars:
       parts.append(f'{scalars["tokens_per_sec"]:,.0f} tokens/s')
+    if 'train/mfu' in scalars:
+      parts.append(f'MFU {100 * scalars["train/mfu"]:.1f}%')
     parts.append(f'lr {scalars.get("lr", float("nan")):.3g}')
     parts.append(f'ETA {format_duration((self.total_steps - step) * seconds_per_step)}')
     print(' | '.join(parts), flush=True)

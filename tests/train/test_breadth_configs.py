@@ -23,6 +23,7 @@ from terraflax.train import config as config_lib
 from terraflax.train import metrics as metrics_lib
 from terraflax.train import optimizers
 from terraflax.train import sharding as sharding_lib
+from terraflax.train import state as state_lib
 from terraflax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def flat(params):
 
 
 def parameters_json(workdir):
-  return json.loads(pathlib.Path(workdir, trainer.PARAMETERS_FILE).read_text())
+  return json.loads(pathlib.Path(workdir, state_lib.PARAMETERS_FILE).read_text())
 
 
 class BertTest(absltest.TestCase):
@@ -154,7 +155,7 @@ class LanguageModelTransferTest(absltest.TestCase):
       np.testing.assert_array_equal(flat(tuned_base)[path], value, err_msg=path)  # Bit-identical.
     experiment = config_lib.validate_config(cfg)
     tx, _ = optimizers.make_optimizer(experiment.config.optimizer, 3)
-    initial = trainer.initial_state(experiment, tx, sharding_lib.make_mesh()).params
+    initial = state_lib.initial_state(experiment, tx, sharding_lib.make_mesh()).params
     _, initial_prefix = prefix_lib.split_prefix(initial)
     for path, value in flat(initial_prefix).items():
       self.assertFalse(np.array_equal(flat(tuned_prefix)[path], value), path)

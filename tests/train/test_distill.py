@@ -8,6 +8,7 @@ import optax
 from absl.testing import absltest
 
 from terraflax.train import distill
+from terraflax.train import evaluation
 from terraflax.train import trainer
 from tests.train.tiny_models import TinyLM
 
@@ -63,7 +64,7 @@ class DistillStepTest(absltest.TestCase):
       np.testing.assert_allclose(old - new, g, rtol=1e-4, atol=1e-6)
     # Reported loss is still the student's cross-entropy on the labels.
     logits = student.apply({'params': state.params}, batch['inputs'])
-    ce = trainer.batch_sums(logits, batch)['loss_sum']
+    ce = evaluation.batch_sums(logits, batch)['loss_sum']
     np.testing.assert_allclose(metrics['loss_sum'], ce, rtol=1e-6)
 
 

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -71,7 +73,7 @@ class EvalOnlyTest(absltest.TestCase):
 
   def test_rescoring_as_trained_reproduces_the_log_and_writes_nothing_else(self):
     before = snapshot(self.workdir)
-    result = trainer.train_and_evaluate(make_config(**{'eval.only': True}), self.workdir)
+    result = eval_only.evaluate_checkpoint(make_config(**{'eval.only': True}), self.workdir)
     self.assertEqual(snapshot(self.workdir), before)  # Checkpoints, metrics, config untouched.
     self.assertAlmostEqual(result['eval/loss'], self.logged['eval/loss'], places=5)
     self.assertAlmostEqual(result['eval/accuracy'], self.logged['eval/accuracy'], places=6)
@@ -82,13 +84,13 @@ class EvalOnlyTest(absltest.TestCase):
                                        'n_chunks_before': 1})
 
   def test_full_equals_one_bucket_in_many_rounds_and_differs_from_lsh(self):
-    full = trainer.train_and_evaluate(make_config(**{'eval.attention': 'full'}), self.workdir)
+    full = eval_only.evaluate_checkpoint(make_config(**{'eval.attention': 'full'}), self.workdir)
     self.assertEqual(self.results()[-1]['model'], {
         'n_hashes': 1, 'n_buckets': 1, 'chunk_len': SEQ_LEN, 'n_chunks_before': 0})
     self.assertEqual(self.results()[-1]['attention'], 'full')
     # Another route to full attention: 3 rounds of one bucket, and each chunk of 8 also seeing
     # the other one (wrapping around, masked when later): repeated meetings count once.
-    again = trainer.train_and_evaluate(make_config(**{
+    again = eval_only.evaluate_checkpoint(make_config(**{
         'eval.n_hashes': 3, 'eval.n_buckets': 1, 'eval.chunk_len': 8,
         'eval.n_chunks_before': 1}), self.workdir)
     self.assertAlmostEqual(full['eval/loss'], again['eval/loss'], places=5)
@@ -97,7 +99,7 @@ class EvalOnlyTest(absltest.TestCase):
 
   def test_older_step_with_other_hash_rounds(self):
     before = snapshot(self.workdir)
-    result = trainer.train_and_evaluate(
+    result = eval_only.evaluate_checkpoint(
         make_config(**{'eval.n_hashes': 8, 'eval.step': 2}), self.workdir)
     record = self.results()[-1]
     self.assertEqual((record['step'], record['attention']), (2, 'lsh-8'))
@@ -129,11 +131,33 @@ class EvalOnlyTest(absltest.TestCase):
     for overrides, message in cases:
       with self.subTest(overrides=overrides):
         with self.assertRaisesRegex(config_lib.ConfigError, message):
-          trainer.train_and_evaluate(make_config(**overrides), self.workdir)
+          eval_only.evaluate_checkpoint(make_config(**overrides), self.workdir)
     with self.assertRaisesRegex(config_lib.ConfigError, r'not a terraflax workdir'):
-      trainer.train_and_evaluate(make_config(**{'eval.only': True}),
+      eval_only.evaluate_checkpoint(make_config(**{'eval.only': True}),
                                  os.path.join(self.tmp.name, 'empty'))
     self.assertFalse(os.path.exists(os.path.join(self.tmp.name, 'empty')))
+
+  def test_command_line_scores_and_train_and_evaluate_refuses(self):
+    config_file = os.path.join(self.tmp.name, 'eval_config.py')
+    pathlib.Path(config_file).write_text(
+        'from tests.train.test_eval_only import make_config\n\n\n'
+        'def get_config():\n'
+        "  return make_config(**{'eval.only': True})\n")
+    results_file = os.path.join(self.workdir, eval_only.RESULTS_FILE)
+    n_results = len(self.results()) if os.path.exists(results_file) else 0
+    result = subprocess.run(
+        [sys.executable, '-m', 'terraflax.train', f'--config={config_file}',
+         f'--workdir={self.workdir}'], cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT)), capture_output=True,
+        text=True, timeout=300)
+    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn(f'eval-only, checkpoint 4 of {self.workdir}', result.stdout)
+    self.assertLen(self.results(), n_results + 1)
+    self.assertAlmostEqual(self.results()[-1]['eval/loss'], self.logged['eval/loss'], places=5)
+    before = snapshot(self.workdir)
+    with self.assertRaisesRegex(config_lib.ConfigError, r'config\.eval\.\* asks for an eval-only'):
+      trainer.train_and_evaluate(make_config(**{'eval.only': True}), self.workdir)
+    self.assertEqual(snapshot(self.workdir), before)
 
   def test_full_attention_model_has_no_lsh_form(self):
     config = make_config(**{'model.attention_type': 'full', 'eval.n_hashes': 4})

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import types
 from unittest import mock
 
 import jax
@@ -23,12 +22,17 @@ import ml_collections
 import numpy as np
 from absl.testing import absltest
 
-import terraflax
+from terraflax import compiler
+from terraflax import decoding
 from terraflax.train import checkpoint
 from terraflax.train import config as config_lib
 from terraflax.train import data as data_lib
+from terraflax.train import evaluation
 from terraflax.train import metrics as metrics_lib
+from terraflax.train import optimizers
 from terraflax.train import sharding as sharding_lib
+from terraflax.train import state as state_lib
+from terraflax.train import steps
 from terraflax.train import trainer
 from tests.train.tiny_models import tiny_lm_config
 
@@ -123,7 +127,39 @@ class TrainerTest(absltest.TestCase):
     printed = self.stdout.getvalue()
     self.assertRegex(printed, r'TinyLM with [\d,]+ parameters')
     self.assertRegex(printed, r'step 12/12 \| loss \d+\.\d+ \| acc [\d.]+ \| [\d,]+ tokens/s \| '
-                              r'lr [\d.e-]+ \| ETA 0m00s')
+                              r'MFU [\d.]+% \| lr [\d.e-]+ \| ETA 0m00s')
+
+  def test_mfu_is_the_compiled_steps_flops_at_the_logged_speed_over_the_peak(self):
+    if jax.default_backend() != 'cpu':
+      self.skipTest('The peak of train.peak_flops=0 is known here for the CPU only.')
+    experiment = config_lib.validate_config(tiny_lm_config(**CONFIG))
+    config, mesh = experiment.config, sharding_lib.make_mesh()
+    tx, _ = optimizers.make_optimizer(config.optimizer, config.train.steps)
+    state = state_lib.initial_state(experiment, tx, mesh)
+    batch = sharding_lib.put_batch(
+        next(experiment.data.train_iterator(batch_size=config.train.batch_size)), mesh)
+    step = steps.make_train_step(experiment.model('train'), tx)
+    # Compiled with the trainer's XLA options, which change the fused program's flop count.
+    analysis = jax.jit(step, compiler_options=compiler.options()).lower(
+        state, batch).compile().cost_analysis()
+    flops = (analysis[0] if isinstance(analysis, list) else analysis)['flops']
+    self.assertGreater(flops, 0)
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    timed = [m for m in self.metrics if 'tokens_per_sec' in m]
+    self.assertNotEmpty(timed)
+    for m in timed:  # steps/s = tokens/s / tokens per step; the CPU's peak is 180 GFLOP/s.
+      want = flops * (m['tokens_per_sec'] / tokens_per_step) / 180e9
+      self.assertAlmostEqual(m['train/mfu'] / want, 1.0, places=6, msg=m)
+    self.assertTrue(all('train/mfu' not in m for m in self.metrics if m not in timed))
+    self.assertEqual(steps.peak_flops(2.5e12, 'cpu'), 2.5e12)  # train.peak_flops wins.
+    self.assertIsNone(steps.peak_flops(0, 'no-such-backend'))
+    self.assertIsNone(steps.mfu(flops, 1.0, None))
+
+  def test_a_run_checks_the_config_fields_once(self):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+        mock.patch.object(config_lib, 'check_fields', wraps=config_lib.check_fields) as check:
+      trainer.train_and_evaluate(tiny_lm_config(**{'train.steps': 3}), os.path.join(tmp, 'run'))
+    self.assertEqual(check.call_count, 1)
 
   def test_crash_and_rerun_is_bit_identical(self):
     workdir = os.path.join(self.tmp.name, 'crashed')
@@ -153,7 +189,7 @@ class TrainerTest(absltest.TestCase):
     self.assertEqual(config.train.steps, 12)
     experiment = config_lib.validate_config(config)
     model = checkpoint.model_from_config(config, 'eval')
-    eval_step = jax.jit(trainer.make_eval_step(model))
+    eval_step = jax.jit(evaluation.make_eval_step(model))
     mesh = sharding_lib.make_mesh()
     sums = [eval_step(params, sharding_lib.put_batch(batch, mesh), i) for i, batch in enumerate(
         experiment.data.eval_batches(batch_size=config.train.batch_size, n_batches=2))]
@@ -363,10 +399,11 @@ class SampleTest(absltest.TestCase):
       del params, rng
       return np.asarray([[ord('x'), ord('y'), 0xE2]])  # Only the new tokens, like the real one.
 
-    fake = types.SimpleNamespace(autoregressive_sample=autoregressive_sample)
-    with mock.patch.dict(sys.modules, {'terraflax.decoding': fake}), \
-        mock.patch.object(terraflax, 'decoding', fake, create=True):
-      text = trainer.sample_text(experiment, params={})
+    c = experiment.config.sample
+    with mock.patch.object(decoding, 'autoregressive_sample', autoregressive_sample):
+      text = decoding.sample_text(experiment.spec, {}, c.prompt, max_new_tokens=c.max_new_tokens,
+                                  byte_level=experiment.data.info.byte_level,
+                                  temperature=c.temperature)
     self.assertLen(calls, 1)
     model, prompt, max_new_tokens, temperature = calls[0]
     self.assertEqual(model.layers[1].mode, 'predict')  # TinyLM's ShiftRight.
