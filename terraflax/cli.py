@@ -200,9 +200,25 @@ def _fail(name: str, e: BaseException, user_errors, argv=None):
 
 
 def quiet_logging() -> None:
-  """Hides absl/orbax INFO and WARNING logging unless `--verbosity` was given."""
+  """Hides absl/orbax INFO and WARNING logging unless `--verbosity` was given.
+
+  Also drops the 'Event loop is closed' tracebacks that tensorstore's reader
+  threads print (through `sys.unraisablehook`) when orbax gives up on a damaged
+  checkpoint while other reads are still in flight: the failure itself is
+  reported in one line by `workdir.restore_with_fallback`.
+  """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.ERROR)
+    sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+
+
+def _drop_closed_loop_errors(hook):
+  def unraisablehook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+      return
+    hook(unraisable)
+  return unraisablehook
 
 
 def run(main: Callable[[list[str]], Any], *, name: str, user_errors: Iterable[type] = (),

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import compiler
+from terraflax import errors
 from terraflax.combinators.scan import rngs_for_streams
 
 _NEG_INF = -jnp.inf
@@ -384,6 +385,25 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
   return state['fin_tokens'], state['fin_scores']
 
 
+class DecodingError(errors.UserError, ValueError):
+  """A decoding request the model cannot serve (e.g. more positions than it has)."""
+
+
+def check_length(prompt_len: int, max_new_tokens: int, max_len: int | None) -> None:
+  """Raises `DecodingError` when `prompt_len + max_new_tokens` exceeds `max_len`.
+
+  `max_len` is the model's number of positions (`config.model.max_len`, the
+  size of its decoding cache); None skips the check (a model without one).
+  """
+  if max_len is None:
+    return
+  if prompt_len + max_new_tokens > max_len:
+    raise DecodingError(
+        f'the prompt ({prompt_len} tokens) plus --max_new_tokens={max_new_tokens} needs '
+        f'{prompt_len + max_new_tokens} positions, more than the model has '
+        f'(config.model.max_len={max_len}); shorten the prompt or lower --max_new_tokens.')
+
+
 # ----------------------------------------------------------------------------
 # Command line: `python -m terraflax.decoding` (restores a checkpoint from a
 # training workdir and decodes; wired by the training system).
@@ -403,6 +423,9 @@ def main(argv):
   if data.TASKS.get(config.data.name, 'lm') != 'lm':
     sys.exit(f'terraflax.decoding: {f.workdir} holds a {data.TASKS[config.data.name]} model '
              f'(data.name={config.data.name!r}); only language models decode.')
+  byte_level = config.data.name in data.BYTE_LEVEL
+  check_length(len(f.prompt.encode('utf-8')) if byte_level else len(f.prompt.split()),
+               f.max_new_tokens, config.model.get('max_len'))
   model = checkpoint.model_from_config(config, 'predict')
   print(trainer.generate_text(
       model, params, f.prompt, max_new_tokens=f.max_new_tokens,
@@ -415,16 +438,21 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'A training workdir with checkpoints/ and config.json.')
   flags.DEFINE_string('prompt', '', 'Text to continue (token ids separated by spaces for '
                       'models that are not byte-level).')
-  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.')
-  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.')
-  flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens only.')
-  flags.DEFINE_float('top_p', None, 'Sample from the smallest set with this probability mass.')
+  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.',
+                       lower_bound=1)
+  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.', lower_bound=0.0)
+  flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens only.',
+                       lower_bound=1)
+  flags.DEFINE_float('top_p', None, 'Sample from the smallest set with this probability mass, '
+                     'in (0, 1].')
+  flags.register_validator('top_p', lambda p: p is None or 0.0 < p <= 1.0,
+                           message='--top_p must be in (0, 1] (the probability mass kept).')
   flags.DEFINE_integer('seed', 0, 'Seed of the sampling noise.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
   flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from terraflax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main, name='terraflax.decoding')
