@@ -284,7 +284,7 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 def restore_with_fallback(manager: ocp.CheckpointManager, restore_fn: Callable[[int], Any], *,
                           what: str, step: int | None = None,
-                          log: Callable[[str], None] = errors.notice) -> tuple[int, Any]:
+                          log: Callable[[str], None] | None = None) -> tuple[int, Any]:
   """(step, restore_fn(step)) for the newest step of `manager` that restores.
 
   Tries the latest step; when `restore_fn` raises, logs ONE line naming the
@@ -292,8 +292,10 @@ def restore_with_fallback(manager: ocp.CheckpointManager, restore_fn: Callable[[
   `step`, only that step is tried. Raises `WorkdirError` naming the
   checkpoint directory and the existing steps when none restores, or when
   there is no checkpoint. `what` names the thing restored in messages
-  ('parameters', 'the training state').
+  ('parameters', 'the training state'); `log` takes each one-line report
+  (default `terraflax.errors.notice`: stderr).
   """
+  log = errors.notice if log is None else log
   directory = str(manager.directory)
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
