@@ -27,8 +27,9 @@ NEEDS_TRAINER = pytest.mark.xfail(strict=True, reason='needs trainer integration
 
 def env(fault: str = '', **extra) -> dict:
   paths = [str(ROOT)] + ([str(FAULT_HOOK)] if fault else [])
-  out = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(paths), **extra)
+  out = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(paths))
   out.pop('TERRAFLAX_TRACEBACK', None)
+  out.update(extra)
   if fault:
     out['TERRAFLAX_FAULT'] = fault
   return out
@@ -58,13 +59,13 @@ def snapshot(directory) -> dict[str, str]:
   return out
 
 
-def assert_unchanged(before: dict[str, str], directory, *, appendable=()) -> None:
+def assert_unchanged(before: dict[str, str], directory, *, may_change=()) -> None:
   """Every file in `before` still exists under `directory` with the same bytes, and no
-  temporary file is left behind. Paths starting with one of `appendable` may have changed
-  (logs a run appends to)."""
+  temporary file is left behind. Paths starting with one of `may_change` are not
+  compared (logs a run appends to, a config.json a permitted resume rewrites)."""
   after = snapshot(directory)
   changed = sorted(p for p, digest in before.items()
-                   if after.get(p) != digest and not p.startswith(tuple(appendable)))
+                   if after.get(p) != digest and not p.startswith(tuple(may_change)))
   assert not changed, f'changed or removed: {changed}'
   temporary = sorted(p for p in set(after) - set(before) if p.endswith('.tmp'))
   assert not temporary, f'temporary files left: {temporary}'
