@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from terraflax import errors
 
 CHECKPOINT_DIR = 'checkpoints'
+DAMAGED_DIR = 'damaged_checkpoints'  # Steps set aside by a resume that fell back past them.
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
 ITEM_NAMES = ('params', 'opt_state', 'train', 'data')
@@ -57,6 +58,12 @@ class WorkdirError(errors.UserError, RuntimeError):
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `WORKDIR/checkpoints` holds a step directory (read-only: creates nothing)."""
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True,
@@ -284,7 +291,8 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 def restore_with_fallback(manager: ocp.CheckpointManager, restore_fn: Callable[[int], Any], *,
                           what: str, step: int | None = None,
-                          log: Callable[[str], None] | None = None) -> tuple[int, Any]:
+                          log: Callable[[str], None] | None = None,
+                          set_aside: bool = False) -> tuple[int, Any]:
   """(step, restore_fn(step)) for the newest step of `manager` that restores.
 
   Tries the latest step; when `restore_fn` raises, logs ONE line naming the
@@ -294,6 +302,11 @@ def restore_with_fallback(manager: ocp.CheckpointManager, restore_fn: Callable[[
   there is no checkpoint. `what` names the thing restored in messages
   ('parameters', 'the training state'); `log` takes each one-line report
   (default `terraflax.errors.notice`: stderr).
+
+  `set_aside=True` (a trainer about to save again; never readers) moves the
+  damaged steps newer than the one restored out of the manager's directory
+  into `WORKDIR/damaged_checkpoints/<step>` (renamed, not deleted; one more
+  log line) and reloads the manager, so that saving those steps again works.
   """
   log = errors.notice if log is None else log
   directory = str(manager.directory)
@@ -310,14 +323,44 @@ def restore_with_fallback(manager: ocp.CheckpointManager, restore_fn: Callable[[
   failures = []
   for i, s in enumerate(candidates):
     try:
-      return s, restore_fn(s)
+      restored = restore_fn(s)
     except Exception as e:  # pylint: disable=broad-except  # Any restore failure: try older.
       failures.append(f'step {s}: {_first_line(e)}')
       later = (f'; trying step {candidates[i + 1]}' if i + 1 < len(candidates) else '')
       log(f'cannot restore {what} from the checkpoint at step {s} in {directory} '
           f'({_first_line(e)}){later}.')
+      continue
+    if set_aside and i:
+      _set_aside(manager, candidates[:i], log)
+    return s, restored
   raise WorkdirError(f'no checkpoint in {directory} restores {what} (steps '
                      f'{", ".join(map(str, sorted(steps)))}; newest error: {failures[0]}).')
+
+
+def _set_aside(manager, steps, log) -> None:
+  """Renames the step directories `steps` of `manager` into DAMAGED_DIR beside it; reloads."""
+  directory = os.fspath(manager.directory)
+  target_dir = os.path.join(os.path.dirname(directory), DAMAGED_DIR)
+  moved = []
+  for step in steps:
+    source = os.path.join(directory, str(step))
+    if not os.path.isdir(source):
+      continue
+    target = os.path.join(target_dir, str(step))
+    n = 1
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(target_dir, f'{step}.{n}')
+    try:
+      os.makedirs(target_dir, exist_ok=True)
+      os.rename(source, target)
+    except OSError as e:
+      raise WorkdirError(f'cannot move the damaged checkpoint {source} aside to {target}: '
+                         f'{os_error_text(e)}') from e
+    moved.append(target)
+  if moved:
+    log(f'moved the damaged checkpoint(s) aside (kept, not deleted): {", ".join(moved)}.')
+    manager.reload()
 
 
 def save_params(workdir: str, step: int, params) -> None:

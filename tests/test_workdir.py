@@ -248,6 +248,33 @@ class LoadParamsTest(_TestCase):
     self.assertIn('checkpoint at step 20', notice.call_args[0][0])
     self.assertTrue(os.path.isdir(os.path.join(workdir, 'checkpoints', '20')))  # Kept.
 
+  def test_set_aside_moves_the_damaged_newer_steps(self):
+    workdir = self._workdir()
+    self._truncate(workdir, 20)
+    manager = workdir_lib.make_manager(workdir, async_save=False)
+    lines = []
+
+    def restore(step):
+      return manager.restore(step, args=workdir_lib.ocp.args.Composite(
+          params=workdir_lib.ocp.args.StandardRestore()))['params']
+
+    try:
+      step, params = workdir_lib.restore_with_fallback(manager, restore, what='parameters',
+                                                       log=lines.append, set_aside=True)
+      self.assertEqual(step, 10)
+      np.testing.assert_array_equal(params['w'], np.full((3, 4), 10, np.float32))
+      self.assertEqual(manager.all_steps(), [10])
+      manager.save(20, args=workdir_lib.ocp.args.Composite(
+          params=workdir_lib.ocp.args.StandardSave({'w': np.zeros((3, 4), np.float32)})))
+      manager.wait_until_finished()
+    finally:
+      manager.close()
+    self.assertLen(lines, 2)
+    self.assertIn(os.path.join(workdir, 'damaged_checkpoints', '20'), lines[1])
+    self.assertTrue(os.path.exists(
+        os.path.join(workdir, 'damaged_checkpoints', '20', 'params', '_METADATA')))
+    self.assertEqual(workdir_lib.load_params(workdir)[2], 20)
+
   def test_none_intact(self):
     workdir = self._workdir()
     self._truncate(workdir, 10)

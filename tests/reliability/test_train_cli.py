@@ -33,8 +33,8 @@ def test_resume_with_another_optimizer_is_refused(workdir):
 @NEEDS_TRAINER
 def test_resume_with_changed_optimizer_settings_is_refused(workdir):
   before = helpers.snapshot(workdir)
-  result = train(workdir, '--config.optimizer.weight_decay=0.1')
-  assert_one_line_error(result, CLI, 'optimizer.weight_decay: 0.0 -> 0.1')
+  result = train(workdir, '--config.optimizer.b1=0.8')
+  assert_one_line_error(result, CLI, 'optimizer.b1: 0.9 -> 0.8')
   helpers.assert_unchanged(before, workdir)
 
 
@@ -76,6 +76,9 @@ def test_damaged_latest_checkpoint_resumes_from_the_older_one(workdir):
   assert len(notices) == 1 and 'trying step 10' in notices[0], result.stderr[-3000:]
   assert 'Resumed from the checkpoint at step 10' in result.stdout
   helpers.assert_unchanged(before, os.path.join(workdir, 'checkpoints', '10'))
+  # The damaged step is kept, out of orbax's way, and step 20 is written afresh.
+  assert os.path.isdir(os.path.join(workdir, 'damaged_checkpoints', '20'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
 
 
 @NEEDS_TRAINER  # eval_only passes the latest step explicitly: no fallback.
