@@ -53,7 +53,8 @@ class CliError(errors.UserError):
 # The config file flag.
 
 def define_config_file(name: str = 'config', *, defaults: dict[str, Any] | None = None,
-                       help_string: str = 'Path to a configs/*.py file.'):
+                       help_string: str = 'Path to a configs/*.py file.',
+                       flag_values: flags.FlagValues = flags.FLAGS):
   """`--<name>=configs/X.py[:arg]` with `--<name>.a.b=value` overrides; returns the FlagHolder.
 
   Like `config_flags.DEFINE_config_file(name, lock_config=True)`, but the file
@@ -63,8 +64,9 @@ def define_config_file(name: str = 'config', *, defaults: dict[str, Any] | None 
   fields are overridable on every config), and an override naming a field the
   config does not have is one line with the closest field name.
   """
-  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
-  flags.FLAGS[name].parser = _ConfigFileParser(name, dict(defaults or {}))
+  holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
+                                           lock_config=True)
+  flag_values[name].parser = _ConfigFileParser(name, dict(defaults or {}))
   return holder
 
 
