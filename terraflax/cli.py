@@ -140,6 +140,8 @@ class _ConfigFileParser(flags.ArgumentParser):
       for field, value in self.defaults.items():
         if not _has_field(config, field):
           _set_field(config, field, value)
+    # Left alone, ml_collections' _ConfigFlag._parse would fail on such an override in
+    # config_path.get_type (a bare AttributeError, a traceback): check them here first.
     fields = flat_fields(config)
     for field in _override_names(self.name, sys.argv if _ARGV is None else _ARGV):
       if not _has_field(config, field):

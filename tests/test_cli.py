@@ -60,7 +60,8 @@ class ConfigFileTest(absltest.TestCase):
     return holder.value
 
   def test_defaults_filled_and_overridable(self):
-    config = self.parse([f'--config={self.path}', '--config.init_from=/w', '--config.train.steps=5'],
+    config = self.parse([f'--config={self.path}', '--config.init_from=/w',
+                         '--config.train.steps=5'],
                         defaults={'init_from': '', 'train.log_every': 100, 'train.steps': 1})
     self.assertEqual(config.init_from, '/w')
     self.assertEqual(config.train.log_every, 100)
