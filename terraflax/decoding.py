@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import compiler
+from terraflax import errors
 from terraflax import rng as rng_lib
 from terraflax.models import spec as spec_lib
 
@@ -385,6 +386,25 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
   return state['fin_tokens'], state['fin_scores']
 
 
+class DecodingError(errors.UserError, ValueError):
+  """A decoding request the model cannot serve (e.g. more positions than it has)."""
+
+
+def check_length(prompt_len: int, max_new_tokens: int, max_len: int | None) -> None:
+  """Raises `DecodingError` when `prompt_len + max_new_tokens` exceeds `max_len`.
+
+  `max_len` is the model's number of positions (`config.model.max_len`, the
+  size of its decoding cache); None skips the check (a model without one).
+  """
+  if max_len is None:
+    return
+  if prompt_len + max_new_tokens > max_len:
+    raise DecodingError(
+        f'the prompt ({prompt_len} tokens) plus --max_new_tokens={max_new_tokens} needs '
+        f'{prompt_len + max_new_tokens} positions, more than the model has '
+        f'(config.model.max_len={max_len}); shorten the prompt or lower --max_new_tokens.')
+
+
 # ----------------------------------------------------------------------------
 # Text in, text out: the trainer's end-of-training sample and the command line.
 
@@ -430,9 +450,12 @@ def main(argv):
   if spec.task != 'lm':
     sys.exit(f'terraflax.decoding: {f.workdir} holds a {spec.task} model '
              f'(data.name={config.data.name!r}); only language models decode.')
+  byte_level = config.data.name in spec_lib.BYTE_LEVEL
+  check_length(len(f.prompt.encode('utf-8')) if byte_level else len(f.prompt.split()),
+               f.max_new_tokens, config.model.get('max_len'))
   print(generate_text(
       spec.build('predict'), params, f.prompt, max_new_tokens=f.max_new_tokens,
-      byte_level=config.data.name in spec_lib.BYTE_LEVEL, temperature=f.temperature,
+      byte_level=byte_level, temperature=f.temperature,
       top_k=f.top_k, top_p=f.top_p, seed=f.seed), flush=True)
 
 
@@ -441,16 +464,21 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'A training workdir with checkpoints/ and config.json.')
   flags.DEFINE_string('prompt', '', 'Text to continue (token ids separated by spaces for '
                       'models that are not byte-level).')
-  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.')
-  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.')
-  flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens only.')
-  flags.DEFINE_float('top_p', None, 'Sample from the smallest set with this probability mass.')
+  flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.',
+                       lower_bound=1)
+  flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.', lower_bound=0.0)
+  flags.DEFINE_integer('top_k', None, 'Sample from the k most likely tokens only.',
+                       lower_bound=1)
+  flags.DEFINE_float('top_p', None, 'Sample from the smallest set with this probability mass, '
+                     'in (0, 1].')
+  flags.register_validator('top_p', lambda p: p is None or 0.0 < p <= 1.0,
+                           message='--top_p must be in (0, 1] (the probability mass kept).')
   flags.DEFINE_integer('seed', 0, 'Seed of the sampling noise.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
   flags.mark_flag_as_required('workdir')
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from terraflax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  cli.run(main, name='terraflax.decoding')

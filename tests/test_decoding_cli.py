@@ -72,5 +72,18 @@ class DecodingCliTest(absltest.TestCase):
     self.assertNotIn('Traceback', result.stderr)
 
 
+class CheckLengthTest(absltest.TestCase):
+
+  def test_fits(self):
+    decoding.check_length(60, 4, 64)  # Exactly the model's positions.
+    decoding.check_length(10**6, 10**6, None)  # No max_len: not checked.
+
+  def test_too_long_names_both_numbers(self):
+    with self.assertRaisesRegex(decoding.DecodingError,
+                                r'prompt \(100 tokens\) plus --max_new_tokens=5 needs 105 '
+                                r'positions.*config.model.max_len=64'):
+      decoding.check_length(100, 5, 64)
+
+
 if __name__ == '__main__':
   absltest.main()
