@@ -48,6 +48,8 @@ ITEM_NAMES = ('params', 'opt_state', 'train', 'data')
 RESUMABLE_FIELDS = (
     'train.steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoints',
+    'train.peak_flops', 'train.divergence_factor', 'train.divergence_window',
+    'train.divergence_bound', 'train.stop_on_divergence',
     'sample.*', 'eval.*', 'distributed.*',
 )
 

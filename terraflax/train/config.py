@@ -115,6 +115,14 @@ SCHEMA: dict[str, Field] = {
     # Peak FLOP/s of one device, for train/mfu (model FLOPs utilisation); 0: the backend's
     # entry in trainer.PEAK_FLOPS (cpu 180e9, float32), no MFU for a backend not listed.
     'train.peak_flops': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
+    # Divergence guard (`guard.py`): a logged train loss above divergence_factor x the best of
+    # the last divergence_window logs, or above divergence_bound (0: off), is a loud warning and
+    # `train/diverging: 1` in metrics.jsonl; stop_on_divergence also stops the run.
+    'train.divergence_factor': Field((int, float), 1e3, lambda v: v > 1, 'a number > 1'),
+    'train.divergence_window': Field(int, 10, _positive, 'a positive int'),
+    'train.divergence_bound': Field((int, float), 0.0, _non_negative,
+                                    'a non-negative number (0: off)'),
+    'train.stop_on_divergence': Field(bool, False),
     # optimizer
     'optimizer.name': _one_of('adam', 'adamw', 'adafactor', 'sgd'),
     'optimizer.learning_rate': Field((int, float), 1e-3, _positive, 'a positive number'),

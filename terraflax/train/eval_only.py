@@ -41,9 +41,11 @@ import json
 import os
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 
+from terraflax import workdir as workdir_lib
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
 from terraflax.train import evaluation
@@ -167,7 +169,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f'with the config.eval.* overrides {overrides}: {e}') from None
 
-  _, params = ckpt.load_for_inference(workdir, step)
+  # The latest step falls back to the newest intact one (reported) if it is damaged.
+  _, params, step = workdir_lib.load_params(
+      workdir, config.eval.step or None, nn.meta.unbox(experiment.abstract_variables['params']))
   mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
   replicated = sharding_lib.replicated(mesh)
   params = jax.device_put(params, replicated)

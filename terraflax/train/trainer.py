@@ -29,7 +29,9 @@ The parameter counts (total, trained) are printed and written to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable
@@ -39,10 +41,12 @@ import jax
 import jax.numpy as jnp
 
 from terraflax import decoding
+from terraflax import workdir as workdir_lib
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
 from terraflax.train import distill as distill_lib
 from terraflax.train import eval_only
+from terraflax.train import guard as guard_lib
 from terraflax.train import metrics as metrics_lib
 from terraflax.train import optimizers
 from terraflax.train import preemption
@@ -72,15 +76,17 @@ class Prepared:
 
 def prepare_workdir(config, workdir: str, mesh,
                     fresh_state: Callable[[int], tuple[TrainState, dict | None]]) -> Prepared:
-  """The workdir set-up of a run: mkdir, config.json, checkpoint manager, start step, restore.
+  """The workdir set-up of a run: check a resume, restore, then write config.json.
 
+  The workdir's contract (README, "The workdir"): a resume whose settings
+  differ from `WORKDIR/config.json` beyond `workdir.RESUMABLE_FIELDS` is
+  refused before anything is written; the latest checkpoint that restores is
+  used (damaged newer steps are reported and moved to `damaged_checkpoints/`,
+  never deleted); only then is config.json written, atomically.
   `fresh_state(start)` gives (freshly initialised state, init_from report);
-  when the workdir holds a checkpoint it is the layout the latest one is
-  restored into.
+  when the workdir holds a checkpoint it is the layout it is restored into.
   """
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    ckpt.write_config(workdir, config)
+  _refuse_changed_resume(config, workdir)
   t = config.train
   manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
   start = manager.latest_step() or 0
@@ -88,13 +94,30 @@ def prepare_workdir(config, workdir: str, mesh,
   pending = jax.device_put(steps_lib.zero_pending(), sharding_lib.replicated(mesh))
   data_state = None
   if start:
-    params, opt_state, train_items, data_state = ckpt.restore(
-        manager, start, params=state.params, opt_state=state.opt_state,
-        train={'step': state.step, 'rng': state.rng, 'pending': pending})
+    start, (params, opt_state, train_items, data_state) = workdir_lib.restore_with_fallback(
+        manager, lambda step: ckpt.restore(
+            manager, step, params=state.params, opt_state=state.opt_state,
+            train={'step': state.step, 'rng': state.rng, 'pending': pending}),
+        what='the training state', set_aside=jax.process_index() == 0)
     state = TrainState(step=train_items['step'], params=params, opt_state=opt_state,
                        rng=train_items['rng'])
     pending = train_items['pending']
+  if jax.process_index() == 0:
+    ckpt.write_config(workdir, config)
   return Prepared(manager, start, state, pending, data_state, init_report)
+
+
+def _refuse_changed_resume(config, workdir: str) -> None:
+  """`ConfigError` listing the fields that differ from a workdir's run, before any write."""
+  if not (workdir_lib.has_checkpoints(workdir)
+          and os.path.exists(os.path.join(workdir, ckpt.CONFIG_FILE))):
+    return
+  conflicts = workdir_lib.resume_conflicts(workdir_lib.read_config(workdir), config)
+  if conflicts:
+    raise config_lib.ConfigError(
+        f'{workdir} holds a run with other settings ({"; ".join(conflicts)}); resuming may '
+        f'change only {", ".join(workdir_lib.RESUMABLE_FIELDS)}. Start elsewhere with a new '
+        '--workdir, or fine-tune from this one with --config.init_from=' + workdir + '.')
 
 
 @dataclasses.dataclass
@@ -116,6 +139,7 @@ class _Run:
   schedule: Callable
   teacher_args: tuple
   began: float
+  guard: guard_lib.DivergenceGuard | None = None
   compiled_step: Callable | None = None
   flops: float | None = None  # Per train step and device (XLA's cost analysis).
 
@@ -159,8 +183,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Eval-only runs (`config.eval.*`) are `eval_only.evaluate_checkpoint`'s;
   `python -m terraflax.train` chooses between the two.
   """
-  with preemption.StopSignal() as stop:  # From the start: SIGTERM in set-up stops after step 1.
-    run = _set_up(config, workdir)
+  # From the start: SIGTERM in set-up stops after step 1. The workdir lock is held to the end.
+  with preemption.StopSignal() as stop, contextlib.ExitStack() as held:
+    run = _set_up(config, workdir, held)
     try:
       last, stopped = _loop(run, stop)
     finally:
@@ -172,8 +197,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return last
 
 
-def _set_up(config, workdir: str) -> _Run:
-  """Validates `config` (checking its fields once) and prepares everything the loop needs."""
+def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
+  """Validates `config` (checking its fields once) and prepares everything the loop needs.
+
+  The workdir lock (`workdir.WorkdirLock`, process 0) enters `held` once the
+  config is valid: a second trainer on the same workdir refuses at once.
+  """
   began = time.time()
   config = config_lib.check_fields(config)
   if eval_only.requested(config):
@@ -186,6 +215,8 @@ def _set_up(config, workdir: str) -> _Run:
   config, data, t = experiment.config, experiment.data, experiment.config.train
   mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
   replicated = sharding_lib.replicated(mesh)
+  if jax.process_index() == 0:
+    held.enter_context(workdir_lib.WorkdirLock(workdir))
   tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
   teacher, teacher_params = None, None
   if config.distill.teacher_workdir:
@@ -218,7 +249,15 @@ def _set_up(config, workdir: str) -> _Run:
               pending=prepared.pending,
               health=jax.device_put(jnp.array(-1, jnp.int32), replicated), data_iter=data_iter,
               train_step=train_step, eval_step=eval_step, schedule=schedule,
-              teacher_args=teacher_args, began=began)
+              teacher_args=teacher_args, began=began, guard=_divergence_guard(experiment))
+
+
+def _divergence_guard(experiment: config_lib.Experiment) -> guard_lib.DivergenceGuard:
+  """The `train.divergence_*` guard; a uniform guess's loss, log(vocab), counts as logged."""
+  t, vocab = experiment.config.train, experiment.data.info.vocab_size
+  return guard_lib.DivergenceGuard(
+      factor=t.divergence_factor, window=t.divergence_window, bound=t.divergence_bound,
+      stop=t.stop_on_divergence, baseline=math.log(vocab) if vocab and vocab > 1 else 0.0)
 
 
 def _load_init_from(experiment: config_lib.Experiment):
@@ -322,7 +361,17 @@ def _evaluate(run: _Run, step: int, timer: _Timer) -> dict[str, float]:
 
 
 def _log(run: _Run, step: int, scalars: dict[str, float], seconds_per_step: float) -> None:
+  warning = run.guard.update(step, scalars['train/loss']) if 'train/loss' in scalars else None
+  if warning:
+    scalars['train/diverging'] = 1
   run.writer.write(step, scalars)
+  if warning:
+    run.writer.info(f'WARNING: {warning}')
+    if run.guard.stop:
+      run.manager.wait_until_finished()
+      raise TrainingDivergedError(
+          f'{warning} Stopped (train.stop_on_divergence) without saving; the last checkpoint '
+          f'is step {run.manager.latest_step()} in {ckpt.checkpoint_dir(run.workdir)}.')
   if 'train/loss' in scalars:
     run.writer.progress(step, scalars, seconds_per_step)
   if any(k.startswith('eval/') for k in scalars):

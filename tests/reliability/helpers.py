@@ -22,7 +22,6 @@ TINY = ('--config.train.steps=20', '--config.train.batch_size=4', '--config.data
         '--config.model.d_ff=64', '--config.model.n_layers=1', '--config.model.max_len=64',
         '--config.train.checkpoint_every=10', '--config.train.eval_batches=1',
         '--config.sample.max_new_tokens=0')
-NEEDS_TRAINER = pytest.mark.xfail(strict=True, reason='needs trainer integration')
 
 
 def env(fault: str = '', **extra) -> dict:

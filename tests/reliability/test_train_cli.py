@@ -8,14 +8,14 @@ import sys
 import time
 
 from tests.reliability import helpers
-from tests.reliability.helpers import NEEDS_TRAINER, TINY, assert_one_line_error, train
+from tests.reliability.helpers import TINY, assert_one_line_error, train
 
 CLI = 'terraflax.train'
 
 
 # Defect 1: a rejected resume must not touch config.json (or anything else).
 
-@NEEDS_TRAINER
+
 def test_resume_with_a_changed_model_is_refused(workdir):
   before = helpers.snapshot(workdir)
   result = train(workdir, '--config.model.d_model=64')
@@ -23,7 +23,7 @@ def test_resume_with_a_changed_model_is_refused(workdir):
   helpers.assert_unchanged(before, workdir)
 
 
-@NEEDS_TRAINER
+
 def test_resume_with_another_optimizer_is_refused(workdir):
   before = helpers.snapshot(workdir)
   result = train(workdir, '--config.optimizer.name=sgd')
@@ -31,7 +31,7 @@ def test_resume_with_another_optimizer_is_refused(workdir):
   helpers.assert_unchanged(before, workdir)
 
 
-@NEEDS_TRAINER
+
 def test_resume_with_changed_optimizer_settings_is_refused(workdir):
   before = helpers.snapshot(workdir)
   result = train(workdir, '--config.optimizer.b1=0.8')
@@ -66,7 +66,7 @@ def test_full_disk_during_a_save(workdir):
 
 # Defect 2: a damaged latest checkpoint.
 
-@NEEDS_TRAINER
+
 def test_damaged_latest_checkpoint_resumes_from_the_older_one(workdir):
   helpers.damage(workdir, 20)
   before = helpers.snapshot(os.path.join(workdir, 'checkpoints', '10'))
@@ -82,7 +82,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_older_one(workdir):
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20']
 
 
-@NEEDS_TRAINER  # eval_only passes the latest step explicitly: no fallback.
+
 def test_eval_only_on_a_damaged_latest_checkpoint_scores_the_older_one(workdir):
   helpers.damage(workdir, 20)
   result = train(workdir, '--config.eval.only=True')
@@ -93,7 +93,7 @@ def test_eval_only_on_a_damaged_latest_checkpoint_scores_the_older_one(workdir):
 
 # Defect 3: one trainer per workdir.
 
-@NEEDS_TRAINER
+
 def test_second_trainer_on_a_workdir_refuses_at_once(tmp_path):
   workdir = str(tmp_path / 'run')
   args = [sys.executable, '-m', 'terraflax.train', f'--config={helpers.CONFIG}',
@@ -125,7 +125,7 @@ def test_second_trainer_on_a_workdir_refuses_at_once(tmp_path):
 
 # Defect 6: quiet divergence.
 
-@NEEDS_TRAINER
+
 def test_divergence_is_reported(tmp_path):
   workdir = str(tmp_path / 'run')
   result = train(workdir, '--config.optimizer.learning_rate=1e6', '--config.train.log_every=5')
