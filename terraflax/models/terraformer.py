@@ -44,7 +44,8 @@ from terraflax.models.common import (
     no_new_and_old)
 
 MERGE_KINDS = ('concat', 'mean')
-LSH_LAYER_CHUNK_LEN = 128  # `LSHSelfAttention.chunk_len`'s default: what old configs got.
+LSH_LAYER_CHUNK_LEN = 128  # `LSHSelfAttention.chunk_len`'s default: what old configs got,
+LSH_LAYER_D_HEAD = 64  # and its d_qk / d_v default.
 
 # Old keyword names (one release): old name -> new spelling.
 DEPRECATED = {
@@ -67,6 +68,10 @@ def _translate(model):
                          "attention_type='lsh'; set LSH's own chunk length with "
                          "attention=LSH(chunk_len=...).")
       options.setdefault('chunk_len', LSH_LAYER_CHUNK_LEN)
+      for size in ('d_qk', 'd_v'):  # Old LSH layers had LSHSelfAttention's per-head default.
+        kwargs[size] = options.pop(size, LSH_LAYER_D_HEAD)
+    elif 'd_qk' in options or 'd_v' in options:
+      kwargs.update({size: options.pop(size) for size in ('d_qk', 'd_v') if size in options})
     elif chunk_len is not None:
       options['query_chunk_len'] = chunk_len
     (spec,) = attn.specs_from({'kind': kind, **options},
@@ -171,15 +176,23 @@ def _two_streams(block, *, n_layers: int, reversible: bool, merge_streams: str, 
   ]
 
 
-def _self_attention(spec, *, n_heads, dropout, max_len, mode, dtype):
-  """The causal self-attention layer of `spec`, [x] -> [y], 1 -> 1 (layer-default d_qk, d_v)."""
-  return attn.SelfAttention(spec, n_heads=n_heads, d_qk=None, d_v=None, causal=True, mode=mode,
+def _self_attention(spec, *, d_model, n_heads, d_qk, d_v, dropout, max_len, mode, dtype):
+  """The causal self-attention layer of `spec`: [x] -> [y], (b, l, d) -> (b, l, d); 1 -> 1.
+
+  d_qk / d_v None: d_model // n_heads ('full' and 'sparse_qkv' derive it
+  themselves, so their parameters are those they always had).
+  """
+  if isinstance(spec, (attn.LSH, attn.Local)):
+    d_qk = d_qk or d_model // n_heads
+    d_v = d_v or d_model // n_heads
+  return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
                             dtype=dtype, dropout=dropout, max_len=max_len)
 
 
 @deprecated_arguments(DEPRECATED, _translate('TerraformerLM'))
 def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
-                  n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1,
+                  n_layers: int = 6, n_heads: int = 8, d_qk: int | None = None,
+                  d_v: int | None = None, dropout: float = 0.1,
                   max_len: int = 2048, mode: str = 'train', dtype=None,
                   attention: Any = attn.SparseQKV(),
                   ff_sparsity: int | None = 32, ff_d_lowrank: int = 64,
@@ -198,6 +211,8 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     d_ff: feed-forward hidden width.
     n_layers: number of decoder blocks (scanned).
     n_heads: attention heads (must divide d_model).
+    d_qk, d_v: per-head widths of the self-attention's queries/keys and values
+      (default d_model // n_heads).
     dropout: dropout rate (residuals, embeddings, attention, feed-forward).
     max_len: longest sequence (positional table, predict-mode cache, LSH's
       default predict_mem_len).
@@ -219,8 +234,8 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                      ff_d_lowrank=ff_d_lowrank, ff_temperature=ff_temperature,
                      ff_quant_prob=ff_quant_prob, reversible=reversible,
                      merge_streams=merge_streams, vocab_size=vocab_size, d_model=d_model,
-                     d_ff=d_ff, n_layers=n_layers, n_heads=n_heads, dropout=dropout,
-                     max_len=max_len, ff_chunk_len=ff_chunk_len)
+                     d_ff=d_ff, n_layers=n_layers, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
+                     dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len)
   pattern = attn.pattern(attention, n_layers, where='TerraformerLM attention')
   dtype = compute_dtype(dtype)
   ff = dict(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode, dtype=dtype,
@@ -229,8 +244,9 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
   block = []
   for spec in pattern:
     block += [
-        _attention_half(_self_attention(spec, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                                        mode=mode, dtype=dtype),
+        _attention_half(_self_attention(spec, d_model=d_model, n_heads=n_heads, d_qk=d_qk,
+                                        d_v=d_v, dropout=dropout, max_len=max_len, mode=mode,
+                                        dtype=dtype),
                         n_context=0, recording=bool(ff_sparsity), dropout=dropout, mode=mode),
         cb.ReversibleSwap(),
         _feed_forward_half(ff_sparsity, **ff),
@@ -251,7 +267,8 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
 def Terraformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint: disable=invalid-name
                 d_model: int = 512, d_ff: int = 2048, n_layers: int = 6,
                 n_encoder_layers: int | None = None, n_decoder_layers: int | None = None,
-                n_heads: int = 8, dropout: float = 0.1, max_len: int = 2048,
+                n_heads: int = 8, d_qk: int | None = None, d_v: int | None = None,
+                dropout: float = 0.1, max_len: int = 2048,
                 mode: str = 'train', dtype=None, attention: Any = attn.SparseQKV(),
                 ff_sparsity: int | None = 32, ff_d_lowrank: int = 64,
                 ff_temperature: float = 0.1, ff_quant_prob: float = 0.3,
@@ -282,7 +299,7 @@ def Terraformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
                      merge_streams=merge_streams, vocab_size=vocab_size,
                      output_vocab_size=output_vocab_size, d_model=d_model, d_ff=d_ff,
                      n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
-                     n_heads=n_heads, dropout=dropout, max_len=max_len,
+                     n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=dropout, max_len=max_len,
                      ff_chunk_len=ff_chunk_len)
   pattern = attn.pattern(attention, n_decoder_layers, where='Terraformer attention')
   chunk_len = attn.query_chunk_len(pattern[0])
@@ -315,8 +332,9 @@ def Terraformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
   decoder_block = []
   for spec in pattern:
     decoder_block += [
-        _attention_half(_self_attention(spec, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                                        mode=mode, dtype=dtype),
+        _attention_half(_self_attention(spec, d_model=d_model, n_heads=n_heads, d_qk=d_qk,
+                                        d_v=d_v, dropout=dropout, max_len=max_len, mode=mode,
+                                        dtype=dtype),
                         n_context=0, recording=recording, dropout=dropout, mode=mode),
         cb.ReversibleSwap(),
         _attention_half(tl.EncDecAttention(n_heads=n_heads, dropout=dropout, chunk_len=chunk_len,
