@@ -56,12 +56,17 @@ def upgrade_full_attention(model):
   return translate
 
 
-def _attention_residual(spec, *, causal, n_heads, dropout, max_len, mode, dtype):
-  """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'."""
+def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype):
+  """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'.
+
+  Per-head widths are d_model // n_heads ('full' layers derive them themselves).
+  """
+  (spec,) = attn.specs_from(spec, where='attention')
+  d_head = d_model // n_heads if isinstance(spec, (attn.LSH, attn.Local)) else None
   return cb.Residual(
       tl.LayerNorm(),
-      attn.SelfAttention(spec, n_heads=n_heads, d_qk=None, d_v=None, causal=causal, mode=mode,
-                         dtype=dtype, dropout=dropout, max_len=max_len),
+      attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=causal,
+                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len),
       tl.Dropout(dropout, mode=mode))
 
 
@@ -73,8 +78,8 @@ def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None, 
   feed-forward residual blocks.
   """
   return [
-      _attention_residual(attention, causal=True, n_heads=n_heads, dropout=dropout,
-                          max_len=max_len, mode=mode, dtype=dtype),
+      _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
+                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype),
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -87,8 +92,8 @@ def EncoderBlock(*, d_model, d_ff, n_heads, dropout, mode, dtype=None,  # pylint
   and 'lsh' take no mask), then feed-forward.
   """
   return [
-      _attention_residual(attention, causal=False, n_heads=n_heads, dropout=dropout,
-                          max_len=2048, mode=mode, dtype=dtype),  # stack: x, mask
+      _attention_residual(attention, d_model=d_model, causal=False, n_heads=n_heads,
+                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype),  # stack: x, mask
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -118,8 +123,8 @@ def EncoderDecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype
   """
   (spec,) = attn.specs_from(attention, where='EncoderDecoderBlock attention')
   return [
-      _attention_residual(spec, causal=True, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                          mode=mode, dtype=dtype),
+      _attention_residual(spec, d_model=d_model, causal=True, n_heads=n_heads, dropout=dropout,
+                          max_len=max_len, mode=mode, dtype=dtype),
       cb.Residual(
           tl.LayerNorm(),
           tl.EncDecAttention(n_heads=n_heads, dropout=dropout,
