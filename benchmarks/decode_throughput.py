@@ -48,12 +48,13 @@ from train_throughput import cell, load_average, ratio, run_json  # noqa: E402  
 
 def build(name: str, mode: str):
   import terraflax.models as tm  # pylint: disable=import-outside-toplevel
+  from terraflax.models.attention import LSH  # pylint: disable=import-outside-toplevel
   if name == 'transformer':
     return tm.TransformerLM(**SIZE, mode=mode)
   if name == 'reformer':
-    return tm.ReformerLM(**SIZE, mode=mode, attention_type='lsh', n_hashes=4, chunk_len=64,
-                         n_buckets=None, pos_type='axial', axial_shape=(16, 32),
-                         axial_d_embs=(64, 192), ff_activation='fast_gelu', reversible=True)
+    return tm.ReformerLM(**SIZE, mode=mode, attention=LSH(n_hashes=4, chunk_len=64),
+                         positions={'kind': 'axial', 'shape': (16, 32), 'd_embs': (64, 192)},
+                         ff_activation='fast_gelu', reversible=True)
   if name == 'terraformer':
     return tm.TerraformerLM(**SIZE, mode=mode)
   raise ValueError(f'--models: unknown model {name!r}; valid: transformer, reformer, terraformer')

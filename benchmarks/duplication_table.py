@@ -82,9 +82,10 @@ def attention_fields(kind, seq_len: int, chunk_len: int, prefix: str) -> dict:
   if kind == 'full':
     if prefix == 'eval':
       return {'eval.attention': 'full'}
-    return {'model.n_hashes': 1, 'model.n_buckets': 1, 'model.chunk_len': seq_len,
-            'model.n_chunks_before': 0}
+    return {'model.attention.n_hashes': 1, 'model.attention.n_buckets': 1,
+            'model.attention.chunk_len': seq_len, 'model.attention.n_chunks_before': 0}
   rule = -1 if prefix == 'eval' else None  # Trax's rule from the length.
+  prefix = 'model.attention' if prefix == 'model' else prefix
   return {f'{prefix}.n_hashes': kind, f'{prefix}.n_buckets': rule,
           f'{prefix}.chunk_len': chunk_len, f'{prefix}.n_chunks_before': 1}
 
@@ -103,7 +104,7 @@ def row_overrides(kind, extra: dict) -> dict:
 
 def make_config(overrides: dict):
   config = base_config()
-  config.update_from_flattened_dict(overrides)  # {'model.n_hashes': 4, ...}
+  config.update_from_flattened_dict(overrides)  # {'model.attention.n_hashes': 4, ...}
   return config
 
 
@@ -185,7 +186,7 @@ def main(argv):
   m = make_config(row_overrides(rows[0], extra))
   print(f'Scale: |w| = {w} (seq_len {seq_len}), symbols 1..{m.data.vocab_size - 1}, '
         f'{m.model.n_layers} layer(s), d_model {m.model.d_model}, d_ff {m.model.d_ff}, '
-        f'{m.model.n_heads} heads, {m.model.pos_type} positions; {steps} steps of batch '
+        f'{m.model.n_heads} heads, {m.model.positions} positions; {steps} steps of batch '
         f'{_BATCH.value} ({m.optimizer.name}, lr {_LR.value:g}, '
         f'{_WARMUP.value} warm-up steps, cosine decay); LSH chunks of {_CHUNK.value} with '
         f'{2 * seq_len // _CHUNK.value} buckets; {_EVAL_EXAMPLES.value} evaluation sequences. '

@@ -50,14 +50,16 @@ def make_config(args):
   else:
     config.model.max_len = args.seq_len  # predict_mem_len = max_len = the training length
     config.sample.max_new_tokens = 0
-  config.model.attention_type = 'lsh'
+  config.model.attention.kind = 'lsh'
   config.model.d_model = args.d_model
   config.model.d_ff = 2 * args.d_model
   config.model.n_layers = args.n_layers
   config.model.n_heads = args.n_heads
-  config.model.n_hashes = args.n_hashes
-  config.model.n_buckets = args.n_buckets
-  config.model.chunk_len = args.chunk_len
+  config.model.attention.n_hashes = args.n_hashes
+  if 'n_buckets' in config.model.attention:
+    del config.model.attention['n_buckets']  # An int or a placeholder in the base configs.
+  config.model.attention.n_buckets = args.n_buckets
+  config.model.attention.chunk_len = args.chunk_len
   config.train.steps = args.steps
   config.train.batch_size = args.batch
   config.train.log_every = 100
@@ -134,8 +136,8 @@ def main():
   predict = predict_log_probs(jax.random.key(303))
   m = config.model
   print(f'\nReformerLM on {args.task}, {args.steps} steps: d_model {m.d_model}, {m.n_layers} '
-        f'layers, {m.n_heads} heads, n_hashes {m.n_hashes}, n_buckets {m.n_buckets}, chunk_len '
-        f'{m.chunk_len}, seq_len {config.data.seq_len} (predict_mem_len = max_len = '
+        f'layers, {m.n_heads} heads, n_hashes {m.attention.n_hashes}, n_buckets '
+        f'{m.attention.n_buckets}, chunk_len {m.attention.chunk_len}, seq_len {config.data.seq_len} (predict_mem_len = max_len = '
         f'{m.max_len}); {args.eval_batch} eval sequences\n')
   scored_name = 'copied half' if args.task == 'duplication' else 'scored positions (all)'
   print(f'| | all positions | {scored_name} |')

@@ -96,11 +96,11 @@ def model_variants(args):
   return [
       ('TransformerLM (dense)', tm.TransformerLM, size),
       ('TerraformerLM: SparseFF + sparse QKV', tm.TerraformerLM,
-       dict(size, attention_type='sparse_qkv', **sparse_ff)),
+       dict(size, attention={'kind': 'sparse_qkv'}, **sparse_ff)),
       ('TerraformerLM: SparseFF only', tm.TerraformerLM,
-       dict(size, attention_type='full', **sparse_ff)),
+       dict(size, attention={'kind': 'full'}, **sparse_ff)),
       ('TerraformerLM wiring, dense FF + full attention', tm.TerraformerLM,
-       dict(size, attention_type='full', ff_sparsity=0)),
+       dict(size, attention={'kind': 'full'}, ff_sparsity=0)),
   ]
 
 

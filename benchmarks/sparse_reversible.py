@@ -27,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import terraflax.combinators as cb
+from terraflax.models.attention import Full, SelfAttention
 from terraflax.models.terraformer import (
-    FeedForwardBranch, SelfAttention, _attention_half, _feed_forward_half, _two_streams)
+    FeedForwardBranch, _attention_half, _feed_forward_half, _two_streams)
 
 
 def build(args, mode, replay, reversible):
   """[x] -> [merged]: Dup (and the record), the scanned stack, MergeStreams('concat')."""
-  attention = SelfAttention('full', n_heads=4, dropout=0.0, chunk_len=None, max_len=args.length,
-                            mode=mode)
+  attention = SelfAttention(Full(), n_heads=4, d_qk=None, d_v=None, causal=True, dropout=0.0,
+                            max_len=args.length, mode=mode)
   ff = dict(d_model=args.d_model, d_ff=args.d_ff, dropout=0.0, mode=mode,
             ff_temperature=args.temperature, ff_quant_prob=args.quant_prob)
   if replay:

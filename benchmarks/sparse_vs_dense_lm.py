@@ -8,7 +8,7 @@ prints both curves and the final ratio. Issue 7 asks for the sparse model's
 loss to be within 5% of the dense one's.
 
   python benchmarks/sparse_vs_dense_lm.py [--steps 300 --seq_len 128 --ff_sparsity 32]
-  python benchmarks/sparse_vs_dense_lm.py --override model.attention_type=full
+  python benchmarks/sparse_vs_dense_lm.py --override model.attention.n_modules=2
 
 Runs go to `--workdir/{dense,sparse}` and are started afresh (an old run
 there is deleted) unless `--reuse` is given, which only re-reads them.

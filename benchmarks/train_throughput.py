@@ -75,11 +75,14 @@ def axial_d_embs(d_model: int) -> tuple[int, int]:
 
 def build_model(attention, length, n_layers, d_model, d_ff, n_heads, mode='train'):
   import terraflax.models as tm  # pylint: disable=import-outside-toplevel
+  from terraflax.models.attention import LSH, Full  # pylint: disable=import-outside-toplevel
+  spec = (LSH(n_hashes=4, chunk_len=64, n_chunks_before=1, n_chunks_after=0)
+          if attention == 'lsh' else Full(query_chunk_len=64))
   return tm.ReformerLM(
       vocab_size=256, d_model=d_model, d_ff=d_ff, n_layers=n_layers, n_heads=n_heads,
-      dropout=0.0, max_len=length, mode=mode, attention_type=attention, n_hashes=4,
-      n_buckets=None, chunk_len=64, n_chunks_before=1, n_chunks_after=0, pos_type='axial',
-      axial_shape=balanced_axial_shape(length), axial_d_embs=axial_d_embs(d_model),
+      dropout=0.0, max_len=length, mode=mode, attention=spec,
+      positions={'kind': 'axial', 'shape': balanced_axial_shape(length),
+                 'd_embs': axial_d_embs(d_model)},
       ff_activation='fast_gelu', reversible=True)
 
 

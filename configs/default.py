@@ -33,11 +33,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.d_ff = 256  # Hidden width of each feed-forward block.
   config.model.n_layers = 2  # Attention + feed-forward blocks (scanned, reversible).
   config.model.n_heads = 4  # Attention heads; d_model must be divisible by n_heads.
-  config.model.attention_type = 'lsh'  # 'lsh', 'full', or a list cycled over the layers.
-  config.model.n_hashes = 2  # LSH hash rounds (more rounds: closer to full attention).
-  config.model.n_buckets = 8  # LSH buckets per round (about 2 per chunk of the sequence).
-  config.model.chunk_len = 64  # LSH chunk length (positions per chunk).
-  config.model.pos_type = 'axial'  # Positions: axial (factorised), sinusoidal or learned.
+  # The attention spec (terraflax.models.attention) as a dict: 'kind' is 'lsh', 'full' or
+  # 'local', the other keys are that kind's fields (a list of such dicts cycles over the layers).
+  config.model.attention = ml_collections.ConfigDict()
+  config.model.attention.kind = 'lsh'  # LSH attention (Reformer): hashed, chunked, shared-QK.
+  config.model.attention.n_hashes = 2  # Hash rounds (more rounds: closer to full attention).
+  config.model.attention.n_buckets = 8  # Buckets per round (about 2 per chunk of the sequence).
+  config.model.attention.chunk_len = 64  # Chunk length (positions per chunk).
+  config.model.positions = 'axial'  # Positions: axial (factorised), sinusoidal or learned.
   config.model.ff_chunk_len = 0  # Feed-forward run this many positions at a time (0: whole).
   config.model.dropout = 0.0  # Dropout rate in train mode (a tiny model does not need it).
   config.model.max_len = 256  # Longest sequence (positions, decoding caches).

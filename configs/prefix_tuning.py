@@ -24,7 +24,9 @@ from terraflax.train.config import load_sibling
 def get_config() -> ml_collections.ConfigDict:
   config = load_sibling(__file__, 'transformer_lm')  # The base model's architecture.
   config.init_from = ''  # The base LM's workdir (set with --config.init_from=DIR).
-  config.model.n_prefix = 16  # Trainable key/value positions at every attention layer.
+  config.model.attention = ml_collections.ConfigDict()  # Full attention with prefix tuning:
+  config.model.attention.kind = 'full'  # The base model's attention,
+  config.model.attention.n_prefix = 16  # plus trainable key/value positions at every layer.
   config.optimizer.trainable = PREFIX_PATTERN  # Train prefix_key/prefix_value only.
   config.optimizer.learning_rate = 1e-2  # Prefixes take a larger learning rate.
   config.optimizer.warmup_steps = 50  # Linear warm-up from 0.

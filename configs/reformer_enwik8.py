@@ -18,13 +18,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.d_ff = 4096  # Feed-forward width.
   config.model.n_layers = 12  # Reversible blocks.
   config.model.n_heads = 8  # Attention heads.
-  config.model.attention_type = 'lsh'  # Every layer LSH.
-  config.model.n_hashes = 4  # LSH rounds during training.
-  config.model.chunk_len = 128  # LSH chunk length.
-  del config.model['n_buckets']  # An int in the base config; here a factorised pair:
-  config.model.n_buckets = (32, 32)  # Trax's rule for 64K / 128: 1024 buckets, hashed as 32 x 32.
+  config.model.attention.kind = 'lsh'  # Every layer LSH.
+  config.model.attention.n_hashes = 4  # LSH rounds during training.
+  config.model.attention.chunk_len = 128  # LSH chunk length.
+  del config.model.attention['n_buckets']  # An int in the base config; here a factorised pair:
+  config.model.attention.n_buckets = (32, 32)  # Trax's rule for 64K / 128: 1024 buckets, 32 x 32.
   config.model.ff_chunk_len = 8192  # Feed-forward 8K positions at a time (no 64K x d_ff array).
-  config.model.predict_mem_len = 2048  # LSH positions remembered when sampling.
+  config.model.attention.predict_mem_len = 2048  # LSH positions remembered when sampling.
   config.model.dropout = 0.1  # Dropout rate in train mode.
   config.model.max_len = 65536  # 64K-byte context.
   config.model.dtype = 'bfloat16'  # Mixed precision: bfloat16 compute, float32 params.

@@ -12,11 +12,12 @@ import numpy as np
 from absl.testing import absltest
 
 from terraflax import export
+from terraflax.models.attention import LSH, Local
 from terraflax.models.reformer import ReformerLM
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-LM = dict(vocab_size=11, d_model=8, d_ff=16, n_layers=2, n_heads=2, max_len=16, chunk_len=4,
-          attention_type=('local', 'lsh'), n_buckets=2, dropout=0.0)
+LM = dict(vocab_size=11, d_model=8, d_ff=16, n_layers=2, n_heads=2, max_len=16,
+          attention=(Local(chunk_len=4), LSH(chunk_len=4, n_buckets=2)), dropout=0.0)
 
 # Loads terraflax/export.py by path with terraflax, flax and orbax unimportable,
 # runs the artifact and prints its logits: serving needs jax and the artifact only.

@@ -12,18 +12,22 @@ the classification head starts fresh. The data comes from the `mlm` data set
 
 from __future__ import annotations
 
+from typing import Any
+
 import terraflax.combinators as cb
 import terraflax.layers as tl
-from terraflax.models.transformer import (
-    EncoderBody, _check_hyperparameters, _dtype, _float32)
+from terraflax.models import attention as attn
+from terraflax.models.common import (
+    Float32, check_hyperparameters, compute_dtype, deprecated_arguments)
+from terraflax.models.transformer import DEPRECATED, EncoderBody, upgrade_full_attention
 
 
+@deprecated_arguments(DEPRECATED, upgrade_full_attention('BertMLM'))
 def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
             n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1, max_len: int = 2048,
-            mode: str = 'train', dtype=None, attention_chunk_len: int | None = None,
+            mode: str = 'train', dtype=None, attention: Any = attn.Full(),
             ff_chunk_len: int | None = None, pad_id: int | None = 0,
-            share_layers: bool = False, d_embedding: int | None = None, mixing='attention',
-            n_prefix: int = 0):
+            share_layers: bool = False, d_embedding: int | None = None, mixing='attention'):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   A bidirectional encoder (`EncoderBody`) with a per-token masked-LM head
@@ -32,20 +36,19 @@ def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint:
   the data's weights pick the masked ones. The arguments are
   `TransformerEncoder`'s (without `n_classes`); `'predict'` behaves as `'eval'`.
   """
-  _check_hyperparameters('BertMLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
-                         n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                         attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
-                         d_embedding=d_embedding, n_prefix=n_prefix)
-  dtype = _dtype(dtype)
+  check_hyperparameters('BertMLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
+                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
+                        ff_chunk_len=ff_chunk_len, d_embedding=d_embedding)
+  dtype = compute_dtype(dtype)
   body = EncoderBody(vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, n_layers=n_layers,
                      n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
-                     attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
-                     pad_id=pad_id, share_layers=share_layers, d_embedding=d_embedding,
-                     mixing=mixing, n_prefix=n_prefix)
+                     attention=attention, ff_chunk_len=ff_chunk_len, pad_id=pad_id,
+                     share_layers=share_layers, d_embedding=d_embedding, mixing=mixing,
+                     model='BertMLM')
   return cb.Serial(
       body,  # stack: x, mask
       cb.Select([0], n_in=2),  # stack: x
       cb.Serial(tl.Dense(d_embedding or d_model, dtype=dtype), tl.Gelu(), tl.LayerNorm(),
                 tl.Dense(vocab_size, dtype=dtype), label='MLMHead'),
-      _float32(),
+      Float32(),
   )

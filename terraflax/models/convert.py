@@ -7,8 +7,9 @@
 reads a `ReformerModelWithLMHead` directory (`config.json` and
 `model.safetensors`, with the safetensors numpy API: no torch) and returns the
 keyword arguments of the matching `ReformerLM` (axial or learned positions,
-'local'/'lsh' layers following `attn_layers`, chunked feed-forward, the
-reversible two-stream layout, `lsh_convention='hf'`) and its parameters.
+`Local`/`LSH` attention specs following `attn_layers`, chunked feed-forward,
+the reversible two-stream layout, `LSH(convention='hf')`) and its parameters.
+The kwargs are plain JSON (the specs as dicts, `attention.to_config`).
 
 The command line writes a workdir that `python -m terraflax.decoding` samples
 from (`config.json` plus an orbax checkpoint of the parameters at step 0):
@@ -34,6 +35,8 @@ import sys
 from typing import Any
 
 import numpy as np
+
+from terraflax.models import attention as attn
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -152,8 +155,7 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
       d_model=d_model, d_ff=_field(config, 'feed_forward_size', int, check=positive,
                                    expect='a positive int'),
       n_layers=len(layers), n_heads=n_heads, d_qk=d_head, d_v=d_head,
-      attention_type=_period(list(layers)), ff_activation=ACTIVATIONS[act],
-      lsh_convention='hf')
+      ff_activation=ACTIVATIONS[act])
   rate = lambda v: 0 <= v < 1
   kwargs['dropout'] = float(_field(config, 'hidden_dropout_prob', (int, float), default=0.0,
                                    check=rate, expect='a rate in [0, 1)'))
@@ -176,9 +178,9 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
                             f'hidden_size={d_model}.')
     if math.prod(shape) < max_len:  # HF checks this lazily; ReformerLM needs it up front.
       kwargs['max_len'] = max_len = math.prod(shape)
-    kwargs.update(pos_type='axial', axial_shape=tuple(shape), axial_d_embs=tuple(dims))
+    kwargs['positions'] = {'kind': 'axial', 'shape': list(shape), 'd_embs': list(dims)}
   else:
-    kwargs['pos_type'] = 'learned'
+    kwargs['positions'] = 'learned'
   chunk_fields = {}
   for kind in ('lsh', 'local'):
     if kind in layers:
@@ -189,15 +191,13 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
                  expect='an int >= 0'),
           _field(config, f'{kind}_num_chunks_after', int, check=non_negative,
                  expect='an int >= 0'))
-  main = chunk_fields.get('lsh', chunk_fields.get('local'))
-  kwargs.update(chunk_len=main[0], n_chunks_before=main[1], n_chunks_after=main[2])
+  specs = {}
   if 'local' in chunk_fields:
     local = chunk_fields['local']
-    kwargs.update(local_chunk_len=local[0], local_n_chunks_before=local[1],
-                  local_n_chunks_after=local[2])
+    specs['local'] = attn.Local(chunk_len=local[0], n_chunks_before=local[1],
+                                n_chunks_after=local[2])
   if 'lsh' in layers:
-    kwargs['n_hashes'] = _field(config, 'num_hashes', int, check=positive,
-                                expect='a positive int')
+    n_hashes = _field(config, 'num_hashes', int, check=positive, expect='a positive int')
     buckets = config.get('num_buckets')
     if num_buckets is not None:
       if buckets is not None:
@@ -208,22 +208,31 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
     if isinstance(buckets, list) and len(buckets) == 1:
       buckets = buckets[0]
     if ok_int(buckets):
-      kwargs['n_buckets'] = buckets
+      pass
     elif isinstance(buckets, list) and len(buckets) == 2 and all(ok_int(f) for f in buckets):
-      kwargs['n_buckets'] = tuple(buckets)
+      buckets = tuple(buckets)
     else:
       raise ConversionError(
           f'{CONFIG_FILE}: num_buckets={buckets!r} is not supported; expected an even int or a '
           'list of one or two even ints (null, chosen by HF from the length at run time, needs '
           'an explicit value: --num_buckets / num_buckets=).')
+    main = chunk_fields['lsh']
+    if predict_mem_len is None:
+      neighbourhood = main[0] * (main[1] + 1)
+      predict_mem_len = min(max_len, max(DEFAULT_PREDICT_MEM_LEN, neighbourhood))
+    specs['lsh'] = attn.LSH(n_hashes=n_hashes, chunk_len=main[0], n_buckets=buckets,
+                            n_chunks_before=main[1], n_chunks_after=main[2],
+                            predict_mem_len=predict_mem_len, convention='hf')
+  kwargs['attention'] = attn.to_config([specs[kind] for kind in _period(list(layers))])
   ff_chunk = _field(config, 'chunk_size_feed_forward', int, default=0, check=non_negative,
                     expect='an int >= 0')
   kwargs['ff_chunk_len'] = ff_chunk or None
-  if predict_mem_len is None:
-    neighbourhood = main[0] * (main[1] + 1)
-    predict_mem_len = min(max_len, max(DEFAULT_PREDICT_MEM_LEN, neighbourhood))
-  kwargs['predict_mem_len'] = predict_mem_len
   return kwargs
+
+
+def _kinds(kwargs: dict) -> tuple[str, ...]:
+  """The repeating attention kinds of ReformerLM kwargs ('local', 'lsh', ...)."""
+  return tuple(spec.kind for spec in attn.specs_from(kwargs['attention']))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -268,7 +277,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: dict, kwargs: dict,
   t = _Tensors(tensors, file)
   d, f, h, k, v = (kwargs[n] for n in ('d_model', 'd_ff', 'n_heads', 'd_qk', 'vocab_size'))
   layers = list(config['attn_layers'])
-  pattern = kwargs['attention_type']
+  pattern = _kinds(kwargs)
   period, n_repeats = len(pattern), len(layers) // len(pattern)
   params: dict[str, Any] = {}
 
@@ -281,8 +290,8 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: dict, kwargs: dict,
 
   params[_child(abstract, 'Embedding', 'the model')] = {
       'embedding': t.take('reformer.embeddings.word_embeddings.weight', (v, d))}
-  if kwargs['pos_type'] == 'axial':
-    shape, dims = kwargs['axial_shape'], kwargs['axial_d_embs']
+  if kwargs['positions'] != 'learned':
+    shape, dims = kwargs['positions']['shape'], kwargs['positions']['d_embs']
     axial = {}
     for i, (size, dim) in enumerate(zip(shape, dims)):
       hf_shape = [1] * len(shape) + [dim]
@@ -358,7 +367,7 @@ def lsh_rotations(kwargs: dict, rotations: dict[int, np.ndarray]) -> dict:
   `model.apply({'params': params, 'lsh_rotations': result}, ...)`.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  pattern = kwargs['attention_type']
+  pattern = _kinds(kwargs)
   period = len(pattern)
   n_repeats = kwargs['n_layers'] // period
   serial: dict[str, Any] = {}
@@ -489,7 +498,7 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
     model = {'name': 'terraflax.models.convert:ByteLM', 'byte_offset': byte_offset, **kwargs}
     params = byte_lm_params(kwargs, params, byte_offset)
   seq_len = seq_len or min(kwargs['max_len'], 2 * max(
-      kwargs['chunk_len'], kwargs.get('local_chunk_len') or 1))
+      spec.chunk_len for spec in attn.specs_from(kwargs['attention'])))
   config = {'model': model,
             'data': {'name': 'bytes' if byte_offset is not None else 'tokens',
                      'seq_len': seq_len},
@@ -521,7 +530,7 @@ def main(argv):
   except ConversionError as e:
     sys.exit(f'terraflax.models.convert: {e}')
   n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
-  print(f'Converted {f.from_hf} ({n:,} parameters, attention {kwargs["attention_type"]}) '
+  print(f'Converted {f.from_hf} ({n:,} parameters, attention {"+".join(_kinds(kwargs))}) '
         f'to {f.to}; decode with: python -m terraflax.decoding --workdir={f.to} --prompt=...')
 
 

@@ -11,10 +11,10 @@ RevNet): the embedded input is duplicated and every block is
 
 inside one `ReversibleSerial`, whose backward pass rebuilds each block's
 inputs from its outputs instead of storing activations. Blocks are scanned
-with their parameters stacked on a leading axis: with one attention type
-the axis has `n_layers` entries; with a pattern of types (`attention_type=
-('lsh', 'full')`) one scanned block holds one layer of each type in turn and
-the axis has `n_layers // len(pattern)` entries. `reversible=False` runs the
+with their parameters stacked on a leading axis: with one attention spec
+the axis has `n_layers` entries; with a pattern of specs (`attention=
+(LSH(n_hashes=4), Full(query_chunk_len=64))`) one scanned block holds one
+layer of each in turn and the axis has `n_layers // len(pattern)` entries. `reversible=False` runs the
 same layers, parameters and randomness under plain autodiff.
 
 ReformerLM ends like Trax's ReformerLM and Hugging Face's
@@ -23,12 +23,13 @@ feed-forward stream] (b, l, 2d), then LayerNorm, Dropout and the output Dense.
 The encoder-decoder `Reformer` follows Trax's Reformer: the streams of the
 encoder and of the decoder are averaged.
 
-Attention types: 'lsh' is `LSHSelfAttention` (shared-QK, hashed chunks); 'full'
-is exact dot-product attention (`CausalAttention` in decoders, `Attention`
-with the padding mask in the encoder), run `chunk_len` queries at a time so
-its memory is linear in the length; 'local' is `LocalSelfAttention`
-(Hugging Face's local layers: separate q/k/v, each chunk attends to its
-window of neighbouring chunks). None uses biases, as in Trax and HF.
+Attention (`terraflax.models.attention` specs): `LSH` is `LSHSelfAttention`
+(shared-QK, hashed chunks); `Full` is exact dot-product attention
+(`CausalAttention` in decoders, `Attention` with the padding mask in the
+encoder), `Full(query_chunk_len=64)` runs 64 queries at a time so its memory
+is linear in the length; `Local` is `LocalSelfAttention` (Hugging Face's
+local layers: separate q/k/v, each chunk attends to its window of
+neighbouring chunks). None uses biases, as in Trax and HF.
 
 Parameters have the same names and shapes in 'train', 'eval' and 'predict'
 modes and with `reversible` on or off. In 'predict' mode the models decode
@@ -40,39 +41,94 @@ positions with the bucket ids of its keys.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import check_int, check_mode, check_rate
-from terraflax.models.transformer import _dtype, _float32, _padding_mask
+from terraflax.models import attention as attn
+from terraflax.models.common import (
+    Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old, suggest)
 
-ATTENTION_TYPES = ('lsh', 'full', 'local')
-POS_TYPES = ('axial', 'sinusoidal', 'learned')
+POSITION_KINDS = ('axial', 'sinusoidal', 'learned')
 FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
+
+# Old keyword names (one release): old name -> new spelling.
+_LSH_KNOBS = ('n_hashes', 'n_buckets', 'chunk_len', 'n_chunks_before', 'n_chunks_after',
+              'predict_mem_len')
+DEPRECATED = {
+    **{name: f"attention=LSH({name}=...) (or {{'kind': 'lsh', '{name}': ...}})"
+       for name in _LSH_KNOBS},
+    'chunk_len': 'attention=LSH(chunk_len=...) / Full(query_chunk_len=...)',
+    'lsh_convention': 'attention=LSH(convention=...)',
+    'attention_type': "attention= a spec or a list of specs (LSH(...), Full(...), Local(...))",
+    'local_chunk_len': 'attention=Local(chunk_len=...)',
+    'local_n_chunks_before': 'attention=Local(n_chunks_before=...)',
+    'local_n_chunks_after': 'attention=Local(n_chunks_after=...)',
+    'pos_type': "positions='axial' | 'sinusoidal' | 'learned'",
+    'axial_shape': "positions={'kind': 'axial', 'shape': ...}",
+    'axial_d_embs': "positions={'kind': 'axial', 'd_embs': ...}",
+}
+DEPRECATED_SEQ2SEQ = {
+    **{k: v for k, v in DEPRECATED.items() if k not in ('attention_type',) and 'local' not in k},
+    'encoder_attention_type': 'encoder_attention= a spec or a list of specs',
+    'decoder_attention_type': 'decoder_attention= a spec or a list of specs',
+}
+_ATTENTION_KNOBS = _LSH_KNOBS + ('lsh_convention', 'local_chunk_len', 'local_n_chunks_before',
+                                 'local_n_chunks_after')
+
+
+def _old_specs(attention_type, old) -> tuple:
+  """The specs an old `attention_type` with the old knobs `old` meant (same numerics)."""
+  get = lambda name, default: default if old.get(name) is None else old[name]
+  chunk_len = get('chunk_len', 64)
+  kinds = (attention_type,) if isinstance(attention_type, str) else tuple(attention_type)
+  specs = []
+  for kind in kinds:
+    if kind == 'lsh':
+      specs.append(attn.LSH(
+          n_hashes=get('n_hashes', 1), chunk_len=chunk_len, n_buckets=old.get('n_buckets'),
+          n_chunks_before=get('n_chunks_before', 1), n_chunks_after=get('n_chunks_after', 0),
+          predict_mem_len=old.get('predict_mem_len'), convention=get('lsh_convention',
+                                                                    'terraflax')))
+    elif kind == 'full':
+      specs.append(attn.Full(query_chunk_len=chunk_len))
+    elif kind == 'local':
+      specs.append(attn.Local(
+          chunk_len=get('local_chunk_len', chunk_len),
+          n_chunks_before=get('local_n_chunks_before', get('n_chunks_before', 1)),
+          n_chunks_after=get('local_n_chunks_after', get('n_chunks_after', 0))))
+    else:
+      raise ValueError(f"attention_type must be 'lsh', 'full', 'local' or a sequence of them, "
+                       f'got {attention_type!r}{suggest(kind, ("lsh", "full", "local"))}.')
+  return tuple(specs)
+
+
+def _translate(model: str, type_names: Mapping[str, tuple[str, str]]):
+  """translate(old, kwargs) for `deprecated_arguments`.
+
+  `type_names` maps an old type argument to (new argument, old default type).
+  """
+  def translate(old, kwargs):
+    kwargs = dict(kwargs)
+    knobs = {k: v for k, v in old.items() if k in _ATTENTION_KNOBS}
+    for type_name, (new, default) in type_names.items():
+      if type_name in old or knobs:
+        no_new_and_old(model, kwargs, new, old)
+        kwargs[new] = _old_specs(old.get(type_name, default), knobs)
+    if {'pos_type', 'axial_shape', 'axial_d_embs'} & set(old):
+      no_new_and_old(model, kwargs, 'positions', old)
+      pos_type = old.get('pos_type', 'axial')
+      if old.get('axial_shape') is None and old.get('axial_d_embs') is None:
+        kwargs['positions'] = pos_type
+      else:
+        kwargs['positions'] = {'kind': pos_type, 'shape': old.get('axial_shape'),
+                               'd_embs': old.get('axial_d_embs')}
+    return kwargs
+  return translate
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def attention_pattern(model: str, attention_type: Any, n_layers: int, where='attention_type'):
-  """The per-layer attention types that repeat: ('lsh',), ('lsh', 'full'), ...
-
-  `attention_type` is one of `ATTENTION_TYPES` or a sequence of them that
-  cycles over the layers (layer i has type i % len); n_layers must be a
-  multiple of its length. A sequence of one repeated type collapses to it.
-  """
-  pattern = (attention_type,) if isinstance(attention_type, str) else tuple(attention_type)
-  if not pattern or any(kind not in ATTENTION_TYPES for kind in pattern):
-    raise ValueError(f'{model} {where} must be one of {ATTENTION_TYPES} or a non-empty '
-                     f'sequence of them (cycled over the layers), got {attention_type!r}.')
-  if n_layers % len(pattern):
-    raise ValueError(f'{model} {where}={attention_type!r} repeats every {len(pattern)} layers, '
-                     f'so the number of layers must be a multiple of {len(pattern)}; got '
-                     f'{n_layers}.')
-  if len(set(pattern)) == 1:
-    pattern = pattern[:1]
-  return pattern
 
 
 def default_axial_shape(max_len: int) -> tuple[int, int]:
@@ -81,22 +137,36 @@ def default_axial_shape(max_len: int) -> tuple[int, int]:
   return (-(-max_len // cols), cols)
 
 
-def _positions(model, *, pos_type, axial_shape, axial_d_embs, d_model, max_len):
-  """Resolved (axial_shape, axial_d_embs) after checking them (None unless axial)."""
-  if pos_type not in POS_TYPES:
-    raise ValueError(f'{model} pos_type must be one of {POS_TYPES}, got {pos_type!r}.')
-  if pos_type != 'axial':
+def resolve_positions(model, positions, *, d_model, max_len):
+  """`positions` -> (kind, axial shape, axial d_embs), the last two None unless axial.
+
+  `positions` is 'axial', 'sinusoidal', 'learned' or a dict {'kind': 'axial',
+  'shape': (rows, cols), 'd_embs': (d1, d2)} (shape and d_embs optional).
+  """
+  if hasattr(positions, 'to_dict') and not isinstance(positions, Mapping):
+    positions = positions.to_dict()
+  fields = dict(positions) if isinstance(positions, Mapping) else {'kind': positions}
+  kind = fields.pop('kind', 'axial')
+  if kind not in POSITION_KINDS:
+    raise ValueError(f'{model} positions must be one of {POSITION_KINDS} or a dict with that '
+                     f"'kind', got {positions!r}{suggest(kind, POSITION_KINDS)}.")
+  for key in fields:
+    if key not in ('shape', 'd_embs'):
+      raise ValueError(f'{model} positions: {key!r} is not a field{suggest(key, ("shape", "d_embs"))}'
+                       "; valid: kind, shape, d_embs ('axial' only).")
+  axial_shape, axial_d_embs = fields.get('shape'), fields.get('d_embs')
+  if kind != 'axial':
     if axial_shape is not None or axial_d_embs is not None:
-      raise ValueError(f'{model} axial_shape and axial_d_embs apply to pos_type=\'axial\' only, '
-                       f'got pos_type={pos_type!r}.')
-    return None, None
+      raise ValueError(f"{model} positions shape and d_embs apply to kind 'axial' only, got "
+                       f'{positions!r}.')
+    return kind, None, None
   shape = default_axial_shape(max_len) if axial_shape is None else tuple(axial_shape)
   if not shape or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in shape):
-    raise ValueError(f'{model} axial_shape must be a sequence of positive ints, got '
+    raise ValueError(f'{model} positions shape must be a sequence of positive ints, got '
                      f'{axial_shape!r}.')
   if math.prod(shape) < max_len:
-    raise ValueError(f'{model} axial_shape={shape} covers {math.prod(shape)} positions, fewer '
-                     f'than max_len={max_len}.')
+    raise ValueError(f'{model} positions shape={shape} covers {math.prod(shape)} positions, '
+                     f'fewer than max_len={max_len}.')
   if axial_d_embs is None:
     base = d_model // len(shape)
     d_embs = (base,) * (len(shape) - 1) + (d_model - base * (len(shape) - 1),)
@@ -104,26 +174,23 @@ def _positions(model, *, pos_type, axial_shape, axial_d_embs, d_model, max_len):
     d_embs = tuple(axial_d_embs)
   if len(d_embs) != len(shape) or any(
       not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in d_embs):
-    raise ValueError(f'{model} axial_d_embs must be one positive int per axis of '
-                     f'axial_shape={shape}, got {axial_d_embs!r}.')
+    raise ValueError(f'{model} positions d_embs must be one positive int per axis of '
+                     f'shape={shape}, got {axial_d_embs!r}.')
   if sum(d_embs) != d_model:
-    raise ValueError(f'{model} axial_d_embs={d_embs} must sum to d_model={d_model}, got '
+    raise ValueError(f'{model} positions d_embs={d_embs} must sum to d_model={d_model}, got '
                      f'{sum(d_embs)}.')
-  return shape, d_embs
+  return kind, shape, d_embs
 
 
 def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
-                  attention_dropout, max_len, n_hashes, chunk_len, n_chunks_before,
-                  n_chunks_after, predict_mem_len, ff_chunk_len, ff_activation, reversible,
-                  patterns):
-  """Checks shared by both factories; returns (d_qk, d_v, predict_mem_len) resolved."""
+                  attention_dropout, max_len, ff_chunk_len, ff_activation, reversible,
+                  causal_specs):
+  """Checks shared by both factories; returns (d_qk, d_v) resolved."""
   check_mode(mode, f'{model} mode')
   for name, value in (('d_model', d_model), ('d_ff', d_ff), ('n_heads', n_heads),
-                      ('max_len', max_len), ('n_hashes', n_hashes), ('chunk_len', chunk_len)):
+                      ('max_len', max_len)):
     check_int(model, name, value)
-  for name, value in (('n_chunks_before', n_chunks_before), ('n_chunks_after', n_chunks_after)):
-    check_int(model, name, value, minimum=0)
-  for name, value in (('d_qk', d_qk), ('d_v', d_v), ('predict_mem_len', predict_mem_len)):
+  for name, value in (('d_qk', d_qk), ('d_v', d_v)):
     check_int(model, name, value, allow_none=True)
   check_int(model, 'ff_chunk_len', ff_chunk_len, minimum=0, allow_none=True)
   check_rate(model, 'dropout', dropout)
@@ -136,67 +203,37 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
                      f'factory such as tl.Relu, got {ff_activation!r}.')
   if not isinstance(reversible, bool):
     raise ValueError(f'{model} reversible must be True or False, got {reversible!r}.')
-  predict_mem_len = max_len if predict_mem_len is None else predict_mem_len
-  if any('lsh' in pattern for pattern in patterns):
-    neighbourhood = chunk_len * (n_chunks_before + 1)
-    if predict_mem_len < neighbourhood:
-      raise ValueError(
-          f'{model} predict_mem_len={predict_mem_len} (default: max_len) must hold the LSH '
-          f'chunk neighbourhood chunk_len * (n_chunks_before + 1) = {neighbourhood}.')
+  for spec in causal_specs:
+    if isinstance(spec, attn.LSH):
+      memory = max_len if spec.predict_mem_len is None else spec.predict_mem_len
+      neighbourhood = spec.chunk_len * (spec.n_chunks_before + 1)
+      if memory < neighbourhood:
+        raise ValueError(
+            f'{model} LSH attention predict_mem_len={memory} (default: max_len) must hold the '
+            f'chunk neighbourhood chunk_len * (n_chunks_before + 1) = {neighbourhood}.')
   default = d_model // n_heads
-  return d_qk or default, d_v or default, predict_mem_len
+  return d_qk or default, d_v or default
 
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def Embedder(*, vocab_size, d_model, max_len, dropout, pos_type, axial_shape,  # pylint: disable=invalid-name
-             axial_d_embs, mode, dtype):
+def Embedder(*, vocab_size, d_model, max_len, dropout, positions, mode, dtype):  # pylint: disable=invalid-name
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
 
-  Token embedding, dropout shared along the length (as in Trax), positions.
+  Token embedding, dropout shared along the length (as in Trax), positions
+  (`positions` as `resolve_positions` returns it: (kind, shape, d_embs)).
   """
-  if pos_type == 'axial':
-    positions = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode)
+  kind, axial_shape, axial_d_embs = positions
+  if kind == 'axial':
+    layer = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode)
   else:
-    positions = tl.PositionalEncoding(max_len=max_len, kind=pos_type, mode=mode)
+    layer = tl.PositionalEncoding(max_len=max_len, kind=kind, mode=mode)
   return [
       tl.Embedding(vocab_size, d_model, dtype=dtype),
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
-      positions,
+      layer,
   ]
-
-
-def SelfAttention(kind, *, causal, n_heads, d_qk, d_v, attention_dropout, n_hashes,  # pylint: disable=invalid-name
-                  n_buckets, chunk_len, n_chunks_before, n_chunks_after, predict_mem_len,
-                  max_len, mode, dtype, local_chunk_len=None, local_n_chunks_before=None,
-                  local_n_chunks_after=None, lsh_convention='terraflax'):
-  """[x] -> [y]: (b, l, d) -> (b, l, d); one self-attention layer of type `kind`.
-
-  `kind` is 'lsh', 'full' or 'local'. 'lsh', 'local' and causal 'full' have
-  n_in = n_out = 1; non-causal 'full' is `Attention`, [x, mask] -> [y, mask]:
-  (b, l, d), bool (b, l) -> the same, n_in = n_out = 2 (LSHSelfAttention and
-  LocalSelfAttention take no padding mask). 'local' windows default to the
-  LSH ones (`chunk_len`, `n_chunks_before`, `n_chunks_after`).
-  """
-  if kind == 'local':
-    pick = lambda value, default: default if value is None else value
-    return tl.LocalSelfAttention(
-        n_heads=n_heads, d_qk=d_qk, d_v=d_v, chunk_len=pick(local_chunk_len, chunk_len),
-        n_chunks_before=pick(local_n_chunks_before, n_chunks_before),
-        n_chunks_after=pick(local_n_chunks_after, n_chunks_after), causal=causal,
-        dropout=attention_dropout, mode=mode, dtype=dtype)
-  if kind == 'lsh':
-    return tl.LSHSelfAttention(
-        n_heads=n_heads, d_qk=d_qk, d_v=d_v, n_hashes=n_hashes, n_buckets=n_buckets,
-        chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-        causal=causal, dropout=attention_dropout, mode=mode,
-        predict_mem_len=predict_mem_len, dtype=dtype, convention=lsh_convention)
-  full = dict(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=attention_dropout,
-              chunk_len=chunk_len, mode=mode, dtype=dtype, use_bias=False)
-  if causal:
-    return tl.CausalAttention(max_len=max_len, **full)
-  return tl.Attention(**full)
 
 
 def _feed_forward_half(*, d_model, d_ff, dropout, ff_activation, ff_chunk_len, mode, dtype):
@@ -209,19 +246,19 @@ def _feed_forward_half(*, d_model, d_ff, dropout, ff_activation, ff_chunk_len, m
 
 def ReversibleBlocks(pattern, *, n_layers, reversible, attention, feed_forward,  # pylint: disable=invalid-name
                      dropout, mode, extra=None):
-  """`ReversibleSerial` of n_layers two-stream blocks, one per entry of `pattern` in turn.
+  """`ReversibleSerial` of n_layers two-stream blocks, one per spec of `pattern` in turn.
 
   [x1, x2, ctx...] -> [y1, y2, ctx...]: (b, l, d) x 2 and the context arrays
-  unchanged; n_in = n_out = 2 + len(ctx). `attention(kind)` makes the
+  unchanged; n_in = n_out = 2 + len(ctx). `attention(spec)` makes the
   self-attention layer of a block, `feed_forward()` its feed-forward half
   residual, and `extra()` (optional) more half residuals after the
   self-attention (the decoder's attention to the encoder). The pattern's
   blocks form one scanned unit repeated n_layers // len(pattern) times.
   """
   layers = []
-  for kind in pattern:
+  for spec in pattern:
     layers += [
-        cb.ReversibleHalfResidual(tl.LayerNorm(), attention(kind), tl.Dropout(dropout, mode=mode)),
+        cb.ReversibleHalfResidual(tl.LayerNorm(), attention(spec), tl.Dropout(dropout, mode=mode)),
         cb.ReversibleSwap(),
     ]
     if extra is not None:
@@ -233,18 +270,14 @@ def ReversibleBlocks(pattern, *, n_layers, reversible, attention, feed_forward, 
 # ----------------------------------------------------------------------------- models
 
 
+@deprecated_arguments(DEPRECATED, _translate('ReformerLM', {'attention_type': ('attention', 'lsh')}))
 def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
                n_layers: int = 6, n_heads: int = 8, d_qk: int | None = None,
                d_v: int | None = None, dropout: float = 0.1, attention_dropout: float = 0.0,
                max_len: int = 2048, mode: str = 'train', dtype=None,
-               attention_type: str | Sequence[str] = 'lsh', n_hashes: int = 1,
-               n_buckets=None, chunk_len: int = 64, n_chunks_before: int = 1,
-               n_chunks_after: int = 0, predict_mem_len: int | None = None,
-               pos_type: str = 'axial', axial_shape: Sequence[int] | None = None,
-               axial_d_embs: Sequence[int] | None = None, ff_chunk_len: int | None = None,
-               ff_activation: Any = 'relu', reversible: bool = True,
-               local_chunk_len: int | None = None, local_n_chunks_before: int | None = None,
-               local_n_chunks_after: int | None = None, lsh_convention: str = 'terraflax'):
+               attention: Any = attn.LSH(), positions: Any = 'axial',
+               ff_chunk_len: int | None = None, ff_activation: Any = 'relu',
+               reversible: bool = True):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   A decoder-only Reformer language model. It shifts its input right
@@ -262,62 +295,45 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
     d_qk, d_v: per-head widths of queries/keys and values (default d_model // n_heads).
     dropout: dropout on embeddings, residual branches, the feed-forward and the head.
     attention_dropout: dropout on attention weights.
-    max_len: longest sequence (positions, the full attention's predict-mode cache).
+    max_len: longest sequence (positions, the full attention's predict-mode cache,
+      LSH's default predict_mem_len).
     mode: 'train', 'eval' or 'predict'.
     dtype: compute dtype (e.g. 'bfloat16'); parameters stay float32, logits are float32.
-    attention_type: 'lsh', 'full', 'local', or a sequence of them cycled over the layers
-      (n_layers must be a multiple of its length), like Trax's list of types.
-    n_hashes: LSH hash rounds.
-    n_buckets: LSH buckets per round: an even int, a pair (n1, n2), 1, or None
-      for Trax's rule from the length (in 'predict' mode from predict_mem_len,
-      so set it explicitly when training on sequences shorter than max_len).
-    chunk_len: LSH chunk length; also the query chunk of full attention.
-    n_chunks_before, n_chunks_after: chunks each LSH chunk attends to besides its own.
-    predict_mem_len: positions the LSH layers remember in 'predict' mode (default max_len).
-    pos_type: 'axial' (Reformer's factorised positions), 'sinusoidal' or 'learned'.
-    axial_shape: axial factorisation of the positions, prod >= max_len
-      (default `default_axial_shape(max_len)`, e.g. (16, 16) for 256).
-    axial_d_embs: width of each axial part, summing to d_model (default: halves).
+    attention: an attention spec (`terraflax.models.attention`): `LSH(n_hashes=4,
+      chunk_len=64, ...)`, `Full(query_chunk_len=64)`, `Local(...)`, a dict
+      {'kind': 'lsh', 'n_hashes': 4, ...}, or a sequence of them cycled over
+      the layers (n_layers a multiple of its length), like Trax's list of
+      types. LSH's n_buckets=None is Trax's rule from the length (in
+      'predict' mode from predict_mem_len, so set it explicitly when training
+      on sequences shorter than max_len); `LSH(convention='hf')` reproduces
+      Hugging Face's LSH layers (`terraflax.models.convert`).
+    positions: 'axial' (Reformer's factorised positions), 'sinusoidal',
+      'learned', or {'kind': 'axial', 'shape': (rows, cols), 'd_embs': (d1, d2)}
+      (shape: prod >= max_len, default `default_axial_shape(max_len)`, e.g.
+      (16, 16) for 256; d_embs: the width of each part, summing to d_model,
+      default halves).
     ff_chunk_len: run the feed-forward blocks this many positions at a time
       (None or 0: all at once).
     ff_activation: 'relu', 'gelu', 'fast_gelu' or a layer factory (tl.Relu).
     reversible: rebuild activations in the backward pass (True) or store
       them (False); the parameters and the function are the same.
-    local_chunk_len, local_n_chunks_before, local_n_chunks_after: the windows
-      of 'local' layers (default: chunk_len, n_chunks_before, n_chunks_after).
-    lsh_convention: 'terraflax' or 'hf' (`LSHSelfAttention.convention`; 'hf'
-      reproduces Hugging Face's LSH layers, see `terraflax.models.convert`).
   """
   name = 'ReformerLM'
-  check_int(name, 'local_chunk_len', local_chunk_len, allow_none=True)
-  for field, value in (('local_n_chunks_before', local_n_chunks_before),
-                       ('local_n_chunks_after', local_n_chunks_after)):
-    check_int(name, field, value, minimum=0, allow_none=True)
-  if lsh_convention not in tl.lsh_attention.CONVENTIONS:
-    raise ValueError(f'{name} lsh_convention must be one of {tl.lsh_attention.CONVENTIONS}, '
-                     f'got {lsh_convention!r}.')
   check_int(name, 'vocab_size', vocab_size)
   check_int(name, 'n_layers', n_layers)
-  pattern = attention_pattern(name, attention_type, n_layers)
-  d_qk, d_v, predict_mem_len = _check_common(
+  pattern = attn.pattern(attention, n_layers, where=f'{name} attention')
+  d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len, n_hashes=n_hashes,
-      chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-      predict_mem_len=predict_mem_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation,
-      reversible=reversible, patterns=[pattern])
-  axial_shape, axial_d_embs = _positions(name, pos_type=pos_type, axial_shape=axial_shape,
-                                         axial_d_embs=axial_d_embs, d_model=d_model,
-                                         max_len=max_len)
-  dtype = _dtype(dtype)
+      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len,
+      ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
+      causal_specs=pattern)
+  positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
+  dtype = compute_dtype(dtype)
 
-  def attention(kind):
-    return SelfAttention(
-        kind, causal=True, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-        attention_dropout=attention_dropout, n_hashes=n_hashes, n_buckets=n_buckets,
-        chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-        predict_mem_len=predict_mem_len, max_len=max_len, mode=mode, dtype=dtype,
-        local_chunk_len=local_chunk_len, local_n_chunks_before=local_n_chunks_before,
-        local_n_chunks_after=local_n_chunks_after, lsh_convention=lsh_convention)
+  def attention_layer(spec):
+    return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
+                              dtype=dtype, dropout=attention_dropout, max_len=max_len,
+                              use_bias=False)
 
   def feed_forward():
     return _feed_forward_half(d_model=d_model, d_ff=d_ff, dropout=dropout,
@@ -327,31 +343,31 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
   return cb.Serial(
       tl.ShiftRight(mode=mode),
       Embedder(vocab_size=vocab_size, d_model=d_model, max_len=max_len, dropout=dropout,
-               pos_type=pos_type, axial_shape=axial_shape, axial_d_embs=axial_d_embs, mode=mode,
-               dtype=dtype),
+               positions=positions, mode=mode, dtype=dtype),
       cb.Dup(),  # stack: x1, x2
-      ReversibleBlocks(pattern, n_layers=n_layers, reversible=reversible, attention=attention,
-                       feed_forward=feed_forward, dropout=dropout, mode=mode),
+      ReversibleBlocks(pattern, n_layers=n_layers, reversible=reversible,
+                       attention=attention_layer, feed_forward=feed_forward, dropout=dropout,
+                       mode=mode),
       cb.MergeStreams('concat'),  # stack: [attention stream, feed-forward stream] (b, l, 2d)
       tl.LayerNorm(),
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
       tl.Dense(vocab_size, dtype=dtype),
-      _float32(),
+      Float32(),
   )
 
 
+@deprecated_arguments(DEPRECATED_SEQ2SEQ, _translate(
+    'Reformer', {'encoder_attention_type': ('encoder_attention', 'full'),
+                 'decoder_attention_type': ('decoder_attention', 'full')}))
 def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint: disable=invalid-name
              d_model: int = 512, d_ff: int = 2048, n_layers: int = 6,
              n_encoder_layers: int | None = None, n_decoder_layers: int | None = None,
              n_heads: int = 8, d_qk: int | None = None, d_v: int | None = None,
              dropout: float = 0.1, attention_dropout: float = 0.0, max_len: int = 2048,
              mode: str = 'train', dtype=None,
-             encoder_attention_type: str | Sequence[str] = 'full',
-             decoder_attention_type: str | Sequence[str] = 'full', n_hashes: int = 1,
-             n_buckets=None, chunk_len: int = 64, n_chunks_before: int = 1,
-             n_chunks_after: int = 0, predict_mem_len: int | None = None,
-             pos_type: str = 'axial', axial_shape: Sequence[int] | None = None,
-             axial_d_embs: Sequence[int] | None = None, ff_chunk_len: int | None = None,
+             encoder_attention: Any = attn.Full(query_chunk_len=64),
+             decoder_attention: Any = attn.Full(query_chunk_len=64),
+             positions: Any = 'axial', ff_chunk_len: int | None = None,
              ff_activation: Any = 'relu', reversible: bool = True, pad_id: int = 0):
   """[inputs, targets] -> [logits]: int (b, li), (b, lt) -> float32 (b, lt, v); 2 -> 1.
 
@@ -368,12 +384,14 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
   token (b, 1): the encoder runs once (in 'eval' mode, `CacheOutputs`) and the
   decoder's self-attention and encoder keys/values are cached.
 
-  `encoder_attention_type`/`decoder_attention_type` are 'full', 'lsh' or a
-  sequence cycled over the layers (Trax's defaults are non-LSH). Note that
-  `LSHSelfAttention` takes no padding mask: LSH encoder layers also attend to
-  padding tokens, so with 'lsh' in the encoder, right-padding changes the
-  outputs. `n_encoder_layers`/`n_decoder_layers` default to `n_layers`; the
-  other arguments are those of `ReformerLM`.
+  `encoder_attention`/`decoder_attention` are attention specs (or sequences
+  cycled over the layers) as in `ReformerLM` (Trax's defaults are non-LSH:
+  `Full(query_chunk_len=64)`). The attention to the encoder runs query
+  chunks of the first decoder spec's query_chunk_len ('full') or chunk_len
+  ('lsh', 'local'). Note that `LSHSelfAttention` takes no padding mask: LSH
+  encoder layers also attend to padding tokens, so with LSH in the encoder,
+  right-padding changes the outputs. `n_encoder_layers`/`n_decoder_layers`
+  default to `n_layers`; the other arguments are those of `ReformerLM`.
   """
   name = 'Reformer'
   n_encoder_layers = n_layers if n_encoder_layers is None else n_encoder_layers
@@ -383,34 +401,31 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
                        ('n_encoder_layers', n_encoder_layers),
                        ('n_decoder_layers', n_decoder_layers)):
     check_int(name, field, value)
-  encoder_pattern = attention_pattern(name, encoder_attention_type, n_encoder_layers,
-                                      'encoder_attention_type')
-  decoder_pattern = attention_pattern(name, decoder_attention_type, n_decoder_layers,
-                                      'decoder_attention_type')
-  d_qk, d_v, predict_mem_len = _check_common(
+  encoder_pattern = attn.pattern(encoder_attention, n_encoder_layers,
+                                 where=f'{name} encoder_attention')
+  decoder_pattern = attn.pattern(decoder_attention, n_decoder_layers,
+                                 where=f'{name} decoder_attention')
+  d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len, n_hashes=n_hashes,
-      chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-      predict_mem_len=predict_mem_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation,
-      reversible=reversible, patterns=[decoder_pattern])
-  axial_shape, axial_d_embs = _positions(name, pos_type=pos_type, axial_shape=axial_shape,
-                                         axial_d_embs=axial_d_embs, d_model=d_model,
-                                         max_len=max_len)
-  dtype = _dtype(dtype)
-  lsh = dict(n_heads=n_heads, d_qk=d_qk, d_v=d_v, attention_dropout=attention_dropout,
-             n_hashes=n_hashes, n_buckets=n_buckets, chunk_len=chunk_len,
-             n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
-             predict_mem_len=predict_mem_len, max_len=max_len, dtype=dtype)
+      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len,
+      ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
+      causal_specs=decoder_pattern)
+  positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
+  dtype = compute_dtype(dtype)
+  first = decoder_pattern[0]
+  cross_chunk_len = (first.chunk_len if isinstance(first, (attn.LSH, attn.Local))
+                     else attn.query_chunk_len(first))
 
   def embedder(vocab, mode):
     return Embedder(vocab_size=vocab, d_model=d_model, max_len=max_len, dropout=dropout,
-                    pos_type=pos_type, axial_shape=axial_shape, axial_d_embs=axial_d_embs,
-                    mode=mode, dtype=dtype)
+                    positions=positions, mode=mode, dtype=dtype)
 
   def blocks(pattern, n, mode, causal, extra=None):
     return ReversibleBlocks(
         pattern, n_layers=n, reversible=reversible, dropout=dropout, mode=mode, extra=extra,
-        attention=lambda kind: SelfAttention(kind, causal=causal, mode=mode, **lsh),
+        attention=lambda spec: attn.SelfAttention(
+            spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=causal, mode=mode, dtype=dtype,
+            dropout=attention_dropout, max_len=max_len, use_bias=False),
         feed_forward=lambda: _feed_forward_half(
             d_model=d_model, d_ff=d_ff, dropout=dropout, ff_activation=ff_activation,
             ff_chunk_len=ff_chunk_len, mode=mode, dtype=dtype))
@@ -420,14 +435,15 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
         cb.ReversibleHalfResidual(
             tl.LayerNorm(),
             tl.EncDecAttention(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=attention_dropout,
-                               chunk_len=chunk_len, mode=mode, dtype=dtype, use_bias=False),
+                               chunk_len=cross_chunk_len, mode=mode, dtype=dtype,
+                               use_bias=False),
             tl.Dropout(dropout, mode=mode)),
         cb.ReversibleSwap(),
     ]
 
   encoder_mode = 'eval' if mode == 'predict' else mode  # It runs once per sequence.
   encoder = cb.Serial(
-      cb.Branch(None, _padding_mask(pad_id)),  # stack: ids, mask
+      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
       embedder(vocab_size, encoder_mode),  # stack: x, mask
       cb.Dup(),  # stack: x1, x2, mask
       blocks(encoder_pattern, n_encoder_layers, encoder_mode, causal=False),
@@ -446,5 +462,5 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
       cb.Select([0], n_in=3),
       tl.LayerNorm(),
       tl.Dense(output_vocab_size, dtype=dtype),
-      _float32(),
+      Float32(),
   )

@@ -20,159 +20,81 @@ Options of `TransformerLM` and `TransformerEncoder` (defaults: the plain model):
   d_embedding    ALBERT's factorised embeddings: tokens embed to d_embedding
                  and a Dense projects them to d_model (the LM's output goes
                  d_model -> d_embedding -> vocab too)
-  n_prefix       prefix tuning: n_prefix trainable keys/values at every
-                 attention layer (`terraflax.layers.prefix`)
+  attention      an attention spec (`terraflax.models.attention`; default
+                 `Full()`), a dict {'kind': ...} or a sequence cycled over the
+                 layers; `Full(n_prefix=16)` is prefix tuning (trainable
+                 keys/values at every attention layer, `terraflax.layers.prefix`)
   mixing         (encoder only) 'attention' or 'fourier' (FNet) token mixing,
                  for all layers or one kind per layer
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+from typing import Any
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
-from terraflax.combinators.base import check_mode
-from terraflax.layers.prefix import PrefixAttention, PrefixCausalAttention
+from terraflax.models import attention as attn
+from terraflax.models.common import (
+    Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
+    check_hyperparameters, compute_dtype, deprecated_arguments, masked_mean, mixing_kinds,
+    no_new_and_old)
 
-MIXING_KINDS = ('attention', 'fourier')
-
-
-def _check_hyperparameters(model: str, mode: str, **values):
-  """Clear errors for a bad `mode` and non-positive sizes, before anything is built."""
-  check_mode(mode, f'{model} mode')
-  for name, value in values.items():
-    if name in ('attention_chunk_len', 'ff_chunk_len', 'd_embedding') and value is None:
-      continue
-    if name == 'n_prefix' and value == 0:
-      continue
-    if name == 'dropout':
-      if not 0.0 <= value < 1.0:
-        raise ValueError(f'{model} dropout must be in [0, 1), got {value!r}.')
-      continue
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f'{model} {name} must be a positive int, got {value!r}.')
-  if values['d_model'] % values['n_heads']:
-    raise ValueError(f'{model} d_model={values["d_model"]} must be divisible by '
-                     f'n_heads={values["n_heads"]}.')
+# Old keyword names of the factories here (one release): old name -> new spelling.
+DEPRECATED = {
+    'attention_chunk_len': 'attention=Full(query_chunk_len=...)',
+    'n_prefix': 'attention=Full(n_prefix=...)',
+}
 
 
-def _dtype(dtype):
-  """None, a dtype or its name ('bfloat16') -> a jnp dtype or None."""
-  return None if dtype is None else jnp.dtype(dtype)
+def upgrade_full_attention(model):
+  """translate(old, kwargs) for `deprecated_arguments`: old full-attention knobs -> a Full spec."""
+  def translate(old, kwargs):
+    no_new_and_old(model, kwargs, 'attention', old)
+    return dict(kwargs, attention=attn.Full(query_chunk_len=old.get('attention_chunk_len'),
+                                            n_prefix=old.get('n_prefix', 0)))
+  return translate
 
 
-def _float32():
-  return cb.Fn('Float32', lambda x: x.astype(jnp.float32))
+def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype):
+  """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'.
 
-
-def _padding_mask(pad_id):
-  """[ids] -> [ids != pad_id] (all True when pad_id is None)."""
-  if pad_id is None:
-    return cb.Fn('PaddingMask', lambda ids: jnp.ones(ids.shape, jnp.bool_))
-  return cb.Fn('PaddingMask', lambda ids: ids != pad_id)
-
-
-def _masked_mean(x, mask):
-  """(b, l, d), (b, l) -> (b, d): the mean over real tokens."""
-  weights = mask.astype(x.dtype)[:, :, None]
-  total = jnp.sum(x * weights, axis=1)
-  count = jnp.maximum(jnp.sum(weights, axis=1), 1)
-  return total / count
-
-
-def _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None):
-  """[ids] -> [x]: token embedding plus sinusoidal positions, with dropout.
-
-  With `d_embedding`, tokens embed to d_embedding and a Dense projects to d_model.
+  Per-head widths are d_model // n_heads ('full' layers derive them themselves).
   """
-  if d_embedding is None:
-    return [
-        tl.Embedding(vocab_size, d_model, dtype=dtype),
-        tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
-    ]
-  return [
-      tl.Embedding(vocab_size, d_embedding, dtype=dtype),
-      tl.Dense(d_model, dtype=dtype),  # The factorised embedding's projection.
-      tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
-  ]
-
-
-def _check_d_embedding(model, d_embedding, d_model):
-  if d_embedding is not None and d_embedding > d_model:
-    raise ValueError(f'{model} d_embedding={d_embedding} must be <= d_model={d_model} (a '
-                     'factorised embedding is narrower than the model).')
-
-
-def _mixing_kinds(model, mixing, n_layers) -> tuple[str, ...]:
-  """`mixing` ('attention', 'fourier' or one of them per layer) as n_layers kinds."""
-  kinds = (mixing,) * n_layers if isinstance(mixing, str) else tuple(mixing)
-  if len(kinds) != n_layers or any(kind not in MIXING_KINDS for kind in kinds):
-    raise ValueError(f'{model} mixing must be one of {MIXING_KINDS} or a sequence of n_layers='
-                     f'{n_layers} of them, got {mixing!r}.')
-  return kinds
-
-
-def _stack(blocks, kinds, share_layers, model):
-  """`Repeat`s of the blocks of each run of equal `kinds` (one Repeat when all are equal).
-
-  `blocks[kind]()` makes a fresh block (a list of layers) of that kind.
-  """
-  runs = []
-  for kind in kinds:
-    if runs and runs[-1][0] == kind:
-      runs[-1][1] += 1
-    else:
-      runs.append([kind, 1])
-  if share_layers and len(runs) > 1:
-    raise ValueError(f'{model} share_layers needs one mixing kind for all layers (one shared '
-                     f'block), got {kinds}.')
-  repeats = [cb.Repeat(blocks[kind](), n, share_params=share_layers) for kind, n in runs]
-  return repeats[0] if len(repeats) == 1 else cb.Serial(*repeats, label='Encoder')
-
-
-def _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len):
-  return cb.Residual(tl.FeedForward(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
-                                    chunk_len=ff_chunk_len, dtype=dtype))
+  (spec,) = attn.specs_from(spec, where='attention')
+  d_head = d_model // n_heads if isinstance(spec, (attn.LSH, attn.Local)) else None
+  return cb.Residual(
+      tl.LayerNorm(),
+      attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=causal,
+                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len),
+      tl.Dropout(dropout, mode=mode))
 
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention_chunk_len=None, ff_chunk_len=None, n_prefix=0):
+                 attention: Any = attn.Full(), ff_chunk_len=None):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
 
-  Pre-norm causal self-attention and feed-forward residual blocks; with
-  `n_prefix`, the attention has that many trainable prefix keys/values.
+  Pre-norm causal self-attention (the layer of the `attention` spec) and
+  feed-forward residual blocks.
   """
-  kwargs = dict(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len, max_len=max_len,
-                mode=mode, dtype=dtype)
-  attention = (PrefixCausalAttention(n_prefix=n_prefix, **kwargs) if n_prefix
-               else tl.CausalAttention(**kwargs))
   return [
-      cb.Residual(
-          tl.LayerNorm(),
-          attention,
-          tl.Dropout(dropout, mode=mode)),
-      _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+      _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
+                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype),
+      FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
 def EncoderBlock(*, d_model, d_ff, n_heads, dropout, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention_chunk_len=None, ff_chunk_len=None, n_prefix=0):
+                 attention: Any = attn.Full(), ff_chunk_len=None):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> (b, l, d), (b, l); a list, 2 -> 2.
 
-  Pre-norm bidirectional self-attention over real tokens, then feed-forward;
-  with `n_prefix`, the attention has that many trainable prefix keys/values.
+  Pre-norm bidirectional self-attention (over real tokens for 'full'; 'local'
+  and 'lsh' take no mask), then feed-forward.
   """
-  kwargs = dict(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len, mode=mode,
-                dtype=dtype)
-  attention = (PrefixAttention(n_prefix=n_prefix, **kwargs) if n_prefix
-               else tl.Attention(**kwargs))
   return [
-      cb.Residual(
-          tl.LayerNorm(),
-          attention,
-          tl.Dropout(dropout, mode=mode)),  # stack: x, mask
-      _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+      _attention_residual(attention, d_model=d_model, causal=False, n_heads=n_heads,
+                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype),  # stack: x, mask
+      FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
@@ -188,37 +110,41 @@ def FourierEncoderBlock(*, d_model, d_ff, dropout, mode, dtype=None,  # pylint: 
           tl.LayerNorm(),
           tl.MaskedFourierMixing(),
           tl.Dropout(dropout, mode=mode)),  # stack: x, mask
-      _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+      FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
 def EncoderDecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                        attention_chunk_len=None, ff_chunk_len=None):
+                        attention: Any = attn.Full(), ff_chunk_len=None):
   """[y, encoder, mask] -> [y, encoder, mask]: (b, lt, d), (b, li, d), (b, li); 3 -> 3.
 
-  Pre-norm causal self-attention, attention to the encoder, feed-forward.
+  Pre-norm causal self-attention (the `attention` spec), attention to the
+  encoder (query chunks of a 'full' spec's query_chunk_len), feed-forward.
   """
+  (spec,) = attn.specs_from(attention, where='EncoderDecoderBlock attention')
   return [
+      _attention_residual(spec, d_model=d_model, causal=True, n_heads=n_heads, dropout=dropout,
+                          max_len=max_len, mode=mode, dtype=dtype),
       cb.Residual(
           tl.LayerNorm(),
-          tl.CausalAttention(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len,
-                             max_len=max_len, mode=mode, dtype=dtype),
-          tl.Dropout(dropout, mode=mode)),
-      cb.Residual(
-          tl.LayerNorm(),
-          tl.EncDecAttention(n_heads=n_heads, dropout=dropout, chunk_len=attention_chunk_len,
-                             mode=mode, dtype=dtype),
+          tl.EncDecAttention(n_heads=n_heads, dropout=dropout,
+                             chunk_len=attn.query_chunk_len(spec), mode=mode, dtype=dtype),
           tl.Dropout(dropout, mode=mode)),  # stack: y, encoder, mask
-      _feed_forward(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+      FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
+def _unit(make, pattern):
+  """One scanned unit: the blocks `make(spec)` of each spec of the repeating pattern in turn."""
+  return [layer for spec in pattern for layer in make(spec)]
+
+
+@deprecated_arguments(DEPRECATED, upgrade_full_attention('TransformerLM'))
 def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
                   n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1,
                   max_len: int = 2048, mode: str = 'train', dtype=None,
-                  attention_chunk_len: int | None = None, ff_chunk_len: int | None = None,
-                  share_layers: bool = False, d_embedding: int | None = None,
-                  n_prefix: int = 0):
+                  attention: Any = attn.Full(), ff_chunk_len: int | None = None,
+                  share_layers: bool = False, d_embedding: int | None = None):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   A decoder-only Transformer language model. It shifts its input right
@@ -238,77 +164,85 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     max_len: longest sequence (positional table and predict-mode cache).
     mode: 'train', 'eval' or 'predict'.
     dtype: compute dtype (e.g. 'bfloat16'); parameters stay float32.
-    attention_chunk_len: query-chunked attention (memory linear in length).
+    attention: an attention spec (`terraflax.models.attention`: `Full()`,
+      `Full(query_chunk_len=64)` for memory linear in length, `Full(n_prefix=16)`
+      for prefix tuning, `LSH(...)`, `Local(...)`, `SparseQKV(...)`), a dict
+      {'kind': ...}, or a sequence of them cycled over the layers (n_layers
+      a multiple of its length; one scanned unit holds one layer of each).
     ff_chunk_len: run the feed-forward blocks this many positions at a time.
     share_layers: ALBERT: one decoder block applied n_layers times, one set of
       its parameters (each depth keeps its own predict-mode cache).
     d_embedding: ALBERT's factorised embeddings: embed to d_embedding
       (<= d_model) and project to d_model; the output is factorised the same
       way (LayerNorm, Dense(d_embedding), Dense(vocab_size)).
-    n_prefix: prefix tuning: trainable keys/values at every attention layer
-      (`prefix_key`/`prefix_value` parameters; 0: none).
   """
-  _check_hyperparameters('TransformerLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
-                         n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                         attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
-                         d_embedding=d_embedding, n_prefix=n_prefix)
-  _check_d_embedding('TransformerLM', d_embedding, d_model)
-  dtype = _dtype(dtype)
-  block = DecoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
-                       max_len=max_len, mode=mode, dtype=dtype,
-                       attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
-                       n_prefix=n_prefix)
+  check_hyperparameters('TransformerLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
+                        n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
+                        ff_chunk_len=ff_chunk_len, d_embedding=d_embedding)
+  check_d_embedding('TransformerLM', d_embedding, d_model)
+  pattern = attn.pattern(attention, n_layers, where='TransformerLM attention')
+  dtype = compute_dtype(dtype)
+  block = _unit(lambda spec: DecoderBlock(
+      d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), pattern)
   return cb.Serial(
       tl.ShiftRight(mode=mode),
-      _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
-      cb.Repeat(block, n_layers, share_params=share_layers),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
       tl.Dense(d_embedding, dtype=dtype) if d_embedding is not None else None,
       tl.Dense(vocab_size, dtype=dtype),
-      _float32(),
+      Float32(),
   )
 
 
 def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # pylint: disable=invalid-name
                 n_heads: int, dropout: float, max_len: int, mode: str, dtype=None,
-                attention_chunk_len: int | None = None, ff_chunk_len: int | None = None,
+                attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                 pad_id: int | None = 0, share_layers: bool = False,
-                d_embedding: int | None = None, mixing='attention', n_prefix: int = 0):
+                d_embedding: int | None = None, mixing='attention',
+                model: str = 'TransformerEncoder'):
   """[tokens] -> [x, mask]: int (b, l) -> (b, l, d_model), bool (b, l); a list, 1 -> 2.
 
   The encoder up to its final LayerNorm, shared by `TransformerEncoder` and
   `terraflax.models.BertMLM` so that their bodies have the same parameter
   paths (a pre-trained body loads into a classifier by path). `mask` is
-  `tokens != pad_id`. Arguments are `TransformerEncoder`'s.
+  `tokens != pad_id`. Layer i mixes with `mixing`'s kind i and (for
+  attention) the spec i % len of `attention`; runs of equal layers are
+  scanned together. Arguments are `TransformerEncoder`'s.
   """
-  kinds = _mixing_kinds('TransformerEncoder', mixing, n_layers)
-  _check_d_embedding('TransformerEncoder', d_embedding, d_model)
-  dtype = _dtype(dtype)
+  kinds = mixing_kinds(model, mixing, n_layers)
+  specs = attn.specs_from(attention, where=f'{model} attention')
+  check_d_embedding(model, d_embedding, d_model)
+  dtype = compute_dtype(dtype)
   if mode == 'predict':  # No incremental form: predict is eval.
     mode = 'eval'
-  blocks = {
-      'attention': lambda: EncoderBlock(
-          d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode, dtype=dtype,
-          attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len, n_prefix=n_prefix),
-      'fourier': lambda: FourierEncoderBlock(
-          d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode, dtype=dtype,
-          ff_chunk_len=ff_chunk_len),
-  }
+
+  def make_block(kind):
+    if kind == 'fourier':
+      return FourierEncoderBlock(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
+                                 dtype=dtype, ff_chunk_len=ff_chunk_len)
+    return EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode,
+                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len)
+
+  layer_kinds = ['fourier' if kind == 'fourier' else specs[i % len(specs)]
+                 for i, kind in enumerate(kinds)]
   return [
-      cb.Branch(None, _padding_mask(pad_id)),  # stack: ids, mask
-      _embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
-      _stack(blocks, kinds, share_layers, 'TransformerEncoder'),  # stack: x, mask
+      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      Stack(make_block, layer_kinds, share_layers, model),  # stack: x, mask
       tl.LayerNorm(),
   ]
 
 
+@deprecated_arguments(DEPRECATED, upgrade_full_attention('TransformerEncoder'))
 def TransformerEncoder(*, vocab_size: int, n_classes: int = 10, d_model: int = 512,  # pylint: disable=invalid-name
                        d_ff: int = 2048, n_layers: int = 6, n_heads: int = 8,
                        dropout: float = 0.1, max_len: int = 2048, mode: str = 'train',
-                       dtype=None, attention_chunk_len: int | None = None,
+                       dtype=None, attention: Any = attn.Full(),
                        ff_chunk_len: int | None = None, pad_id: int | None = 0,
                        share_layers: bool = False, d_embedding: int | None = None,
-                       mixing='attention', n_prefix: int = 0):
+                       mixing='attention'):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, n_classes); 1 -> 1.
 
   A BERT-style bidirectional encoder with a classification head: tokens equal
@@ -318,33 +252,35 @@ def TransformerEncoder(*, vocab_size: int, n_classes: int = 10, d_model: int = 5
   There is no incremental form: `'predict'` behaves as `'eval'`.
   `mixing` is 'attention', 'fourier' (FNet's parameter-free Fourier mixing)
   or a sequence of one of them per layer, e.g. ('fourier', 'fourier',
-  'attention'); runs of equal kinds are scanned together. `share_layers`,
-  `d_embedding` and `n_prefix` are as in `TransformerLM` (`share_layers`
-  needs one mixing kind). Other arguments are as in `TransformerLM`.
+  'attention'); runs of equal layers are scanned together. `attention`,
+  `share_layers` and `d_embedding` are as in `TransformerLM` (`share_layers`
+  needs one kind of layer). Note that 'local' and 'lsh' attention take no
+  padding mask. Other arguments are as in `TransformerLM`.
   """
-  _check_hyperparameters('TransformerEncoder', mode, vocab_size=vocab_size, n_classes=n_classes,
-                         d_model=d_model, d_ff=d_ff, n_layers=n_layers, n_heads=n_heads,
-                         dropout=dropout, max_len=max_len, attention_chunk_len=attention_chunk_len,
-                         ff_chunk_len=ff_chunk_len, d_embedding=d_embedding, n_prefix=n_prefix)
+  check_hyperparameters('TransformerEncoder', mode, vocab_size=vocab_size, n_classes=n_classes,
+                        d_model=d_model, d_ff=d_ff, n_layers=n_layers, n_heads=n_heads,
+                        dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len,
+                        d_embedding=d_embedding)
   body = EncoderBody(vocab_size=vocab_size, d_model=d_model, d_ff=d_ff, n_layers=n_layers,
                      n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
-                     attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len,
-                     pad_id=pad_id, share_layers=share_layers, d_embedding=d_embedding,
-                     mixing=mixing, n_prefix=n_prefix)
+                     attention=attention, ff_chunk_len=ff_chunk_len, pad_id=pad_id,
+                     share_layers=share_layers, d_embedding=d_embedding, mixing=mixing)
   return cb.Serial(
       body,  # stack: x, mask
-      cb.Fn('MaskedMean', _masked_mean),  # stack: pooled (b, d)
-      tl.Dense(n_classes, dtype=_dtype(dtype)),
-      _float32(),
+      cb.Fn('MaskedMean', masked_mean),  # stack: pooled (b, d)
+      tl.Dense(n_classes, dtype=compute_dtype(dtype)),
+      Float32(),
   )
 
 
+@deprecated_arguments({'attention_chunk_len': DEPRECATED['attention_chunk_len']},
+                      upgrade_full_attention('Transformer'))
 def Transformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint: disable=invalid-name
                 d_model: int = 512, d_ff: int = 2048, n_layers: int = 6,
                 n_encoder_layers: int | None = None, n_decoder_layers: int | None = None,
                 n_heads: int = 8, dropout: float = 0.1,
                 max_len: int = 2048, mode: str = 'train', dtype=None,
-                attention_chunk_len: int | None = None, ff_chunk_len: int | None = None,
+                attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                 pad_id: int = 0):
   """[inputs, targets] -> [logits]: int (b, li), (b, lt) -> float32 (b, lt, v); 2 -> 1.
 
@@ -356,40 +292,44 @@ def Transformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
   target token (b, 1); the encoder runs on the first call after `init` and its
   outputs and projected keys/values are cached (`CacheOutputs`,
   `EncDecAttention`), so later steps cost one decoder step.
+  `attention` (a spec or a sequence cycled over the layers) is the self-
+  attention of both the encoder (non-causal) and the decoder (causal); a
+  'full' spec's query_chunk_len also chunks the attention to the encoder.
   `n_encoder_layers` and `n_decoder_layers` default to `n_layers`. Other
   arguments are as in `TransformerLM`.
   """
   n_encoder_layers = n_layers if n_encoder_layers is None else n_encoder_layers
   n_decoder_layers = n_layers if n_decoder_layers is None else n_decoder_layers
-  _check_hyperparameters('Transformer', mode, vocab_size=vocab_size,
-                         output_vocab_size=output_vocab_size or vocab_size, d_model=d_model,
-                         d_ff=d_ff, n_encoder_layers=n_encoder_layers,
-                         n_decoder_layers=n_decoder_layers, n_heads=n_heads, dropout=dropout,
-                         max_len=max_len, attention_chunk_len=attention_chunk_len,
-                         ff_chunk_len=ff_chunk_len)
-  dtype = _dtype(dtype)
+  check_hyperparameters('Transformer', mode, vocab_size=vocab_size,
+                        output_vocab_size=output_vocab_size or vocab_size, d_model=d_model,
+                        d_ff=d_ff, n_encoder_layers=n_encoder_layers,
+                        n_decoder_layers=n_decoder_layers, n_heads=n_heads, dropout=dropout,
+                        max_len=max_len, ff_chunk_len=ff_chunk_len)
+  encoder_pattern = attn.pattern(attention, n_encoder_layers, where='Transformer attention')
+  decoder_pattern = attn.pattern(attention, n_decoder_layers, where='Transformer attention')
+  dtype = compute_dtype(dtype)
   output_vocab_size = output_vocab_size or vocab_size
   encoder_mode = 'eval' if mode == 'predict' else mode  # It runs once per sequence.
+  encoder_block = _unit(lambda spec: EncoderBlock(
+      d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=encoder_mode,
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), encoder_pattern)
   encoder = cb.Serial(
-      cb.Branch(None, _padding_mask(pad_id)),  # stack: ids, mask
-      _embed(vocab_size, d_model, max_len, dropout, encoder_mode, dtype),
-      cb.Repeat(EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
-                             mode=encoder_mode, dtype=dtype,
-                             attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len),
-                n_encoder_layers),
+      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
+      Embed(vocab_size, d_model, max_len, dropout, encoder_mode, dtype),
+      cb.Repeat(encoder_block, n_encoder_layers // len(encoder_pattern)),
       tl.LayerNorm(),  # stack: encoder, mask
   )
-  decoder_block = EncoderDecoderBlock(
+  decoder_block = _unit(lambda spec: EncoderDecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
-      dtype=dtype, attention_chunk_len=attention_chunk_len, ff_chunk_len=ff_chunk_len)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), decoder_pattern)
   return cb.Serial(
       tl.CacheOutputs(encoder, mode=mode),  # stack: encoder, mask, targets
       cb.Select([2, 0, 1]),  # stack: targets, encoder, mask
       tl.ShiftRight(mode=mode, pad_id=pad_id),
-      _embed(output_vocab_size, d_model, max_len, dropout, mode, dtype),
-      cb.Repeat(decoder_block, n_decoder_layers),  # stack: y, encoder, mask
+      Embed(output_vocab_size, d_model, max_len, dropout, mode, dtype),
+      cb.Repeat(decoder_block, n_decoder_layers // len(decoder_pattern)),  # stack: y, encoder, mask
       cb.Select([0], n_in=3),
       tl.LayerNorm(),
       tl.Dense(output_vocab_size, dtype=dtype),
-      _float32(),
+      Float32(),
   )

@@ -21,9 +21,12 @@ chunk covering the whole sequence (n_buckets=1, n_hashes=1,
 chunk_len=data.seq_len, no neighbouring chunks) is exactly full shared-QK
 attention, with LSH's rule that a token sees itself only when nothing else
 is visible. So a model trained with LSH can be scored with full attention
-and vice versa, on the same parameters. Layers that are already full
-attention (`attention_type='full'`: separate queries and keys) have no LSH
-form; asking an all-'full' model for LSH settings is an error.
+and vice versa, on the same parameters. The fields replace those of every
+LSH spec in the model's attention arguments (`attention`, `encoder_attention`,
+...: ReformerLM, TerraformerLM or any factory taking specs); other kinds stay
+as trained. Layers that are already full attention (`{'kind': 'full'}`:
+separate queries and keys) have no LSH form; asking a model without LSH
+layers for LSH settings is an error.
 
 The model is the one the checkpoint was trained as: `config.model.*` must
 equal the workdir's `config.json` (change the attention with `eval.*`). The
@@ -46,6 +49,7 @@ import jax
 import ml_collections
 
 from terraflax import workdir as workdir_lib
+from terraflax.models import attention as attn
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
 from terraflax.train import evaluation
@@ -63,8 +67,8 @@ def requested(config: ml_collections.ConfigDict) -> bool:
   return any(fields.get(name, default) != default for name, default in DEFAULTS.items())
 
 
-def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
-  """The model keyword arguments that `config.eval.*` changes, from the trained `kwargs`."""
+def lsh_changes(config: ml_collections.ConfigDict) -> dict:
+  """The LSH spec fields `config.eval.*` replaces: {'n_hashes': 8, ...} ({} when none)."""
   e = config.eval
   if e.attention == 'full':
     clash = [f'eval.{name}' for name in LSH_FIELDS if e[name] != DEFAULTS[name]]
@@ -72,8 +76,7 @@ def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
       raise config_lib.ConfigError(
           f"config.eval.attention='full' sets the LSH fields itself (one bucket, one round, one "
           f'chunk of data.seq_len); do not also set config.{", config.".join(clash)}.')
-    return {'n_hashes': 1, 'n_buckets': 1, 'chunk_len': config.data.seq_len,
-            'n_chunks_before': 0, 'n_chunks_after': 0}
+    return attn.full_as_lsh(config.data.seq_len)
   out = {}
   if e.n_hashes:
     out['n_hashes'] = e.n_hashes
@@ -83,43 +86,58 @@ def lsh_overrides(config: ml_collections.ConfigDict, trained: dict) -> dict:
     out['chunk_len'] = e.chunk_len
   if e.n_chunks_before >= 0:
     out['n_chunks_before'] = e.n_chunks_before
-  if e.attention == 'lsh' and out.get('n_buckets', trained.get('n_buckets')) == 1:
+  return out
+
+
+def _lsh_arguments(factory, kwargs: dict) -> dict:
+  """{argument: its specs} of the attention arguments holding LSH specs (given or default)."""
+  parameters = config_lib.factory_parameters(factory) or {}
+  values = {name: p.default for name, p in parameters.items()
+            if 'attention' in name and p.default is not p.empty}
+  values.update({k: v for k, v in kwargs.items() if 'attention' in k})
+  out = {}
+  for name, value in values.items():
+    try:
+      specs = attn.specs_from(value, where=f'config.model.{name}')
+    except ValueError:
+      continue  # Not a spec (e.g. attention_dropout).
+    if any(isinstance(spec, attn.LSH) for spec in specs):
+      out[name] = value
+  return out
+
+
+def lsh_overrides(config: ml_collections.ConfigDict, factory, trained: dict) -> dict:
+  """The model arguments `config.eval.*` changes: each attention spec argument holding LSH
+  specs, with `lsh_changes` replacing the fields of every LSH spec in it."""
+  changes = lsh_changes(config)
+  if not changes and config.eval.attention != 'lsh':
+    return {}
+  arguments = _lsh_arguments(factory, trained)
+  if not arguments:
+    given = {k: v for k, v in trained.items() if 'attention' in k and k != 'attention_dropout'}
+    raise config_lib.ConfigError(
+        f'config.eval.* asks for other LSH attention settings, but {config.model.name} has no '
+        f'LSH layer (attention: {given or "its default"}); full attention has separate queries '
+        "and keys and no LSH form. Train with attention={'kind': 'lsh', ...} (n_buckets=1 and "
+        'chunk_len=data.seq_len give full shared-QK attention) to compare attentions on the '
+        'same parameters.')
+  out = {name: attn.replace_lsh(value, **changes) for name, value in arguments.items()}
+  if config.eval.attention == 'lsh' and any(
+      spec.n_buckets == 1 for value in out.values() for spec in attn.specs_from(value)
+      if isinstance(spec, attn.LSH)):
     raise config_lib.ConfigError(
         "config.eval.attention='lsh' but the trained model has n_buckets=1 (no hashing: full "
         'shared-QK attention); set config.eval.n_buckets (-1: Trax\'s rule from the length) '
         'and config.eval.chunk_len for hashed attention.')
-  return out
+  return out if changes else {}
 
 
 def effective_settings(factory, kwargs: dict) -> dict:
-  """The LSH fields the model is built with: `kwargs`, else the factory's defaults."""
-  parameters = config_lib.factory_parameters(factory) or {}
-  out = {}
-  for name in LSH_FIELDS:
-    if name in kwargs:
-      out[name] = kwargs[name]
-    elif name in parameters and parameters[name].default is not parameters[name].empty:
-      out[name] = parameters[name].default
-  return out
-
-
-def _check_overrides(config, factory, trained: dict, overrides: dict) -> None:
-  name = config.model.name
-  parameters = config_lib.factory_parameters(factory)
-  if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-    missing = [k for k in overrides if k not in parameters]
-    if missing:
-      raise config_lib.ConfigError(
-          f'config.eval.* changes {", ".join(missing)}, which {name} does not take: eval-time '
-          'attention settings need a model with LSH attention (such as ReformerLM).')
-  kind = trained.get('attention_type', 'lsh')
-  kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-  if overrides and 'lsh' not in kinds:
-    raise config_lib.ConfigError(
-        f'config.eval.* asks for other attention settings, but the trained model has '
-        f'attention_type={kind!r}: its full attention has separate queries and keys and no LSH '
-        "form. Train with attention_type='lsh' (n_buckets=1 and chunk_len=data.seq_len give "
-        'full shared-QK attention) to compare attentions on the same parameters.')
+  """`LSH_FIELDS` of the model's first LSH spec ({} without one)."""
+  for value in _lsh_arguments(factory, kwargs).values():
+    spec = next(s for s in attn.specs_from(value) if isinstance(s, attn.LSH))
+    return {name: getattr(spec, name) for name in LSH_FIELDS}
+  return {}
 
 
 def _check_same_model(config, workdir: str) -> None:
@@ -160,14 +178,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
     raise config_lib.ConfigError(f'config.eval.step={step} is not a checkpoint of {workdir}; '
                                  f'it has steps {sorted(steps)}.')
   trained = experiment.model_kwargs
-  overrides = lsh_overrides(config, trained)
-  _check_overrides(config, experiment.factory, trained, overrides)
+  overrides = lsh_overrides(config, experiment.factory, trained)
   spec = experiment.spec.with_kwargs(**overrides)
   kwargs = dict(spec.kwargs)
   try:
     config_lib.trace_model(config, spec, data.info)
   except config_lib.ConfigError as e:
-    raise config_lib.ConfigError(f'with the config.eval.* overrides {overrides}: {e}') from None
+    raise config_lib.ConfigError(f'with the config.eval.* overrides {lsh_changes(config)}: '
+                                 f'{e}') from None
 
   # The latest step falls back to the newest intact one (reported) if it is damaged.
   _, params, step = workdir_lib.load_params(
@@ -183,8 +201,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   settings = effective_settings(experiment.factory, kwargs)
   label = ('full' if config.eval.attention == 'full' else
            f'lsh-{settings["n_hashes"]}' if overrides and 'n_hashes' in settings else 'as trained')
-  record = {'step': int(step), 'attention': label, 'model': settings, 'overrides': overrides,
-            **result}
+  record = {'step': int(step), 'attention': label, 'model': settings,
+            'overrides': lsh_changes(config) if overrides else {}, **result}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, RESULTS_FILE), 'a', encoding='utf-8') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')

@@ -8,6 +8,7 @@ from absl.testing import absltest, parameterized
 import terraflax.layers as tl
 import terraflax.models as tm
 from terraflax.layers import prefix as prefix_lib
+from terraflax.models.attention import Full
 from tests import contracts
 
 KEY = jax.random.key(0)
@@ -95,20 +96,20 @@ class PrefixLMTest(absltest.TestCase):
 
   def test_predict_steps_equal_eval_logits(self):
     x = jnp.asarray(np.random.default_rng(0).integers(1, 11, (2, 7)), jnp.int32)
-    eval_model = tm.TransformerLM(mode='eval', n_prefix=3, **self.LM)
+    eval_model = tm.TransformerLM(mode='eval', attention=Full(n_prefix=3), **self.LM)
     params = randomise(jax.eval_shape(eval_model.init, KEY, x)['params'], scale=0.3)
     self.assertEqual(
         params['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']['prefix_key'].shape,
         (2, 3, 2, 4))  # Per layer (scanned), per prefix position, head and width.
     full = eval_model.apply({'params': params}, x)
-    predict = tm.TransformerLM(mode='predict', n_prefix=3, **self.LM)
+    predict = tm.TransformerLM(mode='predict', attention=Full(n_prefix=3), **self.LM)
     shifted = jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]
     steps = contracts.predict_one_at_a_time(predict, params, shifted, KEY)
     np.testing.assert_allclose(steps, full, rtol=1e-4, atol=1e-4)
 
   def test_one_base_serves_several_prefix_sets(self):
     x = jnp.asarray(np.random.default_rng(1).integers(1, 11, (2, 6)), jnp.int32)
-    model = tm.TransformerLM(mode='eval', n_prefix=2, **self.LM)
+    model = tm.TransformerLM(mode='eval', attention=Full(n_prefix=2), **self.LM)
     params = randomise(jax.eval_shape(model.init, KEY, x)['params'], scale=0.3)
     base, prefix_a = prefix_lib.split_prefix(params)
     prefix_b = randomise(prefix_a, seed=7, scale=1.0)

@@ -20,7 +20,7 @@ import numpy as np
 from absl.testing import absltest
 from safetensors.numpy import load_file, save_file
 
-from terraflax.models import convert
+from terraflax.models import attention, convert
 from terraflax.models.reformer import ReformerLM
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -48,10 +48,11 @@ def shifted_inputs(ids):
   return np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1)
 
 
-def converted_logits(name, *, rotations=True, **overrides):
+def converted_logits(name, *, rotations=True, lsh_changes=None):
   path, arrays = fixture(name)
   kwargs, params = convert.from_hf_reformer(path)
-  kwargs.update(overrides)
+  if lsh_changes:
+    kwargs['attention'] = attention.replace_lsh(kwargs['attention'], **lsh_changes)
   variables = {'params': params}
   given = {int(k.split('_')[1]): v for k, v in arrays.items() if k.startswith('rotations_')}
   if rotations and given:
@@ -82,23 +83,25 @@ class ParityTest(absltest.TestCase):
     # Controls: the fixture is sensitive to both, so the parity above is not luck.
     got, want = converted_logits('lsh', rotations=False)
     self.assertGreater(relative_error(got, want), 1e-3)
-    got, want = converted_logits('lsh', lsh_convention='terraflax')
+    got, want = converted_logits('lsh', lsh_changes={'convention': 'terraflax'})
     self.assertGreater(relative_error(got, want), 1e-3)
 
   def test_converted_kwargs(self):
     kwargs, _ = convert.from_hf_reformer(fixture('lsh')[0])
-    self.assertEqual(kwargs['attention_type'], ('local', 'lsh'))
-    self.assertEqual((kwargs['chunk_len'], kwargs['local_chunk_len']), (4, 8))
-    self.assertEqual((kwargs['n_hashes'], kwargs['n_buckets']), (2, (2, 4)))
-    self.assertEqual(kwargs['axial_shape'], (4, 8))
-    self.assertEqual(kwargs['lsh_convention'], 'hf')
+    local, lsh = attention.specs_from(kwargs['attention'])
+    self.assertEqual((local.kind, lsh.kind), ('local', 'lsh'))
+    self.assertEqual((lsh.chunk_len, local.chunk_len), (4, 8))
+    self.assertEqual((lsh.n_hashes, lsh.n_buckets), (2, (2, 4)))
+    self.assertEqual(kwargs['positions']['shape'], [4, 8])
+    self.assertEqual(lsh.convention, 'hf')
+    json.dumps(kwargs)  # Plain JSON: it goes into a workdir's config.json.
 
 
 class ByteLMTest(absltest.TestCase):
 
   def test_byte_lm_is_the_reformer_on_offset_ids(self):
     kwargs = dict(vocab_size=260, d_model=8, d_ff=8, n_layers=1, n_heads=1, max_len=16,
-                  attention_type='local', chunk_len=4, dropout=0.0, reversible=False)
+                  attention={'kind': 'local', 'chunk_len': 4}, dropout=0.0, reversible=False)
     inner = ReformerLM(**kwargs, mode='eval')
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 12)), jnp.int32)
     params = jax.jit(inner.init)({'params': jax.random.key(0)}, ids)['params']
@@ -227,7 +230,7 @@ class ErrorTest(absltest.TestCase):
   def test_num_buckets_override(self):
     self.edit_config(num_buckets=None)
     kwargs, _ = convert.from_hf_reformer(self.path, num_buckets=[2, 4])
-    self.assertEqual(kwargs['n_buckets'], (2, 4))
+    self.assertEqual(attention.specs_from(kwargs['attention'])[-1].n_buckets, (2, 4))
     shutil.copy(FIXTURES / 'hf_reformer_lsh' / 'config.json', self.path)
     with self.assertRaisesRegex(convert.ConversionError, 'only applies when it is null'):
       convert.from_hf_reformer(self.path, num_buckets=8)

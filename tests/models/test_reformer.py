@@ -7,11 +7,15 @@ from absl.testing import absltest, parameterized
 
 import terraflax.models as tm
 from terraflax import decoding
+from terraflax.models.attention import LSH, Full
 
 KEY = jax.random.key(0)
 RNGS = {'dropout': jax.random.key(1), 'hash': jax.random.key(2)}
-LM = dict(vocab_size=11, d_model=8, d_ff=16, n_layers=2, n_heads=2, max_len=8, chunk_len=4,
-          dropout=0.0)
+LSH4, FULL4 = LSH(chunk_len=4), Full(query_chunk_len=4)  # Chunks of 4 (the old chunk_len=4).
+LM = dict(vocab_size=11, d_model=8, d_ff=16, n_layers=2, n_heads=2, max_len=8, dropout=0.0,
+          attention=LSH4)
+SEQ2SEQ = {k: v for k, v in LM.items() if k != 'attention'}
+ONE_CHUNK = LSH(n_buckets=1, chunk_len=8, n_chunks_before=0)  # Full shared-QK attention.
 
 
 def tokens(shape, seed=0, low=1, high=11):
@@ -55,7 +59,7 @@ class ReformerLMTest(parameterized.TestCase):
 
   def test_same_parameters_in_every_mode_and_wiring(self):
     x = tokens((2, 8))
-    config = dict(LM, attention_type=('lsh', 'full'), n_layers=4)
+    config = dict(LM, attention=(LSH4, FULL4), n_layers=4)
     trees = [shapes_of(tm.ReformerLM(mode=mode, **config), x[:, :1] if mode == 'predict' else x)
              for mode in ('train', 'eval', 'predict')]
     self.assertEqual(trees[0], trees[1])
@@ -76,13 +80,14 @@ class ReformerLMTest(parameterized.TestCase):
     self.assertEqual(trees[0]['AxialPositionalEncoding_3']['axial_1'][0], (4, 4))
     self.assertEqual(trees[0]['LayerNorm_7']['scale'][0], (16,))
     self.assertEqual(trees[0]['Dense_9']['kernel'][0], (16, 11))
-    sinusoidal = shapes_of(tm.ReformerLM(mode='eval', pos_type='sinusoidal', **config), x)
+    sinusoidal = shapes_of(tm.ReformerLM(mode='eval', positions='sinusoidal', **config), x)
     self.assertNotIn('AxialPositionalEncoding_3', sinusoidal)
-    learned = shapes_of(tm.ReformerLM(mode='eval', pos_type='learned', **config), x)
+    learned = shapes_of(tm.ReformerLM(mode='eval', positions='learned', **config), x)
     self.assertEqual(learned['PositionalEncoding_3']['pos_embedding'][0], (8, 8))
 
   def test_reversible_gradients_equal_plain_with_dropout_and_lsh(self):
-    config = dict(LM, dropout=0.2, attention_dropout=0.2, n_hashes=2, n_buckets=4)
+    config = dict(LM, dropout=0.2, attention_dropout=0.2,
+                  attention=LSH(n_hashes=2, n_buckets=4, chunk_len=4))
     x = tokens((2, 8))
     params = fake_params(tm.ReformerLM(mode='train', **config), x)
 
@@ -112,9 +117,8 @@ class ReformerLMTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       # One bucket and one chunk: LSH attends to every earlier position, like the cache.
-      ('lsh_one_bucket_and_full', dict(attention_type=('lsh', 'full'), n_buckets=1, chunk_len=8,
-                                       n_chunks_before=0)),
-      ('full_learned_positions', dict(attention_type='full', pos_type='learned', n_layers=1)),
+      ('lsh_one_bucket_and_full', dict(attention=(ONE_CHUNK, Full(query_chunk_len=8)))),
+      ('full_learned_positions', dict(attention=FULL4, positions='learned', n_layers=1)),
   )
   def test_predict_decoding_equals_eval_and_greedy_sampling(self, overrides):
     config = dict(LM, **overrides)
@@ -136,17 +140,21 @@ class ReformerLMTest(parameterized.TestCase):
     cases = [
         (dict(mode='test'), 'mode must be one of'),
         (dict(d_model=10, n_heads=3), 'd_model=10 must be divisible by n_heads=3'),
-        (dict(attention_type='sparse'), "attention_type must be one of \\('lsh', 'full', 'local'\\)"),
-        (dict(attention_type=('lsh', 'full', 'full')), 'multiple of 3; got 2'),
-        (dict(axial_shape=(2, 2)), r'axial_shape=\(2, 2\) covers 4 positions, fewer than '
-                                   'max_len=8'),
-        (dict(axial_d_embs=(4, 2)), r'axial_d_embs=\(4, 2\) must sum to d_model=8'),
-        (dict(axial_d_embs=(8,)), 'one positive int per axis'),
-        (dict(pos_type='rotary'), 'pos_type must be one of'),
-        (dict(pos_type='learned', axial_shape=(4, 2)), "apply to pos_type='axial' only"),
+        (dict(attention='sparse'), "unknown attention kind 'sparse' \\(did you mean "
+                                   "'sparse_qkv'\\?\\)"),
+        (dict(attention={'kind': 'lsh', 'n_hash': 2}),
+         "ReformerLM attention: 'n_hash' is not a field .* \\(did you mean 'n_hashes'\\?\\)"),
+        (dict(attention=(LSH4, FULL4, FULL4)), 'multiple of 3; got 2'),
+        (dict(positions={'kind': 'axial', 'shape': (2, 2)}),
+         r'shape=\(2, 2\) covers 4 positions, fewer than max_len=8'),
+        (dict(positions={'d_embs': (4, 2)}), r'd_embs=\(4, 2\) must sum to d_model=8'),
+        (dict(positions={'d_embs': (8,)}), 'one positive int per axis'),
+        (dict(positions='rotary'), 'positions must be one of'),
+        (dict(positions={'kind': 'learned', 'shape': (4, 2)}), "apply to kind 'axial' only"),
         (dict(dropout=1.0), r'dropout must be in \[0, 1\)'),
-        (dict(n_hashes=0), 'n_hashes must be a positive int'),
-        (dict(predict_mem_len=4), 'predict_mem_len=4 .* chunk_len \\* \\(n_chunks_before'),
+        (dict(attention={'kind': 'lsh', 'n_hashes': 0}), 'n_hashes must be a positive int'),
+        (dict(attention=LSH(chunk_len=4, predict_mem_len=4)),
+         'predict_mem_len=4 .* chunk_len \\* \\(n_chunks_before'),
         (dict(ff_activation='swish'), 'ff_activation must be one of'),
         (dict(reversible=1), 'reversible must be True or False'),
     ]
@@ -159,9 +167,9 @@ class ReformerTest(absltest.TestCase):
 
   def test_predict_decoding_equals_eval(self):
     # Both attention types in the encoder and the decoder; LSH with one bucket and one chunk.
-    config = dict(LM, output_vocab_size=7, encoder_attention_type=('lsh', 'full'),
-                  decoder_attention_type=('full', 'lsh'), n_buckets=1, chunk_len=8,
-                  n_chunks_before=0)
+    full = Full(query_chunk_len=8)
+    config = dict(SEQ2SEQ, output_vocab_size=7, encoder_attention=(ONE_CHUNK, full),
+                  decoder_attention=(full, ONE_CHUNK))
     inputs, targets = tokens((2, 6), seed=1), tokens((2, 8), high=7)
     inputs = inputs.at[1, 4:].set(0)  # Padding in the encoder input.
     eval_model = tm.Reformer(mode='eval', **config)
@@ -177,7 +185,8 @@ class ReformerTest(absltest.TestCase):
     np.testing.assert_allclose(predicted, full, rtol=1e-4, atol=1e-4)
 
   def test_full_attention_encoder_ignores_padding(self):
-    config = dict(LM, output_vocab_size=7, n_layers=1)
+    config = dict(SEQ2SEQ, output_vocab_size=7, n_layers=1, encoder_attention=FULL4,
+                  decoder_attention=FULL4)
     inputs, targets = tokens((1, 5), seed=1), tokens((1, 4), high=7)
     model = tm.Reformer(mode='eval', **config)
     params = fake_params(model, inputs, targets)
@@ -187,10 +196,11 @@ class ReformerTest(absltest.TestCase):
                                apply({'params': params}, inputs, targets), rtol=1e-5, atol=1e-5)
 
   def test_bad_arguments_are_clear_errors(self):
-    with self.assertRaisesRegex(ValueError, 'encoder_attention_type must be one of'):
-      tm.Reformer(**dict(LM, encoder_attention_type='sparse'))
+    with self.assertRaisesRegex(ValueError, "Reformer encoder_attention: unknown attention "
+                                            "kind 'sparse'"):
+      tm.Reformer(**dict(SEQ2SEQ, encoder_attention='sparse'))
     with self.assertRaisesRegex(ValueError, 'n_decoder_layers must be a positive int'):
-      tm.Reformer(**dict(LM, n_decoder_layers=0))
+      tm.Reformer(**dict(SEQ2SEQ, n_decoder_layers=0))
 
 
 if __name__ == '__main__':

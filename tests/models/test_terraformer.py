@@ -1,5 +1,6 @@
 """Terraformer models: predict == eval token by token, reversible == plain, one parameter tree."""
 
+import dataclasses
 import os
 
 import jax
@@ -9,6 +10,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.decoding as decoding
 import terraflax.models as tm
+from terraflax.models.attention import LSH, Full, SparseQKV
 from terraflax.train import config as config_lib
 
 KEY = jax.random.key(0)
@@ -55,15 +57,15 @@ def step_through(model, params, cache, pieces, *inputs):
 
 class TerraformerLMTest(parameterized.TestCase):
 
-  @parameterized.parameters(('sparse_qkv', 4), ('full', None))
-  def test_same_parameters_in_every_mode(self, attention_type, ff_sparsity):
+  @parameterized.parameters((SparseQKV(), 4), (Full(), None))
+  def test_same_parameters_in_every_mode(self, attention, ff_sparsity):
     x = tokens((2, 6))
-    kw = dict(LM, attention_type=attention_type, ff_sparsity=ff_sparsity)
+    kw = dict(LM, attention=attention, ff_sparsity=ff_sparsity)
+    chunked = dict(kw, attention=dataclasses.replace(attention, query_chunk_len=2))
     trees = [shapes_of(tm.TerraformerLM(mode=mode, **kw), x[:, :1] if mode == 'predict' else x)
              for mode in ('train', 'eval', 'predict')]
     trees.append(shapes_of(tm.TerraformerLM(mode='train', reversible=False, **kw), x))
-    trees.append(shapes_of(tm.TerraformerLM(mode='eval', ff_chunk_len=4, attention_chunk_len=2,
-                                            **kw), x))
+    trees.append(shapes_of(tm.TerraformerLM(mode='eval', ff_chunk_len=4, **chunked), x))
     for tree in trees[1:]:
       self.assertEqual(tree, trees[0])
     # The blocks are scanned: n_layers on a leading axis.
@@ -74,13 +76,13 @@ class TerraformerLMTest(parameterized.TestCase):
     if ff_sparsity:
       self.assertEqual(leaves_with(trees[0], 'kernel_in').popitem()[1][0], (2, 32, 16))
       self.assertLen(leaves_with(trees[0], 'controller'), 3)
-    if attention_type == 'sparse_qkv':
+    if attention.kind == 'sparse_qkv':
       self.assertLen(leaves_with(trees[0], 'query_conv'), 2)
 
   def test_lsh_attention_is_one_more_kind_with_the_same_parameters_in_every_mode(self):
     x = tokens((2, 8))
-    kw = dict(LM, attention_type='lsh', ff_sparsity=4,
-              attention_options={'n_hashes': 2, 'chunk_len': 4, 'd_qk': 8, 'd_v': 8})
+    kw = dict(LM, attention={'kind': 'lsh', 'n_hashes': 2, 'chunk_len': 4}, ff_sparsity=4,
+              d_qk=8, d_v=8)
     trees = [shapes_of(tm.TerraformerLM(mode=mode, **kw), x[:, :1] if mode == 'predict' else x)
              for mode in ('train', 'eval', 'predict')]
     self.assertEqual(trees[0], trees[1])
@@ -91,9 +93,9 @@ class TerraformerLMTest(parameterized.TestCase):
       ('full_dense_ff', 'full', None, (1,) * 9),
       ('full_sparse_ff', 'full', 4, (1,) * 9),
       ('sparse_qkv_sparse_ff_prefill', 'sparse_qkv', 4, (4,) + (1,) * 5))
-  def test_predict_steps_equal_eval_logits(self, attention_type, ff_sparsity, step_lengths):
+  def test_predict_steps_equal_eval_logits(self, attention, ff_sparsity, step_lengths):
     x = tokens((2, 9))
-    kw = dict(LM, attention_type=attention_type, ff_sparsity=ff_sparsity)
+    kw = dict(LM, attention=attention, ff_sparsity=ff_sparsity)
     params = fake_params(tm.TerraformerLM(mode='eval', **kw), x)
     full = jax.jit(tm.TerraformerLM(mode='eval', **kw).apply)({'params': params}, x)
     self.assertEqual((full.shape, full.dtype), ((2, 9, 13), jnp.float32))
@@ -106,7 +108,7 @@ class TerraformerLMTest(parameterized.TestCase):
                                atol=1e-5)
 
   def test_greedy_decoding_equals_eval_argmax(self):
-    kw = dict(LM, attention_type='sparse_qkv', ff_sparsity=4)
+    kw = dict(LM, attention=SparseQKV(), ff_sparsity=4)
     prompt = tokens((2, 3), seed=1)
     params = fake_params(tm.TerraformerLM(mode='eval', **kw), prompt, seed=1)
     generated = decoding.autoregressive_sample(tm.TerraformerLM(mode='predict', **kw), params,
@@ -119,7 +121,7 @@ class TerraformerLMTest(parameterized.TestCase):
 
   def test_reversible_equals_plain_and_controllers_learn(self):
     x = tokens((2, 8))
-    kw = dict(LM, attention_type='sparse_qkv', ff_sparsity=4, ff_quant_prob=0.5,
+    kw = dict(LM, attention=SparseQKV(), ff_sparsity=4, ff_quant_prob=0.5,
               ff_temperature=0.5)
     params = fake_params(tm.TerraformerLM(**kw), x)
     rngs = {'sparse': jax.random.key(1), 'dropout': jax.random.key(2)}
@@ -146,15 +148,12 @@ class TerraformerLMTest(parameterized.TestCase):
   def test_clear_errors(self):
     with self.assertRaisesRegex(ValueError, r"TerraformerLM mode must be one of \('train', "):
       tm.TerraformerLM(mode='decode', **LM)
-    with self.assertRaisesRegex(ValueError, r"attention_type must be one of \('full', "
-                                            r"'sparse_qkv', 'lsh'\), got 'linear'"):
-      tm.TerraformerLM(attention_type='linear', **LM)
-    with self.assertRaisesRegex(ValueError, "'n_hashes' is not an option of attention_type="
-                                            "'sparse_qkv'.*valid: .*length_kernel_size"):
-      tm.TerraformerLM(attention_options={'n_hashes': 2}, **LM)
-    with self.assertRaisesRegex(ValueError, r"attention_chunk_len .* does not apply to "
-                                            r"attention_type='lsh'"):
-      tm.TerraformerLM(attention_type='lsh', attention_chunk_len=4, **LM)
+    with self.assertRaisesRegex(ValueError, r"TerraformerLM attention: unknown attention kind "
+                                            r"'linear'; valid kinds: full, local, lsh"):
+      tm.TerraformerLM(attention='linear', **LM)
+    with self.assertRaisesRegex(ValueError, "'n_hashes' is not a field of 'sparse_qkv' "
+                                            "attention.*valid: .*length_kernel_size"):
+      tm.TerraformerLM(attention={'kind': 'sparse_qkv', 'n_hashes': 2}, **LM)
     with self.assertRaisesRegex(ValueError, 'd_ff=32 must be a multiple of ff_sparsity=5'):
       tm.TerraformerLM(**dict(LM, ff_sparsity=5))
     with self.assertRaisesRegex(ValueError, 'ff_sparsity must be 0/None'):
@@ -191,7 +190,7 @@ class TerraformerTest(absltest.TestCase):
   def test_decoder_predict_steps_equal_eval_logits(self):
     inputs = tokens((2, 7)).at[1, 5:].set(0)  # Row 1's input is padded.
     targets = tokens((2, 6), high=11)
-    kw = dict(SEQ2SEQ, ff_sparsity=4, attention_type='sparse_qkv', merge_streams='mean')
+    kw = dict(SEQ2SEQ, ff_sparsity=4, attention=SparseQKV(), merge_streams='mean')
     eval_model = tm.Terraformer(mode='eval', **kw)
     params = fake_params(eval_model, inputs, targets)
     full = jax.jit(eval_model.apply)({'params': params}, inputs, targets)
@@ -210,7 +209,7 @@ class TerraformerTest(absltest.TestCase):
 
   def test_reversible_gradients_equal_plain_and_reach_the_encoder(self):
     inputs, targets = tokens((2, 5)).at[0, 3:].set(0), tokens((2, 4), high=11)
-    kw = dict(SEQ2SEQ, n_layers=1, ff_sparsity=4, attention_type='full')
+    kw = dict(SEQ2SEQ, n_layers=1, ff_sparsity=4, attention=Full())
     params = fake_params(tm.Terraformer(**kw), inputs, targets)
 
     def loss(params, reversible):  # eval mode: no randomness to compile, same custom VJP.

@@ -6,11 +6,13 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.models as tm
+from terraflax.models.attention import Full
 
 KEY = jax.random.key(0)
 LM = dict(vocab_size=13, d_model=16, d_ff=24, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
 SEQ2SEQ = dict(LM, output_vocab_size=11)
 ENCODER = dict(LM, n_classes=3)
+CHUNKED = Full(query_chunk_len=4)  # Query-chunked full attention.
 
 
 def tokens(shape, seed=0, low=1, high=13):
@@ -34,13 +36,13 @@ class TransformerLMTest(parameterized.TestCase):
 
   def test_same_parameters_in_every_mode(self):
     x = tokens((2, 6))
-    trees = [shapes_of(tm.TransformerLM(mode=mode, attention_chunk_len=4, ff_chunk_len=2, **LM),
+    trees = [shapes_of(tm.TransformerLM(mode=mode, attention=CHUNKED, ff_chunk_len=2, **LM),
                        x[:, :1] if mode == 'predict' else x)
              for mode in ('train', 'eval', 'predict')]
     self.assertEqual(trees[0], trees[1])
     self.assertEqual(trees[0], trees[2])
     # Attention chunking does not change the parameters (feed-forward chunking adds a level).
-    self.assertEqual(shapes_of(tm.TransformerLM(mode='eval', attention_chunk_len=4, **LM), x),
+    self.assertEqual(shapes_of(tm.TransformerLM(mode='eval', attention=CHUNKED, **LM), x),
                      shapes_of(tm.TransformerLM(mode='eval', **LM), x))
     # Blocks are scanned: their parameters carry a leading n_layers axis.
     kernel = trees[0]['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']['query']['kernel']
@@ -68,7 +70,7 @@ class TransformerLMTest(parameterized.TestCase):
     x = tokens((2, 10))
     params = fake_params(tm.TransformerLM(mode='eval', **LM), x)
     plain = jax.jit(tm.TransformerLM(mode='eval', **LM).apply)
-    chunked = jax.jit(tm.TransformerLM(mode='eval', attention_chunk_len=3, ff_chunk_len=4,
+    chunked = jax.jit(tm.TransformerLM(mode='eval', attention=Full(query_chunk_len=3), ff_chunk_len=4,
                                        **LM).apply)
     full = plain({'params': params}, x)
     # Chunking renames no parameter: the same params load into both.
@@ -118,7 +120,7 @@ class TransformerEncoderTest(absltest.TestCase):
 
   def test_classifier_ignores_padding(self):
     x = tokens((2, 6)).at[0, 4:].set(0)  # Row 0 has 4 real tokens.
-    model = tm.TransformerEncoder(mode='eval', attention_chunk_len=4, **ENCODER)
+    model = tm.TransformerEncoder(mode='eval', attention=CHUNKED, **ENCODER)
     params = fake_params(model, x)
     apply = jax.jit(model.apply)
     logits = apply({'params': params}, x)
@@ -198,7 +200,7 @@ class AlbertOptionsTest(parameterized.TestCase):
     self.assertEqual(shared['Dense_2']['kernel'].shape, (8, 16))  # The projection.
     with self.assertRaisesRegex(ValueError, 'd_embedding=32 must be <= d_model=16'):
       tm.TransformerLM(**dict(LM, d_embedding=32))
-    with self.assertRaisesRegex(ValueError, 'share_layers needs one mixing kind'):
+    with self.assertRaisesRegex(ValueError, 'share_layers needs the same kind of layer everywhere'):
       tm.TransformerEncoder(share_layers=True, mixing=('fourier', 'attention'), **ENCODER)
 
 

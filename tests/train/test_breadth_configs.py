@@ -140,7 +140,8 @@ class LanguageModelTransferTest(absltest.TestCase):
   def test_prefix_tuning_trains_only_the_prefix(self):
     workdir = os.path.join(self.tmp.name, 'prefix')
     cfg = config('prefix_tuning', init_from=self.base,
-                 **dict(TINY_LM, **{'model.n_prefix': 2, 'sample.max_new_tokens': 4}))
+                 **dict(TINY_LM, **{'model.attention.n_prefix': 2,
+                                    'sample.max_new_tokens': 4}))
     _, printed = train(cfg, workdir)
     n_trained = 2 * 2 * 2 * 16  # layers x n_prefix x (key, value) x d_model
     self.assertRegex(printed, rf'TransformerLM with [\d,]+ parameters \({n_trained} trained, '

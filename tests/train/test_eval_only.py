@@ -1,5 +1,6 @@
 """Eval-only runs (`config.eval.*`): scoring a checkpoint with other LSH settings."""
 
+import copy
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
+from terraflax.models.attention import LSH, Full, to_config
 from terraflax.train import config as config_lib
 from terraflax.train import eval_only
 from terraflax.train import metrics as metrics_lib
@@ -21,15 +23,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEQ_LEN = 16
 # A tiny ReformerLM on the duplication task, trained with 2 hash rounds of 4 buckets.
 MODEL = {'name': 'ReformerLM', 'vocab_size': 8, 'd_model': 16, 'd_ff': 16, 'n_layers': 1,
-         'n_heads': 2, 'dropout': 0.0, 'max_len': SEQ_LEN, 'attention_type': 'lsh',
-         'n_hashes': 2, 'n_buckets': 4, 'chunk_len': 4, 'pos_type': 'learned'}
+         'n_heads': 2, 'dropout': 0.0, 'max_len': SEQ_LEN,
+         'attention': {'kind': 'lsh', 'n_hashes': 2, 'n_buckets': 4, 'chunk_len': 4},
+         'positions': 'learned'}
+# A tiny TerraformerLM with LSH attention (the same spec as ReformerLM's), dense feed-forward.
+TERRAFORMER = {'name': 'TerraformerLM', 'vocab_size': 8, 'd_model': 16, 'd_ff': 16,
+               'n_layers': 2, 'n_heads': 2, 'dropout': 0.0, 'max_len': SEQ_LEN,
+               'ff_sparsity': 0,
+               'attention': {'kind': 'lsh', 'n_hashes': 2, 'n_buckets': 4, 'chunk_len': 4}}
 STEPS = {'train.steps': 4, 'train.log_every': 2, 'train.eval_every': 4,
          'train.checkpoint_every': 2, 'data.vocab_size': 8, 'optimizer.warmup_steps': 1}
 
 
-def make_config(**overrides):
+def make_config(model=None, **overrides):
   config = tiny_lm_config(**STEPS)
-  config.model = MODEL
+  config.model = copy.deepcopy(model or MODEL)
   config.eval = dict(eval_only.DEFAULTS)  # The section command-line overrides need.
   for path, value in overrides.items():
     *parents, leaf = path.split('.')
@@ -122,8 +130,8 @@ class EvalOnlyTest(absltest.TestCase):
         ({'eval.attention': 'full', 'eval.n_hashes': 4},
          r"eval\.attention='full' sets the LSH fields itself.*config\.eval\.n_hashes"),
         ({'eval.n_buckets': 3}, r'config\.eval\.n_buckets must be 0 \(as trained\)'),
-        ({'eval.n_hashes': 4, 'model.chunk_len': 8},
-         r"config\.model\.chunk_len=8 differs from the trained model's 4"),
+        ({'eval.n_hashes': 4, 'model.attention.chunk_len': 8},
+         r"config\.model\.attention=.*'chunk_len': 8.* differs from the trained model's"),
         ({'eval.step': 3}, r'config\.eval\.step=3 is not a checkpoint .* steps \[2, 4\]'),
         ({'eval.attention': 'lsh', 'eval.n_buckets': 1},
          r"eval\.attention='lsh' but the trained model has n_buckets=1"),
@@ -160,12 +168,73 @@ class EvalOnlyTest(absltest.TestCase):
     self.assertEqual(snapshot(self.workdir), before)
 
   def test_full_attention_model_has_no_lsh_form(self):
-    config = make_config(**{'model.attention_type': 'full', 'eval.n_hashes': 4})
-    overrides = eval_only.lsh_overrides(config_lib.check_fields(config), {})
-    with self.assertRaisesRegex(config_lib.ConfigError, r"attention_type='full'.*no LSH form"):
-      experiment = config_lib.validate_config(config)
-      eval_only._check_overrides(  # pylint: disable=protected-access
-          experiment.config, experiment.factory, experiment.model_kwargs, overrides)
+    config = make_config(**{'eval.n_hashes': 4})
+    config.model.attention = {'kind': 'full', 'query_chunk_len': 4}
+    experiment = config_lib.validate_config(config)
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r"ReformerLM has no LSH layer .*'kind': 'full'.*no LSH form"):
+      eval_only.lsh_overrides(experiment.config, experiment.factory, experiment.model_kwargs)
+    # Only the LSH entries of a pattern change; a model's default attention counts too.
+    del config.model['attention']  # A dict before; a list now.
+    config.model.attention = [{'kind': 'lsh', 'chunk_len': 4}, {'kind': 'full'}]
+    config.model.n_layers = 2
+    experiment = config_lib.validate_config(config)
+    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.factory,
+                                             experiment.model_kwargs)['attention'],
+                     [to_config(LSH(n_hashes=4, chunk_len=4)), to_config(Full())])
+    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.factory, {}),
+                     {'attention': to_config(LSH(n_hashes=4))})  # ReformerLM's default: LSH().
+
+
+class TerraformerEvalOnlyTest(absltest.TestCase):
+  """TerraformerLM with LSH attention re-scores like ReformerLM: the spec is the same."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.TemporaryDirectory()
+    cls.workdir = os.path.join(cls.tmp.name, 'run')
+    trainer.train_and_evaluate(make_config(TERRAFORMER), cls.workdir)
+    cls.logged = [m for m in metrics_lib.read_metrics(cls.workdir) if 'eval/loss' in m][-1]
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.tmp.cleanup()
+    super().tearDownClass()
+
+  def last_record(self):
+    with open(os.path.join(self.workdir, eval_only.RESULTS_FILE), encoding='utf-8') as f:
+      return [json.loads(line) for line in f][-1]
+
+  def test_the_model_has_lsh_layers(self):
+    experiment = config_lib.validate_config(make_config(TERRAFORMER))
+    paths = config_lib.param_paths(experiment.abstract_variables['params'])
+    self.assertNotEmpty([p for p in paths if 'LSHSelfAttention' in p and p.endswith('qk')])
+
+  def test_rescoring_with_other_hash_rounds_and_full_attention(self):
+    same = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.only': True}),
+                                      self.workdir)
+    self.assertAlmostEqual(same['eval/loss'], self.logged['eval/loss'], places=5)
+    more = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.n_hashes': 8}),
+                                      self.workdir)
+    record = self.last_record()
+    self.assertEqual((record['attention'], record['overrides']), ('lsh-8', {'n_hashes': 8}))
+    self.assertEqual(record['model'], {'n_hashes': 8, 'n_buckets': 4, 'chunk_len': 4,
+                                       'n_chunks_before': 1})
+    self.assertTrue(np.isfinite(more['eval/loss']))
+    self.assertGreater(abs(more['eval/loss'] - self.logged['eval/loss']), 1e-6)
+    # 'full' is one bucket, one round, one chunk of the sequence: the same numbers as asking
+    # for those fields directly, on the same parameters.
+    full = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.attention': 'full'}),
+                                      self.workdir)
+    self.assertEqual(self.last_record()['model'], {
+        'n_hashes': 1, 'n_buckets': 1, 'chunk_len': SEQ_LEN, 'n_chunks_before': 0})
+    one_chunk = trainer.train_and_evaluate(make_config(TERRAFORMER, **{
+        'eval.n_hashes': 1, 'eval.n_buckets': 1, 'eval.chunk_len': SEQ_LEN,
+        'eval.n_chunks_before': 0}), self.workdir)
+    self.assertEqual(full['eval/loss'], one_chunk['eval/loss'])
+    self.assertEqual(full['eval/accuracy'], one_chunk['eval/accuracy'])
+    self.assertGreater(abs(full['eval/loss'] - self.logged['eval/loss']), 1e-6)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,106 @@
+"""models.common: the deprecated-argument decorator (old configs build the same model)."""
+
+import inspect
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+import terraflax.models as tm
+from terraflax.models.attention import LSH, Full, Local, SparseQKV
+
+RNGS = {'params': jax.random.key(0), 'hash': jax.random.key(1), 'sparse': jax.random.key(2),
+        'dropout': jax.random.key(3)}
+SMALL = dict(vocab_size=11, d_model=8, d_ff=16, n_heads=2, max_len=8, dropout=0.0)
+
+# (factory, old-style kwargs as an old workdir's config.json holds them, the new spelling)
+CASES = {
+    'reformer_lm': (tm.ReformerLM, dict(
+        SMALL, n_layers=4, attention_type=['lsh', 'full', 'local', 'lsh'], n_hashes=2,
+        n_buckets=4, chunk_len=4, local_chunk_len=2, pos_type='axial', axial_shape=[2, 4],
+        lsh_convention='hf'), dict(
+            SMALL, n_layers=4,
+            attention=(LSH(n_hashes=2, n_buckets=4, chunk_len=4, convention='hf'),
+                       Full(query_chunk_len=4), Local(chunk_len=2),
+                       LSH(n_hashes=2, n_buckets=4, chunk_len=4, convention='hf')),
+            positions={'kind': 'axial', 'shape': (2, 4)})),
+    'reformer_lm_defaults': (tm.ReformerLM, dict(SMALL, n_layers=2, chunk_len=4,
+                                                 pos_type='learned'),
+                             dict(SMALL, n_layers=2, attention=LSH(chunk_len=4),
+                                  positions='learned')),
+    'terraformer_lm_lsh': (tm.TerraformerLM, dict(
+        SMALL, n_layers=2, ff_sparsity=4, ff_d_lowrank=4, attention_type='lsh',
+        attention_options={'n_hashes': 2, 'n_buckets': 2}), dict(
+            SMALL, n_layers=2, ff_sparsity=4, ff_d_lowrank=4, d_qk=64, d_v=64,
+            attention=LSH(n_hashes=2, n_buckets=2, chunk_len=128))),
+    'terraformer_lm_sparse_qkv': (tm.TerraformerLM, dict(
+        SMALL, n_layers=2, ff_sparsity=0, attention_options={'n_modules': 2},
+        attention_chunk_len=4), dict(SMALL, n_layers=2, ff_sparsity=0,
+                                     attention=SparseQKV(n_modules=2, query_chunk_len=4))),
+    'transformer_lm_prefix': (tm.TransformerLM, dict(SMALL, n_layers=2, n_prefix=2,
+                                                     attention_chunk_len=4),
+                              dict(SMALL, n_layers=2,
+                                   attention=Full(query_chunk_len=4, n_prefix=2))),
+}
+
+
+def params_and_logits(model, x):
+  variables = jax.jit(model.init)(RNGS, x)
+  logits = jax.jit(model.apply)(variables, x, rngs={'hash': RNGS['hash']})
+  return variables['params'], logits
+
+
+class DeprecatedArgumentsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*[(name,) + case for name, case in CASES.items()])
+  def test_old_kwargs_build_the_same_model(self, factory, old, new):
+    with self.assertWarns(DeprecationWarning):
+      upgraded = factory.upgrade_kwargs(old)  # What the config code does with config.json.
+    x = jnp.asarray(np.random.default_rng(0).integers(1, 11, (2, 8)), jnp.int32)
+    old_params, old_logits = params_and_logits(factory(mode='eval', **upgraded), x)
+    new_params, new_logits = params_and_logits(factory(mode='eval', **new), x)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), tree)
+    self.assertEqual(shapes(old_params), shapes(new_params))  # Same paths, same shapes.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, old_params, new_params)
+    np.testing.assert_array_equal(np.asarray(old_logits), np.asarray(new_logits))
+    # Calling the factory with the old names directly works the same way.
+    with self.assertWarns(DeprecationWarning):
+      _, direct = params_and_logits(factory(mode='eval', **old), x)
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(new_logits))
+
+  def test_warning_names_the_new_spelling_and_the_signature_is_new(self):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      tm.ReformerLM.upgrade_kwargs({'n_hashes': 2, 'pos_type': 'learned'})
+    messages = sorted(str(w.message) for w in caught)
+    self.assertLen(messages, 2)  # One per old name.
+    self.assertTrue(all(w.category is DeprecationWarning for w in caught))
+    self.assertIn('ReformerLM(n_hashes=...) is deprecated', messages[0])
+    self.assertIn('attention=LSH(n_hashes=...)', messages[0])
+    self.assertIn("positions='axial' | 'sinusoidal' | 'learned'", messages[1])
+    for factory in (tm.ReformerLM, tm.Reformer, tm.TerraformerLM, tm.Terraformer,
+                    tm.TransformerLM, tm.TransformerEncoder, tm.Transformer, tm.BertMLM, tm.ViT):
+      parameters = inspect.signature(factory).parameters
+      self.assertNotIn('attention_type', parameters, factory.__name__)
+      self.assertNotIn('n_hashes', parameters, factory.__name__)
+      self.assertNotIn('attention_chunk_len', parameters, factory.__name__)
+    self.assertLessEqual(len(inspect.signature(tm.ReformerLM).parameters), 17)
+    self.assertEqual(tm.ReformerLM.upgrade_kwargs({'d_model': 8}), {'d_model': 8})  # No-op.
+
+  def test_unknown_and_conflicting_names_are_errors(self):
+    with self.assertRaisesRegex(TypeError, r"ReformerLM got an unexpected keyword argument "
+                                           r"'n_hashs' \(did you mean 'n_heads'\?\); valid: vocab_size"):
+      tm.ReformerLM.upgrade_kwargs({'n_hashs': 2})
+    with self.assertRaisesRegex(TypeError, "'atention' .*did you mean 'attention'"):
+      tm.TransformerLM(vocab_size=5, atention=Full())
+    with self.assertRaisesRegex(TypeError, 'ReformerLM got attention= and the deprecated '
+                                           'n_hashes; pass only attention='), \
+        warnings.catch_warnings():
+      warnings.simplefilter('ignore', DeprecationWarning)
+      tm.ReformerLM.upgrade_kwargs({'attention': LSH(), 'n_hashes': 2})
+
+
+if __name__ == '__main__':
+  absltest.main()
