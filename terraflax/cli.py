@@ -88,6 +88,19 @@ def flat_fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str
   return out
 
 
+def closest_field(field: str, fields: list[str]) -> str | None:
+  """The field of `fields` most like `field`: by the whole dotted name, or by the last part
+  within the same section ('model.n_hashs' -> 'model.attention.n_hashes'); None below 0.6."""
+  def score(candidate):
+    whole = difflib.SequenceMatcher(None, field, candidate).ratio()
+    if candidate.split('.')[0] != field.split('.')[0]:
+      return whole
+    leaf = difflib.SequenceMatcher(None, field.split('.')[-1], candidate.split('.')[-1]).ratio()
+    return max(whole, leaf)
+  best = max(fields, key=score, default=None)
+  return best if best is not None and score(best) >= 0.6 else None
+
+
 def _has_field(config, path: str) -> bool:
   node = config
   for part in path.split('.'):
@@ -145,8 +158,8 @@ class _ConfigFileParser(flags.ArgumentParser):
     fields = flat_fields(config)
     for field in _override_names(self.name, sys.argv if _ARGV is None else _ARGV):
       if not _has_field(config, field):
-        close = difflib.get_close_matches(field, fields, n=1)
-        hint = f' (did you mean {self.name}.{close[0]}?)' if close else ''
+        close = closest_field(field, fields)
+        hint = f' (did you mean {self.name}.{close}?)' if close else ''
         raise CliError(f'{self.name}.{field} is not a field of {path}{hint}.')
     config.lock()
     return config

@@ -140,7 +140,7 @@ def test_unknown_override_names_the_closest_field(tmp_path):
   result = train(str(tmp_path / 'run'), '--config.model.n_hashs=3',
                  config=str(helpers.ROOT / 'configs' / 'default.py'))
   assert_one_line_error(result, CLI, 'config.model.n_hashs is not a field of',
-                        'did you mean config.model.n_hashes?')
+                        'did you mean config.model.attention.n_hashes?')
   assert not (tmp_path / 'run').exists()
 
 

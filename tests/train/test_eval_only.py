@@ -212,11 +212,11 @@ class TerraformerEvalOnlyTest(absltest.TestCase):
     self.assertNotEmpty([p for p in paths if 'LSHSelfAttention' in p and p.endswith('qk')])
 
   def test_rescoring_with_other_hash_rounds_and_full_attention(self):
-    same = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.only': True}),
-                                      self.workdir)
+    same = eval_only.evaluate_checkpoint(make_config(TERRAFORMER, **{'eval.only': True}),
+                                         self.workdir)
     self.assertAlmostEqual(same['eval/loss'], self.logged['eval/loss'], places=5)
-    more = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.n_hashes': 8}),
-                                      self.workdir)
+    more = eval_only.evaluate_checkpoint(make_config(TERRAFORMER, **{'eval.n_hashes': 8}),
+                                         self.workdir)
     record = self.last_record()
     self.assertEqual((record['attention'], record['overrides']), ('lsh-8', {'n_hashes': 8}))
     self.assertEqual(record['model'], {'n_hashes': 8, 'n_buckets': 4, 'chunk_len': 4,
@@ -225,11 +225,11 @@ class TerraformerEvalOnlyTest(absltest.TestCase):
     self.assertGreater(abs(more['eval/loss'] - self.logged['eval/loss']), 1e-6)
     # 'full' is one bucket, one round, one chunk of the sequence: the same numbers as asking
     # for those fields directly, on the same parameters.
-    full = trainer.train_and_evaluate(make_config(TERRAFORMER, **{'eval.attention': 'full'}),
-                                      self.workdir)
+    full = eval_only.evaluate_checkpoint(make_config(TERRAFORMER, **{'eval.attention': 'full'}),
+                                         self.workdir)
     self.assertEqual(self.last_record()['model'], {
         'n_hashes': 1, 'n_buckets': 1, 'chunk_len': SEQ_LEN, 'n_chunks_before': 0})
-    one_chunk = trainer.train_and_evaluate(make_config(TERRAFORMER, **{
+    one_chunk = eval_only.evaluate_checkpoint(make_config(TERRAFORMER, **{
         'eval.n_hashes': 1, 'eval.n_buckets': 1, 'eval.chunk_len': SEQ_LEN,
         'eval.n_chunks_before': 0}), self.workdir)
     self.assertEqual(full['eval/loss'], one_chunk['eval/loss'])
