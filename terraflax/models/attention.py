@@ -1,22 +1,26 @@
 """Attention specs: one small frozen value per attention kind, and the one builder.
 
-  Full(query_chunk_len=None, n_prefix=0)                        kind 'full'
-  Local(chunk_len=64, n_chunks_before=1, n_chunks_after=0)      kind 'local'
+  Full(query_chunk_len=None, n_prefix=0, dropout=None)          kind 'full'
+  Local(chunk_len=64, n_chunks_before=1, n_chunks_after=0, dropout=None)  kind 'local'
   LSH(n_hashes=1, chunk_len=64, n_buckets=None, n_chunks_before=1,
-      n_chunks_after=0, predict_mem_len=None, convention='terraflax')  kind 'lsh'
+      n_chunks_after=0, predict_mem_len=None, convention='terraflax',
+      dropout=None)                                              kind 'lsh'
   SparseQKV(n_modules=None, length_kernel_size=3, module_kernel_size=3,
-            output_layer='dense', query_chunk_len=None)         kind 'sparse_qkv'
+            output_layer='dense', query_chunk_len=None, dropout=None)  kind 'sparse_qkv'
 
-A spec holds only its own kind's knobs; the sizes every kind shares
-(`n_heads`, `d_qk`, `d_v`, `causal`, `mode`, `dtype`, `dropout`, `max_len`)
-come from the model through `SelfAttention(spec, ...)`, which returns the same
-layer classes the models always used (so parameter paths are unchanged).
+A spec holds its own kind's knobs and `dropout`, the rate of dropout on the
+attention weights in 'train' mode (None: the model's default, the builder's
+`dropout=`). The sizes every kind shares (`n_heads`, `d_qk`, `d_v`, `causal`,
+`mode`, `dtype`, `max_len`) come from the model through `SelfAttention(spec,
+...)`, which returns the same layer classes the models always used (so
+parameter paths are unchanged).
 
 Every model factory takes `attention=` a spec, a plain dict (`{'kind': 'lsh',
 'n_hashes': 4}`, also an ml_collections ConfigDict, as configs write it), a
 kind name ('lsh'), or a sequence of them cycled over the layers (layer i gets
 entry i % len, like Trax's list of attention types). `specs_from` reads any of
-those, `to_config` writes them back as JSON-able dicts.
+those, `to_config` writes them back as JSON-able dicts (leaving out a
+`dropout` of None, so configs written before the field existed read the same).
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ def _suggest(name, valid) -> str:
   return f' (did you mean {close[0]!r}?)' if close else ''
 
 
+def _check_rate(spec):
+  value = spec.dropout
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    raise ValueError(f'{type(spec).__name__} attention dropout must be None (the model\'s '
+                     f'default) or a rate in [0, 1), got {value!r}.')
+
+
 def _check_int(spec, field, minimum=1, allow_none=False):
   value = getattr(spec, field)
   if value is None and allow_none:
@@ -53,27 +66,36 @@ class Full:
   query_chunk_len: run this many queries at a time (memory linear in length;
     None: all at once). n_prefix: prefix tuning, that many trainable
     keys/values (`PrefixCausalAttention` / `PrefixAttention`; 0: none).
+  dropout (every kind): on the attention weights in 'train' mode; None: the
+    model's default.
   """
 
   kind = 'full'
   query_chunk_len: int | None = None
   n_prefix: int = 0
+  dropout: float | None = None
 
   def __post_init__(self):
+    _check_rate(self)
     _check_int(self, 'query_chunk_len', allow_none=True)
     _check_int(self, 'n_prefix', minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Local:
-  """`LocalSelfAttention`: each chunk attends to itself and its neighbouring chunks."""
+  """`LocalSelfAttention`: each chunk attends to itself and its neighbouring chunks.
+
+  dropout: as in `Full`.
+  """
 
   kind = 'local'
   chunk_len: int = 64
   n_chunks_before: int = 1
   n_chunks_after: int = 0
+  dropout: float | None = None
 
   def __post_init__(self):
+    _check_rate(self)
     _check_int(self, 'chunk_len')
     _check_int(self, 'n_chunks_before', minimum=0)
     _check_int(self, 'n_chunks_after', minimum=0)
@@ -88,7 +110,7 @@ class LSH:
   Trax's rule from the length. n_chunks_before / n_chunks_after: chunks each
   chunk also attends to. predict_mem_len: positions remembered in 'predict'
   mode (None: the model's max_len). convention: 'terraflax' or 'hf'
-  (reproduces Hugging Face's LSH layers).
+  (reproduces Hugging Face's LSH layers). dropout: as in `Full`.
   """
 
   kind = 'lsh'
@@ -99,8 +121,10 @@ class LSH:
   n_chunks_after: int = 0
   predict_mem_len: int | None = None
   convention: str = 'terraflax'
+  dropout: float | None = None
 
   def __post_init__(self):
+    _check_rate(self)
     _check_int(self, 'n_hashes')
     _check_int(self, 'chunk_len')
     _check_int(self, 'n_chunks_before', minimum=0)
@@ -130,7 +154,7 @@ class SparseQKV:
   n_modules: sparse modules S (None: n_heads). length_kernel_size: causal
   convolution width along the length. module_kernel_size: odd width across
   modules. output_layer: 'dense', 'multiplicative' or 'none'.
-  query_chunk_len: as in `Full`.
+  query_chunk_len, dropout: as in `Full`.
   """
 
   kind = 'sparse_qkv'
@@ -139,8 +163,10 @@ class SparseQKV:
   module_kernel_size: int = 3
   output_layer: str = 'dense'
   query_chunk_len: int | None = None
+  dropout: float | None = None
 
   def __post_init__(self):
+    _check_rate(self)
     _check_int(self, 'n_modules', allow_none=True)
     _check_int(self, 'length_kernel_size')
     _check_int(self, 'module_kernel_size')
@@ -210,6 +236,8 @@ def to_config(specs) -> dict | list[dict]:
     out = {'kind': spec.kind}
     for name in _field_names(type(spec)):
       value = getattr(spec, name)
+      if name == 'dropout' and value is None:
+        continue  # The model's default; configs from before the field read the same.
       out[name] = list(value) if isinstance(value, tuple) else value
     return out
   if isinstance(specs, (list, tuple)):
@@ -253,6 +281,13 @@ def replace_lsh(value, **changes):
   return to_config(out if isinstance(value, (list, tuple)) else out[0])
 
 
+def replace_all(value, **changes):
+  """`value` (as `specs_from` reads it) with `changes` applied to every spec, in `to_config`'s
+  form (a dict for one spec, a list of dicts for a sequence)."""
+  specs = [dataclasses.replace(s, **changes) for s in specs_from(value)]
+  return to_config(specs if isinstance(value, (list, tuple)) else specs[0])
+
+
 def full_as_lsh(seq_len: int) -> dict[str, Any]:
   """The LSH fields that make LSH attention exact full shared-QK attention over seq_len."""
   return dict(n_hashes=1, n_buckets=1, chunk_len=seq_len, n_chunks_before=0, n_chunks_after=0)
@@ -274,12 +309,14 @@ def SelfAttention(spec, *, n_heads: int, d_qk: int | None, d_v: int | None, caus
   d_qk / d_v None: the layer class's default. `use_bias` applies to the
   projections of 'full' and 'sparse_qkv' (LSH and local layers have none).
   `max_len` is the predict-mode cache of 'full'/'sparse_qkv' and the default
-  `predict_mem_len` of 'lsh'.
+  `predict_mem_len` of 'lsh'. `dropout` is the model's default rate on the
+  attention weights: the layer gets `spec.dropout` unless that is None.
   """
   (spec,) = specs_from(spec, where='SelfAttention spec')
   if not isinstance(causal, bool):
     raise ValueError(f'SelfAttention causal must be True or False, got {causal!r}.')
-  sizes = dict(n_heads=n_heads, dropout=dropout, mode=mode, dtype=dtype)
+  rate = dropout if spec.dropout is None else spec.dropout
+  sizes = dict(n_heads=n_heads, dropout=rate, mode=mode, dtype=dtype)
   sizes.update({k: v for k, v in (('d_qk', d_qk), ('d_v', d_v)) if v is not None})
   if isinstance(spec, Full):
     full = dict(sizes, chunk_len=spec.query_chunk_len, use_bias=use_bias)

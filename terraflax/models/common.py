@@ -44,7 +44,7 @@ def check_hyperparameters(model: str, mode: str, **values):
   for name, value in values.items():
     if name in _MAY_BE_NONE and value is None:
       continue
-    if name in ('dropout', 'attention_dropout'):
+    if name == 'dropout':
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f'{model} {name} must be in [0, 1), got {value!r}.')
       continue

@@ -159,9 +159,10 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
   rate = lambda v: 0 <= v < 1
   kwargs['dropout'] = float(_field(config, 'hidden_dropout_prob', (int, float), default=0.0,
                                    check=rate, expect='a rate in [0, 1)'))
-  rates = [float(_field(config, f'{kind}_attention_probs_dropout_prob', (int, float), default=0.0,
-                        check=rate, expect='a rate in [0, 1)')) for kind in set(layers)]
-  kwargs['attention_dropout'] = max(rates)  # Only used for training.
+  attention_rates = {  # Each kind's spec gets its own rate (only used for training).
+      kind: float(_field(config, f'{kind}_attention_probs_dropout_prob', (int, float),
+                         default=0.0, check=rate, expect='a rate in [0, 1)'))
+      for kind in set(layers)}
   max_len = _field(config, 'max_position_embeddings', int, check=positive,
                    expect='a positive int')
   kwargs['max_len'] = max_len
@@ -195,7 +196,7 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
   if 'local' in chunk_fields:
     local = chunk_fields['local']
     specs['local'] = attn.Local(chunk_len=local[0], n_chunks_before=local[1],
-                                n_chunks_after=local[2])
+                                n_chunks_after=local[2], dropout=attention_rates['local'])
   if 'lsh' in layers:
     n_hashes = _field(config, 'num_hashes', int, check=positive, expect='a positive int')
     buckets = config.get('num_buckets')
@@ -222,7 +223,8 @@ def model_kwargs_from_hf(config: dict, *, predict_mem_len: int | None = None,
       predict_mem_len = min(max_len, max(DEFAULT_PREDICT_MEM_LEN, neighbourhood))
     specs['lsh'] = attn.LSH(n_hashes=n_hashes, chunk_len=main[0], n_buckets=buckets,
                             n_chunks_before=main[1], n_chunks_after=main[2],
-                            predict_mem_len=predict_mem_len, convention='hf')
+                            predict_mem_len=predict_mem_len, convention='hf',
+                            dropout=attention_rates['lsh'])
   kwargs['attention'] = attn.to_config([specs[kind] for kind in _period(list(layers))])
   ff_chunk = _field(config, 'chunk_size_feed_forward', int, default=0, check=non_negative,
                     expect='an int >= 0')

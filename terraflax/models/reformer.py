@@ -68,6 +68,8 @@ DEPRECATED = {
     'pos_type': "positions='axial' | 'sinusoidal' | 'learned'",
     'axial_shape': "positions={'kind': 'axial', 'shape': ...}",
     'axial_d_embs': "positions={'kind': 'axial', 'd_embs': ...}",
+    'attention_dropout': "the attention spec's dropout (LSH(dropout=...), {'kind': ..., "
+                         "'dropout': ...})",
 }
 DEPRECATED_SEQ2SEQ = {
     **{k: v for k, v in DEPRECATED.items() if k not in ('attention_type',) and 'local' not in k},
@@ -104,18 +106,23 @@ def _old_specs(attention_type, old) -> tuple:
   return tuple(specs)
 
 
-def _translate(model: str, type_names: Mapping[str, tuple[str, str]]):
+def _translate(model: str, type_names: Mapping[str, tuple[str, str, Any]]):
   """translate(old, kwargs) for `deprecated_arguments`.
 
-  `type_names` maps an old type argument to (new argument, old default type).
+  `type_names` maps an old type argument to (new argument, old default type,
+  the new argument's default spec). An old `attention_dropout` sets `dropout`
+  on every spec of each new argument (given, translated or default).
   """
   def translate(old, kwargs):
     kwargs = dict(kwargs)
     knobs = {k: v for k, v in old.items() if k in _ATTENTION_KNOBS}
-    for type_name, (new, default) in type_names.items():
+    for type_name, (new, default, default_spec) in type_names.items():
       if type_name in old or knobs:
         no_new_and_old(model, kwargs, new, old)
         kwargs[new] = _old_specs(old.get(type_name, default), knobs)
+      if 'attention_dropout' in old:
+        kwargs[new] = attn.replace_all(kwargs.get(new, default_spec),
+                                       dropout=old['attention_dropout'])
     if {'pos_type', 'axial_shape', 'axial_d_embs'} & set(old):
       no_new_and_old(model, kwargs, 'positions', old)
       pos_type = old.get('pos_type', 'axial')
@@ -182,8 +189,7 @@ def resolve_positions(model, positions, *, d_model, max_len):
   return kind, shape, d_embs
 
 
-def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
-                  attention_dropout, max_len, ff_chunk_len, ff_activation, reversible,
+def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout, max_len, ff_chunk_len, ff_activation, reversible,
                   causal_specs):
   """Checks shared by both factories; returns (d_qk, d_v) resolved."""
   check_mode(mode, f'{model} mode')
@@ -194,7 +200,6 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout,
     check_int(model, name, value, allow_none=True)
   check_int(model, 'ff_chunk_len', ff_chunk_len, minimum=0, allow_none=True)
   check_rate(model, 'dropout', dropout)
-  check_rate(model, 'attention_dropout', attention_dropout)
   if (d_qk is None or d_v is None) and d_model % n_heads:
     raise ValueError(f'{model} d_model={d_model} must be divisible by n_heads={n_heads} '
                      '(or set both d_qk and d_v, the per-head widths).')
@@ -270,11 +275,15 @@ def ReversibleBlocks(pattern, *, n_layers, reversible, attention, feed_forward, 
 # ----------------------------------------------------------------------------- models
 
 
-@deprecated_arguments(DEPRECATED, _translate('ReformerLM', {'attention_type': ('attention', 'lsh')}))
+# The rate on attention weights of specs whose dropout is None (Trax's and HF's default).
+ATTENTION_DROPOUT = 0.0
+
+
+@deprecated_arguments(DEPRECATED, _translate(
+    'ReformerLM', {'attention_type': ('attention', 'lsh', attn.LSH())}))
 def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
                n_layers: int = 6, n_heads: int = 8, d_qk: int | None = None,
-               d_v: int | None = None, dropout: float = 0.1, attention_dropout: float = 0.0,
-               max_len: int = 2048, mode: str = 'train', dtype=None,
+               d_v: int | None = None, dropout: float = 0.1, max_len: int = 2048, mode: str = 'train', dtype=None,
                attention: Any = attn.LSH(), positions: Any = 'axial',
                ff_chunk_len: int | None = None, ff_activation: Any = 'relu',
                reversible: bool = True):
@@ -293,8 +302,8 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
     n_layers: attention + feed-forward blocks.
     n_heads: attention heads.
     d_qk, d_v: per-head widths of queries/keys and values (default d_model // n_heads).
-    dropout: dropout on embeddings, residual branches, the feed-forward and the head.
-    attention_dropout: dropout on attention weights.
+    dropout: dropout on embeddings, residual branches, the feed-forward and the head
+      (dropout on the attention weights is the attention spec's `dropout`, default 0).
     max_len: longest sequence (positions, the full attention's predict-mode cache,
       LSH's default predict_mem_len).
     mode: 'train', 'eval' or 'predict'.
@@ -324,15 +333,14 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
   pattern = attn.pattern(attention, n_layers, where=f'{name} attention')
   d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len,
-      ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
+      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
       causal_specs=pattern)
   positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
   dtype = compute_dtype(dtype)
 
   def attention_layer(spec):
     return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
-                              dtype=dtype, dropout=attention_dropout, max_len=max_len,
+                              dtype=dtype, dropout=ATTENTION_DROPOUT, max_len=max_len,
                               use_bias=False)
 
   def feed_forward():
@@ -357,14 +365,15 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
 
 
 @deprecated_arguments(DEPRECATED_SEQ2SEQ, _translate(
-    'Reformer', {'encoder_attention_type': ('encoder_attention', 'full'),
-                 'decoder_attention_type': ('decoder_attention', 'full')}))
+    'Reformer', {'encoder_attention_type': ('encoder_attention', 'full',
+                                            attn.Full(query_chunk_len=64)),
+                 'decoder_attention_type': ('decoder_attention', 'full',
+                                            attn.Full(query_chunk_len=64))}))
 def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint: disable=invalid-name
              d_model: int = 512, d_ff: int = 2048, n_layers: int = 6,
              n_encoder_layers: int | None = None, n_decoder_layers: int | None = None,
              n_heads: int = 8, d_qk: int | None = None, d_v: int | None = None,
-             dropout: float = 0.1, attention_dropout: float = 0.0, max_len: int = 2048,
-             mode: str = 'train', dtype=None,
+             dropout: float = 0.1, max_len: int = 2048, mode: str = 'train', dtype=None,
              encoder_attention: Any = attn.Full(query_chunk_len=64),
              decoder_attention: Any = attn.Full(query_chunk_len=64),
              positions: Any = 'axial', ff_chunk_len: int | None = None,
@@ -388,7 +397,8 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
   cycled over the layers) as in `ReformerLM` (Trax's defaults are non-LSH:
   `Full(query_chunk_len=64)`). The attention to the encoder runs query
   chunks of the first decoder spec's query_chunk_len ('full') or chunk_len
-  ('lsh', 'local'). Note that `LSHSelfAttention` takes no padding mask: LSH
+  ('lsh', 'local'), and its attention-weight dropout is that spec's `dropout`
+  (None: 0, as for every spec here). Note that `LSHSelfAttention` takes no padding mask: LSH
   encoder layers also attend to padding tokens, so with LSH in the encoder,
   right-padding changes the outputs. `n_encoder_layers`/`n_decoder_layers`
   default to `n_layers`; the other arguments are those of `ReformerLM`.
@@ -407,14 +417,14 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
                                  where=f'{name} decoder_attention')
   d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, attention_dropout=attention_dropout, max_len=max_len,
-      ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
+      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
       causal_specs=decoder_pattern)
   positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
   dtype = compute_dtype(dtype)
   first = decoder_pattern[0]
   cross_chunk_len = (first.chunk_len if isinstance(first, (attn.LSH, attn.Local))
                      else attn.query_chunk_len(first))
+  cross_dropout = ATTENTION_DROPOUT if first.dropout is None else first.dropout
 
   def embedder(vocab, mode):
     return Embedder(vocab_size=vocab, d_model=d_model, max_len=max_len, dropout=dropout,
@@ -425,7 +435,7 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
         pattern, n_layers=n, reversible=reversible, dropout=dropout, mode=mode, extra=extra,
         attention=lambda spec: attn.SelfAttention(
             spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=causal, mode=mode, dtype=dtype,
-            dropout=attention_dropout, max_len=max_len, use_bias=False),
+            dropout=ATTENTION_DROPOUT, max_len=max_len, use_bias=False),
         feed_forward=lambda: _feed_forward_half(
             d_model=d_model, d_ff=d_ff, dropout=dropout, ff_activation=ff_activation,
             ff_chunk_len=ff_chunk_len, mode=mode, dtype=dtype))
@@ -434,7 +444,7 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
     return [
         cb.ReversibleHalfResidual(
             tl.LayerNorm(),
-            tl.EncDecAttention(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=attention_dropout,
+            tl.EncDecAttention(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=cross_dropout,
                                chunk_len=cross_chunk_len, mode=mode, dtype=dtype,
                                use_bias=False),
             tl.Dropout(dropout, mode=mode)),

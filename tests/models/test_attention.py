@@ -1,5 +1,6 @@
 """Attention specs: construction checks, dict round trip, cycling, one builder per kind."""
 
+import dataclasses
 import json
 
 import jax
@@ -30,6 +31,10 @@ class SpecTest(parameterized.TestCase):
       (LSH, dict(predict_mem_len=0), 'predict_mem_len must be a positive int or None'),
       (SparseQKV, dict(module_kernel_size=2), 'module_kernel_size must be odd'),
       (SparseQKV, dict(output_layer='conv'), 'output_layer must be one of'),
+      (Full, dict(dropout=1.0), r'Full attention dropout must be None .* in \[0, 1\), got 1.0'),
+      (LSH, dict(dropout=-0.1), 'LSH attention dropout must be None'),
+      (Local, dict(dropout=True), 'Local attention dropout must be None'),
+      (SparseQKV, dict(dropout='0.1'), 'SparseQKV attention dropout must be None'),
   )
   def test_construction_errors_name_the_field(self, cls, fields, message):
     with self.assertRaisesRegex(ValueError, message):
@@ -59,6 +64,13 @@ class SpecTest(parameterized.TestCase):
     config = ml_collections.ConfigDict({'kind': 'lsh', 'n_hashes': 4})
     self.assertEqual(attn.specs_from(config), (LSH(n_hashes=4),))
     self.assertEqual(attn.specs_from('local'), (Local(),))
+    # dropout: written when set, left out when None (the model's default).
+    rated = (Local(chunk_len=4, dropout=0.1), Full(dropout=0.0))
+    self.assertEqual(attn.to_config(rated)[0]['dropout'], 0.1)
+    self.assertNotIn('dropout', written[0])
+    self.assertEqual(attn.specs_from(attn.to_config(rated)), rated)
+    self.assertEqual(attn.replace_all([LSH(), {'kind': 'full'}], dropout=0.2),
+                     attn.to_config([LSH(dropout=0.2), Full(dropout=0.2)]))
 
   def test_unknown_kinds_and_fields_suggest_a_close_match(self):
     with self.assertRaisesRegex(ValueError, r"ReformerLM attention\[1\]: 'n_hash' is not a field "
@@ -127,6 +139,15 @@ class BuilderTest(parameterized.TestCase):
     self.assertEqual((full.chunk_len, full.use_bias, full.max_len), (4, False, 16))
     with self.assertRaisesRegex(ValueError, 'causal only'):
       attn.SelfAttention(SparseQKV(), causal=False, **SIZES)
+
+  @parameterized.parameters(Full(), Local(), LSH(), SparseQKV())
+  def test_spec_dropout_overrides_the_models_default(self, spec):
+    sizes = dict(SIZES, dropout=0.3)
+    self.assertEqual(attn.SelfAttention(spec, causal=True, **sizes).dropout, 0.3)
+    rated = dataclasses.replace(spec, dropout=0.1)
+    self.assertEqual(attn.SelfAttention(rated, causal=True, **sizes).dropout, 0.1)
+    zero = dataclasses.replace(spec, dropout=0.0)  # 0 is a rate, not "the default".
+    self.assertEqual(attn.SelfAttention(zero, causal=True, **sizes).dropout, 0.0)
 
 
 if __name__ == '__main__':

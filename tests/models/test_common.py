@@ -9,6 +9,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.models as tm
+from terraflax.models import attention
 from terraflax.models.attention import LSH, Full, Local, SparseQKV
 
 RNGS = {'params': jax.random.key(0), 'hash': jax.random.key(1), 'sparse': jax.random.key(2),
@@ -39,6 +40,16 @@ CASES = {
         SMALL, n_layers=2, ff_sparsity=0, attention_options={'n_modules': 2},
         attention_chunk_len=4), dict(SMALL, n_layers=2, ff_sparsity=0,
                                      attention=SparseQKV(n_modules=2, query_chunk_len=4))),
+    # attention_dropout sets the dropout of every spec: given, translated or the default.
+    'reformer_lm_attention_dropout': (tm.ReformerLM, dict(
+        SMALL, n_layers=2, attention_type=['lsh', 'full'], chunk_len=4, n_buckets=2,
+        attention_dropout=0.3), dict(
+            SMALL, n_layers=2, attention=(LSH(chunk_len=4, n_buckets=2, dropout=0.3),
+                                          Full(query_chunk_len=4, dropout=0.3)))),
+    'reformer_attention_dropout': (tm.Reformer, dict(
+        SMALL, n_layers=1, attention_dropout=0.3, decoder_attention=Local(chunk_len=4)), dict(
+            SMALL, n_layers=1, encoder_attention=Full(query_chunk_len=64, dropout=0.3),
+            decoder_attention=Local(chunk_len=4, dropout=0.3))),
     'transformer_lm_prefix': (tm.TransformerLM, dict(SMALL, n_layers=2, n_prefix=2,
                                                      attention_chunk_len=4),
                               dict(SMALL, n_layers=2,
@@ -46,10 +57,16 @@ CASES = {
 }
 
 
-def params_and_logits(model, x):
-  variables = jax.jit(model.init)(RNGS, x)
-  logits = jax.jit(model.apply)(variables, x, rngs={'hash': RNGS['hash']})
+def params_and_logits(model, x, rngs=None):
+  inputs = (x, x) if model_is_seq2seq(model) else (x,)
+  variables = jax.jit(model.init)(RNGS, *inputs)
+  rngs = {'hash': RNGS['hash']} if rngs is None else rngs
+  logits = jax.jit(model.apply)(variables, *inputs, rngs=rngs)
   return variables['params'], logits
+
+
+def model_is_seq2seq(model):
+  return model.n_in == 2
 
 
 class DeprecatedArgumentsTest(parameterized.TestCase):
@@ -69,6 +86,16 @@ class DeprecatedArgumentsTest(parameterized.TestCase):
     with self.assertWarns(DeprecationWarning):
       _, direct = params_and_logits(factory(mode='eval', **old), x)
     np.testing.assert_array_equal(np.asarray(direct), np.asarray(new_logits))
+    if 'attention_dropout' in old:  # 'train' mode: the same rate where the old one acted.
+      train_rngs = {'hash': RNGS['hash'], 'dropout': RNGS['dropout']}
+      _, old_train = params_and_logits(factory(mode='train', **upgraded), x, train_rngs)
+      _, new_train = params_and_logits(factory(mode='train', **new), x, train_rngs)
+      np.testing.assert_array_equal(np.asarray(old_train), np.asarray(new_train))
+      # Control: without the rate (specs' dropout None, the default 0) the logits differ.
+      plain = {k: attention.replace_all(v, dropout=None) if k.endswith('attention') else v
+               for k, v in new.items()}
+      _, plain_train = params_and_logits(factory(mode='train', **plain), x, train_rngs)
+      self.assertGreater(float(jnp.max(jnp.abs(plain_train - new_train))), 1e-3)
 
   def test_warning_names_the_new_spelling_and_the_signature_is_new(self):
     with warnings.catch_warnings(record=True) as caught:
@@ -86,8 +113,15 @@ class DeprecatedArgumentsTest(parameterized.TestCase):
       self.assertNotIn('attention_type', parameters, factory.__name__)
       self.assertNotIn('n_hashes', parameters, factory.__name__)
       self.assertNotIn('attention_chunk_len', parameters, factory.__name__)
-    self.assertLessEqual(len(inspect.signature(tm.ReformerLM).parameters), 17)
+    # Attention details live in the spec (attention_dropout is its dropout): keep it small.
+    self.assertLessEqual(len(inspect.signature(tm.ReformerLM).parameters), 16)
+    for factory in (tm.ReformerLM, tm.Reformer):
+      self.assertNotIn('attention_dropout', inspect.signature(factory).parameters)
     self.assertEqual(tm.ReformerLM.upgrade_kwargs({'d_model': 8}), {'d_model': 8})  # No-op.
+    with self.assertWarnsRegex(DeprecationWarning, r"ReformerLM\(attention_dropout=...\) is "
+                                                   r"deprecated .* the attention spec's dropout"):
+      upgraded = tm.ReformerLM.upgrade_kwargs({'attention_dropout': 0.3})
+    self.assertEqual(upgraded, {'attention': attention.to_config(LSH(dropout=0.3))})  # Default.
 
   def test_unknown_and_conflicting_names_are_errors(self):
     with self.assertRaisesRegex(TypeError, r"ReformerLM got an unexpected keyword argument "

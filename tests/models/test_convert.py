@@ -94,7 +94,14 @@ class ParityTest(absltest.TestCase):
     self.assertEqual((lsh.n_hashes, lsh.n_buckets), (2, (2, 4)))
     self.assertEqual(kwargs['positions']['shape'], [4, 8])
     self.assertEqual(lsh.convention, 'hf')
+    self.assertEqual((local.dropout, lsh.dropout), (0.0, 0.0))
+    self.assertNotIn('attention_dropout', kwargs)
     json.dumps(kwargs)  # Plain JSON: it goes into a workdir's config.json.
+    # Each kind's attention_probs_dropout_prob becomes the dropout of that kind's spec.
+    config = dict(convert.read_hf_config(fixture('lsh')[0]),
+                  local_attention_probs_dropout_prob=0.05, lsh_attention_probs_dropout_prob=0.1)
+    local, lsh = attention.specs_from(convert.model_kwargs_from_hf(config)['attention'])
+    self.assertEqual((local.dropout, lsh.dropout), (0.05, 0.1))
 
 
 class ByteLMTest(absltest.TestCase):

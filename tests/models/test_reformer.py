@@ -86,8 +86,8 @@ class ReformerLMTest(parameterized.TestCase):
     self.assertEqual(learned['PositionalEncoding_3']['pos_embedding'][0], (8, 8))
 
   def test_reversible_gradients_equal_plain_with_dropout_and_lsh(self):
-    config = dict(LM, dropout=0.2, attention_dropout=0.2,
-                  attention=LSH(n_hashes=2, n_buckets=4, chunk_len=4))
+    config = dict(LM, dropout=0.2,
+                  attention=LSH(n_hashes=2, n_buckets=4, chunk_len=4, dropout=0.2))
     x = tokens((2, 8))
     params = fake_params(tm.ReformerLM(mode='train', **config), x)
 
