@@ -189,8 +189,8 @@ def resolve_positions(model, positions, *, d_model, max_len):
   return kind, shape, d_embs
 
 
-def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout, max_len, ff_chunk_len, ff_activation, reversible,
-                  causal_specs):
+def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout, max_len,
+                  ff_chunk_len, ff_activation, reversible, causal_specs):
   """Checks shared by both factories; returns (d_qk, d_v) resolved."""
   check_mode(mode, f'{model} mode')
   for name, value in (('d_model', d_model), ('d_ff', d_ff), ('n_heads', n_heads),
@@ -283,7 +283,8 @@ ATTENTION_DROPOUT = 0.0
     'ReformerLM', {'attention_type': ('attention', 'lsh', attn.LSH())}))
 def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint: disable=invalid-name
                n_layers: int = 6, n_heads: int = 8, d_qk: int | None = None,
-               d_v: int | None = None, dropout: float = 0.1, max_len: int = 2048, mode: str = 'train', dtype=None,
+               d_v: int | None = None, dropout: float = 0.1, max_len: int = 2048,
+               mode: str = 'train', dtype=None,
                attention: Any = attn.LSH(), positions: Any = 'axial',
                ff_chunk_len: int | None = None, ff_activation: Any = 'relu',
                reversible: bool = True):
@@ -333,8 +334,8 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
   pattern = attn.pattern(attention, n_layers, where=f'{name} attention')
   d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
-      causal_specs=pattern)
+      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation,
+      reversible=reversible, causal_specs=pattern)
   positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
   dtype = compute_dtype(dtype)
 
@@ -417,8 +418,8 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
                                  where=f'{name} decoder_attention')
   d_qk, d_v = _check_common(
       name, mode=mode, d_model=d_model, d_ff=d_ff, n_heads=n_heads, d_qk=d_qk, d_v=d_v,
-      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation, reversible=reversible,
-      causal_specs=decoder_pattern)
+      dropout=dropout, max_len=max_len, ff_chunk_len=ff_chunk_len, ff_activation=ff_activation,
+      reversible=reversible, causal_specs=decoder_pattern)
   positions = resolve_positions(name, positions, d_model=d_model, max_len=max_len)
   dtype = compute_dtype(dtype)
   first = decoder_pattern[0]
