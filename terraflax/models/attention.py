@@ -30,6 +30,7 @@ import difflib
 from typing import Any, Mapping, Sequence
 
 import terraflax.layers as tl
+from terraflax.combinators.base import check_int
 
 LSH_CONVENTIONS = ('terraflax', 'hf')
 SPARSE_QKV_OUTPUT_LAYERS = ('dense', 'multiplicative', 'none')
@@ -50,13 +51,9 @@ def _check_rate(spec):
 
 
 def _check_int(spec, field, minimum=1, allow_none=False):
-  value = getattr(spec, field)
-  if value is None and allow_none:
-    return
-  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-    what = 'a positive int' if minimum == 1 else f'an int >= {minimum}'
-    raise ValueError(f'{type(spec).__name__} attention {field} must be {what}'
-                     f'{" or None" if allow_none else ""}, got {value!r}.')
+  """`check_int` on one field of a spec ('LSH attention n_hashes must be ...')."""
+  check_int(f'{type(spec).__name__} attention', field, getattr(spec, field), minimum=minimum,
+            allow_none=allow_none)
 
 
 @dataclasses.dataclass(frozen=True)

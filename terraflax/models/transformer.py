@@ -218,6 +218,24 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
   if mode == 'predict':  # No incremental form: predict is eval.
     mode = 'eval'
 
+  return [
+      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      EncoderStack(kinds, specs, d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
+                   mode=mode, dtype=dtype, ff_chunk_len=ff_chunk_len,
+                   share_layers=share_layers, model=model),  # stack: x, mask
+      tl.LayerNorm(),
+  ]
+
+
+def EncoderStack(kinds, specs, *, d_model, d_ff, n_heads, dropout, mode, dtype,  # pylint: disable=invalid-name
+                 ff_chunk_len, share_layers, model):
+  """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> the same; 2 -> 2.
+
+  Encoder block i mixes with `kinds[i]` ('attention' or 'fourier'); attention
+  blocks take the spec i % len(specs). Runs of equal blocks are scanned
+  together (`Stack`).
+  """
   def make_block(kind):
     if kind == 'fourier':
       return FourierEncoderBlock(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
@@ -227,12 +245,7 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
 
   layer_kinds = ['fourier' if kind == 'fourier' else specs[i % len(specs)]
                  for i, kind in enumerate(kinds)]
-  return [
-      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
-      Stack(make_block, layer_kinds, share_layers, model),  # stack: x, mask
-      tl.LayerNorm(),
-  ]
+  return Stack(make_block, layer_kinds, share_layers, model)
 
 
 @deprecated_arguments(DEPRECATED, upgrade_full_attention('TransformerEncoder'))

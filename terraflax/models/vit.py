@@ -14,9 +14,8 @@ import terraflax.layers as tl
 from terraflax.combinators.base import check_mode
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Float32, Stack, check_hyperparameters, compute_dtype, deprecated_arguments, mixing_kinds)
-from terraflax.models.transformer import (
-    EncoderBlock, FourierEncoderBlock, upgrade_full_attention)
+    Float32, check_hyperparameters, compute_dtype, deprecated_arguments, mixing_kinds)
+from terraflax.models.transformer import EncoderStack, upgrade_full_attention
 
 
 def _as_images(image_shape, scale):
@@ -69,22 +68,15 @@ def ViT(*, image_shape: Sequence[int] = (8, 8, 1), patch_size: int = 2,  # pylin
   dtype = compute_dtype(dtype)
   mode = 'eval' if mode == 'predict' else mode
 
-  def make_block(kind):
-    if kind == 'fourier':
-      return FourierEncoderBlock(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
-                                 dtype=dtype, ff_chunk_len=ff_chunk_len)
-    return EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode,
-                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len)
-
-  layer_kinds = ['fourier' if kind == 'fourier' else specs[i % len(specs)]
-                 for i, kind in enumerate(kinds)]
   return cb.Serial(
       _as_images(image_shape, pixel_scale),
       tl.PatchEmbedding(patch_size=patch_size, d_model=d_model, dtype=dtype),
       tl.ClassToken(),  # stack: x (b, n_tokens, d)
       tl.PositionalEncoding(max_len=n_tokens, kind='learned', dropout=dropout, mode=mode),
       cb.Branch(None, cb.Fn('AllTokens', lambda x: jnp.ones(x.shape[:2], jnp.bool_))),
-      Stack(make_block, layer_kinds, share_layers, 'ViT'),  # stack: x, mask
+      EncoderStack(kinds, specs, d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
+                   mode=mode, dtype=dtype, ff_chunk_len=ff_chunk_len,
+                   share_layers=share_layers, model='ViT'),  # stack: x, mask
       cb.Select([0], n_in=2),
       tl.LayerNorm(),
       cb.Fn('ClassOutput', lambda x: x[:, 0]),  # stack: (b, d)
