@@ -8,8 +8,9 @@ against a copy of a tiny trained workdir and sorts the outcome:
   traceback  a Python traceback reached the user
   silent     an error case exited 0 (or a fallback case said nothing)
   lost       a file that existed before the command (config.json, metrics.jsonl, checkpoint
-             files) is missing or changed afterwards (appending to metrics.jsonl is allowed only
-             where the case trains on)
+             files) is missing or changed afterwards. Where a case trains on (a permitted
+             resume), metrics.jsonl may only grow (its old lines kept), and config.json (the
+             new train.steps) and the checkpoints (train.keep_checkpoints' retention) may change
 
   python benchmarks/cli_faults.py                 # all cases, the table and one line per case
   python benchmarks/cli_faults.py --only decode   # cases whose name contains 'decode'
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -60,13 +62,23 @@ def tree_hashes(path):
   return out
 
 
-def lost_files(before, path, appendable=()):
-  """Files of `before` now missing or changed; names in (or under a folder in) `appendable`
-  may change."""
+def lost_files(before, path, appendable=(), contents=None, kept_to=None):
+  """Files of `before` now missing or changed. Names in (or under a folder in) `appendable`
+  may change; of those, the .jsonl files must keep their old content as a prefix (only the
+  lines up to step `kept_to` when given: a run resumed from that step logs the later ones
+  again)."""
   after = tree_hashes(path) if os.path.exists(path) else {}
   lost = []
   for name, digest in before.items():
     if any(name == a or name.startswith(a.rstrip('/') + '/') for a in appendable):
+      if name.endswith('.jsonl') and contents and name in contents:
+        old = contents[name]
+        if kept_to is not None:
+          old = b''.join(line for line in old.splitlines(keepends=True)
+                         if json.loads(line).get('step', 0) <= kept_to)
+        with open(os.path.join(path, name), 'rb') as f:
+          if not f.read().startswith(old):
+            lost.append(f'{name} (old lines changed)')
       continue
     if name not in after:
       lost.append(f'{name} (deleted)')
@@ -79,8 +91,9 @@ class Case:
   """One command line and what a user should get from it."""
 
   def __init__(self, name, command, *, want='error', expect='', workdir=None, appendable=(),
-               setup=None, timeout=300):
+               setup=None, timeout=300, kept_to=None):
     self.name, self.command, self.want, self.expect = name, command, want, expect
+    self.kept_to = kept_to
     self.workdir, self.appendable, self.setup, self.timeout = workdir, appendable, setup, timeout
 
 
@@ -179,9 +192,11 @@ def make_cases(base, scratch):
   cases.append(Case('train-workdir-is-file', train(a_file), expect='a_file', workdir=a_file))
 
   # Resuming a finished workdir W with other settings: refused, nothing written.
-  def resume(name, *extra, want='error', expect='', appendable=(), setup=None, config=LM):
+  def resume(name, *extra, want='error', expect='', appendable=(), setup=None, config=LM,
+             kept_to=None):
     cases.append(Case(f'resume-{name}', train(w, *extra, config=config), want=want,
-                      expect=expect, workdir=w, appendable=appendable, setup=setup))
+                      expect=expect, workdir=w, appendable=appendable, setup=setup,
+                      kept_to=kept_to))
 
   resume('other-d-model', '--config.model.d_model=64', expect='d_model')
   resume('other-optimizer', '--config.optimizer.name=sgd', expect='optimizer.name')
@@ -190,11 +205,12 @@ def make_cases(base, scratch):
   resume('other-layers', '--config.model.n_layers=2', expect='n_layers')
   resume('other-seed', '--config.seed=3', expect='seed')
   resume('same-command', want='ok', expect=r'(?i)already trained')
+  trained_on = ('metrics.jsonl', 'config.json', 'checkpoints/')
   resume('more-steps', '--config.train.steps=30', want='ok', expect=r'(?i)resum',
-         appendable=('metrics.jsonl',))
+         appendable=trained_on)
   resume('damaged-latest', '--config.train.steps=30', want='fallback',
-         expect=r'(?i)(damaged|corrupt|cannot be restored).*20', setup=damage_latest,
-         appendable=('metrics.jsonl', 'checkpoints/20/'))
+         expect=r'(?i)(damaged|corrupt|cannot (be )?restore).*20', setup=damage_latest,
+         appendable=trained_on, kept_to=10)
   resume('init-from-on-resume', f'--config.init_from={base}', expect='init_from')
 
   # Eval-only scoring.
@@ -207,7 +223,7 @@ def make_cases(base, scratch):
   cases.append(Case('eval-only-bad-attention', train(w, '--config.eval.attention=bogus'),
                     expect='attention', workdir=w))
   cases.append(Case('eval-only-damaged-latest', train(w, '--config.eval.only=true'),
-                    want='fallback', expect=r'(?i)(damaged|corrupt|cannot be restored).*20',
+                    want='fallback', expect=r'(?i)(damaged|corrupt|cannot (be )?restore).*20',
                     workdir=w, setup=damage_latest, appendable=('eval_results.jsonl',)))
 
   # Decoding.
@@ -231,7 +247,7 @@ def make_cases(base, scratch):
   decode('not-a-workdir', f'--workdir={scratch}', expect='config.json')
   decode('missing-step', f'--workdir={w}', '--step=999', expect='999')
   decode('damaged-latest', f'--workdir={w}', '--max_new_tokens=3', want='fallback',
-         expect=r'(?i)(damaged|corrupt|cannot be restored).*20', setup=damage_latest)
+         expect=r'(?i)(damaged|corrupt|cannot (be )?restore).*20', setup=damage_latest)
   decode('truncated-config-json', f'--workdir={w}', expect='config.json',
          setup=lambda d: open(os.path.join(d, 'config.json'), 'r+b').truncate(100))
 
@@ -250,7 +266,7 @@ def make_cases(base, scratch):
   export('zero-forward-len', f'--workdir={w}', f'--out={out}', '--forward_len=0',
          expect='forward_len')
   export('damaged-latest', f'--workdir={w}', f'--out={out}', want='fallback',
-         expect=r'(?i)(damaged|corrupt|cannot be restored).*20', setup=damage_latest)
+         expect=r'(?i)(damaged|corrupt|cannot (be )?restore).*20', setup=damage_latest)
 
   # Conversion.
   def convert(name, *args, expect=''):
@@ -315,13 +331,18 @@ def main():
       case.setup(w)
     watched = case.workdir or w
     before = tree_hashes(watched)
+    contents = {}
+    for name in ('metrics.jsonl', 'eval_results.jsonl'):
+      if os.path.isdir(watched) and os.path.exists(os.path.join(watched, name)):
+        with open(os.path.join(watched, name), 'rb') as f:
+          contents[name] = f.read()
     began = time.time()
     try:
       result = subprocess.run(case.command, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=case.timeout)
     except subprocess.TimeoutExpired as e:
       result = subprocess.CompletedProcess(case.command, -9, e.stdout or '', 'timed out')
-    lost = lost_files(before, watched, case.appendable)
+    lost = lost_files(before, watched, case.appendable, contents, case.kept_to)
     outcome = classify(case, result, lost)
     counts[outcome] += 1
     lines = [l for l in (result.stderr or '').splitlines() if l.strip()]

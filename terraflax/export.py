@@ -230,9 +230,10 @@ def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('workdir', None, 'A workdir with checkpoints/ and config.json.')
   flags.DEFINE_string('out', None, 'Directory to write the artifact to.')
-  flags.DEFINE_integer('batch_size', 1, 'Rows the exported function takes (fixed).')
+  flags.DEFINE_integer('batch_size', 1, 'Rows the exported function takes (fixed).',
+                       lower_bound=1)
   flags.DEFINE_integer('forward_len', None, 'Export the eval forward pass on this many tokens '
-                       'instead of the decode step.')
+                       'instead of the decode step.', lower_bound=1)
   flags.mark_flags_as_required(['workdir', 'out'])
 
 

@@ -116,7 +116,8 @@ def lsh_overrides(config: ml_collections.ConfigDict, factory, trained: dict) -> 
   if not arguments:
     given = {k: v for k, v in trained.items() if 'attention' in k and k != 'attention_dropout'}
     raise config_lib.ConfigError(
-        f'config.eval.* asks for other LSH attention settings, but {config.model.name} has no '
+        f'config.eval.{", config.eval.".join(sorted(changes)) if changes else "attention"} asks '
+        f'for other LSH attention settings, but {config.model.name} has no '
         f'LSH layer (attention: {given or "its default"}); full attention has separate queries '
         "and keys and no LSH form. Train with attention={'kind': 'lsh', ...} (n_buckets=1 and "
         'chunk_len=data.seq_len give full shared-QK attention) to compare attentions on the '
