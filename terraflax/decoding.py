@@ -419,7 +419,11 @@ def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level
   if byte_level:
     ids = np.frombuffer(prompt.encode('utf-8'), np.uint8).astype(np.int32)
   else:
-    ids = np.asarray([int(t) for t in prompt.split()], np.int32)
+    try:
+      ids = np.asarray([int(t) for t in prompt.split()], np.int32)
+    except ValueError:
+      raise DecodingError(f'the prompt {prompt[:40]!r} must be token ids separated by spaces: the '
+                          'model is not byte-level (it reads ids, not text).') from None
   params = jax.device_put(params, jax.devices()[0])
   tokens = autoregressive_sample(
       model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,

@@ -85,5 +85,13 @@ class CheckLengthTest(absltest.TestCase):
       decoding.check_length(100, 5, 64)
 
 
+class PromptIdsTest(absltest.TestCase):
+
+  def test_text_prompt_for_an_id_model_is_a_clear_error(self):
+    # Raised while reading the prompt, before the model is called (the model is never used).
+    with self.assertRaisesRegex(decoding.DecodingError, r"'def x'.*token ids separated by"):
+      decoding.generate_text(None, {}, 'def x', max_new_tokens=1, byte_level=False)
+
+
 if __name__ == '__main__':
   absltest.main()
