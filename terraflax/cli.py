@@ -152,7 +152,7 @@ class _ConfigFileParser(flags.ArgumentParser):
     with config.unlocked():
       for field, value in self.defaults.items():
         if not _has_field(config, field):
-          _set_field(config, field, value)
+          set_field(config, field, value)
     # Left alone, ml_collections' _ConfigFlag._parse would fail on such an override in
     # config_path.get_type (a bare AttributeError, a traceback): check them here first.
     fields = flat_fields(config)
@@ -165,7 +165,8 @@ class _ConfigFileParser(flags.ArgumentParser):
     return config
 
 
-def _set_field(config, field: str, value) -> None:
+def set_field(config, field: str, value) -> None:
+  """config.a.b = value for field 'a.b', making the missing sections."""
   *parents, leaf = field.split('.')
   node = config
   for part in parents:

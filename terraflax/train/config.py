@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from terraflax import cli
 from terraflax import rng as rng_lib
 from terraflax.models import spec as spec_lib
 from terraflax.train import data as data_lib
@@ -230,7 +231,7 @@ def check_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                       "(e.g. 'TransformerLM') or 'package.module:Factory'.")
   out = ml_collections.ConfigDict()
   for path, value in resolved.items():
-    _set(out, path, value)
+    cli.set_field(out, path, value)
   out.model = ml_collections.ConfigDict(config.model.to_dict())
   return out
 
@@ -245,16 +246,6 @@ def _wanted(field: Field) -> str:
   if field.expect:
     return field.expect
   return ('an ' if kind[0] in 'aeiou' else 'a ') + kind
-
-
-def _set(config, path, value):
-  *parents, leaf = path.split('.')
-  node = config
-  for p in parents:
-    if p not in node:
-      node[p] = ml_collections.ConfigDict()
-    node = node[p]
-  node[leaf] = value
 
 
 def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
