@@ -36,7 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from terraflax.train import checkpoint as ckpt  # pylint: disable=wrong-import-position
+from terraflax import workdir as workdir_lib  # pylint: disable=wrong-import-position
 from terraflax.train import eval_only  # pylint: disable=wrong-import-position
 from terraflax.train import trainer  # pylint: disable=wrong-import-position
 
@@ -158,8 +158,8 @@ def main(argv):
     workdir = os.path.join(_ROOT.value, 'full' if row == 'full' else f'lsh{row}')
     overrides = row_overrides(row, extra)
     commands.append(command(workdir, overrides))
-    manager = ckpt.make_manager(workdir, read_only=True, async_save=False) if os.path.isdir(
-        ckpt.checkpoint_dir(workdir)) else None
+    manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False) if os.path.isdir(
+        workdir_lib.checkpoint_dir(workdir)) else None
     done = manager is not None and _STEPS.value in manager.all_steps()
     if manager is not None:
       manager.close()

@@ -46,7 +46,7 @@ def main():
   data, task = experiment.data, experiment.data.info.task
   model = checkpoint.model_from_config(experiment.config, 'eval')
   zeros = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  inputs = config_lib.model_inputs({'inputs': zeros, 'targets': zeros}, task)
+  inputs = experiment.spec.model_inputs({'inputs': zeros, 'targets': zeros})
   qparams = qz.quantize_model_params(model, params, *inputs,
                                      embeddings=not args.no_embeddings)
   batches = [jax.tree_util.tree_map(jnp.asarray, b) for b in data.eval_batches(

@@ -27,14 +27,6 @@ from terraflax.models import spec as spec_lib
 from terraflax.train import config as config_lib
 from terraflax.train import optimizers
 
-checkpoint_dir = workdir_lib.checkpoint_dir
-make_manager = workdir_lib.make_manager
-write_config = workdir_lib.write_config
-read_config = workdir_lib.read_config
-save_params = workdir_lib.save_params
-CHECKPOINT_DIR, CONFIG_FILE = workdir_lib.CHECKPOINT_DIR, workdir_lib.CONFIG_FILE
-
-
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a tree of arrays: a restore target."""
   def leaf(x):
@@ -91,7 +83,7 @@ def load_matching_params(workdir: str, params, *, field: str = 'init_from'):
   (the models disagree; nothing is loaded).
   """
   source_config, source = load_for_inference(workdir)
-  manager = make_manager(workdir, read_only=True, async_save=False)
+  manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
   step = manager.latest_step()
   manager.close()
   flat_source = {optimizers.path_name(p): x

@@ -300,32 +300,10 @@ def model_errors():
     raise ConfigError(str(e)) from None
 
 
-def resolve_factory(name: str) -> Callable[..., Any]:
-  """`spec.resolve_factory`, raising `ConfigError`."""
-  with model_errors():
-    return spec_lib.resolve_factory(name)
-
-
-def model_kwargs(config) -> dict[str, Any]:
-  """`spec.model_kwargs` of `config.model`, raising `ConfigError`."""
-  with model_errors():
-    return spec_lib.model_kwargs(config.model)
-
-
-def check_model_fields(factory, kwargs: dict[str, Any], name: str) -> None:
-  """`spec.check_model_fields`, raising `ConfigError`."""
-  with model_errors():
-    spec_lib.check_model_fields(factory, kwargs, name)
-
-
 def model_spec(config) -> spec_lib.ModelSpec:
   """`ModelSpec.from_config(config)`, raising `ConfigError`."""
   with model_errors():
     return spec_lib.ModelSpec.from_config(config)
-
-
-factory_parameters = spec_lib.factory_parameters
-model_inputs = spec_lib.model_inputs
 
 
 def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
@@ -387,18 +365,6 @@ class Experiment:
   spec: spec_lib.ModelSpec
   data: data_lib.Data
   abstract_variables: Any  # Boxed abstract init at the micro-batch shape (`trace_model`).
-
-  @property
-  def factory(self) -> Callable[..., Any]:
-    return self.spec.factory
-
-  @property
-  def model_kwargs(self) -> dict[str, Any]:
-    return dict(self.spec.kwargs)
-
-  def model(self, mode: str):
-    """The model in `mode` ('train', 'eval' or 'predict')."""
-    return self.spec.build(mode)
 
 
 def validate_config(config, *, n_devices: int | None = None, n_processes: int | None = None,

@@ -50,7 +50,7 @@ import ml_collections
 
 from terraflax import workdir as workdir_lib
 from terraflax.models import attention as attn
-from terraflax.train import checkpoint as ckpt
+from terraflax.models import spec as spec_lib
 from terraflax.train import config as config_lib
 from terraflax.train import evaluation
 from terraflax.train import sharding as sharding_lib
@@ -91,7 +91,7 @@ def lsh_changes(config: ml_collections.ConfigDict) -> dict:
 
 def _lsh_arguments(factory, kwargs: dict) -> dict:
   """{argument: its specs} of the attention arguments holding LSH specs (given or default)."""
-  parameters = config_lib.factory_parameters(factory) or {}
+  parameters = spec_lib.factory_parameters(factory) or {}
   values = {name: p.default for name, p in parameters.items()
             if 'attention' in name and p.default is not p.empty}
   values.update({k: v for k, v in kwargs.items() if 'attention' in k})
@@ -143,7 +143,7 @@ def effective_settings(factory, kwargs: dict) -> dict:
 
 def _check_same_model(config, workdir: str) -> None:
   try:
-    stored = ckpt.read_config(workdir)
+    stored = workdir_lib.read_config(workdir)
   except FileNotFoundError as e:
     raise config_lib.ConfigError(f'eval-only: {e}') from None
   given = json.loads(ml_collections.ConfigDict(config.model.to_dict()).to_json_best_effort())
@@ -152,7 +152,7 @@ def _check_same_model(config, workdir: str) -> None:
     if given.get(key, '<unset>') != trained.get(key, '<unset>'):
       raise config_lib.ConfigError(
           f'config.model.{key}={given.get(key, "<unset>")!r} differs from the trained model\'s '
-          f'{trained.get(key, "<unset>")!r} ({os.path.join(workdir, ckpt.CONFIG_FILE)}): '
+          f'{trained.get(key, "<unset>")!r} ({os.path.join(workdir, workdir_lib.CONFIG_FILE)}): '
           'eval-only scores the model as it was trained, so pass the same config.model.* '
           'fields and change the attention with config.eval.*.')
 
@@ -168,18 +168,18 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   experiment = config_lib.validate_config(config)
   config, data = experiment.config, experiment.data
   _check_same_model(config, workdir)
-  manager = ckpt.make_manager(workdir, read_only=True, async_save=False)
+  manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
   steps = list(manager.all_steps())
   manager.close()
   if not steps:
-    raise config_lib.ConfigError(f'eval-only: {ckpt.checkpoint_dir(workdir)} holds no '
+    raise config_lib.ConfigError(f'eval-only: {workdir_lib.checkpoint_dir(workdir)} holds no '
                                  'checkpoint to evaluate.')
   step = config.eval.step or max(steps)
   if step not in steps:
     raise config_lib.ConfigError(f'config.eval.step={step} is not a checkpoint of {workdir}; '
                                  f'it has steps {sorted(steps)}.')
-  trained = experiment.model_kwargs
-  overrides = lsh_overrides(config, experiment.factory, trained)
+  trained = dict(experiment.spec.kwargs)
+  overrides = lsh_overrides(config, experiment.spec.factory, trained)
   spec = experiment.spec.with_kwargs(**overrides)
   kwargs = dict(spec.kwargs)
   try:
@@ -199,7 +199,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
     result = evaluation.evaluate_params(eval_step, data, params,
                                         batch_size=config.train.batch_size,
                                         n_batches=config.train.eval_batches, mesh=mesh)
-  settings = effective_settings(experiment.factory, kwargs)
+  settings = effective_settings(experiment.spec.factory, kwargs)
   label = ('full' if config.eval.attention == 'full' else
            f'lsh-{settings["n_hashes"]}' if overrides and 'n_hashes' in settings else 'as trained')
   record = {'step': int(step), 'attention': label, 'model': settings,

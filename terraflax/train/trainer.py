@@ -88,7 +88,8 @@ def prepare_workdir(config, workdir: str, mesh,
   """
   _refuse_changed_resume(config, workdir)
   t = config.train
-  manager = ckpt.make_manager(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+  manager = workdir_lib.make_manager(workdir, keep=t.keep_checkpoints,
+                                     async_save=t.async_checkpoints)
   start = manager.latest_step() or 0
   state, init_report = fresh_state(start)
   pending = jax.device_put(steps_lib.zero_pending(), sharding_lib.replicated(mesh))
@@ -103,14 +104,14 @@ def prepare_workdir(config, workdir: str, mesh,
                        rng=train_items['rng'])
     pending = train_items['pending']
   if jax.process_index() == 0:
-    ckpt.write_config(workdir, config)
+    workdir_lib.write_config(workdir, config)
   return Prepared(manager, start, state, pending, data_state, init_report)
 
 
 def _refuse_changed_resume(config, workdir: str) -> None:
   """`ConfigError` listing the fields that differ from a workdir's run, before any write."""
   if not (workdir_lib.has_checkpoints(workdir)
-          and os.path.exists(os.path.join(workdir, ckpt.CONFIG_FILE))):
+          and os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))):
     return
   conflicts = workdir_lib.resume_conflicts(workdir_lib.read_config(workdir), config)
   if conflicts:
@@ -371,7 +372,7 @@ def _log(run: _Run, step: int, scalars: dict[str, float], seconds_per_step: floa
       run.manager.wait_until_finished()
       raise TrainingDivergedError(
           f'{warning} Stopped (train.stop_on_divergence) without saving; the last checkpoint '
-          f'is step {run.manager.latest_step()} in {ckpt.checkpoint_dir(run.workdir)}.')
+          f'is step {run.manager.latest_step()} in {workdir_lib.checkpoint_dir(run.workdir)}.')
   if 'train/loss' in scalars:
     run.writer.progress(step, scalars, seconds_per_step)
   if any(k.startswith('eval/') for k in scalars):
@@ -391,7 +392,7 @@ def _check_health(run: _Run, step: int) -> None:
   bad = int(jax.device_get(run.health))
   if bad >= 0:
     last = run.manager.latest_step()
-    where = (f'the last good checkpoint is step {last} in {ckpt.checkpoint_dir(run.workdir)}'
+    where = (f'the last good checkpoint is step {last} in {workdir_lib.checkpoint_dir(run.workdir)}'
              if last is not None else 'no checkpoint was written')
     raise TrainingDivergedError(
         f'Training diverged: non-finite (NaN/inf) loss or parameters at step {bad} (noticed at '

@@ -166,9 +166,8 @@ class TerraformerLMTest(parameterized.TestCase):
   def test_config_file_builds_the_model(self):
     config = config_lib.load_sibling(os.path.join(ROOT, 'configs', 'x.py'), 'terraformer_lm')
     config = config_lib.check_fields(config)
-    factory = config_lib.resolve_factory(config.model.name)
-    kwargs = config_lib.model_kwargs(config)
-    config_lib.check_model_fields(factory, kwargs, config.model.name)
+    spec = config_lib.model_spec(config)  # Resolves and checks the factory's arguments.
+    factory, kwargs = spec.factory, dict(spec.kwargs)
     x = jax.ShapeDtypeStruct((2, config.data.seq_len), jnp.int32)
     logits = jax.eval_shape(lambda x: factory(mode='eval', **kwargs).init_with_output(KEY, x)[0],
                             x)

@@ -40,7 +40,7 @@ class ValidateTest(parameterized.TestCase):
     self.assertEqual(experiment.config.optimizer.b2, 0.98)
     self.assertEqual(experiment.data.info.vocab_size, 16)
     self.assertIn('params', experiment.abstract_variables)
-    self.assertEqual(experiment.model('eval').layers[1].mode, 'eval')
+    self.assertEqual(experiment.spec.build('eval').layers[1].mode, 'eval')
 
   @parameterized.named_parameters(
       ('negative_batch', {'train.batch_size': -3},
@@ -160,7 +160,7 @@ class ConfigFilesTest(parameterized.TestCase):
       config.data.path = __file__
     config_lib.check_combinations(config, n_devices=1, n_processes=1)
     self.assertIsInstance(config.model.name, str)
-    kwargs = config_lib.model_kwargs(config)
+    kwargs = dict(config_lib.model_spec(config).kwargs)
     self.assertNotIn('mode', kwargs)
     if 'd_model' in kwargs and 'n_heads' in kwargs:
       self.assertEqual(kwargs['d_model'] % kwargs['n_heads'], 0)
@@ -180,9 +180,9 @@ class ConfigFilesTest(parameterized.TestCase):
     self.assertTrue(os.path.isdir(config.data.path))
     self.assertEqual(config.model.name, 'ReformerLM')
     with tempfile.TemporaryDirectory() as d:  # The whole schema also round-trips through JSON.
-      from terraflax.train import checkpoint  # pylint: disable=import-outside-toplevel
-      checkpoint.write_config(d, config_lib.check_fields(config))
-      self.assertEqual(checkpoint.read_config(d).data.path, config.data.path)
+      from terraflax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+      workdir_lib.write_config(d, config_lib.check_fields(config))
+      self.assertEqual(workdir_lib.read_config(d).data.path, config.data.path)
 
 
 if __name__ == '__main__':

@@ -173,16 +173,17 @@ class EvalOnlyTest(absltest.TestCase):
     experiment = config_lib.validate_config(config)
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 r"ReformerLM has no LSH layer .*'kind': 'full'.*no LSH form"):
-      eval_only.lsh_overrides(experiment.config, experiment.factory, experiment.model_kwargs)
+      eval_only.lsh_overrides(experiment.config, experiment.spec.factory,
+                              dict(experiment.spec.kwargs))
     # Only the LSH entries of a pattern change; a model's default attention counts too.
     del config.model['attention']  # A dict before; a list now.
     config.model.attention = [{'kind': 'lsh', 'chunk_len': 4}, {'kind': 'full'}]
     config.model.n_layers = 2
     experiment = config_lib.validate_config(config)
-    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.factory,
-                                             experiment.model_kwargs)['attention'],
+    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.spec.factory,
+                                             dict(experiment.spec.kwargs))['attention'],
                      [to_config(LSH(n_hashes=4, chunk_len=4)), to_config(Full())])
-    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.factory, {}),
+    self.assertEqual(eval_only.lsh_overrides(experiment.config, experiment.spec.factory, {}),
                      {'attention': to_config(LSH(n_hashes=4))})  # ReformerLM's default: LSH().
 
 

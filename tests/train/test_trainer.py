@@ -24,6 +24,7 @@ from absl.testing import absltest
 
 from terraflax import compiler
 from terraflax import decoding
+from terraflax import workdir as workdir_lib
 from terraflax.train import checkpoint
 from terraflax.train import config as config_lib
 from terraflax.train import data as data_lib
@@ -117,7 +118,7 @@ class TrainerTest(absltest.TestCase):
         self.assertIn('tokens_per_sec', m)
     self.assertLess(self.metrics[-1]['train/loss'], self.metrics[0]['train/loss'])
     self.assertEqual(self.last['train/loss'], self.metrics[-1]['train/loss'])
-    manager = checkpoint.make_manager(self.workdir, read_only=True, async_save=False)
+    manager = workdir_lib.make_manager(self.workdir, read_only=True, async_save=False)
     self.assertEqual(list(manager.all_steps()), [3, 6, 9, 12])
     events = read_events(os.path.join(self.workdir, 'tensorboard'))
     losses = {step: value for tag, step, value in events if tag == 'train/loss'}
@@ -138,7 +139,7 @@ class TrainerTest(absltest.TestCase):
     state = state_lib.initial_state(experiment, tx, mesh)
     batch = sharding_lib.put_batch(
         next(experiment.data.train_iterator(batch_size=config.train.batch_size)), mesh)
-    step = steps.make_train_step(experiment.model('train'), tx)
+    step = steps.make_train_step(experiment.spec.build('train'), tx)
     # Compiled with the trainer's XLA options, which change the fused program's flop count.
     analysis = jax.jit(step, compiler_options=compiler.options()).lower(
         state, batch).compile().cost_analysis()
@@ -174,7 +175,8 @@ class TrainerTest(absltest.TestCase):
         trainer.train_and_evaluate(tiny_lm_config(**CONFIG), workdir)
     before = metrics_lib.read_metrics(workdir)
     self.assertEqual([m['step'] for m in before], [2, 4])  # Step 4 was logged after the
-    manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)  # checkpoint at 3.
+    # checkpoint at 3.
+    manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
     self.assertEqual(manager.latest_step(), 3)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):  # The same command again.
@@ -261,7 +263,7 @@ class TrainerTest(absltest.TestCase):
         if key in one:
           self.assertAlmostEqual(one[key], many[key], delta=1e-5 * max(1.0, abs(one[key])),
                                  msg=f'{key} at step {one["step"]}')
-    manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+    manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
     self.assertEqual(manager.latest_step(), 12)
 
 
@@ -297,7 +299,7 @@ class SignalTest(absltest.TestCase):
           process.kill()
       self.assertEqual(process.returncode, 0, stderr[-3000:])
       self.assertIn('SIGTERM: saved the checkpoint at step', stdout)
-      manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+      manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
       step = manager.latest_step()
       self.assertGreaterEqual(step, 3)
       config, params = checkpoint.load_for_inference(workdir)
@@ -351,7 +353,7 @@ class DivergenceTest(absltest.TestCase):
           trainer.TrainingDivergedError,
           r'non-finite \(NaN/inf\) loss or parameters at step 2 .* last good checkpoint is step 1'):
         trainer.train_and_evaluate(config, workdir)
-      manager = checkpoint.make_manager(workdir, read_only=True, async_save=False)
+      manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
       self.assertEqual(list(manager.all_steps()), [1])
       _, params = checkpoint.load_for_inference(workdir)
       self.assertTrue(all(np.isfinite(np.asarray(x)).all()
