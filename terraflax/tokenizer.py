@@ -429,3 +429,51 @@ def _train_bpe(files, vocab_size, out):
   tmp = out + '.tmp'
   tok.save(tmp)
   os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+
+def _parse_command(argv: list[str]) -> list[str]:
+  """Parses the flags; the one positional argument must be the command `train`."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  rest = flags.FLAGS(argv)
+  if rest[1:] != ['train']:
+    raise TokenizerError(f'expected the command `train`, got {" ".join(rest[1:]) or "none"} '
+                         '(python -m terraflax.tokenizer train --input=PATH --vocab_size=N '
+                         '--kind=spm|bpe --out=FILE).')
+  return rest[:1]
+
+
+def main(argv):
+  """`python -m terraflax.tokenizer train --input=... --vocab_size=N --kind=spm|bpe --out=F`."""
+  del argv  # The command `train` was checked by _parse_command.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  tok = train(f.input, vocab_size=f.vocab_size, kind=f.kind, out=f.out,
+              spm_model_type=f.spm_model_type, byte_fallback=f.byte_fallback)
+  print(f'Wrote {tok.path}: {tok.kind} tokenizer, {tok.vocab_size} ids (pad {tok.pad_id}, '
+        f'end of document {tok.eos_id}); use it with --config.data.tokenizer={tok.path}',
+        flush=True)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_multi_string('input', None, 'Training text: files, directories (read '
+                            'recursively) or globs; repeat the flag for more.')
+  flags.DEFINE_integer('vocab_size', None, 'Number of ids, the reserved pad/eos(/unk) included.',
+                       lower_bound=1)
+  flags.DEFINE_enum('kind', 'spm', list(KINDS), 'spm: a SentencePiece model file; bpe: an HF '
+                    'byte-level BPE tokenizer.json.')
+  flags.DEFINE_string('out', None, 'The tokenizer file to write.')
+  flags.DEFINE_enum('spm_model_type', 'unigram', list(SPM_MODEL_TYPES),
+                    'SentencePiece algorithm (--kind=spm).')
+  flags.DEFINE_bool('byte_fallback', None, 'SentencePiece byte fallback (every text round-trips; '
+                    f'256 pieces); default on when --vocab_size >= {SPM_BYTE_FALLBACK_MIN_VOCAB}.')
+  flags.mark_flags_as_required(['input', 'vocab_size', 'out'])
+
+
+if __name__ == '__main__':
+  from terraflax import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  cli.run(main, name='terraflax.tokenizer', flags_parser=_parse_command)
