@@ -95,15 +95,16 @@ class Tokenizer:
   """Text <-> ids. Build with `load(spec)` / `from_workdir(workdir)`, not directly.
 
   Fields: kind ('bytes' | 'spm' | 'hf'), path (the file; None for bytes),
-  vocab_size, eos_id (end of document), pad_id (0).
+  vocab_size, eos_id (end of document), pad_id (0), special_ids (the ids
+  decode drops: pad and eos, and a file's control/special pieces).
   """
   kind: str
   path: str | None
   vocab_size: int
   eos_id: int
   pad_id: int
+  special_ids: frozenset = dataclasses.field(repr=False)  # dropped by decode (pad, eos, ...)
   _impl: Any = dataclasses.field(repr=False)
-  _special: frozenset = dataclasses.field(repr=False)
 
   def encode(self, text: str) -> list[int]:
     """str -> list of ids, each in [0, vocab_size). No eos is appended."""
@@ -127,7 +128,7 @@ class Tokenizer:
     replaced by U+FFFD (never raises).
     """
     kept = [int(i) for i in ids]
-    kept = [i for i in kept if 0 <= i < self.vocab_size and i not in self._special]
+    kept = [i for i in kept if 0 <= i < self.vocab_size and i not in self.special_ids]
     if self.kind == BYTES:
       return bytes(kept).decode('utf-8', errors='replace')
     if self.kind == 'spm':
@@ -171,7 +172,7 @@ class Tokenizer:
 
 def _bytes() -> Tokenizer:
   return Tokenizer(kind=BYTES, path=None, vocab_size=BYTES_VOCAB_SIZE, eos_id=BYTES_EOS_ID,
-                   pad_id=PAD_ID, _impl=None, _special=frozenset({PAD_ID, BYTES_EOS_ID}))
+                   pad_id=PAD_ID, _impl=None, special_ids=frozenset({PAD_ID, BYTES_EOS_ID}))
 
 
 def _detect(path: str) -> str:
@@ -212,7 +213,7 @@ def _load_spm(path: str) -> Tokenizer:
                            '(python -m terraflax.tokenizer train reserves id 1).')
   special = {i for i in range(n) if processor.IsControl(i)} | {eos}
   return Tokenizer(kind='spm', path=path, vocab_size=n, eos_id=eos, pad_id=PAD_ID,
-                   _impl=processor, _special=frozenset(special))
+                   _impl=processor, special_ids=frozenset(special))
 
 
 def _load_hf(path: str) -> Tokenizer:
@@ -237,7 +238,7 @@ def _load_hf(path: str) -> Tokenizer:
                          f'{", ".join(_HF_EOS_PIECES)}).')
   special = {i for i, t in impl.get_added_tokens_decoder().items() if t.special} | {eos}
   return Tokenizer(kind='hf', path=path, vocab_size=impl.get_vocab_size(with_added_tokens=True),
-                   eos_id=eos, pad_id=PAD_ID, _impl=impl, _special=frozenset(special))
+                   eos_id=eos, pad_id=PAD_ID, _impl=impl, special_ids=frozenset(special))
 
 
 def load(spec: str) -> Tokenizer:
