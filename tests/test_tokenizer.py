@@ -11,6 +11,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import sentencepiece
 import tokenizers
@@ -206,6 +207,28 @@ class WorkdirTest(TrainedTokenizers):
     with self.assertRaisesRegex(TokenizerError, 'holds both .*tokenizer.model and '
                                                 '.*tokenizer.json'):
       tokenizer_lib.from_workdir(workdir)
+
+
+class WorkdirTokenizerTest(TrainedTokenizers):
+  """decoding.workdir_tokenizer: how decoding and export read a workdir's prompts."""
+
+  def test_stored_file_then_bytes_then_ids(self):
+    def config(name, vocab_size=512, **data):
+      return ml_collections.ConfigDict({'data': dict(name=name, **data),
+                                        'model': {'vocab_size': vocab_size}})
+    empty = tempfile.mkdtemp(dir=self.tmp)
+    self.assertEqual(decoding.workdir_tokenizer(empty, config('bytes')).kind, 'bytes')
+    self.assertIsNone(decoding.workdir_tokenizer(empty, config('copy')))
+    self.assertEqual(decoding.workdir_tokenizer(empty, config('text', tokenizer='bytes')).kind,
+                     'bytes')
+    self.assertIsNone(decoding.workdir_tokenizer(empty, config('copy', tokenizer='bytes')))
+    stored = tempfile.mkdtemp(dir=self.tmp)
+    self.spm.save_to(stored)
+    for name in ('bytes', 'copy', 'text'):
+      self.assertEqual(decoding.workdir_tokenizer(stored, config(name)).path,
+                       os.path.join(stored, 'tokenizer.model'))
+    with self.assertRaisesRegex(TokenizerError, r'model.vocab_size=256 is smaller .*\(400 ids\)'):
+      decoding.workdir_tokenizer(stored, config('text', vocab_size=256))
 
 
 class TrainErrorTest(TrainedTokenizers):
