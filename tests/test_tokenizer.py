@@ -74,6 +74,8 @@ class RoundTripTest(TrainedTokenizers):
       self.assertTrue(all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids))
       self.assertNotIn(tok.eos_id, ids)
       self.assertEqual(tok.decode(ids), text)
+    texts = [MIXED, '', 'river', MIXED[::-1]]
+    self.assertEqual(tok.encode_batch(texts), [tok.encode(t) for t in texts])
 
   def test_bytes_is_utf8(self):
     tok = tokenizer_lib.load('bytes')
@@ -96,6 +98,8 @@ class RoundTripTest(TrainedTokenizers):
         tok.encode('a\ud800b')
       with self.assertRaisesRegex(TokenizerError, 'takes a str'):
         tok.encode(b'bytes')
+      with self.assertRaisesRegex(TokenizerError, 'not valid Unicode'):
+        tok.encode_batch(['fine', 'a\udfffb'])
 
   def test_trained_files_reserve_pad_and_eos(self):
     processor = sentencepiece.SentencePieceProcessor(model_file=self.spm.path)
