@@ -46,7 +46,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Any, Iterable, Sequence
 
