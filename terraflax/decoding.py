@@ -409,9 +409,6 @@ def check_length(prompt_len: int, max_new_tokens: int, max_len: int | None) -> N
 # ----------------------------------------------------------------------------
 # Text in, text out: the trainer's end-of-training sample and the command line.
 
-TEXT_DATA = 'text'  # terraflax.data's real-text source: its ids come from data.tokenizer.
-
-
 def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool = False,
                   tokenizer: tokenizer_lib.Tokenizer | None = None, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
@@ -452,13 +449,13 @@ def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer | None:
 
   A stored `WORKDIR/tokenizer.model|json` wins (its vocabulary must fit
   config.model.vocab_size); a byte-level data set (`data.name` in
-  BYTE_LEVEL, or real text, data.name='text', with data.tokenizer='bytes')
-  reads UTF-8 bytes; any other model reads token ids.
+  BYTE_LEVEL) reads UTF-8 bytes; any other model reads token ids.
   """
   tokenizer = tokenizer_lib.from_workdir(workdir)
-  name = config.data.get('name')
-  byte_text = name == TEXT_DATA and config.data.get('tokenizer', tokenizer_lib.BYTES) == 'bytes'
-  if tokenizer.kind == tokenizer_lib.BYTES and name not in spec_lib.BYTE_LEVEL and not byte_text:
+  text_bytes = (config.data.get('name') == 'text'  # Real text read with the 'bytes' tokenizer.
+                and config.data.get('tokenizer', tokenizer_lib.BYTES) == tokenizer_lib.BYTES)
+  if (tokenizer.kind == tokenizer_lib.BYTES and config.data.get('name') not in spec_lib.BYTE_LEVEL
+      and not text_bytes):
     return None
   vocab_size = config.model.get('vocab_size')
   if tokenizer.kind != tokenizer_lib.BYTES and isinstance(vocab_size, int):
