@@ -91,6 +91,10 @@ class RoundTripTest(TrainedTokenizers):
     for t in (self.spm, self.bpe):
       ids = t.encode('river')
       self.assertEqual(t.decode([t.pad_id] + ids + [t.eos_id, t.vocab_size + 5]), 'river')
+      # Half of a character's UTF-8 bytes (byte pieces) decodes to U+FFFD, not an error.
+      ids = t.encode('ꙮ')[-3:]  # Not in the corpus: 3 byte pieces (spm: after its '▁').
+      self.assertEqual(t.decode(ids), 'ꙮ')
+      self.assertRegex(t.decode(ids[:2]), '^\ufffd+$')  # spm: one per byte, hf: one.
 
   def test_encode_rejects_non_unicode(self):
     for tok in (tokenizer_lib.load('bytes'), self.spm, self.bpe):
