@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import kernels
+from terraflax.kernels.spmd import Partitioned
 
 FORWARD = 'TerraflaxFfForward'
 FORWARD_HIDDEN = 'TerraflaxFfForwardHidden'
@@ -43,9 +44,23 @@ def _shape(rows, width):
   return jax.ShapeDtypeStruct((rows, width), jnp.float32)
 
 
+# Layouts for `Partitioned`: rows split like the batch, weights whole on every device (a
+# weight sharded over 'model' is gathered first); the weight gradients are summed over rows.
+WEIGHTS = ('..', '.', '..', '.')
+FORWARD_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.',))
+FORWARD_HIDDEN_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.', 'b.'))
+
+
+def _backward_layout(save_hidden: bool):
+  hidden = 'b.' if save_hidden else '..'  # without it, a (1, 1) placeholder
+  return dict(operands=('b.', hidden, '..', '.', '..', 'b.'), results=('b.', *WEIGHTS))
+
+
 def _forward(x, w1, b1, w2, b2, activation: str):
-  return jax.ffi.ffi_call(FORWARD, _shape(x.shape[0], w2.shape[1]), vmap_method='sequential')(
-      x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+  def call(x, w1, b1, w2, b2):
+    return jax.ffi.ffi_call(FORWARD, _shape(x.shape[0], w2.shape[1]), vmap_method='sequential')(
+        x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+  return Partitioned(call, **FORWARD_LAYOUT)(x, w1, b1, w2, b2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -56,9 +71,12 @@ def _feed_forward(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
 
 def _feed_forward_fwd(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
   if save_hidden:
-    y, hidden = jax.ffi.ffi_call(
-        FORWARD_HIDDEN, (_shape(x.shape[0], w2.shape[1]), _shape(x.shape[0], w1.shape[1])),
-        vmap_method='sequential')(x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+    def call(x, w1, b1, w2, b2):
+      return jax.ffi.ffi_call(
+          FORWARD_HIDDEN, (_shape(x.shape[0], w2.shape[1]), _shape(x.shape[0], w1.shape[1])),
+          vmap_method='sequential')(x, w1, b1, w2, b2,
+                                    activation=np.int64(ACTIVATIONS[activation]))
+    y, hidden = Partitioned(call, **FORWARD_HIDDEN_LAYOUT)(x, w1, b1, w2, b2)
   else:
     y = _forward(x, w1, b1, w2, b2, activation)
     hidden = jnp.zeros((1, 1), jnp.float32)  # unused: the backward pass recomputes it
@@ -67,11 +85,15 @@ def _feed_forward_fwd(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
 
 def _feed_forward_bwd(activation: str, save_hidden: bool, residuals, d_y):
   x, hidden, w1, b1, w2 = residuals
-  shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w1, b1, w2)]
-  shapes.append(jax.ShapeDtypeStruct((w2.shape[1],), jnp.float32))
-  return tuple(jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')(
-      x, hidden, w1, b1, w2, d_y.astype(jnp.float32),
-      activation=np.int64(ACTIVATIONS[activation]), recompute=not save_hidden))
+
+  def call(x, hidden, w1, b1, w2, d_y):
+    shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w1, b1, w2)]
+    shapes.append(jax.ShapeDtypeStruct((w2.shape[1],), jnp.float32))
+    return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')(
+        x, hidden, w1, b1, w2, d_y, activation=np.int64(ACTIVATIONS[activation]),
+        recompute=not save_hidden)
+  return tuple(Partitioned(call, **_backward_layout(save_hidden))(
+      x, hidden, w1, b1, w2, d_y.astype(jnp.float32)))
 
 
 _feed_forward.defvjp(_feed_forward_fwd, _feed_forward_bwd)
