@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import kernels
-from terraflax.kernels.spmd import Partitioned
+from terraflax.kernels.spmd import partitioned
 
 FORWARD = 'TerraflaxFfForward'
 FORWARD_HIDDEN = 'TerraflaxFfForwardHidden'
@@ -44,7 +44,7 @@ def _shape(rows, width):
   return jax.ShapeDtypeStruct((rows, width), jnp.float32)
 
 
-# Layouts for `Partitioned`: rows split like the batch, weights whole on every device (a
+# Layouts for `partitioned`: rows split like the batch, weights whole on every device (a
 # weight sharded over 'model' is gathered first); the weight gradients are summed over rows.
 WEIGHTS = ('..', '.', '..', '.')
 FORWARD_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.',))
@@ -60,7 +60,7 @@ def _forward(x, w1, b1, w2, b2, activation: str):
   def call(x, w1, b1, w2, b2):
     return jax.ffi.ffi_call(FORWARD, _shape(x.shape[0], w2.shape[1]), vmap_method='sequential')(
         x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
-  return Partitioned(call, **FORWARD_LAYOUT)(x, w1, b1, w2, b2)
+  return partitioned(call, **FORWARD_LAYOUT)(x, w1, b1, w2, b2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -76,7 +76,7 @@ def _feed_forward_fwd(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
           FORWARD_HIDDEN, (_shape(x.shape[0], w2.shape[1]), _shape(x.shape[0], w1.shape[1])),
           vmap_method='sequential')(x, w1, b1, w2, b2,
                                     activation=np.int64(ACTIVATIONS[activation]))
-    y, hidden = Partitioned(call, **FORWARD_HIDDEN_LAYOUT)(x, w1, b1, w2, b2)
+    y, hidden = partitioned(call, **FORWARD_HIDDEN_LAYOUT)(x, w1, b1, w2, b2)
   else:
     y = _forward(x, w1, b1, w2, b2, activation)
     hidden = jnp.zeros((1, 1), jnp.float32)  # unused: the backward pass recomputes it
@@ -92,7 +92,7 @@ def _feed_forward_bwd(activation: str, save_hidden: bool, residuals, d_y):
     return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')(
         x, hidden, w1, b1, w2, d_y, activation=np.int64(ACTIVATIONS[activation]),
         recompute=not save_hidden)
-  return tuple(Partitioned(call, **_backward_layout(save_hidden))(
+  return tuple(partitioned(call, **_backward_layout(save_hidden))(
       x, hidden, w1, b1, w2, d_y.astype(jnp.float32)))
 
 

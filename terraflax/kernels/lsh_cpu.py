@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import kernels
-from terraflax.kernels.spmd import Partitioned
+from terraflax.kernels.spmd import partitioned
 
 FORWARD = 'TerraflaxLshForward'
 BACKWARD = 'TerraflaxLshBackward'
@@ -64,7 +64,7 @@ def available() -> bool:
   return kernels.load('lsh_cpu', (FORWARD, BACKWARD))
 
 
-# Layouts for `Partitioned` (split over batch and heads): qv and the output (b, L, h, w),
+# Layouts for `partitioned` (split over batch and heads): qv and the output (b, L, h, w),
 # perm and the log-normalisers (b, h, n, L).
 QV, PERM = 'b.h.', 'bh..'
 
@@ -76,7 +76,7 @@ def _forward(qv, perm, spec: Spec):
               jax.ShapeDtypeStruct((b, h, 2, big_l), jnp.float32))
     return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='sequential')(
         qv, perm, **spec.attributes())
-  return Partitioned(call, operands=(QV, PERM), results=(QV, PERM))(qv, perm)
+  return partitioned(call, operands=(QV, PERM), results=(QV, PERM))(qv, perm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -96,7 +96,7 @@ def _attend_bwd(spec: Spec, residuals, d_out):
     return jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qv.shape, jnp.float32),
                             vmap_method='sequential')(qv, perm, out, log_norm, d_out,
                                                       **spec.attributes())
-  d_qv = Partitioned(call, operands=(QV, PERM, QV, PERM, QV), results=(QV,))(
+  d_qv = partitioned(call, operands=(QV, PERM, QV, PERM, QV), results=(QV,))(
       qv, perm, out, log_norm, d_out.astype(jnp.float32))
   return d_qv, None
 

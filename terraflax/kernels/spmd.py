@@ -1,7 +1,7 @@
 """Native custom calls split over batch (and heads) under a device mesh.
 
 XLA has no partitioning rule for a custom call, so without help every
-device would gather the whole batch and run the whole kernel. `Partitioned`
+device would gather the whole batch and run the whole kernel. `partitioned`
 wraps a kernel call with `jax.experimental.custom_partitioning`: the call's
 operands and results are described by layouts, one letter per dimension,
 
@@ -97,7 +97,7 @@ def _spec(layout: str, axes: dict[str, tuple[str, ...]]) -> PartitionSpec:
   return PartitionSpec(*[(axes[l] or None) if l in SPLIT else None for l in layout])
 
 
-def Partitioned(call: Callable, *, operands: Sequence[str], results: Sequence[str]):  # pylint: disable=invalid-name
+def partitioned(call: Callable, *, operands: Sequence[str], results: Sequence[str]):
   """`call` (arrays -> array or tuple of arrays) made to run per shard under a mesh.
 
   `operands`, `results`: one layout per array (see the module docstring);

@@ -1,0 +1,153 @@
+"""Runs the native kernels sharded over 8 forced CPU devices; prints one JSON report.
+
+Run by tests/kernels/test_spmd.py in a subprocess (XLA_FLAGS must force 8
+host devices before JAX starts). For every case: the largest relative
+difference between the sharded and the single-device outputs and gradients,
+each native custom call's operand shapes in the compiled HLO, and the shapes
+of every all-gather in it.
+"""
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import terraflax.models as tm
+from terraflax.layers.feedforward import FeedForward
+from terraflax.layers.lsh_attention import LSHSelfAttention
+from terraflax.models.attention import LSH
+
+TARGETS = ('TerraflaxLshForward', 'TerraflaxLshBackward', 'TerraflaxFfForward',
+           'TerraflaxFfForwardHidden', 'TerraflaxFfBackward')
+SHAPE = re.compile(r'\b[a-z]+\d*\[([\d,]*)\]')
+
+
+def shapes_in(text):
+  return [[int(n) for n in dims.split(',') if n] for dims in SHAPE.findall(text)]
+
+
+def hlo_report(hlo: str) -> dict:
+  """Operand shapes of each native custom call, and the result shapes of all-gathers."""
+  calls, gathers = [], []
+  for line in hlo.splitlines():
+    target = re.search(r'custom_call_target="(\w+)"', line)
+    if target and target.group(1) in TARGETS:
+      operands = re.search(r'operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}', line)
+      calls.append({'target': target.group(1), 'operands': shapes_in(operands.group(1))})
+    gather = re.match(r'\s*(?:ROOT )?%\S+ = (.*?) all-gather(?:-start)?\(', line)
+    if gather:
+      gathers.append(shapes_in(gather.group(1)))
+  return {'calls': calls, 'all_gathers': gathers}
+
+
+def relative_error(got, want) -> float:
+  """The largest max |got - want| / max |want| over the leaves of (outputs, gradients).
+
+  `got`, `want`: ((loss, outputs), gradients); the loss itself, a sum with
+  cancellation, is left out: its rounding depends on the order of the sum.
+  """
+  (_, got_out), got_grads = got
+  (_, want_out), want_grads = want
+  got, want = (got_out, got_grads), (want_out, want_grads)
+  worst = 0.0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)))
+  return worst
+
+
+def compare(name, loss, params, x, mesh, x_spec, param_specs) -> dict:
+  """`value_and_grad(loss)` on one device and with x and params sharded over `mesh`."""
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  single = step(params, x)
+  sharded_x = jax.device_put(x, NamedSharding(mesh, x_spec))
+  sharded_params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
+                                params, param_specs)
+  got = step(sharded_params, sharded_x)
+  report = hlo_report(step.lower(sharded_params, sharded_x).compile().as_text())
+  return dict(name=name, error=relative_error(got, single), **report)
+
+
+def mesh_of(shape, names):
+  return Mesh(np.array(jax.devices()).reshape(shape), names)
+
+
+def feed_forward_cases():
+  b, l, d, f = 16, 6, 16, 32  # 96 rows: 12 per device over 8, 24 over 4
+  layer = FeedForward(d_model=d, d_ff=f, kernel='cpu', mode='eval')
+  x = jax.random.normal(jax.random.key(0), (b, l, d))
+  params = layer.init(jax.random.key(1), x)
+  cotangent = jax.random.normal(jax.random.key(2), (b, l, d))
+
+  def loss(params, x):
+    y = layer.apply(params, x)
+    return jnp.sum(y * cotangent), y
+
+  replicated = jax.tree.map(lambda _: P(), params)
+  yield compare('ff_data8', loss, params, x, mesh_of((8,), ('data',)), P('data'), replicated)
+  # fsdp x tensor parallel: embed over 'fsdp', the hidden (mlp) width over 'model'.
+  specs = {'params': {'Dense_1': {'kernel': P('fsdp', 'model'), 'bias': P('model')},
+                      'Dense_4': {'kernel': P('model', 'fsdp'), 'bias': P('fsdp')},
+                      'LayerNorm_0': {'scale': P('fsdp'), 'bias': P('fsdp')}}}
+  yield compare('ff_fsdp_tp', loss, params, x, mesh_of((2, 2, 2), ('data', 'fsdp', 'model')),
+                P(('data', 'fsdp')), specs)
+
+
+def lsh_cases():
+  b, l, d, h = 8, 64, 32, 2
+  layer = LSHSelfAttention(n_heads=h, d_qk=16, d_v=16, n_hashes=2, n_buckets=4, chunk_len=16,
+                           causal=True, kernel='cpu', mode='eval')
+  x = jax.random.normal(jax.random.key(3), (b, l, d))
+  params = layer.init({'params': jax.random.key(4), 'hash': jax.random.key(5)}, x)
+  cotangent = jax.random.normal(jax.random.key(6), (b, l, d))
+
+  def loss(params, x):
+    y = layer.apply(params, x, rngs={'hash': jax.random.key(7)})
+    return jnp.sum(y * cotangent), y
+
+  replicated = jax.tree.map(lambda _: P(), params)
+  yield compare('lsh_data8', loss, params, x, mesh_of((8,), ('data',)), P('data'), replicated)
+  by_heads = {'params': {'qk': P(None, 'model'), 'value': P(None, 'model'),
+                         'output': P('model')}}
+  yield compare('lsh_heads', loss, params, x, mesh_of((4, 2), ('data', 'model')), P('data'),
+                by_heads)
+
+
+def reformer_case():
+  """A tiny ReformerLM: both kernels traced inside the scanned reversible stack."""
+  model = tm.ReformerLM(vocab_size=32, d_model=32, d_ff=32, n_layers=2, n_heads=2, d_qk=16,
+                        d_v=16, max_len=64, dropout=0.0, mode='train',
+                        attention=LSH(n_hashes=2, chunk_len=16, n_buckets=4))
+  tokens = jax.random.randint(jax.random.key(8), (8, 64), 1, 32)
+  rngs = {'dropout': jax.random.key(9), 'hash': jax.random.key(10)}
+  params = model.init({'params': jax.random.key(11), **rngs}, tokens)
+
+  def loss(params, tokens):
+    logits = model.apply(params, tokens, rngs=rngs)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  def step_loss(params, x):  # gradients wrt the parameters only (tokens are ints)
+    return loss(params, x)
+
+  step = jax.jit(jax.value_and_grad(step_loss, has_aux=True))
+  mesh = mesh_of((8,), ('data',))
+  single = step(params, tokens)
+  sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P('data')))
+  sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
+  got = step(sharded_params, sharded_tokens)
+  report = hlo_report(step.lower(sharded_params, sharded_tokens).compile().as_text())
+  return dict(name='reformer_data8', error=relative_error(got, single), **report)
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  cases = [*feed_forward_cases(), *lsh_cases(), reformer_case()]
+  json.dump({case['name']: case for case in cases}, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()
