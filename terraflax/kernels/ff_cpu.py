@@ -44,16 +44,20 @@ def _shape(rows, width):
   return jax.ShapeDtypeStruct((rows, width), jnp.float32)
 
 
-# Layouts for `partitioned`: rows split like the batch, weights whole on every device (a
-# weight sharded over 'model' is gathered first); the weight gradients are summed over rows.
-WEIGHTS = ('..', '.', '..', '.')
-FORWARD_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.',))
-FORWARD_HIDDEN_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.', 'b.'))
+# Layouts for `partitioned`: rows split like the batch; the hidden width d_ff split like the
+# weights' (tensor parallel over 'model'), with the output summed over its shards and b2
+# added on the first; any other weight sharding (fsdp) is gathered before the call. The
+# weight gradients are summed over the rows' shards; db2 is whole on every hidden shard.
+WEIGHTS = ('.f', 'f', 'f.', '.')
+SPLITS = dict(once=(4,), multiple_of={'f': kernels.LANES})
+FORWARD_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.',), **SPLITS)
+FORWARD_HIDDEN_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.', 'bf'), **SPLITS)
 
 
 def _backward_layout(save_hidden: bool):
-  hidden = 'b.' if save_hidden else '..'  # without it, a (1, 1) placeholder
-  return dict(operands=('b.', hidden, '..', '.', '..', 'b.'), results=('b.', *WEIGHTS))
+  hidden = 'bf' if save_hidden else '..'  # without it, a (1, 1) placeholder
+  return dict(operands=('b.', hidden, '.f', 'f', 'f.', 'b.'), results=('b.', *WEIGHTS),
+              same_over={4: 'f'}, multiple_of={'f': kernels.LANES})
 
 
 def _forward(x, w1, b1, w2, b2, activation: str):

@@ -72,29 +72,45 @@ def compare(name, loss, params, x, mesh, x_spec, param_specs) -> dict:
   return dict(name=name, error=relative_error(got, single), **report)
 
 
+def noisy(params, scale=0.3):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(12), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
+                                   for p, k in zip(leaves, keys)])
+
+
 def mesh_of(shape, names):
   return Mesh(np.array(jax.devices()).reshape(shape), names)
 
 
-def feed_forward_cases():
-  b, l, d, f = 16, 6, 16, 32  # 96 rows: 12 per device over 8, 24 over 4
-  layer = FeedForward(d_model=d, d_ff=f, kernel='cpu', mode='eval')
+def feed_forward_case(name, mesh, x_spec, *, d_ff, weight_specs):
+  b, l, d = 16, 6, 16  # 96 rows: 12 per device over 8, 24 over 4
+  layer = FeedForward(d_model=d, d_ff=d_ff, kernel='cpu', mode='eval')
   x = jax.random.normal(jax.random.key(0), (b, l, d))
-  params = layer.init(jax.random.key(1), x)
+  params = noisy(layer.init(jax.random.key(1), x))  # nonzero biases: b2 must be added once
   cotangent = jax.random.normal(jax.random.key(2), (b, l, d))
 
   def loss(params, x):
     y = layer.apply(params, x)
     return jnp.sum(y * cotangent), y
 
-  replicated = jax.tree.map(lambda _: P(), params)
-  yield compare('ff_data8', loss, params, x, mesh_of((8,), ('data',)), P('data'), replicated)
+  first, second, norm = weight_specs
+  specs = {'params': {'Dense_1': {'kernel': first, 'bias': P(first[1])},
+                      'Dense_4': {'kernel': second, 'bias': P(second[1])},
+                      'LayerNorm_0': {'scale': norm, 'bias': norm}}}
+  return compare(name, loss, params, x, mesh, x_spec, specs)
+
+
+def feed_forward_cases():
+  yield feed_forward_case('ff_data8', mesh_of((8,), ('data',)), P('data'), d_ff=32,
+                          weight_specs=(P(None, None), P(None, None), P()))
   # fsdp x tensor parallel: embed over 'fsdp', the hidden (mlp) width over 'model'.
-  specs = {'params': {'Dense_1': {'kernel': P('fsdp', 'model'), 'bias': P('model')},
-                      'Dense_4': {'kernel': P('model', 'fsdp'), 'bias': P('fsdp')},
-                      'LayerNorm_0': {'scale': P('fsdp'), 'bias': P('fsdp')}}}
-  yield compare('ff_fsdp_tp', loss, params, x, mesh_of((2, 2, 2), ('data', 'fsdp', 'model')),
-                P(('data', 'fsdp')), specs)
+  yield feed_forward_case('ff_fsdp_tp', mesh_of((2, 2, 2), ('data', 'fsdp', 'model')),
+                          P(('data', 'fsdp')), d_ff=32,
+                          weight_specs=(P('fsdp', 'model'), P('model', 'fsdp'), P('fsdp')))
+  # d_ff 48 over 2: shards of 24 are no multiple of 16, so the weights are gathered.
+  yield feed_forward_case('ff_tp_gathered', mesh_of((4, 2), ('data', 'model')), P('data'),
+                          d_ff=48, weight_specs=(P(None, 'model'), P('model', None), P()))
 
 
 def lsh_cases():

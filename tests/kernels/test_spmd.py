@@ -66,11 +66,24 @@ class ShardedKernelTest(absltest.TestCase):
     self.assertEqual(case['all_gathers'], [])
 
   def test_feed_forward_fsdp_and_tensor_parallel(self):
-    # batch over ('data', 'fsdp') = 4 ways: 24 rows per device; the weights (embed over
-    # 'fsdp', hidden over 'model') are gathered before the call, never the rows.
+    # batch over ('data', 'fsdp') = 4 ways: 24 rows per device; the hidden width over 'model'
+    # (d_ff 32: 16 per device, the output summed over 'model'); the weights' embed axis,
+    # over 'fsdp', is gathered before the call, never the rows.
     case = self.check('ff_fsdp_tp', leading={'TerraflaxFfForwardHidden': (24, 16),
                                              'TerraflaxFfBackward': (24, 16)}, full={96, 48})
-    self.assertNotEqual(case['all_gathers'], [])  # the weights are gathered
+    for call in case['calls']:
+      w1, b1, w2 = call['operands'][-4:-1] if 'Backward' in call['target'] else (
+          call['operands'][1:4])
+      self.assertEqual((w1, b1, w2), ([16, 16], [16], [16, 16]), call)
+    self.assertNotEqual(case['all_gathers'], [])  # the embed axis of the weights
+
+  def test_feed_forward_hidden_too_narrow_to_split(self):
+    # d_ff 48 over 'model' = 2 would give shards of 24, no multiple of kernels.LANES: the
+    # weights are gathered and the hidden width stays whole; the rows are still split.
+    case = self.check('ff_tp_gathered', leading={'TerraflaxFfForwardHidden': (24, 16),
+                                                 'TerraflaxFfBackward': (24, 16)}, full={96})
+    for call in case['calls']:
+      self.assertIn([16, 48], call['operands'], call)
 
   def test_lsh_over_8_devices(self):
     case = self.check('lsh_data8', leading={'TerraflaxLshForward': (1, 64, 2),
