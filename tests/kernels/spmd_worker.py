@@ -133,35 +133,46 @@ def lsh_cases():
                 by_heads)
 
 
-def reformer_case():
+def tensor_parallel_spec(path, leaf) -> P:
+  """A stacked ReformerLM parameter's sharding: heads and the feed-forward hidden over 'model'."""
+  names = [getattr(k, 'key', '') for k in path]
+  if 'LSHSelfAttention_1' in names:  # (layers, d, h, k) and (layers, h, dv, d)
+    return P(None, 'model') if names[-1] == 'output' else P(None, None, 'model')
+  if 'Dense_1' in names:  # (layers, d, d_ff), (layers, d_ff)
+    return P(None, None, 'model') if leaf.ndim == 3 else P(None, 'model')
+  if 'Dense_4' in names and leaf.ndim == 3:  # (layers, d_ff, d)
+    return P(None, 'model')
+  return P()
+
+
+def reformer_cases():
   """A tiny ReformerLM: both kernels traced inside the scanned reversible stack."""
   model = tm.ReformerLM(vocab_size=32, d_model=32, d_ff=32, n_layers=2, n_heads=2, d_qk=16,
                         d_v=16, max_len=64, dropout=0.0, mode='train',
                         attention=LSH(n_hashes=2, chunk_len=16, n_buckets=4))
   tokens = jax.random.randint(jax.random.key(8), (8, 64), 1, 32)
   rngs = {'dropout': jax.random.key(9), 'hash': jax.random.key(10)}
-  params = model.init({'params': jax.random.key(11), **rngs}, tokens)
-
-  def loss(params, tokens):
-    logits = model.apply(params, tokens, rngs=rngs)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-
-  def step_loss(params, x):  # gradients wrt the parameters only (tokens are ints)
-    return loss(params, x)
-
-  step = jax.jit(jax.value_and_grad(step_loss, has_aux=True))
-  mesh = mesh_of((8,), ('data',))
+  params = noisy(model.init({'params': jax.random.key(11), **rngs}, tokens), 0.1)
+  step = jax.jit(jax.value_and_grad(
+      lambda params, tokens: (lambda logits: (jnp.mean(jax.nn.log_softmax(logits)[..., 0]),
+                                              logits))(model.apply(params, tokens, rngs=rngs)),
+      has_aux=True))
   single = step(params, tokens)
-  sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P('data')))
-  sharded_params = jax.device_put(params, NamedSharding(mesh, P()))
-  got = step(sharded_params, sharded_tokens)
-  report = hlo_report(step.lower(sharded_params, sharded_tokens).compile().as_text())
-  return dict(name='reformer_data8', error=relative_error(got, single), **report)
+  for name, mesh, specs in [
+      ('reformer_data8', mesh_of((8,), ('data',)), jax.tree.map(lambda _: P(), params)),
+      ('reformer_tp', mesh_of((4, 2), ('data', 'model')),
+       jax.tree_util.tree_map_with_path(tensor_parallel_spec, params))]:
+    sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P('data')))
+    sharded_params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
+                                  params, specs)
+    got = step(sharded_params, sharded_tokens)
+    report = hlo_report(step.lower(sharded_params, sharded_tokens).compile().as_text())
+    yield dict(name=name, error=relative_error(got, single), **report)
 
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  cases = [*feed_forward_cases(), *lsh_cases(), reformer_case()]
+  cases = [*feed_forward_cases(), *lsh_cases(), *reformer_cases()]
   json.dump({case['name']: case for case in cases}, sys.stdout)
 
 

@@ -2,13 +2,13 @@
 
 tests/kernels/spmd_worker.py runs in a subprocess with 8 forced CPU devices
 and reports, for the feed-forward and LSH layers (kernel='cpu') and a tiny
-ReformerLM (both kernels inside its scanned reversible stack): the largest
-relative difference between the sharded and the single-device outputs and
-gradients, each native custom call's operand shapes in the compiled HLO,
-and every all-gather's shape. The reference is the same computation on one
-device (the kernels themselves are checked against float64 in the other
-files here).
-"""
+ReformerLM (both kernels inside its scanned reversible stack, over the batch
+alone and with heads and d_ff over a 'model' axis): the largest relative
+difference between the sharded and the single-device outputs and gradients,
+each native custom call's operand shapes in the compiled HLO, and every
+all-gather's shape. The reference is the same computation on one device
+(the kernels themselves are checked against float64 in the other files
+here)."""
 
 import functools
 import json
@@ -103,6 +103,18 @@ class ShardedKernelTest(absltest.TestCase):
         'TerraflaxLshForward': (1, 64), 'TerraflaxLshBackward': (1, 64),
         'TerraflaxFfForward': (64, 32), 'TerraflaxFfForwardHidden': (64, 32),
         'TerraflaxFfBackward': (64, 32)}, full={8, 512})
+    self.assertEqual(case['all_gathers'], [])
+
+  def test_reformer_lm_tensor_parallel(self):
+    # A (4, 2) mesh, the stacked heads and d_ff over 'model': 2 examples, 1 of the 2 heads and
+    # 16 of the 32 hidden units per device, inside the scan; nothing is gathered.
+    case = self.check('reformer_tp', leading={
+        'TerraflaxLshForward': (2, 64, 1), 'TerraflaxLshBackward': (2, 64, 1),
+        'TerraflaxFfForward': (128, 32), 'TerraflaxFfForwardHidden': (128, 32),
+        'TerraflaxFfBackward': (128, 32)}, full={8, 512})
+    for call in case['calls']:
+      if call['target'].startswith('TerraflaxFf'):
+        self.assertIn([32, 16], call['operands'], call)  # w1's hidden shard
     self.assertEqual(case['all_gathers'], [])
 
 
