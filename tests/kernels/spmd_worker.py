@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import terraflax.models as tm
+from terraflax.kernels import spmd
 from terraflax.layers.feedforward import FeedForward
 from terraflax.layers.lsh_attention import LSHSelfAttention
 from terraflax.models.attention import LSH
@@ -83,9 +84,9 @@ def mesh_of(shape, names):
   return Mesh(np.array(jax.devices()).reshape(shape), names)
 
 
-def feed_forward_case(name, mesh, x_spec, *, d_ff, weight_specs):
+def feed_forward_case(name, mesh, x_spec, *, d_ff, weight_specs, chunk_len=None):
   b, l, d = 16, 6, 16  # 96 rows: 12 per device over 8, 24 over 4
-  layer = FeedForward(d_model=d, d_ff=d_ff, kernel='cpu', mode='eval')
+  layer = FeedForward(d_model=d, d_ff=d_ff, kernel='cpu', mode='eval', chunk_len=chunk_len)
   x = jax.random.normal(jax.random.key(0), (b, l, d))
   params = noisy(layer.init(jax.random.key(1), x))  # nonzero biases: b2 must be added once
   cotangent = jax.random.normal(jax.random.key(2), (b, l, d))
@@ -108,6 +109,10 @@ def feed_forward_cases():
   yield feed_forward_case('ff_fsdp_tp', mesh_of((2, 2, 2), ('data', 'fsdp', 'model')),
                           P(('data', 'fsdp')), d_ff=32,
                           weight_specs=(P('fsdp', 'model'), P('model', 'fsdp'), P('fsdp')))
+  # chunk_len: the kernel keeps no hidden activations and recomputes them from w1's shard.
+  yield feed_forward_case('ff_recompute_tp', mesh_of((4, 2), ('data', 'model')), P('data'),
+                          d_ff=32, weight_specs=(P(None, 'model'), P('model', None), P()),
+                          chunk_len=3)
   # d_ff 48 over 2: shards of 24 are no multiple of 16, so the weights are gathered.
   yield feed_forward_case('ff_tp_gathered', mesh_of((4, 2), ('data', 'model')), P('data'),
                           d_ff=48, weight_specs=(P(None, 'model'), P('model', None), P()))
@@ -170,9 +175,25 @@ def reformer_cases():
     yield dict(name=name, error=relative_error(got, single), **report)
 
 
+def extra_operand_case():
+  """An operand that the layouts do not list (as segment ids would be) is split by batch."""
+  x = jax.random.normal(jax.random.key(13), (8, 16))
+  segments = jax.random.randint(jax.random.key(14), (8, 16), 0, 3)
+  scaled = spmd.partitioned(lambda x, segments: x * segments.astype(x.dtype),
+                            operands=('b.',), results=('b.',))
+  run = jax.jit(lambda x, segments: (jnp.sum(scaled(x, segments)), scaled(x, segments)))
+  mesh = mesh_of((8,), ('data',))
+  args = [jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, segments)]
+  got, want = run(*args), run(x, segments)
+  hlo = run.lower(*args).compile().as_text()
+  return dict(name='extra_operand', error=relative_error((got, ()), (want, ())),
+              per_device=bool(re.search(r'f32\[1,16\]\S* multiply\(', hlo)),
+              **hlo_report(hlo))
+
+
 def main():
   assert jax.device_count() == 8, jax.devices()
-  cases = [*feed_forward_cases(), *lsh_cases(), *reformer_cases()]
+  cases = [*feed_forward_cases(), *lsh_cases(), *reformer_cases(), extra_operand_case()]
   json.dump({case['name']: case for case in cases}, sys.stdout)
 
 

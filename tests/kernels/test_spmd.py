@@ -77,6 +77,14 @@ class ShardedKernelTest(absltest.TestCase):
       self.assertEqual((w1, b1, w2), ([16, 16], [16], [16, 16]), call)
     self.assertNotEqual(case['all_gathers'], [])  # the embed axis of the weights
 
+  def test_feed_forward_recomputing_hidden_tensor_parallel(self):
+    # chunk_len: the backward pass gets a (1, 1) placeholder and recomputes the hidden shard.
+    case = self.check('ff_recompute_tp', leading={'TerraflaxFfForward': (24, 16),
+                                                  'TerraflaxFfBackward': (24, 16)}, full={96})
+    for call in case['calls']:
+      self.assertIn([16, 16], call['operands'], call)  # w1 (d, d_ff / 2)
+    self.assertEqual(case['all_gathers'], [])
+
   def test_feed_forward_hidden_too_narrow_to_split(self):
     # d_ff 48 over 'model' = 2 would give shards of 24, no multiple of kernels.LANES: the
     # weights are gathered and the hidden width stays whole; the rows are still split.
@@ -115,6 +123,14 @@ class ShardedKernelTest(absltest.TestCase):
     for call in case['calls']:
       if call['target'].startswith('TerraflaxFf'):
         self.assertIn([32, 16], call['operands'], call)  # w1's hidden shard
+    self.assertEqual(case['all_gathers'], [])
+
+
+  def test_unlisted_operand_is_split_by_batch(self):
+    # What a new per-example operand (segment ids) gets without a new rule.
+    case = worker_report()['extra_operand']
+    self.assertEqual(case['error'], 0.0)
+    self.assertTrue(case['per_device'], 'the call runs on (1, 16) per device')
     self.assertEqual(case['all_gathers'], [])
 
 
