@@ -68,9 +68,9 @@ def compare(name, loss, params, x, mesh, x_spec, param_specs) -> dict:
   sharded_x = jax.device_put(x, NamedSharding(mesh, x_spec))
   sharded_params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
                                 params, param_specs)
-  got = step(sharded_params, sharded_x)
-  report = hlo_report(step.lower(sharded_params, sharded_x).compile().as_text())
-  return dict(name=name, error=relative_error(got, single), **report)
+  compiled = step.lower(sharded_params, sharded_x).compile()
+  got = compiled(sharded_params, sharded_x)
+  return dict(name=name, error=relative_error(got, single), **hlo_report(compiled.as_text()))
 
 
 def noisy(params, scale=0.3):
@@ -170,9 +170,9 @@ def reformer_cases():
     sharded_tokens = jax.device_put(tokens, NamedSharding(mesh, P('data')))
     sharded_params = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)),
                                   params, specs)
-    got = step(sharded_params, sharded_tokens)
-    report = hlo_report(step.lower(sharded_params, sharded_tokens).compile().as_text())
-    yield dict(name=name, error=relative_error(got, single), **report)
+    compiled = step.lower(sharded_params, sharded_tokens).compile()
+    got = compiled(sharded_params, sharded_tokens)
+    yield dict(name=name, error=relative_error(got, single), **hlo_report(compiled.as_text()))
 
 
 def extra_operand_case():
@@ -184,8 +184,8 @@ def extra_operand_case():
   run = jax.jit(lambda x, segments: (jnp.sum(scaled(x, segments)), scaled(x, segments)))
   mesh = mesh_of((8,), ('data',))
   args = [jax.device_put(a, NamedSharding(mesh, P('data'))) for a in (x, segments)]
-  got, want = run(*args), run(x, segments)
-  hlo = run.lower(*args).compile().as_text()
+  compiled = run.lower(*args).compile()
+  got, want, hlo = compiled(*args), run(x, segments), compiled.as_text()
   return dict(name='extra_operand', error=relative_error((got, ()), (want, ())),
               per_device=bool(re.search(r'f32\[1,16\]\S* multiply\(', hlo)),
               **hlo_report(hlo))
