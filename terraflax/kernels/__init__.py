@@ -20,6 +20,29 @@ instance `LSHSelfAttention(kernel='auto' | 'xla' | 'cpu')`), and nothing
 native is used off the CPU or while `xla_only()` is active (as
 `terraflax.export` does, since an exported function must run without this
 package).
+
+Under a device mesh (SPMD), XLA cannot split a custom call by itself: it
+would gather the whole batch on every device. Each kernel call is therefore
+wrapped by `spmd.partitioned` (`jax.experimental.custom_partitioning`, with
+a Shardy sharding rule), which declares every operand's layout: batch (for
+the feed-forward kernel, the rows = batch * length), heads (LSH), hidden
+width (the feed-forward d_ff), or whole. Each device then runs the kernel on
+its own batch shard, over whatever mesh axes shard the batch ('data',
+'fsdp'); LSH also on its heads shard (the axes that shard heads, e.g.
+'model'), and the feed-forward kernel on its shard of d_ff where the weights
+shard it (tensor parallel over 'model'): the output is summed over those
+shards (`psum`, b2 added on the first) and so is the input gradient, while
+the weight gradients are summed over the batch shards. Everything else is
+made whole before the call: the length (a length-sharded input is gathered
+along the length first; its batch stays split), the LSH rounds and widths,
+the weights' other axes (fsdp's embed axis is all-gathered), and a d_ff
+whose shards would not be multiples of `LANES` (the weights are then
+gathered, and each device of a 'model' group computes the same rows). The
+custom VJPs are unchanged (each of their kernel calls is partitioned), so
+gradients under a mesh equal the single-device ones; with one device, or
+inside `shard_map`, the kernels run as they did. Any operand the layouts do
+not list is taken to be batch-leading, so a new per-example operand needs
+no new rule.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import kernels
+from terraflax.kernels.spmd import partitioned
 
 FORWARD = 'TerraflaxFfForward'
 FORWARD_HIDDEN = 'TerraflaxFfForwardHidden'
@@ -43,9 +44,27 @@ def _shape(rows, width):
   return jax.ShapeDtypeStruct((rows, width), jnp.float32)
 
 
+# Layouts for `partitioned`: rows split like the batch; the hidden width d_ff split like the
+# weights' (tensor parallel over 'model'), with the output summed over its shards and b2
+# added on the first; any other weight sharding (fsdp) is gathered before the call. The
+# weight gradients are summed over the rows' shards; db2 is whole on every hidden shard.
+WEIGHTS = ('.f', 'f', 'f.', '.')
+SPLITS = dict(once=(4,), multiple_of={'f': kernels.LANES})
+FORWARD_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.',), **SPLITS)
+FORWARD_HIDDEN_LAYOUT = dict(operands=('b.', *WEIGHTS), results=('b.', 'bf'), **SPLITS)
+
+
+def _backward_layout(save_hidden: bool):
+  hidden = 'bf' if save_hidden else '..'  # without it, a (1, 1) placeholder
+  return dict(operands=('b.', hidden, '.f', 'f', 'f.', 'b.'), results=('b.', *WEIGHTS),
+              same_over={4: 'f'}, multiple_of={'f': kernels.LANES})
+
+
 def _forward(x, w1, b1, w2, b2, activation: str):
-  return jax.ffi.ffi_call(FORWARD, _shape(x.shape[0], w2.shape[1]), vmap_method='sequential')(
-      x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+  def call(x, w1, b1, w2, b2):
+    return jax.ffi.ffi_call(FORWARD, _shape(x.shape[0], w2.shape[1]), vmap_method='sequential')(
+        x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+  return partitioned(call, **FORWARD_LAYOUT)(x, w1, b1, w2, b2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -56,9 +75,12 @@ def _feed_forward(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
 
 def _feed_forward_fwd(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
   if save_hidden:
-    y, hidden = jax.ffi.ffi_call(
-        FORWARD_HIDDEN, (_shape(x.shape[0], w2.shape[1]), _shape(x.shape[0], w1.shape[1])),
-        vmap_method='sequential')(x, w1, b1, w2, b2, activation=np.int64(ACTIVATIONS[activation]))
+    def call(x, w1, b1, w2, b2):
+      return jax.ffi.ffi_call(
+          FORWARD_HIDDEN, (_shape(x.shape[0], w2.shape[1]), _shape(x.shape[0], w1.shape[1])),
+          vmap_method='sequential')(x, w1, b1, w2, b2,
+                                    activation=np.int64(ACTIVATIONS[activation]))
+    y, hidden = partitioned(call, **FORWARD_HIDDEN_LAYOUT)(x, w1, b1, w2, b2)
   else:
     y = _forward(x, w1, b1, w2, b2, activation)
     hidden = jnp.zeros((1, 1), jnp.float32)  # unused: the backward pass recomputes it
@@ -67,11 +89,15 @@ def _feed_forward_fwd(x, w1, b1, w2, b2, activation: str, save_hidden: bool):
 
 def _feed_forward_bwd(activation: str, save_hidden: bool, residuals, d_y):
   x, hidden, w1, b1, w2 = residuals
-  shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w1, b1, w2)]
-  shapes.append(jax.ShapeDtypeStruct((w2.shape[1],), jnp.float32))
-  return tuple(jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')(
-      x, hidden, w1, b1, w2, d_y.astype(jnp.float32),
-      activation=np.int64(ACTIVATIONS[activation]), recompute=not save_hidden))
+
+  def call(x, hidden, w1, b1, w2, d_y):
+    shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w1, b1, w2)]
+    shapes.append(jax.ShapeDtypeStruct((w2.shape[1],), jnp.float32))
+    return jax.ffi.ffi_call(BACKWARD, shapes, vmap_method='sequential')(
+        x, hidden, w1, b1, w2, d_y, activation=np.int64(ACTIVATIONS[activation]),
+        recompute=not save_hidden)
+  return tuple(partitioned(call, **_backward_layout(save_hidden))(
+      x, hidden, w1, b1, w2, d_y.astype(jnp.float32)))
 
 
 _feed_forward.defvjp(_feed_forward_fwd, _feed_forward_bwd)

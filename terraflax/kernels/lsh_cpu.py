@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax import kernels
+from terraflax.kernels.spmd import partitioned
 
 FORWARD = 'TerraflaxLshForward'
 BACKWARD = 'TerraflaxLshBackward'
@@ -63,12 +64,19 @@ def available() -> bool:
   return kernels.load('lsh_cpu', (FORWARD, BACKWARD))
 
 
+# Layouts for `partitioned` (split over batch and heads): qv and the output (b, L, h, w),
+# perm and the log-normalisers (b, h, n, L).
+QV, PERM = 'b.h.', 'bh..'
+
+
 def _forward(qv, perm, spec: Spec):
-  b, big_l, h, width = qv.shape
-  shapes = (jax.ShapeDtypeStruct((b, big_l, h, width - spec.d_qk), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, 2, big_l), jnp.float32))
-  return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='sequential')(
-      qv, perm, **spec.attributes())
+  def call(qv, perm):
+    b, big_l, h, width = qv.shape
+    shapes = (jax.ShapeDtypeStruct((b, big_l, h, width - spec.d_qk), jnp.float32),
+              jax.ShapeDtypeStruct((b, h, 2, big_l), jnp.float32))
+    return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='sequential')(
+        qv, perm, **spec.attributes())
+  return partitioned(call, operands=(QV, PERM), results=(QV, PERM))(qv, perm)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -83,10 +91,13 @@ def _attend_fwd(qv, perm, spec: Spec):
 
 def _attend_bwd(spec: Spec, residuals, d_out):
   qv, perm, out, log_norm = residuals
-  d_qv = jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qv.shape, jnp.float32),
-                          vmap_method='sequential')(
-                              qv, perm, out, log_norm, d_out.astype(jnp.float32),
-                              **spec.attributes())
+
+  def call(qv, perm, out, log_norm, d_out):
+    return jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qv.shape, jnp.float32),
+                            vmap_method='sequential')(qv, perm, out, log_norm, d_out,
+                                                      **spec.attributes())
+  d_qv = partitioned(call, operands=(QV, PERM, QV, PERM, QV), results=(QV,))(
+      qv, perm, out, log_norm, d_out.astype(jnp.float32))
   return d_qv, None
 
 
