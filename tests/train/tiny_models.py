@@ -5,6 +5,7 @@ Referenced from configs as 'tests.train.tiny_models:TinyLM' (the trainer's
 `terraflax.models`.
 """
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 import terraflax.combinators as cb
@@ -77,6 +78,75 @@ def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train',  # pylint: d
       tl.Dense(d_model, dtype=dtype), tl.Relu(),
       tl.Dense(n_classes, dtype=dtype),
   )
+
+
+class _ShardedBlock(nn.Module):
+  """[x] -> [x + ff(norm(x))]: one scanned block whose parameters carry logical axis names."""
+
+  d_ff: int
+  dtype: object = None
+
+  @nn.compact
+  def __call__(self, x, _):
+    dtype = self.dtype or x.dtype
+    d = x.shape[-1]
+    named = nn.with_logical_partitioning
+    scale = self.param('scale', named(nn.initializers.ones, ('embed',)), (d,))
+    w_in = self.param('w_in', named(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+                      (d, self.d_ff))
+    w_out = self.param('w_out', named(nn.initializers.lecun_normal(), ('mlp', 'embed')),
+                       (self.d_ff, d))
+    h = x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)) * scale[None, None, :]
+    h = nn.relu(jnp.dot(h.astype(dtype), w_in.astype(dtype)))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return x + jnp.dot(h, w_out.astype(dtype)).astype(x.dtype), None
+
+
+class _ShardedLM(nn.Module):
+  vocab_size: int
+  d_model: int
+  d_ff: int
+  n_layers: int
+  dtype: object = None
+
+  @nn.compact
+  def __call__(self, ids):
+    named = nn.with_logical_partitioning
+    embed = self.param('embed', named(nn.initializers.normal(1.0), ('vocab', 'embed')),
+                       (self.vocab_size, self.d_model))
+    ids = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # Shift right: predict the next token.
+    x = nn.with_logical_constraint(jnp.take(embed, ids, axis=0), ('batch', 'length', 'embed'))
+    stack = nn.scan(_ShardedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
+                    length=self.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = stack(self.d_ff, self.dtype, name='blocks')(x, None)
+    w_out = self.param('w_out', named(nn.initializers.lecun_normal(), ('embed', 'vocab')),
+                       (self.d_model, self.vocab_size))
+    dtype = self.dtype or x.dtype
+    return jnp.dot(x.astype(dtype), w_out.astype(dtype)).astype(jnp.float32)
+
+
+def ShardedLM(*, vocab_size, d_model, d_ff, n_layers=2, mode='train',  # pylint: disable=invalid-name
+              dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); scanned residual MLP blocks whose
+  parameters carry logical axis names (vocab, embed, mlp, layers): a sharding test model."""
+  check_mode(mode, 'ShardedLM mode')
+  return _ShardedLM(vocab_size, d_model, d_ff, n_layers, dtype)
+
+
+def sharded_lm_config(**overrides):
+  """`tiny_lm_config` with ShardedLM (d_model 16, d_ff 32, 2 scanned blocks)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = tiny_lm_config()
+  config.model = ml_collections.ConfigDict({
+      'name': 'tests.train.tiny_models:ShardedLM', 'vocab_size': 16, 'd_model': 16,
+      'd_ff': 32, 'n_layers': 2, 'dtype': 'float32'})
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
 
 
 def tiny_lm_config(**overrides):
