@@ -188,3 +188,33 @@ def TinySeq2Seq(*, vocab_size, d_model, mode='train', dtype=None):  # pylint: di
       cb.Fn('AddContext', lambda context, y: y + context),  # stack: y
       tl.Dense(vocab_size, dtype=dtype),
   )
+
+
+def family_config(config_file, **overrides):
+  """configs/`config_file` (ReformerLM, TransformerLM, TerraformerLM...) at tiny sizes on one
+  stdlib file: d_model 32, d_ff 64, 2 heads, 2 layers, length 32, batch 8; log every step,
+  evaluate and checkpoint only at the end, no sample. Widths divide fsdp=4 x tensor_parallel=2.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from terraflax.train.config import load_sibling  # pylint: disable=import-outside-toplevel
+  configs = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+  config = load_sibling(str(configs / config_file), config_file.removesuffix('.py'))
+  m = config.model
+  m.d_model, m.d_ff, m.n_heads, m.n_layers, m.max_len = 32, 64, 2, 2, 32
+  if m.name == 'ReformerLM':
+    m.attention.chunk_len, m.attention.n_buckets = 8, 4
+  if m.name == 'TerraformerLM':
+    m.ff_sparsity, m.ff_d_lowrank, m.attention.n_modules = 4, 8, 2
+  config.data.path, config.data.seq_len, config.data.eval_fraction = os.__file__, 32, 0.1
+  t = config.train
+  t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 1, 1000, 1, 1000
+  config.optimizer.warmup_steps = 5
+  config.sample.max_new_tokens = 0
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
