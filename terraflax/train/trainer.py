@@ -244,7 +244,8 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
                 f'{teacher.temperature:g}, alpha {teacher.alpha:g}).')
   train_step = steps_lib.make_train_step(
       experiment.spec.build('train'), tx, grad_accum_steps=t.grad_accum_steps,
-      task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable)
+      task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable,
+      compute_dtype=experiment.spec.kwargs.get('dtype'))
   eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated)
   return _Run(experiment=experiment, workdir=workdir, mesh=mesh,
               rules=sharding_lib.axis_rules(config.sharding), manager=prepared.manager,
