@@ -15,6 +15,7 @@ device) runs the references:
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,19 @@ specs = {p.sharding.spec for p in jax.tree_util.tree_leaves(restored)}
 print('restored specs', sorted(map(str, specs)))
 np.savez(f'{tmp}/restored_on_eight.npz', **t.flat(restored))
 trainer.train_and_evaluate(t.resume_config(12, sharding=mesh), f'{tmp}/one_then_eight')
+"""
+
+
+BFLOAT16 = """
+import sys
+import jax, ml_collections, numpy as np
+from terraflax.train import trainer
+from tests.train.tiny_models import sharded_lm_config
+config = sharded_lm_config(**{'train.steps': 3, 'model.dtype': 'bfloat16', 'model.d_model': 32,
+                              'model.d_ff': 64, 'train.checkpoint_every': 1000})
+config.sharding = ml_collections.ConfigDict({'fsdp': 4, 'tensor_parallel': 2})
+last = trainer.train_and_evaluate(config, sys.argv[1])
+assert np.isfinite(last['train/loss']), last
 """
 
 
@@ -173,6 +187,32 @@ class ShardedTrainingTest(absltest.TestCase):
     self.assertIn("P(None, 'fsdp', 'model')", self.eight.stdout)  # Really sharded.
     self.assert_same_losses(train_losses(f'{self.tmp.name}/uninterrupted'),
                             train_losses(f'{self.tmp.name}/one_then_eight'), range(1, 13))
+
+
+class MixedPrecisionTest(absltest.TestCase):
+
+  def test_bfloat16_parameters_are_gathered_in_bfloat16(self):
+    """After SPMD partitioning, the all-gathers that feed matmuls and the embedding lookup move
+    bfloat16. (XLA:CPU then widens every bfloat16 collective to float32, which is why the dump
+    before that pass is read; GPU and TPU keep them.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+      dump = os.path.join(tmp, 'dump')
+      env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+          os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+          f' --xla_dump_to={dump} --xla_dump_hlo_pass_re=spmd-partitioning'
+          ' --xla_dump_hlo_module_re=.*train_step.*').strip())
+      result = subprocess.run([sys.executable, '-c', BFLOAT16, os.path.join(tmp, 'run')],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      gathers = []
+      for name in os.listdir(dump):
+        if 'after_spmd-partitioning' in name:
+          with open(os.path.join(dump, name), encoding='utf-8') as f:
+            gathers += [line for line in f if ' all-gather(' in line]
+      consumers = [g for g in gathers if re.search(r'op_name="[^"]*/(dot_general|gather)"', g)]
+      self.assertGreaterEqual(len(consumers), 4, gathers)
+      for line in consumers:
+        self.assertRegex(line, r'= bf16\[', line)
 
 
 if __name__ == '__main__':
