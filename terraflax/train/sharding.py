@@ -115,12 +115,16 @@ def tensor_parallel(sharding_config) -> int:
 def mesh_shape(sharding_config, n_devices: int) -> dict[str, int]:
   """{'data': d, 'fsdp': f, 'model': t} for `n_devices`; `ShardingError` if f * t does not divide."""
   fsdp, tp = int(sharding_config.get('fsdp', 1)), tensor_parallel(sharding_config)
+  old = int(sharding_config.get('model_parallel', 0) or 0)
+  tp_field = ('sharding.model_parallel' if old > 1 and old == tp
+              and int(sharding_config.get('tensor_parallel', 1)) == 1
+              else 'sharding.tensor_parallel')
   if fsdp < 1 or tp < 1:
-    raise ShardingError(f'config.sharding.fsdp={fsdp} and sharding.tensor_parallel={tp} must be '
+    raise ShardingError(f'config.sharding.fsdp={fsdp} and {tp_field}={tp} must be '
                         'positive ints.')
   if n_devices % (fsdp * tp):
     raise ShardingError(
-        f'config.sharding.fsdp={fsdp} x sharding.tensor_parallel={tp} = {fsdp * tp} must divide '
+        f'config.sharding.fsdp={fsdp} x {tp_field}={tp} = {fsdp * tp} must divide '
         f'the number of devices ({n_devices}).')
   return {DATA: n_devices // (fsdp * tp), FSDP: fsdp, MODEL: tp}
 

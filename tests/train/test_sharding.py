@@ -35,6 +35,10 @@ class MeshTest(absltest.TestCase):
     with self.assertWarnsRegex(DeprecationWarning, 'use config.sharding.tensor_parallel'):
       self.assertEqual(sharding.mesh_shape({'model_parallel': 2}, 8),
                        {'data': 4, 'fsdp': 1, 'model': 2})
+    with warnings.catch_warnings(), self.assertRaisesRegex(
+        sharding.ShardingError, r'sharding\.model_parallel=3 = 3 must divide'):
+      warnings.simplefilter('ignore')  # The error names the field that was set.
+      sharding.mesh_shape({'model_parallel': 3}, 8)
     with warnings.catch_warnings():
       warnings.simplefilter('error')  # Unset (0) warns nothing.
       self.assertEqual(sharding.tensor_parallel({'model_parallel': 0, 'tensor_parallel': 4}), 4)
