@@ -2,7 +2,9 @@
 
 `initial_state` initialises the parameters with `stream_keys(init_key)` (the
 'params' stream and the noise streams some layers draw at init) directly into
-their shardings, and the optimizer state beside them (`opt_state_shardings`).
+their shardings, and the optimizer state beside them (`opt_state_shardings`);
+`abstract_state` is the same layout unallocated (a resume's restore target).
+`memory_report` gives the per-device bytes of `WORKDIR/memory.json`.
 The parameter counts (total, trained) go to `WORKDIR/parameters.json`.
 """
 
@@ -91,6 +93,28 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> T
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     opt_state=opt_state,
                     rng=jax.device_put(jax.random.key_data(train_key), replicated))
+
+
+def abstract_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
+  """The layout `initial_state` makes, as sharded `jax.ShapeDtypeStruct`s: nothing allocated.
+
+  What a resumed run restores its checkpoint into (orbax reads each device's
+  shards straight onto the mesh), so resuming never holds two states.
+  """
+  replicated = sharding_lib.replicated(mesh)
+  boxed = experiment.abstract_variables['params']
+  shardings = sharding_lib.variable_shardings(
+      boxed, mesh, sharding_lib.axis_rules(experiment.config.sharding))
+  params = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+      shardings)
+  opt_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                    params=params, opt_state=opt_state,
+                    rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
 
 
 def count_params(params) -> int:

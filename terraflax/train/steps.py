@@ -127,9 +127,14 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
 
 
 def compile_train_step(train_step, state, batch, *extra, state_shardings, replicated):
-  """(compiled step, its FLOPs per call or None): `train_step` jitted (state donated),
-  lowered on these arguments and compiled once; the FLOPs are XLA's cost analysis."""
-  jitted = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated),
+  """(compiled step, its FLOPs per call or None): `train_step` jitted (state donated, in and
+  out with `state_shardings`, the batch and `extra` as they are laid out, the metrics
+  `replicated`), lowered on these arguments and compiled once; the FLOPs are XLA's cost
+  analysis."""
+  in_shardings = (state_shardings,) + tuple(
+      jax.tree_util.tree_map(lambda x: x.sharding, arg) for arg in (batch, *extra))
+  jitted = jax.jit(train_step, donate_argnums=(0,), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, replicated),
                    compiler_options=compiler.options())
   compiled = jitted.lower(state, batch, *extra).compile()
   return compiled, step_flops(compiled)

@@ -84,7 +84,8 @@ def prepare_workdir(config, workdir: str, mesh,
   used (damaged newer steps are reported and moved to `damaged_checkpoints/`,
   never deleted); only then is config.json written, atomically.
   `fresh_state(start)` gives (freshly initialised state, init_from report);
-  when the workdir holds a checkpoint it is the layout it is restored into.
+  when the workdir holds a checkpoint it is the layout it is restored into
+  (`state.abstract_state`: sharded ShapeDtypeStructs, nothing allocated).
   """
   _refuse_changed_resume(config, workdir)
   t = config.train
@@ -225,7 +226,9 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
     teacher, teacher_params = distill_lib.load_teacher(experiment)
 
   def fresh_state(start):
-    loaded, report = _load_init_from(experiment) if not start and config.init_from else (None, None)
+    if start:  # Restored into this layout: nothing to initialise.
+      return state_lib.abstract_state(experiment, tx, mesh), None
+    loaded, report = _load_init_from(experiment) if config.init_from else (None, None)
     return state_lib.initial_state(experiment, tx, mesh, loaded), report
 
   prepared = prepare_workdir(config, workdir, mesh, fresh_state)

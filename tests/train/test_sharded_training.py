@@ -189,6 +189,23 @@ class ShardedTrainingTest(absltest.TestCase):
                             train_losses(f'{self.tmp.name}/one_then_eight'), range(1, 13))
 
 
+class AbstractStateTest(absltest.TestCase):
+
+  def test_abstract_state_is_the_initial_layout(self):
+    config = sharded_lm_config()
+    experiment = config_lib.validate_config(config)
+    mesh = sharding_lib.mesh_from_config(experiment.config.sharding)
+    tx, _ = optimizers.make_optimizer(experiment.config.optimizer, 12)
+    real = state_lib.initial_state(experiment, tx, mesh)
+    abstract = state_lib.abstract_state(experiment, tx, mesh)
+    real_leaves, real_tree = jax.tree_util.tree_flatten(real)
+    abstract_leaves, abstract_tree = jax.tree_util.tree_flatten(abstract)
+    self.assertEqual(real_tree, abstract_tree)
+    for r, a in zip(real_leaves, abstract_leaves):
+      self.assertIsInstance(a, jax.ShapeDtypeStruct)
+      self.assertEqual((r.shape, r.dtype, r.sharding), (a.shape, a.dtype, a.sharding))
+
+
 class MixedPrecisionTest(absltest.TestCase):
 
   def test_bfloat16_parameters_are_gathered_in_bfloat16(self):
