@@ -414,8 +414,8 @@ def validate_config(config, *, n_devices: int | None = None, n_processes: int | 
 
 def param_paths(params) -> list[str]:
   """'Repeat_3/Serial_0/.../kernel' for every parameter leaf, in tree order."""
-  return [optimizers.path_name(path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [optimizers.path_name(path)  # Boxed (logically partitioned) trees too.
+          for path, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]]
 
 
 def check_trainable(pattern: str, params) -> None:

@@ -210,7 +210,7 @@ class MixedPrecisionTest(absltest.TestCase):
 
   def test_bfloat16_parameters_are_gathered_in_bfloat16(self):
     """After SPMD partitioning, the all-gathers that feed matmuls and the embedding lookup move
-    bfloat16. (XLA:CPU then widens every bfloat16 collective to float32, which is why the dump
+    bfloat16, and the scanned blocks' are inside the loop (one layer at a time). (XLA:CPU then widens every bfloat16 collective to float32, which is why the dump
     before that pass is read; GPU and TPU keep them.)"""
     with tempfile.TemporaryDirectory() as tmp:
       dump = os.path.join(tmp, 'dump')
@@ -230,6 +230,9 @@ class MixedPrecisionTest(absltest.TestCase):
       self.assertGreaterEqual(len(consumers), 4, gathers)
       for line in consumers:
         self.assertRegex(line, r'= bf16\[', line)
+      # ZeRO-3: the scanned blocks' weights are gathered layer by layer inside the loop.
+      self.assertTrue(any('while/body' in g and 'dot_general' in g for g in consumers),
+                      consumers)
 
 
 if __name__ == '__main__':
