@@ -166,6 +166,7 @@ def make_cases(base, scratch):
               '--config.optimizer.warmup_steps=100', expect='warmup_steps')
   fresh_error('model-parallel-indivisible', '--config.sharding.model_parallel=3',
               expect='model_parallel')
+  fresh_error('fsdp-indivisible', '--config.sharding.fsdp=3', expect='sharding.fsdp=3')
   fresh_error('eval-fraction-big', '--config.data.eval_fraction=1.5', expect='eval_fraction')
   fresh_error('dropout-big', '--config.model.dropout=1.5', expect='dropout')
   fresh_error('bad-dtype', '--config.model.dtype=float12', expect='dtype')

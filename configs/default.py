@@ -83,10 +83,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0  # Decoupled decay (adamw, sgd, adafactor); not biases/scales.
   config.optimizer.grad_clip = 1.0  # Clip gradients to this global norm (0: off).
 
-  # Devices.
+  # Devices: one mesh ('data', 'fsdp', 'model'); data = devices / (fsdp * tensor_parallel).
+  # The batch is split over ('data', 'fsdp'); parameters by their logical axis names.
   config.sharding = ml_collections.ConfigDict()
-  config.sharding.model_parallel = 1  # Size of the mesh's 'model' axis; the rest is 'data'.
-  config.sharding.logical_axis_rules = ()  # ((logical_axis, 'model' | 'data' | None), ...).
+  config.sharding.fsdp = 1  # Devices that split every parameter's 'embed' axis (ZeRO-3).
+  config.sharding.tensor_parallel = 1  # Devices that split 'heads', 'mlp', 'vocab', 'modules'.
+  config.sharding.model_parallel = 0  # Deprecated alias of tensor_parallel (0: unset).
+  # ((logical_axis, None | 'data' | 'fsdp' | 'model' | a tuple of them), ...):
+  config.sharding.logical_axis_rules = ()  # Override sharding.DEFAULT_RULES name by name.
 
   # Multi-process start (TPU pods, multi-host GPU).
   config.distributed = ml_collections.ConfigDict()

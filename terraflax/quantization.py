@@ -98,7 +98,7 @@ def quantize_params(params, layers: dict[tuple[str, ...], str]):
 
   `layers` maps a layer's path to 'dense' or 'embedding' (`find_quantizable`).
   """
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params))
   out = dict(flat)
   for path, kind in layers.items():
     name = 'kernel' if kind == DENSE else 'embedding'
@@ -137,22 +137,27 @@ def _scale_of(module, name):
   if not module.has_variable('params', f'{name}_scale'):
     raise ValueError(f'{"/".join(module.path)}: {name} is int8 but there is no {name}_scale; '
                      'quantize parameters with terraflax.quantization.quantize_params.')
-  return module.get_variable('params', f'{name}_scale')
+  return _get(module, f'{name}_scale')
+
+
+def _get(module, name):
+  """The module's parameter `name` as a plain array (boxed or not)."""
+  return nn.meta.unbox(module.get_variable('params', name))
 
 
 def _int8_dense(module: Dense, x):
-  q = module.get_variable('params', 'kernel')
+  q = _get(module, 'kernel')
   scale = _scale_of(module, 'kernel')  # (1, d_out)
   dtype = module.dtype or jnp.result_type(x, scale)
   y = jnp.matmul(x.astype(dtype), q.astype(dtype))
   y = y * lift_to(scale[0].astype(dtype), y)
   if module.use_bias:
-    y = y + lift_to(module.get_variable('params', 'bias').astype(dtype), y)
+    y = y + lift_to(_get(module, 'bias').astype(dtype), y)
   return y
 
 
 def _int8_embedding(module: Embedding, method: str, x):
-  q = module.get_variable('params', 'embedding')
+  q = _get(module, 'embedding')
   scale = _scale_of(module, 'embedding')  # (v, 1)
   if method == '__call__':
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -175,12 +180,11 @@ def int8_inference():
   def interceptor(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if isinstance(module, Dense) and method == '__call__':
-      if module.has_variable('params', 'kernel') and \
-          module.get_variable('params', 'kernel').dtype == jnp.int8:
+      if module.has_variable('params', 'kernel') and _get(module, 'kernel').dtype == jnp.int8:
         return _int8_dense(module, *args)
     elif isinstance(module, Embedding) and method in ('__call__', 'attend'):
       if module.has_variable('params', 'embedding') and \
-          module.get_variable('params', 'embedding').dtype == jnp.int8:
+          _get(module, 'embedding').dtype == jnp.int8:
         return _int8_embedding(module, method, *args)
     return next_fun(*args, **kwargs)
 

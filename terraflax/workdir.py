@@ -50,7 +50,7 @@ RESUMABLE_FIELDS = (
     'train.checkpoint_every', 'train.keep_checkpoints', 'train.async_checkpoints',
     'train.peak_flops', 'train.divergence_factor', 'train.divergence_window',
     'train.divergence_bound', 'train.stop_on_divergence',
-    'sample.*', 'eval.*', 'distributed.*',
+    'sample.*', 'eval.*', 'distributed.*', 'sharding.*',
 )
 
 

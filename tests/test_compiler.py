@@ -1,6 +1,7 @@
 """The CPU compiler options: accepted by this jaxlib, and they do not change the numbers."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ class CompilerOptionsTest(absltest.TestCase):
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 11)
     batch = {'inputs': tokens, 'targets': tokens, 'weights': jnp.ones((2, 12), jnp.float32)}
     tx = optax.adam(1e-2)
-    params = model.init(jax.random.key(1), tokens)['params']
+    params = nn.meta.unbox(model.init(jax.random.key(1), tokens)['params'])
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params),
                                rng=jax.random.key_data(jax.random.key(2)))

@@ -467,7 +467,8 @@ class ReversibleSerial(_ReversibleSerialFields):
         owner=layer_path(self),
         templates=tuple(templates[layer.name] for layer in self.layers),
         n_blocks=self.n_repeats)
-    params = dict(self.variables.get('params', {}))
+    # Plain arrays: the caller may pass `init`'s boxed (LogicallyPartitioned) variables.
+    params = nn.meta.unbox(dict(self.variables.get('params', {})))
     # Every stream the caller gave: a layer may also fall back on `params`.
     keys = {stream: self.make_rng(stream) for stream in sorted(self.scope.rngs)}
     return program, params, keys

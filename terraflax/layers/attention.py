@@ -36,7 +36,7 @@ from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, as_return, check_inputs, check_mode, label_of, n_in_of,
     n_out_of, name_children)
 from terraflax.layers.attention_core import dot_product_attention, padding_mask
-from terraflax.layers.core import Dense, advance_position
+from terraflax.layers.core import HEAD_AXES, Dense, advance_position, constrain
 
 
 class _AttentionBase(Layer):
@@ -78,8 +78,9 @@ class _AttentionBase(Layer):
     return self.d_qk or default, self.d_v or default
 
   def projection(self, name: str, width: int):
-    """The `Dense` parameter `name`: d -> n_heads * width."""
-    return Dense(self.n_heads * width, use_bias=self.use_bias, dtype=self.dtype, name=name)
+    """The `Dense` parameter `name`: d -> n_heads * width, logical axes ('embed', 'heads')."""
+    return Dense(self.n_heads * width, use_bias=self.use_bias, dtype=self.dtype,
+                 axes=('embed', 'heads'), name=name)
 
   def heads(self, x, name_or_layer, width: int):
     """(b, l, d) -> (b, l, h, width) through a projection (or its name)."""
@@ -87,12 +88,14 @@ class _AttentionBase(Layer):
     if isinstance(name_or_layer, str):
       layer = self.projection(name_or_layer, width)
     y = layer(x)
-    return jnp.reshape(y, y.shape[:-1] + (self.n_heads, width))
+    return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
 
   def combine(self, out, d_model: int):
-    """(b, l, h, d_v) -> (b, l, d_model) through the `output` projection."""
+    """(b, l, h, d_v) -> (b, l, d_model) through the `output` projection ('heads', 'embed')."""
+    out = constrain(out, HEAD_AXES)
     out = jnp.reshape(out, out.shape[:-2] + (out.shape[-2] * out.shape[-1],))
-    return Dense(d_model, use_bias=self.use_bias, dtype=self.dtype, name='output')(out)
+    return Dense(d_model, use_bias=self.use_bias, dtype=self.dtype, axes=('heads', 'embed'),
+                 name='output')(out)
 
   def attend(self, q, k, v, **kwargs):
     """`dot_product_attention` with this layer's dropout, chunking and sowing."""

@@ -1,4 +1,8 @@
-"""Core leaf layers: Dense, Embedding, norms, activations, Dropout, ShiftRight; `project_heads`."""
+"""Core leaf layers: Dense, Embedding, norms, activations, Dropout, ShiftRight; `project_heads`.
+
+Also the logical axis names (`AXIS_NAMES`) that every parameter and the main
+activations carry, and `param_with_axes`, which creates a parameter with them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,52 @@ from terraflax.combinators.base import Layer, check_mode
 from terraflax.combinators.core import Fn
 
 Initializer = Callable[..., jax.Array]
+
+# Logical axis names (`nn.with_logical_partitioning` on parameters,
+# `nn.with_logical_constraint` on activations); config rules map them to mesh
+# axes. embed: d_model (norm scales too); head_dim: per-head width k; mlp:
+# feed-forward hidden d_ff; layers: the stacked axis of a scan; modules:
+# sparse-QKV modules; controller: SparseFF's low-rank width; kernel: conv
+# kernel taps. Any other (small) dimension is None: never sharded.
+AXIS_NAMES = ('batch', 'length', 'embed', 'vocab', 'heads', 'head_dim', 'mlp', 'layers',
+              'modules', 'controller', 'kernel')
+Axes = tuple  # One logical name (or None) per dimension.
+# Per-head projection weights: in (d, h, k), out (h, k, d); activations (b, l, h, k).
+IN_PROJECTION_AXES = ('embed', 'heads', 'head_dim')
+OUT_PROJECTION_AXES = ('heads', 'head_dim', 'embed')
+HEAD_AXES = ('batch', 'length', 'heads', 'head_dim')
+
+
+def check_axes(owner: str, axes, ndim: int | None = None):
+  """Raises a ValueError naming `owner` unless `axes` are names of AXIS_NAMES or None."""
+  bad = [a for a in axes if a is not None and a not in AXIS_NAMES]
+  if bad or (ndim is not None and len(axes) != ndim):
+    raise ValueError(
+        f'{owner} axes={tuple(axes)} must be {ndim if ndim is not None else "some"} '
+        f'logical axis names, each one of {AXIS_NAMES} or None.')
+
+
+def param_with_axes(module: nn.Module, name: str, axes: Axes, init: Initializer, *args):
+  """`module.param(name, init, *args)` whose dimensions carry the logical names `axes`.
+
+  `args` are the initializer's (shape, then optionally dtype), as for
+  `module.param`; the value (and the rng it draws) is the same, only boxed in
+  `nn.LogicallyPartitioned` metadata in the variables `init` returns. Reading
+  the parameter gives the plain array, and plain (unboxed) parameter trees
+  apply unchanged.
+  """
+  check_axes(f'{type(module).__name__} parameter {name!r}', axes,
+             len(args[0]) if args else None)
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), *args)
+
+
+def constrain(x, axes: Axes):
+  """`nn.with_logical_constraint(x, axes)` when x has one dimension per name, else x.
+
+  Pins an activation's layout under a mesh and rules (`nn.logical_axis_rules`);
+  without them (one device) it returns x itself.
+  """
+  return nn.with_logical_constraint(x, tuple(axes)) if x.ndim == len(axes) else x
 
 
 def lift_to(vector, x):
@@ -79,7 +129,10 @@ class Dense(Layer):
 
   `kernel` (d_in, features) is created from the first input's width. `dtype`
   is the compute dtype (e.g. bfloat16); parameters are stored in
-  `param_dtype`.
+  `param_dtype`. `axes` are the logical names of (d_in, features), e.g.
+  ('embed', 'mlp') for a feed-forward layer's first kernel; the bias takes
+  the second. A (b, l, features) output is pinned to ('batch', 'length',
+  axes[1]) when axes[1] is not None.
   """
 
   features: int
@@ -88,23 +141,35 @@ class Dense(Layer):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  axes: Axes = (None, None)
+
+  def __post_init__(self):
+    check_axes('Dense', self.axes, 2)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    kernel = param_with_axes(self, 'kernel', self.axes, self.kernel_init,
+                             (x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jnp.matmul(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
-      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      bias = param_with_axes(self, 'bias', self.axes[1:], self.bias_init, (self.features,),
+                             self.param_dtype)
       y = y + lift_to(bias.astype(dtype), y)
-    return y
+    if self.axes[1] is None:  # A layout the caller did not name: left to XLA.
+      return y
+    return constrain(y, ('batch', 'length', self.axes[1]))
 
 
 class Embedding(Layer):
   """[ids] -> [vectors]: int (b, l) -> (b, l, d_feature); n_in = n_out = 1.
 
-  `embedding` is (vocab_size, d_feature). `attend(x)` maps (..., d_feature)
-  back to (..., vocab_size) logits with the same table (weight tying).
+  `embedding` is (vocab_size, d_feature), with logical names `axes`
+  (('vocab', 'embed'); a factorised embedding narrower than d_model names its
+  width None). `attend(x)` maps (..., d_feature) back to (..., vocab_size)
+  logits with the same table (weight tying). Outputs of rank 3 are pinned to
+  ('batch', 'length', axes[1]) and ('batch', 'length', axes[0]).
   """
 
   vocab_size: int
@@ -112,30 +177,45 @@ class Embedding(Layer):
   embedding_init: Initializer = nn.initializers.variance_scaling(1.0, 'fan_out', 'truncated_normal')
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  axes: Axes = ('vocab', 'embed')
+
+  def __post_init__(self):
+    check_axes('Embedding', self.axes, 2)
+    super().__post_init__()
 
   def setup(self):
-    self.embedding = self.param(
-        'embedding', self.embedding_init, (self.vocab_size, self.d_feature), self.param_dtype)
+    self.embedding = param_with_axes(self, 'embedding', self.axes, self.embedding_init,
+                                     (self.vocab_size, self.d_feature), self.param_dtype)
 
   def __call__(self, ids):
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise TypeError(f'Embedding expects integer token ids, got {ids.dtype}{tuple(ids.shape)}.')
     table = self.embedding.astype(self.dtype or self.param_dtype)
-    return jnp.take(table, ids, axis=0)
+    return constrain(jnp.take(table, ids, axis=0), ('batch', 'length', self.axes[1]))
 
   def attend(self, x):
     """(..., d_feature) -> (..., vocab_size): dot products with every row."""
     dtype = self.dtype or jnp.result_type(x, self.embedding)
-    return jnp.matmul(x.astype(dtype), self.embedding.astype(dtype).T)
+    logits = jnp.matmul(x.astype(dtype), self.embedding.astype(dtype).T)
+    return constrain(logits, ('batch', 'length', self.axes[0]))
 
 
 class LayerNorm(Layer):
-  """[x] -> [normalised x]: (..., d) -> (..., d), statistics in float32."""
+  """[x] -> [normalised x]: (..., d) -> (..., d), statistics in float32.
+
+  `scale` and `bias` (d,) have the logical name `axes` (('embed',)); a
+  (b, l, d) output is pinned to ('batch', 'length', axes[0]).
+  """
 
   epsilon: float = 1e-6
   use_scale: bool = True
   use_bias: bool = True
   param_dtype: Any = jnp.float32
+  axes: Axes = ('embed',)
+
+  def __post_init__(self):
+    check_axes('LayerNorm', self.axes, 1)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x):
@@ -145,24 +225,38 @@ class LayerNorm(Layer):
     variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(variance + self.epsilon)
     if self.use_scale:
-      y = y * lift_to(self.param('scale', nn.initializers.ones, (d,), self.param_dtype), y)
+      scale = param_with_axes(self, 'scale', self.axes, nn.initializers.ones, (d,),
+                              self.param_dtype)
+      y = y * lift_to(scale, y)
     if self.use_bias:
-      y = y + lift_to(self.param('bias', nn.initializers.zeros, (d,), self.param_dtype), y)
-    return y.astype(x.dtype)
+      bias = param_with_axes(self, 'bias', self.axes, nn.initializers.zeros, (d,),
+                             self.param_dtype)
+      y = y + lift_to(bias, y)
+    return constrain(y.astype(x.dtype), ('batch', 'length') + tuple(self.axes))
 
 
 class RMSNorm(Layer):
-  """[x] -> [x / rms(x) * scale]: (..., d) -> (..., d), statistics in float32."""
+  """[x] -> [x / rms(x) * scale]: (..., d) -> (..., d), statistics in float32.
+
+  `scale` (d,) has the logical name `axes` (('embed',)).
+  """
 
   epsilon: float = 1e-6
   param_dtype: Any = jnp.float32
+  axes: Axes = ('embed',)
+
+  def __post_init__(self):
+    check_axes('RMSNorm', self.axes, 1)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
-    y = y * lift_to(self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype), y)
-    return y.astype(x.dtype)
+    scale = param_with_axes(self, 'scale', self.axes, nn.initializers.ones, (x.shape[-1],),
+                            self.param_dtype)
+    y = y * lift_to(scale, y)
+    return constrain(y.astype(x.dtype), ('batch', 'length') + tuple(self.axes))
 
 
 def dropout(x, rate: float, rng: jax.Array, shared_axes: Sequence[int] = ()):

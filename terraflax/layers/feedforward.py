@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 from terraflax import kernels
@@ -67,7 +68,7 @@ class FeedForwardBlock(_FeedForwardFields, Chunk):
     if not self._runs_native(stack[0]):
       return super().__call__(*inputs)
     first, second = self._role('first'), self._role('second')
-    p1, p2 = first.variables['params'], second.variables['params']
+    p1, p2 = (nn.meta.unbox(d.variables['params']) for d in (first, second))
     return ff_cpu.feed_forward(self._role('norm')(stack[0]), p1['kernel'], p1['bias'],
                                p2['kernel'], p2['bias'], activation=self.activation_name,
                                save_hidden=self.chunk_len is None)
@@ -91,7 +92,8 @@ class FeedForwardBlock(_FeedForwardFields, Chunk):
       why_not = 'the kernel adds both biases'
     elif (any(d.dtype not in (None, jnp.float32) for d in (first, second))
           or x.dtype != jnp.float32
-          or any(d.variables['params']['kernel'].dtype != jnp.float32 for d in (first, second))):
+          or any(nn.meta.unbox(d.variables['params']['kernel']).dtype != jnp.float32
+                 for d in (first, second))):
       why_not = 'the kernel computes in float32, on float32 weights'
     else:
       why_not = ff_cpu.unsupported(d_in=x.shape[-1], d_ff=first.features,
@@ -112,7 +114,9 @@ def FeedForward(*, d_model: int, d_ff: int, dropout: float = 0.0,  # pylint: dis
   implementation (see `FeedForwardBlock`); both compute the same function.
   """
   check_mode(mode, 'FeedForward mode')
-  norm, first, second = LayerNorm(), Dense(d_ff, dtype=dtype), Dense(d_model, dtype=dtype)
+  norm = LayerNorm()
+  first = Dense(d_ff, dtype=dtype, axes=('embed', 'mlp'))
+  second = Dense(d_model, dtype=dtype, axes=('mlp', 'embed'))
   return FeedForwardBlock(
       norm,
       first,

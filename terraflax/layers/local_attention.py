@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
-from terraflax.layers.core import advance_position, chunk_padded
+from terraflax.layers.core import (
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, chunk_padded, constrain,
+    param_with_axes)
 
 # Logit of a masked key (causal, padding), as in Hugging Face's float32 path.
 MASKED_LOGIT = -1e9
@@ -119,15 +121,17 @@ class LocalSelfAttention(Layer, kw_only=True):
     dtype = self.dtype or x.dtype
     init = nn.initializers.xavier_uniform
     h = self.n_heads
-    w_q = self.param('query', init(in_axis=0, out_axis=(1, 2)), (d, h, self.d_qk))
-    w_k = self.param('key', init(in_axis=0, out_axis=(1, 2)), (d, h, self.d_qk))
-    w_v = self.param('value', init(in_axis=0, out_axis=(1, 2)), (d, h, self.d_v))
-    w_o = self.param('output', init(in_axis=(0, 1), out_axis=2), (h, self.d_v, d))
+    qkv_init, out_init = init(in_axis=0, out_axis=(1, 2)), init(in_axis=(0, 1), out_axis=2)
+    w_q = param_with_axes(self, 'query', IN_PROJECTION_AXES, qkv_init, (d, h, self.d_qk))
+    w_k = param_with_axes(self, 'key', IN_PROJECTION_AXES, qkv_init, (d, h, self.d_qk))
+    w_v = param_with_axes(self, 'value', IN_PROJECTION_AXES, qkv_init, (d, h, self.d_v))
+    w_o = param_with_axes(self, 'output', OUT_PROJECTION_AXES, out_init, (h, self.d_v, d))
     length = x.shape[1]
     xc = xc.astype(dtype)
 
     def project(w):
-      return jnp.einsum('bld,dhk->blhk', xc, w.astype(dtype)).astype(jnp.float32)
+      return constrain(jnp.einsum('bld,dhk->blhk', xc, w.astype(dtype)).astype(jnp.float32),
+                       HEAD_AXES)
 
     q, k, v = project(w_q), project(w_k) * (1.0 / math.sqrt(self.d_qk)), project(w_v)
     if self.mode == 'predict':

@@ -25,7 +25,9 @@ from terraflax import kernels
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.kernels import lsh_cpu
 from terraflax.layers import lsh_hashing
-from terraflax.layers.core import advance_position, chunk_padded, project_heads
+from terraflax.layers.core import (
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, chunk_padded, constrain,
+    param_with_axes, project_heads)
 from terraflax.layers.lsh_core import attend_sorted, sort_rounds
 from terraflax.layers.lsh_decoding import RingMemory, ring_attend
 
@@ -220,12 +222,14 @@ class LSHSelfAttention(Layer, kw_only=True):
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
     init = nn.initializers.xavier_uniform
-    w_qk = self.param('qk', init(in_axis=0, out_axis=(1, 2)), (d, self.n_heads, self.d_qk))
-    w_v = self.param('value', init(in_axis=0, out_axis=(1, 2)), (d, self.n_heads, self.d_v))
-    w_o = self.param('output', init(in_axis=(0, 1), out_axis=2), (self.n_heads, self.d_v, d))
+    h = self.n_heads
+    qkv_init, out_init = init(in_axis=0, out_axis=(1, 2)), init(in_axis=(0, 1), out_axis=2)
+    w_qk = param_with_axes(self, 'qk', IN_PROJECTION_AXES, qkv_init, (d, h, self.d_qk))
+    w_v = param_with_axes(self, 'value', IN_PROJECTION_AXES, qkv_init, (d, h, self.d_v))
+    w_o = param_with_axes(self, 'output', OUT_PROJECTION_AXES, out_init, (h, self.d_v, d))
     length = x.shape[1]
     w_qkv = jnp.concatenate([w_qk, w_v], axis=-1).astype(dtype)  # One product for q and v.
-    qv = project_heads(xc.astype(dtype), w_qkv).astype(jnp.float32)
+    qv = constrain(project_heads(xc.astype(dtype), w_qkv).astype(jnp.float32), HEAD_AXES)
     if self.mode == 'predict':
       o = self._decode(qv[..., :self.d_qk], qv[..., self.d_qk:])
     else:

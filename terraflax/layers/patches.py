@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer
-from terraflax.layers.core import Dense
+from terraflax.layers.core import Dense, param_with_axes
 
 
 def to_patches(images, patch_size: int):
@@ -53,7 +53,7 @@ class PatchEmbedding(Layer):
   @nn.compact
   def __call__(self, images):
     patches = to_patches(images, self.patch_size)
-    return Dense(self.d_model, dtype=self.dtype, name='projection')(patches)
+    return Dense(self.d_model, dtype=self.dtype, axes=(None, 'embed'), name='projection')(patches)
 
 
 class ClassToken(Layer):
@@ -67,6 +67,6 @@ class ClassToken(Layer):
   def __call__(self, x):
     if x.ndim != 3:
       raise ValueError(f'ClassToken needs x of shape (b, n, d), got {tuple(x.shape)}.')
-    cls = self.param('cls', nn.initializers.zeros, (x.shape[-1],))
+    cls = param_with_axes(self, 'cls', ('embed',), nn.initializers.zeros, (x.shape[-1],))
     cls = jnp.broadcast_to(cls.astype(x.dtype)[None, None, :], (x.shape[0], 1, x.shape[-1]))
     return jnp.concatenate([cls, x], axis=1)

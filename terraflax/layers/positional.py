@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax.combinators.base import Layer, check_mode
-from terraflax.layers.core import advance_position, dropout
+from terraflax.layers.core import advance_position, dropout, param_with_axes
 
 POSITIONAL_KINDS = ('sinusoidal', 'learned')
 
@@ -55,7 +55,8 @@ class PositionalEncoding(Layer):
     if length > self.max_len:
       raise ValueError(f'PositionalEncoding max_len={self.max_len} is shorter than the input length {length}.')
     if self.kind == 'learned':
-      table = self.param('pos_embedding', nn.initializers.normal(0.02), (self.max_len, d))
+      table = param_with_axes(self, 'pos_embedding', (None, 'embed'), nn.initializers.normal(0.02),
+                              (self.max_len, d))
     else:
       table = jnp.asarray(sinusoidal_table(self.max_len, d))
     start = advance_position(self, length)
@@ -104,7 +105,8 @@ class AxialPositionalEncoding(Layer):
     parts, stride = [], capacity
     for k, (size, d_emb) in enumerate(zip(self.shape, self.d_embs)):
       stride //= size
-      table = self.param(f'axial_{k}', nn.initializers.normal(1.0), (size, d_emb))
+      table = param_with_axes(  # d_emb is a slice of d_model: never sharded.
+          self, f'axial_{k}', (None, None), nn.initializers.normal(1.0), (size, d_emb))
       if self.mode == 'train' and self.dropout > 0:
         table = dropout(table, self.dropout, self.make_rng('dropout'))
       parts.append(jnp.take(table, (positions // stride) % size, axis=0))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from terraflax.layers.attention import Attention, CausalAttention
+from terraflax.layers.core import param_with_axes
 
 PREFIX_PARAMS = ('prefix_key', 'prefix_value')
 # A regex (`config.optimizer.trainable`) that selects the prefix parameters.
@@ -45,8 +46,10 @@ def _attend_with_prefix(layer, attend, q, k, v, *, causal=False, mask=None, q_po
   """`attend` (the base layer's) over [prefix; k] and [prefix; v]."""
   b, lk, h = k.shape[0], k.shape[1], k.shape[2]
   init = nn.initializers.normal(layer.prefix_init_scale)
-  prefix_key = layer.param('prefix_key', init, (layer.n_prefix, h, k.shape[-1]))
-  prefix_value = layer.param('prefix_value', init, (layer.n_prefix, h, v.shape[-1]))
+  axes = (None, 'heads', 'head_dim')  # The prefix positions are few: never sharded.
+  prefix_key = param_with_axes(layer, 'prefix_key', axes, init, (layer.n_prefix, h, k.shape[-1]))
+  prefix_value = param_with_axes(layer, 'prefix_value', axes, init,
+                                 (layer.n_prefix, h, v.shape[-1]))
 
   def prepend(prefix, x):
     prefix = jnp.broadcast_to(prefix[None].astype(x.dtype), (b,) + prefix.shape)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer, check_mode
-from terraflax.layers.core import Dense, dropout, lift_to
+from terraflax.layers.core import Dense, constrain, dropout, lift_to, param_with_axes
 
 Initializer = Callable[..., jax.Array]
 
@@ -81,6 +81,7 @@ class SparseFF(Layer):
   d_lowrank), `controller_logits/{kernel, bias}` (d_lowrank, d_ff), (d_ff,);
   `kernel_in` (d_ff, d) (stored unit-major, so the rows that decoding gathers
   are contiguous), `bias_in` (d_ff,), `kernel_out` (d_ff, d), `bias_out` (d,).
+  Logical axes: d_ff 'mlp', d 'embed', d_lowrank 'controller'.
   Unit u is element u % n_elements_in_block of block u // n_elements_in_block.
 
   With `sow_choices`, the chosen elements, int32 (b, l, k), are sown to
@@ -159,20 +160,23 @@ class SparseFF(Layer):
           f'{self.replay} and {"no " if recorded is None else ""}recorded choices.')
     d_model = x.shape[-1]
     k, e = self.n_blocks, self.n_elements_in_block
-    kernel_in = self.param('kernel_in', self.kernel_init, (self.d_ff, d_model), self.param_dtype)
-    bias_in = (self.param('bias_in', self.bias_init, (self.d_ff,), self.param_dtype)
-               if self.use_bias else None)
-    kernel_out = self.param('kernel_out', self.kernel_init, (self.d_ff, d_model), self.param_dtype)
-    bias_out = (self.param('bias_out', self.bias_init, (d_model,), self.param_dtype)
-                if self.use_bias else None)
+    def param(name, axes, init, shape):
+      return param_with_axes(self, name, axes, init, shape, self.param_dtype)
+
+    kernel_in = param('kernel_in', ('mlp', 'embed'), self.kernel_init, (self.d_ff, d_model))
+    bias_in = param('bias_in', ('mlp',), self.bias_init, (self.d_ff,)) if self.use_bias else None
+    kernel_out = param('kernel_out', ('mlp', 'embed'), self.kernel_init, (self.d_ff, d_model))
+    bias_out = param('bias_out', ('embed',), self.bias_init, (d_model,)) if self.use_bias else None
     dtype = self.dtype or jnp.result_type(x, kernel_in)
     x = x.astype(dtype)
 
     # The controller: logits (..., k, e) in float32, so choices are stable.
     lowrank = Dense(self.d_lowrank, use_bias=False, kernel_init=self.kernel_init,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name='controller_lowrank')
+                    dtype=self.dtype, param_dtype=self.param_dtype,
+                    axes=('embed', 'controller'), name='controller_lowrank')
     to_logits = Dense(self.d_ff, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                      dtype=self.dtype, param_dtype=self.param_dtype, name='controller_logits')
+                      dtype=self.dtype, param_dtype=self.param_dtype,
+                      axes=('controller', 'mlp'), name='controller_logits')
     logits = to_logits(lowrank(x)).astype(jnp.float32)
     logits = logits.reshape(x.shape[:-1] + (k, e))
     probs = jax.nn.softmax(logits, axis=-1)
@@ -213,7 +217,8 @@ class SparseFF(Layer):
 
   def _masked_dense(self, x, mask, kernel_in, bias_in, kernel_out):
     """All d_ff units, then the (..., k, e) mask: train and eval."""
-    h = jnp.einsum('...d,fd->...f', x, kernel_in.astype(x.dtype))
+    h = constrain(jnp.einsum('...d,fd->...f', x, kernel_in.astype(x.dtype)),
+                  ('batch', 'length', 'mlp'))
     if bias_in is not None:
       h = h + lift_to(bias_in.astype(x.dtype), h)
     a = self.activation(h).reshape(mask.shape) * mask.astype(x.dtype)

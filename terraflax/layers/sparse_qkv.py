@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer, check_mode
 from terraflax.layers.attention import CausalAttention
-from terraflax.layers.core import lift_to
+from terraflax.layers.core import (
+    HEAD_AXES, Axes, check_axes, constrain, lift_to, param_with_axes)
 
 Initializer = Callable[..., jax.Array]
 
@@ -43,7 +44,9 @@ class MultiplicativeDense(Layer):
   every input, yet the layer has d_in * (S + M) (+ d_out) parameters instead
   of d_in * d_out. `d_out` defaults to the input width.
 
-  Parameters: `gating` (d_in, S), `kernel` (d_in, M), `bias` (d_out,).
+  Parameters: `gating` (d_in, S), `kernel` (d_in, M), `bias` (d_out,); `axes`
+  are the logical names of (d_in, d_out): gating (axes[0], 'modules'),
+  kernel (axes[0], None), bias (axes[1],).
   """
 
   _: dataclasses.KW_ONLY
@@ -55,9 +58,11 @@ class MultiplicativeDense(Layer):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  axes: Axes = ('embed', None)
 
   def __post_init__(self):
     _positive_int('MultiplicativeDense', 'n_modules', self.n_modules)
+    check_axes('MultiplicativeDense', self.axes, 2)
     if self.d_out is not None:
       _positive_int('MultiplicativeDense', 'd_out', self.d_out)
       if self.d_out % self.n_modules:
@@ -75,14 +80,18 @@ class MultiplicativeDense(Layer):
           f'MultiplicativeDense output width {d_out} (the input width, as d_out is unset) '
           f'must be a multiple of n_modules={self.n_modules}.')
     d_module = d_out // self.n_modules
-    gating = self.param('gating', self.gating_init, (d_in, self.n_modules), self.param_dtype)
-    kernel = self.param('kernel', self.kernel_init, (d_in, d_module), self.param_dtype)
+    d_in_axis, d_out_axis = self.axes
+    gating = param_with_axes(self, 'gating', (d_in_axis, 'modules'), self.gating_init,
+                             (d_in, self.n_modules), self.param_dtype)
+    kernel = param_with_axes(self, 'kernel', (d_in_axis, None), self.kernel_init,
+                             (d_in, d_module), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     y = jnp.einsum('...i,is,im->...sm', x.astype(dtype), gating.astype(dtype),
                    kernel.astype(dtype))
     y = y.reshape(x.shape[:-1] + (d_out,))
     if self.use_bias:
-      bias = self.param('bias', self.bias_init, (d_out,), self.param_dtype)
+      bias = param_with_axes(self, 'bias', (d_out_axis,), self.bias_init, (d_out,),
+                             self.param_dtype)
       y = y + lift_to(bias.astype(dtype), y)
     return y
 
@@ -108,7 +117,8 @@ class ModularCausalConv(Layer):
   creates it and leaves it zero. No cache when `length_kernel_size` is 1.
 
   Parameters: `kernel` (length_kernel_size, module_kernel_size, M_in, M_out),
-  `bias` (M_out,).
+  logical axes ('kernel', None, None, None), and `bias` (M_out,), (None,):
+  small, never sharded.
   """
 
   _: dataclasses.KW_ONLY
@@ -147,8 +157,8 @@ class ModularCausalConv(Layer):
     d_module_in = d_in // self.n_modules
     d_module_out = self.d_module_out or d_module_in
     n_past = self.length_kernel_size - 1
-    kernel = self.param(
-        'kernel', self.kernel_init,
+    kernel = param_with_axes(
+        self, 'kernel', ('kernel', None, None, None), self.kernel_init,
         (self.length_kernel_size, self.module_kernel_size, d_module_in, d_module_out),
         self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
@@ -168,7 +178,8 @@ class ModularCausalConv(Layer):
         padding=((0, 0), (half, half)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # (b, l, S, M_out)
     if self.use_bias:
-      bias = self.param('bias', self.bias_init, (d_module_out,), self.param_dtype)
+      bias = param_with_axes(self, 'bias', (None,), self.bias_init, (d_module_out,),
+                             self.param_dtype)
       y = y + lift_to(bias.astype(dtype), y)
     return y.reshape(batch, length, self.n_modules * d_module_out)
 
@@ -248,7 +259,7 @@ class MultiplicativeConvCausalAttention(CausalAttention):
           length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
           use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name)
       y = conv(shared)
-      return jnp.reshape(y, y.shape[:-1] + (self.n_heads, width))
+      return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
 
     return (heads('query_conv', d_qk, self.module_kernel_size),
             heads('key_conv', d_qk, self.module_kernel_size),
@@ -264,4 +275,5 @@ class MultiplicativeConvCausalAttention(CausalAttention):
                          f'{out.shape[-1]} to equal the input width {d_model}.')
       return out
     return MultiplicativeDense(n_modules=self.n_modules or self.n_heads, d_out=d_model,
-                               use_bias=self.use_bias, dtype=self.dtype, name='output')(out)
+                               use_bias=self.use_bias, dtype=self.dtype, axes=(None, 'embed'),
+                               name='output')(out)

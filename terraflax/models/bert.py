@@ -45,10 +45,12 @@ def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint:
                      attention=attention, ff_chunk_len=ff_chunk_len, pad_id=pad_id,
                      share_layers=share_layers, d_embedding=d_embedding, mixing=mixing,
                      model='BertMLM')
+  head_axis = 'embed' if d_embedding is None else None  # The head's width (d_embedding: None).
   return cb.Serial(
       body,  # stack: x, mask
       cb.Select([0], n_in=2),  # stack: x
-      cb.Serial(tl.Dense(d_embedding or d_model, dtype=dtype), tl.Gelu(), tl.LayerNorm(),
-                tl.Dense(vocab_size, dtype=dtype), label='MLMHead'),
+      cb.Serial(tl.Dense(d_embedding or d_model, dtype=dtype, axes=('embed', None)), tl.Gelu(),
+                tl.LayerNorm(axes=(head_axis,)),
+                tl.Dense(vocab_size, dtype=dtype, axes=(head_axis, 'vocab')), label='MLMHead'),
       Float32(),
   )

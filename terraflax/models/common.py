@@ -92,8 +92,8 @@ def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None):
         tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
     ]
   return [
-      tl.Embedding(vocab_size, d_embedding, dtype=dtype),
-      tl.Dense(d_model, dtype=dtype),  # The factorised embedding's projection.
+      tl.Embedding(vocab_size, d_embedding, dtype=dtype, axes=('vocab', None)),
+      tl.Dense(d_model, dtype=dtype, axes=(None, 'embed')),  # The factorised projection.
       tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
   ]
 

@@ -275,15 +275,22 @@ class _Tensors:
     return np.asarray(value, np.float32)
 
 
+def _abstract_params(model, streams) -> dict:
+  """The shapes of `model.init`'s plain (unboxed) parameters on a (1, 1) token batch."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  rngs = {s: jax.random.key(0) for s in streams}
+  return nn.meta.unbox(jax.eval_shape(model.init, rngs, jnp.zeros((1, 1), jnp.int32))['params'])
+
+
 def hf_to_params(tensors: dict[str, np.ndarray], config: dict, kwargs: dict,
                  file: str = WEIGHTS_FILE) -> dict:
   """The `ReformerLM(**kwargs)` parameter tree from HF tensors (numpy float32)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
   model = ReformerLM(**kwargs, mode='eval')
-  rngs = {s: jax.random.key(0) for s in ('params', 'hash', 'dropout')}
-  abstract = jax.eval_shape(model.init, rngs, jnp.zeros((1, 1), jnp.int32))['params']
+  abstract = _abstract_params(model, ('params', 'hash', 'dropout'))
   t = _Tensors(tensors, file)
   d, f, h, k, v = (kwargs[n] for n in ('d_model', 'd_ff', 'n_heads', 'd_qk', 'vocab_size'))
   layers = list(config['attn_layers'])
@@ -394,11 +401,9 @@ def lsh_rotations(kwargs: dict, rotations: dict[int, np.ndarray]) -> dict:
         'LSHSelfAttention_1': {'rotations': np.stack(per_layer)}}
   if not serial:
     return {}
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
   model = ReformerLM(**kwargs, mode='eval')
-  abstract = jax.eval_shape(model.init, {s: jax.random.key(0) for s in ('params', 'hash')},
-                            jnp.zeros((1, 1), jnp.int32))['params']
+  abstract = _abstract_params(model, ('params', 'hash'))
   return {_child(abstract, 'ReversibleSerial', 'the model'): serial}
 
 
@@ -493,11 +498,8 @@ def ByteLM(*, byte_offset: int, mode: str = 'train',  # pylint: disable=invalid-
 
 def byte_lm_params(kwargs: dict, params, byte_offset: int):
   """`ByteLM(byte_offset=..., **kwargs)`'s parameters from the ReformerLM's."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   model = ByteLM(byte_offset=byte_offset, **kwargs, mode='eval')
-  abstract = jax.eval_shape(model.init, {s: jax.random.key(0) for s in ('params', 'hash')},
-                            jnp.zeros((1, 1), jnp.int32))['params']
+  abstract = _abstract_params(model, ('params', 'hash'))
   (name,) = abstract
   return {name: params}
 

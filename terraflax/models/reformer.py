@@ -360,7 +360,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
       cb.MergeStreams('concat'),  # stack: [attention stream, feed-forward stream] (b, l, 2d)
       tl.LayerNorm(),
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
-      tl.Dense(vocab_size, dtype=dtype),
+      tl.Dense(vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
   )
 
@@ -472,6 +472,6 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
       cb.MergeStreams('mean'),  # stack: y, encoder, mask
       cb.Select([0], n_in=3),
       tl.LayerNorm(),
-      tl.Dense(output_vocab_size, dtype=dtype),
+      tl.Dense(output_vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
   )

@@ -258,7 +258,7 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                    reversible=reversible, merge_streams=merge_streams, d_ff=d_ff,
                    ff_sparsity=ff_sparsity),  # stack: x
       tl.LayerNorm(),
-      tl.Dense(vocab_size, dtype=dtype),
+      tl.Dense(vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
   )
 
@@ -352,6 +352,6 @@ def Terraformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
                    n_repeats=n_decoder_layers // len(pattern), **streams),  # stack: y, encoder, mask
       cb.Select([0], n_in=3),
       tl.LayerNorm(),
-      tl.Dense(output_vocab_size, dtype=dtype),
+      tl.Dense(output_vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
   )

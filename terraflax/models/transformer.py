@@ -190,8 +190,8 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
       Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
       cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
-      tl.Dense(d_embedding, dtype=dtype) if d_embedding is not None else None,
-      tl.Dense(vocab_size, dtype=dtype),
+      tl.Dense(d_embedding, dtype=dtype, axes=('embed', None)) if d_embedding is not None else None,
+      tl.Dense(vocab_size, dtype=dtype, axes=('embed' if d_embedding is None else None, 'vocab')),
       Float32(),
   )
 
@@ -281,7 +281,7 @@ def TransformerEncoder(*, vocab_size: int, n_classes: int = 10, d_model: int = 5
   return cb.Serial(
       body,  # stack: x, mask
       cb.Fn('MaskedMean', masked_mean),  # stack: pooled (b, d)
-      tl.Dense(n_classes, dtype=compute_dtype(dtype)),
+      tl.Dense(n_classes, dtype=compute_dtype(dtype), axes=('embed', None)),
       Float32(),
   )
 
@@ -343,6 +343,6 @@ def Transformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
       cb.Repeat(decoder_block, n_decoder_layers // len(decoder_pattern)),  # stack: y, encoder, mask
       cb.Select([0], n_in=3),
       tl.LayerNorm(),
-      tl.Dense(output_vocab_size, dtype=dtype),
+      tl.Dense(output_vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
   )

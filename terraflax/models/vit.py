@@ -80,6 +80,6 @@ def ViT(*, image_shape: Sequence[int] = (8, 8, 1), patch_size: int = 2,  # pylin
       cb.Select([0], n_in=2),
       tl.LayerNorm(),
       cb.Fn('ClassOutput', lambda x: x[:, 0]),  # stack: (b, d)
-      tl.Dense(n_classes, dtype=dtype),
+      tl.Dense(n_classes, dtype=dtype, axes=('embed', None)),
       Float32(),
   )

@@ -10,9 +10,11 @@
   checkpoint.py   orbax CheckpointManager items, `load_for_inference`, `load_matching_params`
   distill.py      the teacher of knowledge distillation (`config.distill`)
   metrics.py      metrics.jsonl, TensorBoard events, progress lines
-  sharding.py     the ('data', 'model') mesh, shardings, multi-process start
+  sharding.py     the ('data', 'fsdp', 'model') mesh, logical-axis rules, shardings and
+                  their checks, per-device bytes, multi-process start
   steps.py        `make_train_step`, its compilation and FLOPs (MFU), metric accumulation
-  state.py        `TrainState`, `initial_state`, optimizer-state shardings, parameter counts
+  state.py        `TrainState`, `initial_state` / `abstract_state`, optimizer-state shardings,
+                  parameter counts, memory.json
   evaluation.py   `make_eval_step`, `evaluate_params`, batch sums and their normalisation
   preemption.py   SIGTERM as a flag the loop checks after every step
   trainer.py      the loop: `train_and_evaluate`, `prepare_workdir` (the workdir set-up)

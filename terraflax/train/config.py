@@ -37,6 +37,7 @@ from terraflax import rng as rng_lib
 from terraflax.models import spec as spec_lib
 from terraflax.train import data as data_lib
 from terraflax.train import optimizers
+from terraflax.train import sharding as sharding_lib
 
 _REQUIRED = object()
 
@@ -145,7 +146,10 @@ SCHEMA: dict[str, Field] = {
     'distill.temperature': Field((int, float), 2.0, _positive, 'a positive number'),
     'distill.alpha': Field((int, float), 0.5, lambda v: 0.0 <= v <= 1.0, 'in [0, 1]'),
     # sharding and multi-process start
-    'sharding.model_parallel': Field(int, 1, _positive, 'a positive int'),
+    'sharding.fsdp': Field(int, 1, _positive, 'a positive int'),
+    'sharding.tensor_parallel': Field(int, 1, _positive, 'a positive int'),
+    # Deprecated alias of tensor_parallel (0: unset); old config.json files hold 1.
+    'sharding.model_parallel': Field(int, 0, _non_negative, 'a non-negative int (0: unset)'),
     'sharding.logical_axis_rules': Field((tuple, list), ()),
     'distributed.initialize': Field(bool, False),
     'distributed.coordinator_address': Field(str, ''),
@@ -254,22 +258,16 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
   if d.eval_fraction + d.test_fraction >= 1.0:
     raise ConfigError(f'config.data.eval_fraction + data.test_fraction must be < 1, got '
                       f'{d.eval_fraction} + {d.test_fraction}.')
-  if n_devices % config.sharding.model_parallel:
-    raise ConfigError(f'config.sharding.model_parallel={config.sharding.model_parallel} must '
-                      f'divide the number of devices ({n_devices}).')
-  data_parallel = n_devices // config.sharding.model_parallel
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'config.train.batch_size={t.batch_size} must be divisible by '
                       f'train.grad_accum_steps={t.grad_accum_steps}.')
-  micro = t.batch_size // t.grad_accum_steps
-  if micro % data_parallel:
-    raise ConfigError(
-        f'config.train.batch_size={t.batch_size} must be divisible by the {data_parallel} '
-        f'data-parallel devices' + (f' times train.grad_accum_steps={t.grad_accum_steps}'
-                                    if t.grad_accum_steps > 1 else '') + '.')
   if t.batch_size % n_processes:
     raise ConfigError(f'config.train.batch_size={t.batch_size} must be divisible by the '
                       f'{n_processes} processes.')
+  with sharding_errors():
+    sharding_lib.check_rules(config.sharding.logical_axis_rules)
+    sizes = sharding_lib.mesh_shape(config.sharding, n_devices)
+    sharding_lib.check_batch(t.batch_size, t.grad_accum_steps, sizes, n_processes)
   if o.weight_decay and o.name == 'adam':
     raise ConfigError('config.optimizer.weight_decay is not applied by adam; use '
                       "optimizer.name='adamw' (decoupled weight decay) or set weight_decay=0.")
@@ -281,14 +279,18 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
   if d.name == 'listops' and d.max_len == 0:
     raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
                       'expression in tokens.')
-  for rule in config.sharding.logical_axis_rules:
-    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
-        or rule[1] not in (None, 'data', 'model')):
-      raise ConfigError("config.sharding.logical_axis_rules must be pairs (logical_name, "
-                        f"'data' | 'model' | None), got {rule!r}.")
 
 
 # ----------------------------------------------------------------------------- model
+
+
+@contextlib.contextmanager
+def sharding_errors():
+  """`with sharding_errors():` re-raises `sharding.ShardingError` as a `ConfigError`."""
+  try:
+    yield
+  except sharding_lib.ShardingError as e:
+    raise ConfigError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -396,6 +398,11 @@ def validate_config(config, *, n_devices: int | None = None, n_processes: int | 
     raise ConfigError('config.sample.max_new_tokens must be 0 unless the task is a language '
                       f'model (data.name={config.data.name!r} is {data.info.task}).')
   variables = trace_model(config, spec, data.info)
+  with sharding_errors():
+    sharding_lib.check_variables(
+        variables['params'], sharding_lib.mesh_shape(config.sharding, jax.device_count()
+                                                     if n_devices is None else n_devices),
+        sharding_lib.axis_rules(config.sharding), config.model)
   check_trainable(config.optimizer.trainable, nn.meta.unbox(variables['params']))
   for field, workdir in (('init_from', config.init_from),
                          ('distill.teacher_workdir', config.distill.teacher_workdir)):
@@ -407,8 +414,8 @@ def validate_config(config, *, n_devices: int | None = None, n_processes: int | 
 
 def param_paths(params) -> list[str]:
   """'Repeat_3/Serial_0/.../kernel' for every parameter leaf, in tree order."""
-  return [optimizers.path_name(path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [optimizers.path_name(path)  # Boxed (logically partitioned) trees too.
+          for path, _ in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]]
 
 
 def check_trainable(pattern: str, params) -> None:

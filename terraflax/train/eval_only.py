@@ -191,7 +191,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   # The latest step falls back to the newest intact one (reported) if it is damaged.
   _, params, step = workdir_lib.load_params(
       workdir, config.eval.step or None, nn.meta.unbox(experiment.abstract_variables['params']))
-  mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
+  mesh = sharding_lib.mesh_from_config(config.sharding)
   replicated = sharding_lib.replicated(mesh)
   params = jax.device_put(params, replicated)
   eval_step = evaluation.jit_eval_step(spec.build('eval'), spec.task, replicated)

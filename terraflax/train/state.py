@@ -2,7 +2,9 @@
 
 `initial_state` initialises the parameters with `stream_keys(init_key)` (the
 'params' stream and the noise streams some layers draw at init) directly into
-their shardings, and the optimizer state beside them (`opt_state_shardings`).
+their shardings, and the optimizer state beside them (`opt_state_shardings`);
+`abstract_state` is the same layout unallocated (a resume's restore target).
+`memory_report` gives the per-device bytes of `WORKDIR/memory.json`.
 The parameter counts (total, trained) go to `WORKDIR/parameters.json`.
 """
 
@@ -24,6 +26,7 @@ from terraflax.train import optimizers
 from terraflax.train import sharding as sharding_lib
 
 PARAMETERS_FILE = 'parameters.json'
+MEMORY_FILE = 'memory.json'
 
 
 @flax.struct.dataclass
@@ -69,8 +72,9 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> T
   """
   config, spec = experiment.config, experiment.spec
   replicated = sharding_lib.replicated(mesh)
+  rules = sharding_lib.axis_rules(config.sharding)
   param_shardings = sharding_lib.variable_shardings(
-      experiment.abstract_variables['params'], mesh, config.sharding.logical_axis_rules)
+      experiment.abstract_variables['params'], mesh, rules)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   model = spec.build('train')
   zeros = jnp.zeros((1, config.data.seq_len), jnp.int32)
@@ -79,7 +83,7 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> T
   def init_params(key):
     return nn.meta.unbox(model.init(rng_lib.stream_keys(key), *tokens)['params'])
 
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     params = jax.jit(init_params, out_shardings=param_shardings)(init_key)
     if loaded is not None:
       params = jax.tree_util.tree_map(
@@ -89,6 +93,28 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> T
   return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                     opt_state=opt_state,
                     rng=jax.device_put(jax.random.key_data(train_key), replicated))
+
+
+def abstract_state(experiment: config_lib.Experiment, tx, mesh) -> TrainState:
+  """The layout `initial_state` makes, as sharded `jax.ShapeDtypeStruct`s: nothing allocated.
+
+  What a resumed run restores its checkpoint into (orbax reads each device's
+  shards straight onto the mesh), so resuming never holds two states.
+  """
+  replicated = sharding_lib.replicated(mesh)
+  boxed = experiment.abstract_variables['params']
+  shardings = sharding_lib.variable_shardings(
+      boxed, mesh, sharding_lib.axis_rules(experiment.config.sharding))
+  params = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+      shardings)
+  opt_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                    params=params, opt_state=opt_state,
+                    rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated))
 
 
 def count_params(params) -> int:
@@ -106,4 +132,36 @@ def write_parameter_counts(workdir: str, n_params: int, n_trained: int, config,
     record['init_from_fresh'] = init_report['fresh']
   with open(os.path.join(workdir, PARAMETERS_FILE), 'w', encoding='utf-8') as f:
     json.dump(record, f, indent=2)
+    f.write('\n')
+
+
+def memory_report(state: TrainState, compiled_step, mesh) -> dict[str, Any]:
+  """Per-device bytes of the parameters, optimizer state and the compiled step's temporaries.
+
+  Parameter and optimizer bytes are those of the largest device's shards;
+  `*_replicated` are one whole copy; the temp, argument and output bytes are
+  XLA's `memory_analysis()` of the compiled step (None where the backend
+  has none).
+  """
+  try:
+    analysis = compiled_step.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # Not every backend implements it.
+    analysis = None
+  compiled = {name: getattr(analysis, f'{name}_size_in_bytes', None) if analysis else None
+              for name in ('temp', 'argument', 'output', 'generated_code')}
+  return {
+      'mesh': {name: int(size) for name, size in mesh.shape.items()},
+      'devices': int(mesh.size),
+      'params_bytes_per_device': sharding_lib.per_device_bytes(state.params),
+      'opt_state_bytes_per_device': sharding_lib.per_device_bytes(state.opt_state),
+      'params_bytes_replicated': sharding_lib.total_bytes(state.params),
+      'opt_state_bytes_replicated': sharding_lib.total_bytes(state.opt_state),
+      **{f'{name}_bytes_per_device': value for name, value in compiled.items()},
+  }
+
+
+def write_memory_report(workdir: str, report: dict[str, Any]) -> None:
+  """`WORKDIR/memory.json`: `memory_report`'s figures."""
+  with open(os.path.join(workdir, MEMORY_FILE), 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=2)
     f.write('\n')

@@ -36,8 +36,26 @@ from terraflax.train.state import TrainState
 PEAK_FLOPS = {'cpu': 180e9}
 
 
+def cast_for_compute(params, dtype):
+  """`params` with every floating matrix (rank >= 2) cast to the compute `dtype` (None: as is).
+
+  Applied to the sharded parameters before the model runs, so the cast is
+  done shard by shard and the all-gathers of fsdp / tensor parallelism move
+  `dtype` (bfloat16: half the bytes); the gradients flow back through the
+  cast in float32. Vectors (norm scales, biases) keep their float32 values.
+  """
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return params
+  def cast(p):
+    if jnp.issubdtype(p.dtype, jnp.floating) and p.ndim >= 2:
+      return p.astype(dtype)
+    return p
+  return jax.tree_util.tree_map(cast, params)
+
+
 def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
-                    teacher: distill_lib.Teacher | None = None, trainable: str = ''):
+                    teacher: distill_lib.Teacher | None = None, trainable: str = '',
+                    compute_dtype=None):
   """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
 
   `task` says how the model is called (`spec.model_inputs`): model(inputs),
@@ -48,7 +66,8 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
   only the matching parameters: the others get zero gradients without their
   weight-gradient products being computed, and `grad_norm` is the trained
   parameters' norm. (`tx` must freeze the same ones; `optimizers.make_optimizer`
-  does.)
+  does.) `compute_dtype` (the model's `dtype`, e.g. bfloat16) casts the
+  parameter matrices before the model reads them (`cast_for_compute`).
   """
 
   def loss_fn(params, batch, key, teacher_params):
@@ -57,6 +76,7 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
       params = jax.tree_util.tree_map(
           lambda p, label: p if label == 'trained' else jax.lax.stop_gradient(p), params, labels)
     inputs = spec_lib.model_inputs(batch, task)
+    params = cast_for_compute(params, compute_dtype)
     logits = model.apply({'params': params}, *inputs, rngs=rng_lib.noise_keys(key))
     sums = batch_sums(logits, batch)
     if teacher is None:
@@ -107,9 +127,14 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
 
 
 def compile_train_step(train_step, state, batch, *extra, state_shardings, replicated):
-  """(compiled step, its FLOPs per call or None): `train_step` jitted (state donated),
-  lowered on these arguments and compiled once; the FLOPs are XLA's cost analysis."""
-  jitted = jax.jit(train_step, donate_argnums=(0,), out_shardings=(state_shardings, replicated),
+  """(compiled step, its FLOPs per call or None): `train_step` jitted (state donated, in and
+  out with `state_shardings`, the batch and `extra` as they are laid out, the metrics
+  `replicated`), lowered on these arguments and compiled once; the FLOPs are XLA's cost
+  analysis."""
+  in_shardings = (state_shardings,) + tuple(
+      jax.tree_util.tree_map(lambda x: x.sharding, arg) for arg in (batch, *extra))
+  jitted = jax.jit(train_step, donate_argnums=(0,), in_shardings=in_shardings,
+                   out_shardings=(state_shardings, replicated),
                    compiler_options=compiler.options())
   compiled = jitted.lower(state, batch, *extra).compile()
   return compiled, step_flops(compiled)

@@ -85,7 +85,8 @@ def prepare_workdir(config, workdir: str, mesh,
   used (damaged newer steps are reported and moved to `damaged_checkpoints/`,
   never deleted); only then is config.json written, atomically.
   `fresh_state(start)` gives (freshly initialised state, init_from report);
-  when the workdir holds a checkpoint it is the layout it is restored into.
+  when the workdir holds a checkpoint it is the layout it is restored into
+  (`state.abstract_state`: sharded ShapeDtypeStructs, nothing allocated).
   """
   _refuse_changed_resume(config, workdir)
   t = config.train
@@ -129,6 +130,7 @@ class _Run:
   experiment: config_lib.Experiment
   workdir: str
   mesh: Any
+  rules: tuple  # Logical axis rules (`sharding.axis_rules`), active while tracing the steps.
   manager: Any
   writer: metrics_lib.MetricsWriter
   start: int
@@ -215,7 +217,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   sharding_lib.maybe_initialize_distributed(config.distributed)
   experiment = config_lib.validate_config(config, fields_checked=True)
   config, data, t = experiment.config, experiment.data, experiment.config.train
-  mesh = sharding_lib.make_mesh(config.sharding.model_parallel)
+  mesh = sharding_lib.mesh_from_config(config.sharding)
   replicated = sharding_lib.replicated(mesh)
   if jax.process_index() == 0:
     held.enter_context(workdir_lib.WorkdirLock(workdir))
@@ -225,7 +227,9 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
     teacher, teacher_params = distill_lib.load_teacher(experiment)
 
   def fresh_state(start):
-    loaded, report = _load_init_from(experiment) if not start and config.init_from else (None, None)
+    if start:  # Restored into this layout: nothing to initialise.
+      return state_lib.abstract_state(experiment, tx, mesh), None
+    loaded, report = _load_init_from(experiment) if config.init_from else (None, None)
     return state_lib.initial_state(experiment, tx, mesh, loaded), report
 
   prepared = prepare_workdir(config, workdir, mesh, fresh_state)
@@ -244,9 +248,11 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
                 f'{teacher.temperature:g}, alpha {teacher.alpha:g}).')
   train_step = steps_lib.make_train_step(
       experiment.spec.build('train'), tx, grad_accum_steps=t.grad_accum_steps,
-      task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable)
+      task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable,
+      compute_dtype=experiment.spec.kwargs.get('dtype'))
   eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated)
-  return _Run(experiment=experiment, workdir=workdir, mesh=mesh, manager=prepared.manager,
+  return _Run(experiment=experiment, workdir=workdir, mesh=mesh,
+              rules=sharding_lib.axis_rules(config.sharding), manager=prepared.manager,
               writer=writer, start=prepared.start, state=prepared.state,
               pending=prepared.pending,
               health=jax.device_put(jnp.array(-1, jnp.int32), replicated), data_iter=data_iter,
@@ -298,7 +304,7 @@ def _loop(run: _Run, stop: preemption.StopSignal) -> tuple[dict[str, float], boo
   t = run.config.train
   last: dict[str, float] = {}
   timer = _Timer()
-  with jax.set_mesh(run.mesh):
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     for step in range(run.start + 1, t.steps + 1):
       _one_step(run, step)
       timer.step_done(run.state.step)
@@ -328,8 +334,23 @@ def _one_step(run: _Run, step: int) -> None:
         run.train_step, run.state, batch, *run.teacher_args,
         state_shardings=jax.tree_util.tree_map(lambda x: x.sharding, run.state),
         replicated=sharding_lib.replicated(run.mesh))
+    _report_memory(run)
   run.state, metrics = run.compiled_step(run.state, batch, *run.teacher_args)
   run.pending, run.health = steps_lib.accumulate(run.pending, run.health, metrics, step)
+
+
+def _report_memory(run: _Run) -> None:
+  """The memory line and `WORKDIR/memory.json` (process 0): what one device holds."""
+  report = state_lib.memory_report(run.state, run.compiled_step, run.mesh)
+  mib = lambda n: f'{n / 2**20:,.1f} MiB' if n is not None else '?'  # pylint: disable=unnecessary-lambda-assignment
+  run.writer.info(
+      f'Memory per device (mesh {report["mesh"]}): parameters '
+      f'{mib(report["params_bytes_per_device"])}, optimizer state '
+      f'{mib(report["opt_state_bytes_per_device"])} (replicated: '
+      f'{mib(report["params_bytes_replicated"])} + {mib(report["opt_state_bytes_replicated"])}); '
+      f'train step temp {mib(report["temp_bytes_per_device"])}.')
+  if jax.process_index() == 0:
+    state_lib.write_memory_report(run.workdir, report)
 
 
 def _train_scalars(run: _Run, step: int, timer: _Timer) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Stack semantics of the combinators, pinned down with toy Fn layers."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ KEY = jax.random.key(0)
 
 def run(layer, *inputs):
   """init + apply of a parameter-free or parametric layer; returns outputs."""
-  variables = layer.init(KEY, *inputs)
+  variables = nn.meta.unbox(layer.init(KEY, *inputs))
   return layer.apply(variables, *inputs)
 
 
@@ -196,28 +197,28 @@ class ErrorTest(absltest.TestCase):
   def test_underflow_names_layer_and_counts(self):
     layer = cb.Serial(Digits2())
     with self.assertRaisesRegex(cb.LayerError, r'Serial.*n_in=2.*called with 1'):
-      layer.init(KEY, scalar(1))
+      nn.meta.unbox(layer.init(KEY, scalar(1)))
 
   def test_wrong_output_count_names_path(self):
     liar = cb.Fn('Liar', lambda x: x, n_out=2)
     model = cb.Serial(AddOne(), cb.Serial(AddOne(), liar))
     with self.assertRaisesRegex(cb.LayerError, r'Serial_1/Liar_1 .*n_out=2 but returned one array'):
-      model.init(KEY, scalar(1))
+      nn.meta.unbox(model.init(KEY, scalar(1)))
 
   def test_shape_mismatch_names_path_and_shapes(self):
     model = cb.Serial(tl.Dense(3), cb.Serial(tl.Dense(4), cb.Branch(None, tl.Dense(5)), cb.Add()))
     with self.assertRaisesRegex(cb.LayerError, r'Serial_1/Add_2 .*float32\(2, 4\), float32\(2, 5\)'):
-      model.init(KEY, jnp.ones((2, 3)))
+      nn.meta.unbox(model.init(KEY, jnp.ones((2, 3))))
 
   def test_residual_mismatch_names_residual(self):
     model = cb.Serial(cb.Residual(tl.Dense(7)))
     with self.assertRaisesRegex(cb.LayerError, r'Residual_0.*\(2, 3\) and \(2, 7\)'):
-      model.init(KEY, jnp.ones((2, 3)))
+      nn.meta.unbox(model.init(KEY, jnp.ones((2, 3))))
 
   def test_error_inside_leaf_layer_names_it(self):
     model = cb.Serial(tl.Dense(3), tl.Embedding(4, 2))
     with self.assertRaisesRegex(cb.LayerError, r'Embedding_1.*integer token ids.*float32'):
-      model.init(KEY, jnp.ones((2, 3)))
+      nn.meta.unbox(model.init(KEY, jnp.ones((2, 3))))
 
   def test_bad_construction(self):
     with self.assertRaisesRegex(cb.LayerError, 'indices'):
@@ -238,7 +239,7 @@ class SharingAndJitTest(absltest.TestCase):
     shared = tl.Dense(4)
     model = cb.Serial(shared, tl.Relu(), shared)
     x = jnp.arange(8.0).reshape(2, 4)
-    variables = model.init(KEY, x)
+    variables = nn.meta.unbox(model.init(KEY, x))
     self.assertEqual(list(variables['params']), ['Dense_0'])
     kernel = variables['params']['Dense_0']['kernel']
     bias = variables['params']['Dense_0']['bias']
@@ -248,13 +249,13 @@ class SharingAndJitTest(absltest.TestCase):
   def test_sharing_across_nested_combinators(self):
     shared = tl.Dense(4)
     model = cb.Serial(shared, cb.Residual(shared), cb.Branch(shared, None), cb.Add())
-    variables = model.init(KEY, jnp.ones((1, 4)))
+    variables = nn.meta.unbox(model.init(KEY, jnp.ones((1, 4))))
     leaves = jax.tree_util.tree_leaves(variables)
     self.assertLen(leaves, 2)  # one kernel, one bias
 
   def test_parameter_paths_name_layers(self):
     model = cb.Serial(tl.Embedding(16, 8), cb.Residual(tl.LayerNorm(), tl.Dense(8)), tl.Dense(16))
-    variables = model.init(KEY, jnp.zeros((1, 3), jnp.int32))
+    variables = nn.meta.unbox(model.init(KEY, jnp.zeros((1, 3), jnp.int32)))
     paths = {'/'.join(k.key for k in path) for path, _ in
              jax.tree_util.tree_flatten_with_path(variables['params'])[0]}
     self.assertEqual(paths, {
@@ -265,14 +266,14 @@ class SharingAndJitTest(absltest.TestCase):
     model = cb.Serial(tl.Dense(8), cb.Branch(tl.Relu(), tl.Tanh()), cb.Multiply(),
                       cb.Residual(tl.LayerNorm(), tl.Dense(8)))
     x = jax.random.normal(KEY, (3, 5))
-    variables = model.init(KEY, x)
+    variables = nn.meta.unbox(model.init(KEY, x))
     chex.assert_trees_all_close(jax.jit(model.apply)(variables, x), model.apply(variables, x),
                                 rtol=1e-6, atol=1e-6)
 
   def test_every_layer_call_runs_in_a_named_scope_of_its_path(self):
     model = cb.Serial(tl.Dense(8), cb.Residual(tl.LayerNorm(), tl.Dense(8)), tl.Relu())
     x = jax.random.normal(KEY, (3, 5))
-    variables = model.init(KEY, x)
+    variables = nn.meta.unbox(model.init(KEY, x))
     text = jax.jit(model.apply).lower(variables, x).as_text(debug_info=True)
     for scope in ('Dense_0/', 'Residual_1/LayerNorm_0/', 'Residual_1/Dense_1/', 'Relu_2/'):
       self.assertIn(scope, text)
@@ -281,7 +282,7 @@ class SharingAndJitTest(absltest.TestCase):
     model = cb.Serial(tl.Dense(2), cb.Select([0, 0]), cb.Add(), cb.Residual(tl.Dense(2)))
     clone = model.clone()
     x = jnp.ones((1, 2))
-    variables = model.init(KEY, x)
+    variables = nn.meta.unbox(model.init(KEY, x))
     np.testing.assert_allclose(clone.apply(variables, x), model.apply(variables, x))
 
 

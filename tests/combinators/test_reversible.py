@@ -183,7 +183,7 @@ class GradientTest(absltest.TestCase):
   def test_gradients_equal_plain_autodiff_with_dropout_and_hash(self):
     model = cb.ReversibleSerial(*block(), n_repeats=3)
     x1, x2 = inputs()
-    variables = model.init(KEY, x1, x2)
+    variables = nn.meta.unbox(model.init(KEY, x1, x2))
     unrolled = block() + block() + block()
     cb.Serial(*unrolled)  # Names the layers by position, as an unrolled stack does.
 
@@ -210,7 +210,7 @@ class GradientTest(absltest.TestCase):
     model = cb.ReversibleSerial(*lsh_block(), n_repeats=2)
     # Length 6 is padded to two chunks of 4 inside the LSH layers.
     x1, x2 = (jax.random.normal(k, (2, 6, D)) for k in jax.random.split(jax.random.key(3)))
-    variables = model.init({'params': KEY, **RNGS}, x1, x2)
+    variables = nn.meta.unbox(model.init({'params': KEY, **RNGS}, x1, x2))
     unrolled = lsh_block() + lsh_block()
     cb.Serial(*unrolled)  # Names the layers by position, as an unrolled stack does.
 
@@ -243,7 +243,7 @@ class GradientTest(absltest.TestCase):
     rev, plain = model(True), model(False)
     self.assertEqual((rev.n_in, rev.n_out), (2, 2))
     x1, x2 = inputs()
-    variables = rev.init(KEY, x1, x2)
+    variables = nn.meta.unbox(rev.init(KEY, x1, x2))
     self.assertEqual(sorted(variables['params']), [
         'ReversibleHalfResidual_1', 'ReversibleScale_0', 'ReversibleScale_4',
         'ReversibleSerial_2'])
@@ -260,7 +260,7 @@ class ReverseTest(absltest.TestCase):
   def test_reverse_of_forward_reconstructs_inputs(self):
     model = cb.ReversibleSerial(*block(), *block())
     x1, x2 = inputs()
-    variables = model.init(KEY, x1, x2)
+    variables = nn.meta.unbox(model.init(KEY, x1, x2))
     y1, y2 = model.apply(variables, x1, x2, rngs=RNGS)
     self.assertGreater(float(jnp.max(jnp.abs(y1 - x1))), 0.1)
     r1, r2 = model.apply(variables, y1, y2, rngs=RNGS, method='reverse')
@@ -271,7 +271,7 @@ class ReverseTest(absltest.TestCase):
     x1, x2, ctx = inputs(3)
     layer = cb.ReversibleHalfResidual(Gate())
     self.assertEqual((layer.n_in, layer.n_out), (3, 3))
-    variables = layer.init(KEY, x1, x2, ctx)
+    variables = nn.meta.unbox(layer.init(KEY, x1, x2, ctx))
     y1, y2, c = layer.apply(variables, x1, x2, ctx)
     kernel = variables['params']['Gate_0']['Dense_0']['kernel']
     bias = variables['params']['Gate_0']['Dense_0']['bias']
@@ -294,9 +294,9 @@ class ScanTest(absltest.TestCase):
     unrolled_layers = block() + block() + block()
     unrolled = cb.ReversibleSerial(*unrolled_layers)
     x1, x2 = inputs()
-    variables = scanned.init(KEY, x1, x2)
+    variables = nn.meta.unbox(scanned.init(KEY, x1, x2))
     # Parameters read like Serial(*block())'s, with a leading axis of 3.
-    plain = jax.eval_shape(cb.Serial(*block()).init, KEY, x1, x2)
+    plain = nn.meta.unbox(jax.eval_shape(cb.Serial(*block()).init, KEY, x1, x2))
     chex.assert_trees_all_equal_structs(variables, plain)
     for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(plain)):
       self.assertEqual(a.shape, (3,) + b.shape)
@@ -305,7 +305,7 @@ class ScanTest(absltest.TestCase):
                              'ReversibleHalfResidual_2', 'ReversibleSwap_3'])
     params = unrolled_params(variables['params'], unrolled_layers, 3)
     chex.assert_trees_all_equal_structs(
-        {'params': params}, jax.eval_shape(unrolled.init, KEY, x1, x2))
+        {'params': params}, nn.meta.unbox(jax.eval_shape(unrolled.init, KEY, x1, x2)))
     # Same outputs, dropout and hash noise included.
     outputs = scanned.apply(variables, x1, x2, rngs=RNGS)
     chex.assert_trees_all_close(outputs, unrolled.apply({'params': params}, x1, x2, rngs=RNGS),
@@ -313,7 +313,7 @@ class ScanTest(absltest.TestCase):
     # reversible=False: the same parameters and function.
     plain_model = cb.ReversibleSerial(*block(), n_repeats=3, reversible=False)
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        variables, jax.eval_shape(plain_model.init, KEY, x1, x2))
+        variables, nn.meta.unbox(jax.eval_shape(plain_model.init, KEY, x1, x2)))
     chex.assert_trees_all_close(outputs, plain_model.apply(variables, x1, x2, rngs=RNGS),
                                 rtol=1e-6)
     chex.assert_trees_all_close(scanned.apply(variables, *outputs, rngs=RNGS, method='reverse'),
@@ -335,7 +335,7 @@ class ContextTest(parameterized.TestCase):
     self.assertEqual((model.n_in, model.n_out), (4, 4))
     x1, x2, ctx = inputs(3)
     mask = jnp.asarray(np.random.default_rng(0).integers(0, 2, (2, 5, 1)), jnp.int32)
-    variables = model.init(KEY, x1, x2, ctx, mask)
+    variables = nn.meta.unbox(model.init(KEY, x1, x2, ctx, mask))
     unrolled = context_block() + context_block()
     cb.Serial(*unrolled)
     ref_params = (unrolled_params(variables['params'], unrolled, n_repeats) if n_repeats
@@ -366,7 +366,7 @@ class ContextTest(parameterized.TestCase):
     layer = cb.ReversibleHalfResidual(GateKeepingContext())
     self.assertEqual((layer.n_in, layer.n_out), (3, 3))
     x1, x2, ctx = inputs(3)
-    variables = layer.init(KEY, x1, x2, ctx)
+    variables = nn.meta.unbox(layer.init(KEY, x1, x2, ctx))
     dense_params = variables['params']['GateKeepingContext_0']['Dense_0']
     dense = tl.Dense(D).apply({'params': dense_params}, x2)
     chex.assert_trees_all_close(layer.apply(variables, x1, x2, ctx),
@@ -386,7 +386,7 @@ class ModesTest(absltest.TestCase):
 
     x = jax.random.normal(KEY, (2, 6, D))
     eval_model, predict_model = model('eval'), model('predict')
-    variables = eval_model.init(KEY, x)
+    variables = nn.meta.unbox(eval_model.init(KEY, x))
     full = eval_model.apply(variables, x)
     cache = predict_model.init(KEY, x[:, :1])['cache']
     self.assertEqual(
@@ -429,12 +429,12 @@ class WiringTest(absltest.TestCase):
     layer = cb.ReversibleHalfResidual(tl.Dense(D + 1))
     x1, x2 = inputs()
     with self.assertRaisesRegex(cb.LayerError, 'residual f.*shape of x1'):
-      layer.init(KEY, x1, x2)
+      nn.meta.unbox(layer.init(KEY, x1, x2))
 
   def test_half_residual_keeps_the_stream_dtype(self):
     layer = cb.ReversibleHalfResidual(tl.Dense(D))
     x1, x2 = (x.astype(jnp.bfloat16) for x in inputs())
-    variables = layer.init(KEY, x1, x2)
+    variables = nn.meta.unbox(layer.init(KEY, x1, x2))
     self.assertEqual(layer.apply(variables, x1, x2)[0].dtype, jnp.bfloat16)
 
 

@@ -33,7 +33,7 @@ class RepeatTest(parameterized.TestCase):
   def test_equals_unrolled_serial(self, remat):
     repeat = cb.Repeat(block(), 3, remat=remat)
     x = jax.random.normal(KEY, (2, 5, 4))
-    variables = repeat.init(KEY, x)
+    variables = nn.meta.unbox(repeat.init(KEY, x))
     stacked = variables['params']['Residual_0']
     self.assertEqual(stacked['Dense_1']['kernel'].shape, (3, 4, 6))
     blocks = [block() for _ in range(3)]
@@ -69,7 +69,7 @@ class RepeatTest(parameterized.TestCase):
     shared = block()
     repeat = cb.Repeat(shared, 3, remat=remat, share_params=True)
     x = jax.random.normal(KEY, (2, 5, 4))
-    variables = repeat.init(KEY, x)
+    variables = nn.meta.unbox(repeat.init(KEY, x))
     one = variables['params']['Residual_0']
     self.assertEqual(one['Dense_1']['kernel'].shape, (4, 6))  # One set, no leading axis.
     single = block()
@@ -89,7 +89,7 @@ class RepeatTest(parameterized.TestCase):
   def test_shared_params_keep_one_cache_per_application(self):
     repeat = cb.Repeat(tl.CausalAttention(n_heads=2, max_len=4, mode='predict'), 3,
                        share_params=True)
-    variables = repeat.init(KEY, jnp.ones((1, 1, 4)))
+    variables = nn.meta.unbox(repeat.init(KEY, jnp.ones((1, 1, 4))))
     self.assertEqual(variables['params']['CausalAttention_0']['query']['kernel'].shape, (4, 4))
     self.assertEqual(variables['cache']['CausalAttention_0']['cached_key'].shape, (3, 1, 2, 2, 4))
 
@@ -109,7 +109,7 @@ class ChunkTest(parameterized.TestCase):
     x = jax.random.normal(KEY, (2, 10, 4))
     variables = plain.init(KEY, x)
     # Chunking does not rename parameters.
-    self.assertEqual(jax.tree_util.tree_structure(chunked.init(KEY, x)),
+    self.assertEqual(jax.tree_util.tree_structure(nn.meta.unbox(chunked.init(KEY, x))),
                      jax.tree_util.tree_structure(variables))
     chex.assert_trees_all_close(chunked.apply(variables, x), plain.apply(variables, x),
                                 rtol=1e-5, atol=1e-6)
@@ -123,7 +123,7 @@ class ChunkTest(parameterized.TestCase):
     self.assertEqual((layer.n_in, layer.n_out), (1, 2))
     model = cb.Serial(layer)
     x = jax.random.normal(KEY, (2, 5, 3))
-    variables = model.init(KEY, x)
+    variables = nn.meta.unbox(model.init(KEY, x))
     self.assertEqual(list(variables['params']), ['Mixer_0'])
     kernel = variables['params']['Mixer_0']['Branch_0']['Dense_0']['kernel']
     bias = variables['params']['Mixer_0']['Branch_0']['Dense_0']['bias']

@@ -7,6 +7,7 @@ JAX, and its gradient by autodiff in float64: no code shared with the kernel.
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,9 +85,11 @@ class LayerTest(parameterized.TestCase):
     x = jax.random.normal(jax.random.key(0), (2, 40, 32))
     cotangent = jax.random.normal(jax.random.key(1), (2, 40, 32))
     layers = {k: FeedForward(d_model=32, d_ff=64, kernel=k, **kw) for k in ('cpu', 'xla')}
-    params = layers['xla'].init({'params': jax.random.key(2), 'dropout': jax.random.key(3)}, x)
+    params = nn.meta.unbox(
+        layers['xla'].init({'params': jax.random.key(2), 'dropout': jax.random.key(3)}, x))
     self.assertEqual(jax.tree_util.tree_structure(params),
-                     jax.tree_util.tree_structure(layers['cpu'].init(jax.random.key(2), x)))
+                     jax.tree_util.tree_structure(nn.meta.unbox(
+                         layers['cpu'].init(jax.random.key(2), x))))
     out = {}
     for k, layer in layers.items():
       loss = lambda p, x, layer=layer: jnp.sum(layer.apply(p, x) * cotangent)  # noqa: E731
@@ -107,7 +110,8 @@ class LayerTest(parameterized.TestCase):
   def lowered(self, **kw):
     layer = FeedForward(d_model=32, d_ff=64, activation=tl.FastGelu, **kw)
     x = jnp.ones((1, 8, 32))
-    params = layer.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x)
+    params = nn.meta.unbox(
+        layer.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, x))
     return jax.jit(lambda p: layer.apply(p, x, rngs={'dropout': jax.random.key(2)})).lower(
         params).as_text()
 

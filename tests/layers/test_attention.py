@@ -1,6 +1,7 @@
 """Attention against float64 numpy references; chunked == full; predict == eval."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +19,13 @@ def normal(shape, seed=0, scale=1.0):
 
 def init(layer, *inputs):
   """`layer.init` jitted: eager initialisers compile op by op, which is slow."""
-  return jax.jit(layer.init)(KEY, *inputs)
+  return nn.meta.unbox(jax.jit(layer.init)(KEY, *inputs))
 
 
 def fake_init(layer, *inputs, seed=0):
   """Variables of the shapes `layer.init` gives, without compiling it: random
   parameters (numpy) and an all-zero cache (what `init` allocates)."""
-  shapes = jax.eval_shape(layer.init, KEY, *inputs)
+  shapes = nn.meta.unbox(jax.eval_shape(layer.init, KEY, *inputs))
   rng = np.random.default_rng(seed)
   variables = {'params': jax.tree_util.tree_map(
       lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.5, s.dtype), shapes['params'])}

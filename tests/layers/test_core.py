@@ -1,6 +1,7 @@
 """Core layers against float64 numpy references."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ class DenseEmbeddingTest(absltest.TestCase):
   def test_dense_matches_numpy(self):
     x = jax.random.normal(KEY, (2, 3, 5))
     layer = tl.Dense(7)
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     p = variables['params']
     self.assertEqual(p['kernel'].shape, (5, 7))
     expected = f64(x) @ f64(p['kernel']) + f64(p['bias'])
@@ -30,14 +31,14 @@ class DenseEmbeddingTest(absltest.TestCase):
   def test_dense_bfloat16_compute_float32_params(self):
     x = jnp.ones((2, 4))
     layer = tl.Dense(3, dtype=jnp.bfloat16)
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     self.assertEqual(variables['params']['kernel'].dtype, jnp.float32)
     self.assertEqual(layer.apply(variables, x).dtype, jnp.bfloat16)
 
   def test_embedding_lookup_and_attend(self):
     ids = jnp.array([[0, 3, 3, 1]])
     layer = tl.Embedding(5, 4)
-    variables = layer.init(KEY, ids)
+    variables = nn.meta.unbox(layer.init(KEY, ids))
     table = f64(variables['params']['embedding'])
     np.testing.assert_allclose(layer.apply(variables, ids), table[np.array([[0, 3, 3, 1]])])
     x = jax.random.normal(KEY, (2, 4))
@@ -60,7 +61,7 @@ class NormTest(absltest.TestCase):
   def test_layer_norm_matches_numpy(self):
     x = 3.0 + 2.0 * jax.random.normal(KEY, (2, 5, 8))
     layer = tl.LayerNorm()
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     variables = jax.tree_util.tree_map(lambda p: p + jax.random.normal(KEY, p.shape), variables)
     p = variables['params']
     x64 = f64(x)
@@ -71,7 +72,7 @@ class NormTest(absltest.TestCase):
   def test_rms_norm_matches_numpy(self):
     x = jax.random.normal(KEY, (3, 8))
     layer = tl.RMSNorm()
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     x64 = f64(x)
     expected = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(layer.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
@@ -79,7 +80,7 @@ class NormTest(absltest.TestCase):
   def test_layer_norm_keeps_bfloat16(self):
     x = jnp.ones((2, 4), jnp.bfloat16)
     layer = tl.LayerNorm()
-    self.assertEqual(layer.apply(layer.init(KEY, x), x).dtype, jnp.bfloat16)
+    self.assertEqual(layer.apply(nn.meta.unbox(layer.init(KEY, x)), x).dtype, jnp.bfloat16)
 
 
 class DropoutShiftActivationTest(parameterized.TestCase):

@@ -8,6 +8,7 @@ position.
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl.testing import absltest
@@ -61,7 +62,7 @@ class FeedForwardBlockTest(absltest.TestCase):
     self.x = jax.random.normal(jax.random.key(0), (2, 8, 32))
 
   def params(self, block):
-    return random_params(block.init(jax.random.key(1), self.x), seed=2)
+    return random_params(nn.meta.unbox(block.init(jax.random.key(1), self.x)), seed=2)
 
   def test_feed_forward_matches_reference(self):
     for kernel in ('xla', 'auto'):
@@ -85,7 +86,7 @@ class FeedForwardBlockTest(absltest.TestCase):
   @absltest.skipUnless(HAS_COMPILER, 'no C++ compiler to build the kernel')
   def test_native_path_sees_every_dropout_and_extra_layers(self):
     block = reordered_block('auto', train_dropout=True)  # Dropouts where no position expects.
-    variables = block.init(jax.random.key(1), self.x)
+    variables = nn.meta.unbox(block.init(jax.random.key(1), self.x))
     rngs = {'dropout': jax.random.key(3)}
     lowered = jax.jit(lambda v: block.apply(v, self.x, rngs=rngs)).lower(variables).as_text()
     self.assertNotIn(ff_cpu.FORWARD, lowered)
@@ -93,7 +94,7 @@ class FeedForwardBlockTest(absltest.TestCase):
       reordered_block('cpu', train_dropout=True).apply(variables, self.x, rngs=rngs)
     block = reordered_block('cpu', extra=tl.Tanh())
     with self.assertRaisesRegex(ValueError, 'one activation.*Tanh'):
-      block.apply(block.init(jax.random.key(1), self.x), self.x)
+      block.apply(nn.meta.unbox(block.init(jax.random.key(1), self.x)), self.x)
 
   def test_roles_must_name_its_layers(self):
     norm, first, second = tl.LayerNorm(), tl.Dense(64), tl.Dense(32)

@@ -1,5 +1,6 @@
 """LocalSelfAttention against a float64 numpy reference; predict == eval; clear errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +56,7 @@ class LocalSelfAttentionTest(absltest.TestCase):
     x = jnp.asarray(np.random.RandomState(1).randn(2, 14, 8), jnp.float32)
     fields = dict(n_heads=2, d_qk=3, d_v=5, chunk_len=4, n_chunks_before=1)
     layer = tl.LocalSelfAttention(**fields, mode='eval')
-    params = layer.init(jax.random.key(0), x)['params']
+    params = nn.meta.unbox(layer.init(jax.random.key(0), x)['params'])
     self.assertEqual({k: v.shape for k, v in params.items()},
                      {'query': (8, 2, 3), 'key': (8, 2, 3), 'value': (8, 2, 5),
                       'output': (2, 5, 8)})

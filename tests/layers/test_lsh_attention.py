@@ -8,6 +8,7 @@ over the distinct keys met; they share no code with the layer.
 import math
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -392,7 +393,7 @@ class LayerTest(parameterized.TestCase):
   def test_init_bfloat16_and_grad(self):
     layer = make_layer(dtype=jnp.bfloat16)
     x = jax.random.normal(KEY, (2, 16, 12))
-    params = jax.eval_shape(layer.init, {'params': KEY, 'hash': KEY}, x)['params']
+    params = nn.meta.unbox(jax.eval_shape(layer.init, {'params': KEY, 'hash': KEY}, x)['params'])
     self.assertEqual({k: (p.shape, p.dtype) for k, p in params.items()},
                      {'qk': ((12, 2, 8), jnp.float32), 'value': ((12, 2, 8), jnp.float32),
                       'output': ((2, 8, 12), jnp.float32)})

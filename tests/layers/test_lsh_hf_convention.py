@@ -7,6 +7,7 @@ whole sorted sequence), keys normalised to unit length, causal and self
 masks by original position, rounds combined by their log-sum-exp weights.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +105,8 @@ class HFConventionTest(parameterized.TestCase):
     x = jnp.asarray(rng.randn(2, 8, 6), jnp.float32)
     layer = tl.LSHSelfAttention(n_heads=2, d_qk=4, d_v=4, n_hashes=2, n_buckets=4, chunk_len=4,
                                 causal=True, mode='eval')
-    params = layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x)['params']
+    params = nn.meta.unbox(
+        layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x)['params'])
     shared = rng.randn(2, 4, 2, 2).astype(np.float32)
     y_shared = layer.apply({'params': params, 'lsh_rotations': {'rotations': shared}}, x)
     y_batched = layer.apply({'params': params, 'lsh_rotations': {
@@ -124,7 +126,8 @@ class HFConventionTest(parameterized.TestCase):
     x = jnp.asarray(rng.randn(1, 4, 6), jnp.float32)
     layer = tl.LSHSelfAttention(n_heads=1, d_qk=4, d_v=4, n_hashes=4, n_buckets=8, chunk_len=4,
                                 causal=True, mode='eval', convention='hf')
-    params = layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x)['params']
+    params = nn.meta.unbox(
+        layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x)['params'])
     y1 = layer.apply({'params': params}, x, rngs={'hash': jax.random.key(5)})
     y2 = layer.apply({'params': params}, x, rngs={'hash': jax.random.key(6)})
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))

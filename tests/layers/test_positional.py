@@ -1,5 +1,6 @@
 """Positional encodings: formulas, and predict mode equals the full pass."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ class PositionalTest(parameterized.TestCase):
   def test_axial_is_concatenation_of_factors(self):
     x = jnp.zeros((2, 12, 5))
     layer = tl.AxialPositionalEncoding(shape=(3, 4), d_embs=(2, 3), mode='eval')
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     a0 = np.asarray(variables['params']['axial_0'])
     a1 = np.asarray(variables['params']['axial_1'])
     expected = np.stack([np.concatenate([a0[p // 4], a1[p % 4]]) for p in range(12)])
@@ -38,7 +39,7 @@ class PositionalTest(parameterized.TestCase):
   )
   def test_predict_token_by_token_equals_eval(self, make):
     x = jax.random.normal(KEY, (2, 9, 6))
-    variables = make('eval').init(KEY, x)
+    variables = nn.meta.unbox(make('eval').init(KEY, x))
     full = make('eval').apply(variables, x)
     predict = make('predict')
     cache = predict.init(KEY, x[:, :1])['cache']

@@ -1,5 +1,6 @@
 """Prefix attention against a float64 numpy reference; predict == eval; swapping prefix sets."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ class PrefixAttentionTest(parameterized.TestCase):
   def test_causal_matches_reference(self, chunk_len):
     x = jax.random.normal(KEY, (2, 5, 8))
     layer = tl.PrefixCausalAttention(n_heads=2, n_prefix=3, chunk_len=chunk_len, mode='eval')
-    params = randomise(layer.init(KEY, x)['params'])
+    params = randomise(nn.meta.unbox(layer.init(KEY, x)['params']))
     self.assertEqual(params['prefix_key'].shape, (3, 2, 4))
     self.assertEqual(params['prefix_value'].shape, (3, 2, 4))
     y = layer.apply({'params': params}, x)
@@ -70,7 +71,7 @@ class PrefixAttentionTest(parameterized.TestCase):
     x = jax.random.normal(KEY, (2, 5, 8))
     mask = jnp.asarray([[True] * 5, [True] * 3 + [False] * 2])
     layer = tl.PrefixAttention(n_heads=2, n_prefix=2, mode='eval')
-    params = randomise(layer.init(KEY, x, mask)['params'])
+    params = randomise(nn.meta.unbox(layer.init(KEY, x, mask)['params']))
     y, mask_out = layer.apply({'params': params}, x, mask)
     self.assertIs(mask_out, mask)
     np.testing.assert_allclose(y, reference_attention(params, x, 2, mask=mask), rtol=1e-4,
@@ -97,7 +98,7 @@ class PrefixLMTest(absltest.TestCase):
   def test_predict_steps_equal_eval_logits(self):
     x = jnp.asarray(np.random.default_rng(0).integers(1, 11, (2, 7)), jnp.int32)
     eval_model = tm.TransformerLM(mode='eval', attention=Full(n_prefix=3), **self.LM)
-    params = randomise(jax.eval_shape(eval_model.init, KEY, x)['params'], scale=0.3)
+    params = randomise(nn.meta.unbox(jax.eval_shape(eval_model.init, KEY, x)['params']), scale=0.3)
     self.assertEqual(
         params['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']['prefix_key'].shape,
         (2, 3, 2, 4))  # Per layer (scanned), per prefix position, head and width.
@@ -110,7 +111,7 @@ class PrefixLMTest(absltest.TestCase):
   def test_one_base_serves_several_prefix_sets(self):
     x = jnp.asarray(np.random.default_rng(1).integers(1, 11, (2, 6)), jnp.int32)
     model = tm.TransformerLM(mode='eval', attention=Full(n_prefix=2), **self.LM)
-    params = randomise(jax.eval_shape(model.init, KEY, x)['params'], scale=0.3)
+    params = randomise(nn.meta.unbox(jax.eval_shape(model.init, KEY, x)['params']), scale=0.3)
     base, prefix_a = prefix_lib.split_prefix(params)
     prefix_b = randomise(prefix_a, seed=7, scale=1.0)
     out_a = model.apply({'params': prefix_lib.merge_prefix(base, prefix_a)}, x)

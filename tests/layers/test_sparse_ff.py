@@ -1,5 +1,6 @@
 """SparseFF against a float64 numpy masked dense feed-forward and a hand-derived estimator."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ def make(mode, **kw):
 def init_params(seed=0, **kw):
   """Parameters with non-zero biases, so every term of the reference matters."""
   x = jnp.zeros((1, 1, D_MODEL))
-  params = make('eval', **kw).init(jax.random.key(seed), x)['params']
+  params = nn.meta.unbox(make('eval', **kw).init(jax.random.key(seed), x)['params'])
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda p: jnp.asarray(np.asarray(p) + 0.3 * rng.standard_normal(p.shape), jnp.float32),
@@ -69,7 +70,7 @@ class SparseFFForwardTest(parameterized.TestCase):
     params = init_params(multiply_by_controller_output=multiply)
     x = jax.random.normal(KEY, (3, length, D_MODEL))
     layer = make('predict', multiply_by_controller_output=multiply)
-    variables = layer.init(KEY, x[:, :1])
+    variables = nn.meta.unbox(layer.init(KEY, x[:, :1]))
     self.assertEqual(set(variables), {'params'})  # no cache needed
     y, choices = run(layer, params, x)
     logits = np_logits(params, x)
@@ -131,7 +132,7 @@ class SparseFFForwardTest(parameterized.TestCase):
   def test_bfloat16_compute_float32_params(self):
     x = jnp.ones((1, 2, D_MODEL))
     layer = make('predict', dtype=jnp.bfloat16, sow_choices=False)
-    variables = layer.init(KEY, x)
+    variables = nn.meta.unbox(layer.init(KEY, x))
     self.assertEqual(variables['params']['kernel_in'].dtype, jnp.float32)
     self.assertEqual(layer.apply(variables, x).dtype, jnp.bfloat16)
 

@@ -1,5 +1,6 @@
 """MultiplicativeDense, ModularCausalConv and the sparse QKV attention against float64 numpy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ class MultiplicativeDenseTest(parameterized.TestCase):
   def test_equals_einsum_definition_in_float64(self, d_in, d_out, n_modules):
     x = jax.random.normal(KEY, (2, 5, d_in))
     layer = tl.MultiplicativeDense(n_modules=n_modules, d_out=d_out)
-    variables = randomise(layer.init(KEY, x))
+    variables = randomise(nn.meta.unbox(layer.init(KEY, x)))
     p = variables['params']
     d_out = d_out or d_in
     d_module = d_out // n_modules
@@ -57,17 +58,18 @@ class MultiplicativeDenseTest(parameterized.TestCase):
   def test_parameter_count(self):
     d, n_modules = 64, 8
     layer = tl.MultiplicativeDense(n_modules=n_modules)
-    variables = layer.init(KEY, jnp.zeros((1, 1, d)))
+    variables = nn.meta.unbox(layer.init(KEY, jnp.zeros((1, 1, d))))
     self.assertEqual(n_params(variables), d * (n_modules + d // n_modules) + d)
     no_bias = tl.MultiplicativeDense(n_modules=n_modules, use_bias=False)
-    self.assertEqual(n_params(no_bias.init(KEY, jnp.zeros((1, 1, d)))), d * (8 + 8))
-    self.assertLess(n_params(variables), n_params(tl.Dense(d).init(KEY, jnp.zeros((1, d)))) / 3)
+    self.assertEqual(n_params(nn.meta.unbox(no_bias.init(KEY, jnp.zeros((1, 1, d))))), d * (8 + 8))
+    self.assertLess(n_params(variables), n_params(nn.meta.unbox(
+        tl.Dense(d).init(KEY, jnp.zeros((1, d))))) / 3)
 
   def test_clear_errors(self):
     with self.assertRaisesRegex(ValueError, 'd_out=10 must be a multiple of n_modules=4'):
       tl.MultiplicativeDense(n_modules=4, d_out=10)
     with self.assertRaisesRegex(ValueError, r'output width 6 \(the input width, as d_out is unset\) must be a multiple of n_modules=4'):
-      tl.MultiplicativeDense(n_modules=4).init(KEY, jnp.zeros((1, 6)))
+      nn.meta.unbox(tl.MultiplicativeDense(n_modules=4).init(KEY, jnp.zeros((1, 6))))
     with self.assertRaisesRegex(ValueError, 'n_modules must be a positive int'):
       tl.MultiplicativeDense(n_modules=0)
 
@@ -100,7 +102,7 @@ class ModularCausalConvTest(parameterized.TestCase):
     kw = dict(n_modules=n_modules, length_kernel_size=k_len, module_kernel_size=k_mod,
               d_module_out=d_module_out)
     layer = tl.ModularCausalConv(mode='eval', **kw)
-    variables = randomise(layer.init(KEY, x))
+    variables = randomise(nn.meta.unbox(layer.init(KEY, x)))
     p = variables['params']
     self.assertEqual(p['kernel'].shape, (k_len, k_mod, d // n_modules, d_module_out or 3))
     full = layer.apply(variables, x)
@@ -108,7 +110,7 @@ class ModularCausalConvTest(parameterized.TestCase):
                                rtol=1e-5, atol=1e-5)
 
     predict = tl.ModularCausalConv(mode='predict', **kw)
-    cache = predict.init(KEY, x[:, :1]).get('cache', {})
+    cache = nn.meta.unbox(predict.init(KEY, x[:, :1])).get('cache', {})
     if k_len > 1:
       self.assertEqual(cache['inputs'].shape, (b, k_len - 1, n_modules, d // n_modules))
       np.testing.assert_array_equal(cache['inputs'], 0.0)
@@ -123,7 +125,7 @@ class ModularCausalConvTest(parameterized.TestCase):
   def test_predict_prompt_then_tokens(self):
     x = jax.random.normal(KEY, (2, 8, 6))
     make = lambda mode: tl.ModularCausalConv(n_modules=2, length_kernel_size=4, mode=mode)
-    variables = randomise(make('eval').init(KEY, x))
+    variables = randomise(nn.meta.unbox(make('eval').init(KEY, x)))
     full = make('eval').apply(variables, x)
     predict = make('predict')
     cache = predict.init(KEY, x[:, :1])['cache']
@@ -140,7 +142,7 @@ class ModularCausalConvTest(parameterized.TestCase):
     layer = tl.ModularCausalConv(n_modules=n_modules, length_kernel_size=k_len,
                                  module_kernel_size=k_mod, mode='eval')
     x = jax.random.normal(KEY, (1, l, 2 * n_modules))
-    variables = randomise(layer.init(KEY, x))
+    variables = randomise(nn.meta.unbox(layer.init(KEY, x)))
     jac = jax.jacobian(lambda x: layer.apply(variables, x))(x)[0, :, :, 0]  # (l, d, l, d)
     jac = np.abs(np.asarray(jac)).reshape(l, n_modules, 2, l, n_modules, 2).sum((2, 5))
     for i in range(l):
@@ -161,7 +163,7 @@ class ModularCausalConvTest(parameterized.TestCase):
       return cb.Serial(tl.MultiplicativeDense(n_modules=4),
                        tl.ModularCausalConv(n_modules=4, module_kernel_size=3, mode=mode))
 
-    variables = randomise(make('eval').init(KEY, x))
+    variables = randomise(nn.meta.unbox(make('eval').init(KEY, x)))
     full = make('eval').apply(variables, x)
     predict = make('predict')
     cache = predict.init(KEY, x[:, :1])['cache']
@@ -177,9 +179,9 @@ class ModularCausalConvTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'ModularCausalConv mode must be one of'):
       tl.ModularCausalConv(n_modules=2, mode='decode')
     with self.assertRaisesRegex(ValueError, 'input width 5 must be a multiple of n_modules=2'):
-      tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((1, 3, 5)))
+      nn.meta.unbox(tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((1, 3, 5))))
     with self.assertRaisesRegex(ValueError, r'expects \(b, l, d\) inputs'):
-      tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((3, 4)))
+      nn.meta.unbox(tl.ModularCausalConv(n_modules=2).init(KEY, jnp.zeros((3, 4))))
 
 
 def np_multiplicative(x, p):
@@ -209,7 +211,7 @@ class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
     b, l, d, n_heads = 2, 6, 8, 2
     x = jax.random.normal(KEY, (b, l, d))
     layer = tl.MultiplicativeConvCausalAttention(n_heads=n_heads, mode='eval', **kw)
-    variables = randomise(layer.init(KEY, x))
+    variables = randomise(nn.meta.unbox(layer.init(KEY, x)))
     p = variables['params']
     n_modules = kw.get('n_modules', n_heads)
     shared = np_multiplicative(x, p['multiplicative'])
@@ -233,7 +235,7 @@ class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
     x = jax.random.normal(KEY, (b, l, d))
     make = lambda mode: tl.MultiplicativeConvCausalAttention(n_heads=3, n_modules=3, max_len=9,
                                                              mode=mode)
-    variables = randomise(make('eval').init(KEY, x))
+    variables = randomise(nn.meta.unbox(make('eval').init(KEY, x)))
     full = make('eval').apply(variables, x)
     predict = make('predict')
     cache = predict.init(KEY, x[:, :1])['cache']
@@ -251,7 +253,7 @@ class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
   def test_outputs_ignore_future_tokens(self):
     x = jax.random.normal(KEY, (1, 8, 32))
     layer = tl.MultiplicativeConvCausalAttention(n_heads=4, mode='eval')
-    variables = randomise(layer.init(KEY, x))
+    variables = randomise(nn.meta.unbox(layer.init(KEY, x)))
     y = layer.apply(variables, x)
     changed = layer.apply(variables, x.at[:, 5:].set(1.0))
     np.testing.assert_allclose(changed[:, :5], y[:, :5], rtol=1e-6, atol=1e-6)
@@ -274,10 +276,12 @@ class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'MultiplicativeConvCausalAttention mode must be'):
       tl.MultiplicativeConvCausalAttention(mode='decode')
     with self.assertRaisesRegex(ValueError, r'input width = 12 must be a multiple of n_modules=5'):
-      tl.MultiplicativeConvCausalAttention(n_heads=2, n_modules=5).init(KEY, jnp.zeros((1, 2, 12)))
+      nn.meta.unbox(
+          tl.MultiplicativeConvCausalAttention(n_heads=2, n_modules=5).init(KEY, jnp.zeros((1, 2, 12))))
     with self.assertRaisesRegex(ValueError, r"output_layer='none' needs n_heads \* d_v = 6"):
-      tl.MultiplicativeConvCausalAttention(n_heads=2, d_v=3, output_layer='none').init(
-          KEY, jnp.zeros((1, 2, 12)))
+      nn.meta.unbox(
+          tl.MultiplicativeConvCausalAttention(n_heads=2, d_v=3, output_layer='none').init(
+          KEY, jnp.zeros((1, 2, 12))))
 
 
 if __name__ == '__main__':

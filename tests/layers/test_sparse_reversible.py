@@ -1,5 +1,6 @@
 """Recorded SparseFF choices in a reversible stack: forward records, reverse and backward replay."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +56,7 @@ class ReplayedHalfResidualTest(absltest.TestCase):
     layer = ReplayedHalfResidual(sparse_ff('eval'))
     x1, x2, slot, record = inputs()
     record = record.at[0].set(2)  # Another layer's entry: left alone.
-    params = randomise(layer.init(KEY, x1, x2, slot, record)['params'])
+    params = randomise(nn.meta.unbox(layer.init(KEY, x1, x2, slot, record)['params']))
     p = params['SparseFF_0']
     y1, x2_out, slot_out, record_out = layer.apply({'params': params}, x1, x2, slot, record)
     choices = np_controller_argmax(p, x2)
@@ -87,7 +88,8 @@ class ReplayedHalfResidualTest(absltest.TestCase):
 
     x1, x2, slot, record = inputs(slot=0)
     rngs = {'sparse': jax.random.key(3)}
-    params = randomise(stack(True).init({'params': KEY, **rngs}, x1, x2, slot, record)['params'])
+    params = randomise(nn.meta.unbox(
+        stack(True).init({'params': KEY, **rngs}, x1, x2, slot, record)['params']))
     forced = jnp.asarray(np.random.default_rng(0).integers(-1, N_EL, record.shape), jnp.int8)
 
     def loss(params, x1, x2, reversible, record):

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,8 +97,8 @@ class SpecTest(parameterized.TestCase):
     # A model: layer i has spec i % 2; one scanned unit holds one layer of each.
     model = tm.TransformerLM(vocab_size=7, d_model=8, d_ff=8, n_layers=4, n_heads=2,
                              max_len=8, attention=[LSH(chunk_len=4), Full()], mode='eval')
-    params = jax.eval_shape(model.init, {'params': KEY, 'hash': KEY},
-                            jnp.zeros((1, 8), jnp.int32))['params']
+    params = nn.meta.unbox(jax.eval_shape(model.init, {'params': KEY, 'hash': KEY},
+                            jnp.zeros((1, 8), jnp.int32))['params'])
     unit = params['Repeat_3']['Serial_0']
     # 4 // 2 repeats; per-head width d_model // n_heads.
     self.assertEqual(unit['Residual_0']['LSHSelfAttention_1']['qk'].shape, (2, 8, 2, 4))

@@ -1,5 +1,6 @@
 """FNet: a Fourier block against a float64 numpy reference; no attention parameters."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +24,7 @@ class FNetTest(absltest.TestCase):
     x = jax.random.normal(KEY, (2, 6, 8))
     mask = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2])
     block = cb.Serial(FourierEncoderBlock(d_model=8, d_ff=12, dropout=0.0, mode='eval'))
-    variables = block.init(KEY, x, mask)
+    variables = nn.meta.unbox(block.init(KEY, x, mask))
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype),
                                     variables['params'])
@@ -43,7 +44,7 @@ class FNetTest(absltest.TestCase):
     x = jnp.asarray(np.random.default_rng(0).integers(1, 13, (2, 9)), jnp.int32)
     model = tm.FNet(vocab_size=13, n_classes=3, d_model=16, d_ff=24, n_layers=2, dropout=0.0,
                     max_len=16, mode='eval')
-    shapes = jax.eval_shape(model.init, KEY, x)['params']
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, KEY, x)['params'])
     paths = ['/'.join(str(k.key) for k in path)
              for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
     self.assertFalse([path for path in paths if 'Attention' in path])

@@ -1,5 +1,6 @@
 """Transformer models: predict == eval token by token, one parameter tree for all modes."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ def tokens(shape, seed=0, low=1, high=13):
 
 def fake_params(model, *inputs, seed=0):
   """Random parameters of the shapes `model.init` gives, without compiling init."""
-  shapes = jax.eval_shape(model.init, KEY, *inputs)['params']
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, KEY, *inputs)['params'])
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, s.dtype),
                                 shapes)
@@ -29,7 +30,7 @@ def fake_params(model, *inputs, seed=0):
 
 def shapes_of(model, *inputs):
   return jax.tree_util.tree_map(lambda s: (s.shape, s.dtype),
-                                jax.eval_shape(model.init, KEY, *inputs)['params'])
+                                nn.meta.unbox(jax.eval_shape(model.init, KEY, *inputs)['params']))
 
 
 class TransformerLMTest(parameterized.TestCase):

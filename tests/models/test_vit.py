@@ -1,5 +1,6 @@
 """ViT: patches against a numpy loop, class-token output, input forms, clear errors."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ class PatchesTest(absltest.TestCase):
   def test_embedding_and_class_token(self):
     images = jax.random.normal(KEY, (2, 4, 4, 1))
     embed = tl.PatchEmbedding(patch_size=2, d_model=5)
-    variables = embed.init(KEY, images)
+    variables = nn.meta.unbox(embed.init(KEY, images))
     kernel = np.asarray(variables['params']['projection']['kernel'])
     y = embed.apply(variables, images)
     np.testing.assert_allclose(y, np.asarray(to_patches(images, 2)) @ kernel, rtol=1e-5, atol=1e-6)
@@ -47,7 +48,7 @@ class ViTTest(absltest.TestCase):
     model = tm.ViT(image_shape=(4, 4, 1), patch_size=2, n_classes=3, d_model=8, d_ff=16,
                    n_layers=2, n_heads=2, pixel_scale=0.5, mode='eval')
     pixels = jnp.asarray(np.random.default_rng(0).integers(0, 17, (2, 16)), jnp.int32)
-    variables = model.init(KEY, pixels)
+    variables = nn.meta.unbox(model.init(KEY, pixels))
     self.assertEqual(variables['params']['ClassToken_2']['cls'].shape, (8,))
     self.assertEqual(variables['params']['PositionalEncoding_3']['pos_embedding'].shape, (5, 8))
     logits = model.apply(variables, pixels)
@@ -63,7 +64,7 @@ class ViTTest(absltest.TestCase):
     model = tm.ViT(image_shape=(4, 4, 1), patch_size=2, d_model=8, d_ff=8, n_layers=1,
                    n_heads=2, mode='eval')
     with self.assertRaisesRegex(Exception, r'ViT expects pixels of shape'):
-      model.init(KEY, jnp.zeros((2, 15)))
+      nn.meta.unbox(model.init(KEY, jnp.zeros((2, 15))))
 
 
 if __name__ == '__main__':

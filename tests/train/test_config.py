@@ -9,7 +9,7 @@ import ml_collections
 from absl.testing import absltest, parameterized
 
 from terraflax.train import config as config_lib
-from tests.train.tiny_models import tiny_lm_config
+from tests.train.tiny_models import sharded_lm_config, tiny_lm_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -113,14 +113,33 @@ class ValidateTest(parameterized.TestCase):
     config = with_changes({'train.batch_size': 12, 'data.eval_examples': 24})
     with self.assertRaisesRegex(
         config_lib.ConfigError,
-        r'^config\.train\.batch_size=12 must be divisible by the 8 data-parallel devices\.$'):
+        r'^config\.train\.batch_size=12 must be divisible by the 8 devices the batch is split '
+        r'over \(data=8 x sharding\.fsdp=1\)\.$'):
       config_lib.validate_config(config, n_devices=8, n_processes=1)
     config = with_changes({'train.batch_size': 16, 'sharding': ml_collections.ConfigDict(
         {'model_parallel': 2})})
-    config_lib.validate_config(config, n_devices=8, n_processes=1)  # 16 over 4 data shards.
-    with self.assertRaisesRegex(config_lib.ConfigError, r'model_parallel=3 must divide'):
+    with self.assertWarns(DeprecationWarning):  # model_parallel: tensor_parallel's old name.
+      config_lib.validate_config(config, n_devices=8, n_processes=1)  # 16 over 4 data shards.
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'sharding\.tensor_parallel=3 = 3 must divide the number of '
+                                r'devices \(8\)'):
       config_lib.validate_config(with_changes({'sharding': ml_collections.ConfigDict(
-          {'model_parallel': 3})}), n_devices=8, n_processes=1)
+          {'tensor_parallel': 3})}), n_devices=8, n_processes=1)
+
+  def test_sharded_widths_must_divide_their_mesh_axes(self):
+    config = sharded_lm_config(**{'model.d_ff': 6, 'sharding': ml_collections.ConfigDict(
+        {'tensor_parallel': 4})})
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'^config\.model\.d_ff=6 is not divisible by '
+                                r'sharding\.tensor_parallel=4 \(parameter blocks/w_in'):
+      config_lib.validate_config(config, n_devices=8, n_processes=1)
+    config = sharded_lm_config(**{'sharding': ml_collections.ConfigDict({'fsdp': 8})})
+    config_lib.validate_config(config, n_devices=8, n_processes=1)  # d_model 16 over 8.
+    config = sharded_lm_config(**{'model.d_model': 4, 'sharding': ml_collections.ConfigDict(
+        {'fsdp': 8})})
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'config\.model\.d_model=4 is not divisible by sharding\.fsdp=8'):
+      config_lib.validate_config(config, n_devices=8, n_processes=1)
 
   def test_terraflax_models_names(self):
     config = with_changes({'model.name': 'NoSuchModel'})

@@ -1,6 +1,7 @@
 """Distillation in the train step: alpha = 0 is plain training; the gradient at alpha = 1 is
 that of an independently written KL(teacher || student) loss."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,8 @@ def setup():
            'weights': (rng.random((4, 6)) < 0.7).astype(np.float32)}
   student = TinyLM(vocab_size=11, d_model=8, d_ff=16, mode='train')
   teacher = TinyLM(vocab_size=11, d_model=12, d_ff=16, n_layers=2, mode='eval')
-  params = student.init(KEY, inputs)['params']
-  teacher_params = teacher.init(jax.random.key(1), inputs)['params']
+  params = nn.meta.unbox(student.init(KEY, inputs)['params'])
+  teacher_params = nn.meta.unbox(teacher.init(jax.random.key(1), inputs)['params'])
   tx = optax.sgd(1.0)  # The update is minus the gradient.
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params), rng=jax.random.key_data(KEY))

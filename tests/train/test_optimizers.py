@@ -3,6 +3,7 @@
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,7 +60,8 @@ def norm_model():
 class WeightDecayTest(absltest.TestCase):
 
   def test_mask_skips_biases_and_norm_scales(self):
-    params = norm_model().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params']
+    params = nn.meta.unbox(
+        norm_model().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params'])
     mask = optimizers.decay_mask(params)
     flat = {'/'.join(str(k.key) for k in path): v
             for path, v in jax.tree_util.tree_leaves_with_path(mask)}
@@ -102,7 +104,8 @@ class WeightDecayTest(absltest.TestCase):
 class FrozenParametersTest(absltest.TestCase):
 
   def test_only_matching_parameters_change_and_follow_the_plain_optimizer(self):
-    params = norm_model().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params']
+    params = nn.meta.unbox(
+        norm_model().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))['params'])
     config = opt_config(name='adamw', learning_rate=0.1, weight_decay=0.1, grad_clip=0.5,
                         trainable='Dense_3|Dense_1/kernel')
     tx, _ = optimizers.make_optimizer(config, 10)
@@ -139,7 +142,7 @@ class FrozenParametersTest(absltest.TestCase):
     model = TinyLM(vocab_size=11, d_model=8, d_ff=16, n_layers=2, mode='train')
     tokens = (jnp.arange(24, dtype=jnp.int32).reshape(2, 12) * 7) % 11
     batch = {'inputs': tokens, 'targets': tokens, 'weights': jnp.ones((2, 12))}
-    params = model.init(jax.random.key(0), tokens)['params']
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)['params'])
     pattern = 'Residual_3/'  # The first feed-forward block: frozen layers lie above it.
     tx, _ = optimizers.make_optimizer(opt_config(learning_rate=0.1, trainable=pattern), 10)
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -175,7 +178,7 @@ class GradAccumulationTest(absltest.TestCase):
     batch = {'inputs': rng.integers(0, 11, (8, 6)).astype(np.int32)}
     batch['targets'] = batch['inputs']
     batch['weights'] = (rng.random((8, 6)) < 0.6).astype(np.float32)  # Unequal per micro-batch.
-    params = model.init(jax.random.key(1), batch['inputs'])['params']
+    params = nn.meta.unbox(model.init(jax.random.key(1), batch['inputs'])['params'])
     tx = optax.adam(1e-2)
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params),
@@ -214,7 +217,7 @@ class MixedPrecisionTest(absltest.TestCase):
   def test_bfloat16_compute_keeps_float32_params(self):
     model = TinyLM(vocab_size=11, d_model=8, d_ff=16, mode='train', dtype=jnp.bfloat16)
     tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 11
-    params = model.init(jax.random.key(0), tokens)['params']
+    params = nn.meta.unbox(model.init(jax.random.key(0), tokens)['params'])
     self.assertEqual(model.apply({'params': params}, tokens).dtype, jnp.bfloat16)
     tx = optax.adam(1e-2)
     state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,

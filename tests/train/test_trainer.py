@@ -212,7 +212,7 @@ class TrainerTest(absltest.TestCase):
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    self.assertIn("mesh {'data': 8, 'model': 1}", result.stdout)
+    self.assertIn("mesh {'data': 8, 'fsdp': 1, 'model': 1}", result.stdout)
     eight = metrics_lib.read_metrics(self.tmp.name + '/eight')
     self.assertEqual([m['step'] for m in eight], [m['step'] for m in self.metrics])
     for one, many in zip(self.metrics, eight):
@@ -223,48 +223,70 @@ class TrainerTest(absltest.TestCase):
 
 
   def test_two_processes_give_the_same_losses(self):
-    """jax.distributed over 2 local CPU processes (gloo): each reads half of every batch."""
-    with socket.socket() as s:
-      s.bind(('localhost', 0))
-      port = s.getsockname()[1]
+    """jax.distributed over 2 local CPU processes (gloo) with fsdp=2 across them: each reads
+    half of every batch and holds half of every parameter; outputs are written once."""
     workdir = self.tmp.name + '/two'
-    script = textwrap.dedent(f"""
-        import sys
-        import jax
-        import ml_collections
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-        from terraflax.train import trainer
-        from tests.train.tiny_models import tiny_lm_config
-        config = tiny_lm_config(**{CONFIG!r})
-        config.distributed = ml_collections.ConfigDict(dict(
-            initialize=True, coordinator_address='localhost:{port}', num_processes=2,
-            process_id=int(sys.argv[1])))
-        trainer.train_and_evaluate(config, {workdir!r})
-        assert jax.process_count() == 2
-        """)
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    processes = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-    try:
-      outputs = [p.communicate(timeout=300) for p in processes]
-    finally:
-      for p in processes:
-        if p.poll() is None:
-          p.kill()
+    processes = start_two_processes(CONFIG, workdir)
+    outputs = finish(processes, timeout=300)
     for p, (_, stderr) in zip(processes, outputs):
       self.assertEqual(p.returncode, 0, stderr[-3000:])
-    self.assertIn("2 device(s), mesh {'data': 2, 'model': 1}", outputs[0][0])
+    self.assertIn("2 device(s), mesh {'data': 1, 'fsdp': 2, 'model': 1}", outputs[0][0])
     self.assertNotIn('step 2/12', outputs[1][0])  # Only process 0 reports.
     two = metrics_lib.read_metrics(workdir)
-    self.assertEqual([m['step'] for m in two], [m['step'] for m in self.metrics])
+    self.assertEqual([m['step'] for m in two], [m['step'] for m in self.metrics])  # Once each.
     for one, many in zip(self.metrics, two):
       for key in ('train/loss', 'eval/loss'):
         if key in one:
           self.assertAlmostEqual(one[key], many[key], delta=1e-5 * max(1.0, abs(one[key])),
                                  msg=f'{key} at step {one["step"]}')
+    events = read_events(os.path.join(workdir, 'tensorboard'))
+    losses = [(step, v) for tag, step, v in events if tag == 'train/loss']
+    self.assertEqual([s for s, _ in losses], [m['step'] for m in two if 'train/loss' in m])
+    with open(os.path.join(workdir, 'memory.json'), encoding='utf-8') as f:
+      memory = json.load(f)
+    self.assertLess(memory['params_bytes_per_device'], memory['params_bytes_replicated'])
     manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
-    self.assertEqual(manager.latest_step(), 12)
+    self.assertEqual(list(manager.all_steps()), [3, 6, 9, 12])
+    _, params = checkpoint.load_for_inference(workdir)  # Restores on this one device.
+    _, want = checkpoint.load_for_inference(self.workdir)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def start_two_processes(overrides, workdir):
+  """Two local CPU processes (gloo) training tiny_lm_config(**overrides) with fsdp=2."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  script = textwrap.dedent(f"""
+      import sys
+      import jax
+      import ml_collections
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      from terraflax.train import trainer
+      from tests.train.tiny_models import tiny_lm_config
+      config = tiny_lm_config(**{overrides!r})
+      config.sharding = ml_collections.ConfigDict({{'fsdp': 2}})
+      config.distributed = ml_collections.ConfigDict(dict(
+          initialize=True, coordinator_address='localhost:{port}', num_processes=2,
+          process_id=int(sys.argv[1])))
+      trainer.train_and_evaluate(config, {workdir!r})
+      assert jax.process_count() == 2
+      """)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
+def finish(processes, timeout):
+  """(stdout, stderr) of each process; kills those still running after `timeout` seconds."""
+  try:
+    return [p.communicate(timeout=timeout) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
 
 
 class SignalTest(absltest.TestCase):
@@ -306,6 +328,33 @@ class SignalTest(absltest.TestCase):
       self.assertTrue(all(np.isfinite(np.asarray(x)).all()
                           for x in jax.tree_util.tree_leaves(params)))
       self.assertEqual(config.train.steps, 100000)
+
+  def test_sigterm_to_one_of_two_processes_checkpoints_and_stops_both(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = os.path.join(tmp, 'run')
+      processes = start_two_processes({'train.steps': 100000, 'train.log_every': 1,
+                                       'train.eval_every': 100000,
+                                       'train.checkpoint_every': 100000}, workdir)
+      try:
+        deadline = time.time() + 240
+        while len(metrics_lib.read_metrics(workdir)) < 3:
+          self.assertTrue(all(p.poll() is None for p in processes), 'training exited early')
+          self.assertLess(time.time(), deadline, 'no metrics after 240 s')
+          time.sleep(0.2)
+        processes[1].send_signal(signal.SIGTERM)  # Not the one that writes the metrics.
+        outputs = finish(processes, timeout=120)
+      finally:
+        finish(processes, timeout=1)
+      for p, (_, stderr) in zip(processes, outputs):
+        self.assertEqual(p.returncode, 0, stderr[-3000:])
+      self.assertIn('SIGTERM: saved the checkpoint at step', outputs[0][0])
+      manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
+      step = manager.latest_step()
+      self.assertGreaterEqual(step, 3)
+      self.assertEqual(max(m['step'] for m in metrics_lib.read_metrics(workdir)), step)
+      _, params = checkpoint.load_for_inference(workdir)
+      self.assertTrue(all(np.isfinite(np.asarray(x)).all()
+                          for x in jax.tree_util.tree_leaves(params)))
 
 
   def test_command_line_bad_override_exits_with_the_message(self):

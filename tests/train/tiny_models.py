@@ -5,6 +5,7 @@ Referenced from configs as 'tests.train.tiny_models:TinyLM' (the trainer's
 `terraflax.models`.
 """
 
+import flax.linen as nn
 import jax.numpy as jnp
 
 import terraflax.combinators as cb
@@ -79,6 +80,75 @@ def TinyClassifier(*, vocab_size, d_model, n_classes, mode='train',  # pylint: d
   )
 
 
+class _ShardedBlock(nn.Module):
+  """[x] -> [x + ff(norm(x))]: one scanned block whose parameters carry logical axis names."""
+
+  d_ff: int
+  dtype: object = None
+
+  @nn.compact
+  def __call__(self, x, _):
+    dtype = self.dtype or x.dtype
+    d = x.shape[-1]
+    named = nn.with_logical_partitioning
+    scale = self.param('scale', named(nn.initializers.ones, ('embed',)), (d,))
+    w_in = self.param('w_in', named(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+                      (d, self.d_ff))
+    w_out = self.param('w_out', named(nn.initializers.lecun_normal(), ('mlp', 'embed')),
+                       (self.d_ff, d))
+    h = x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)) * scale[None, None, :]
+    h = nn.relu(jnp.dot(h.astype(dtype), w_in.astype(dtype)))
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    return x + jnp.dot(h, w_out.astype(dtype)).astype(x.dtype), None
+
+
+class _ShardedLM(nn.Module):
+  vocab_size: int
+  d_model: int
+  d_ff: int
+  n_layers: int
+  dtype: object = None
+
+  @nn.compact
+  def __call__(self, ids):
+    named = nn.with_logical_partitioning
+    embed = self.param('embed', named(nn.initializers.normal(1.0), ('vocab', 'embed')),
+                       (self.vocab_size, self.d_model))
+    ids = jnp.pad(ids, ((0, 0), (1, 0)))[:, :-1]  # Shift right: predict the next token.
+    x = nn.with_logical_constraint(jnp.take(embed, ids, axis=0), ('batch', 'length', 'embed'))
+    stack = nn.scan(_ShardedBlock, variable_axes={'params': 0}, split_rngs={'params': True},
+                    length=self.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = stack(self.d_ff, self.dtype, name='blocks')(x, None)
+    w_out = self.param('w_out', named(nn.initializers.lecun_normal(), ('embed', 'vocab')),
+                       (self.d_model, self.vocab_size))
+    dtype = self.dtype or x.dtype
+    return jnp.dot(x.astype(dtype), w_out.astype(dtype)).astype(jnp.float32)
+
+
+def ShardedLM(*, vocab_size, d_model, d_ff, n_layers=2, mode='train',  # pylint: disable=invalid-name
+              dtype=None):
+  """[ids] -> [logits]: int (b, l) -> (b, l, vocab_size); scanned residual MLP blocks whose
+  parameters carry logical axis names (vocab, embed, mlp, layers): a sharding test model."""
+  check_mode(mode, 'ShardedLM mode')
+  return _ShardedLM(vocab_size, d_model, d_ff, n_layers, dtype)
+
+
+def sharded_lm_config(**overrides):
+  """`tiny_lm_config` with ShardedLM (d_model 16, d_ff 32, 2 scanned blocks)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = tiny_lm_config()
+  config.model = ml_collections.ConfigDict({
+      'name': 'tests.train.tiny_models:ShardedLM', 'vocab_size': 16, 'd_model': 16,
+      'd_ff': 32, 'n_layers': 2, 'dtype': 'float32'})
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def tiny_lm_config(**overrides):
   """A complete config for a few-step TinyLM run on the duplication task.
 
@@ -118,3 +188,33 @@ def TinySeq2Seq(*, vocab_size, d_model, mode='train', dtype=None):  # pylint: di
       cb.Fn('AddContext', lambda context, y: y + context),  # stack: y
       tl.Dense(vocab_size, dtype=dtype),
   )
+
+
+def family_config(config_file, **overrides):
+  """configs/`config_file` (ReformerLM, TransformerLM, TerraformerLM...) at tiny sizes on one
+  stdlib file: d_model 32, d_ff 64, 2 heads, 2 layers, length 32, batch 8; log every step,
+  evaluate and checkpoint only at the end, no sample. Widths divide fsdp=4 x tensor_parallel=2.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from terraflax.train.config import load_sibling  # pylint: disable=import-outside-toplevel
+  configs = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+  config = load_sibling(str(configs / config_file), config_file.removesuffix('.py'))
+  m = config.model
+  m.d_model, m.d_ff, m.n_heads, m.n_layers, m.max_len = 32, 64, 2, 2, 32
+  if m.name == 'ReformerLM':
+    m.attention.chunk_len, m.attention.n_buckets = 8, 4
+  if m.name == 'TerraformerLM':
+    m.ff_sparsity, m.ff_d_lowrank, m.attention.n_modules = 4, 8, 2
+  config.data.path, config.data.seq_len, config.data.eval_fraction = os.__file__, 32, 0.1
+  t = config.train
+  t.steps, t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 20, 1, 1000, 1, 1000
+  config.optimizer.warmup_steps = 5
+  config.sample.max_new_tokens = 0
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
