@@ -92,9 +92,20 @@ def _write(out_dir: str, exported, params, meta: dict, cache=None) -> str:
   return out_dir
 
 
+def _plain(params):
+  """`params` with `init`'s metadata boxes (flax's LogicallyPartitioned) replaced by their arrays.
+
+  Duck-typed (`.unbox()`), so that this module, which also serves as the
+  standalone loader, imports only jax and numpy.
+  """
+  boxed = lambda x: callable(getattr(x, 'unbox', None))  # noqa: E731
+  return jax.tree_util.tree_map(lambda x: x.unbox() if boxed(x) else x, params, is_leaf=boxed)
+
+
 def export_decode_step(model, params, out_dir: str, *, batch_size: int = 1, seed: int = 0,
                        platforms=None, meta: dict | None = None) -> str:
   """Exports `model`'s one-token decode step (model built with mode='predict')."""
+  params = _plain(params)
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f'export_decode_step batch_size must be a positive int, got {batch_size!r}.')
   key_data = jax.random.key_data(jax.random.key(seed))
@@ -124,6 +135,7 @@ def export_decode_step(model, params, out_dir: str, *, batch_size: int = 1, seed
 def export_forward(model, params, out_dir: str, *, batch_size: int = 1, length: int,
                    seed: int = 0, platforms=None, meta: dict | None = None) -> str:
   """Exports `model`'s forward pass on (batch_size, length) int32 tokens (mode='eval')."""
+  params = _plain(params)
   key_data = jax.random.key_data(jax.random.key(seed))
 
   def forward(params, tokens, key_data):

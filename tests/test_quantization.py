@@ -1,6 +1,7 @@
 """Int8 weight quantization: the rounding bound, a quantized Dense within its documented
 tolerance of the float one, and a whole LM (eval and predict) on int8 weights."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +35,7 @@ class QuantizeTest(parameterized.TestCase):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(4, 6, 32)), jnp.float32)
     dense = tl.Dense(24)
-    params = dense.init(KEY, x)['params']
+    params = nn.meta.unbox(dense.init(KEY, x)['params'])
     params = dict(params, bias=jnp.asarray(rng.normal(size=(24,)), jnp.float32))
     qparams = qz.quantize_model_params(dense, params, x)
     self.assertEqual(qparams['kernel'].dtype, jnp.int8)
@@ -54,7 +55,7 @@ class QuantizeTest(parameterized.TestCase):
   def test_embedding_rows_and_errors(self):
     ids = jnp.asarray([[0, 3, 4]])
     embed = tl.Embedding(5, 8)
-    params = embed.init(KEY, ids)['params']
+    params = nn.meta.unbox(embed.init(KEY, ids)['params'])
     qparams = qz.quantize_model_params(embed, params, ids)
     self.assertEqual(qparams['embedding_scale'].shape, (5, 1))
     with qz.int8_inference():
