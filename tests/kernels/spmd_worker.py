@@ -11,6 +11,7 @@ import json
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,7 @@ def feed_forward_case(name, mesh, x_spec, *, d_ff, weight_specs, chunk_len=None)
   b, l, d = 16, 6, 16  # 96 rows: 12 per device over 8, 24 over 4
   layer = FeedForward(d_model=d, d_ff=d_ff, kernel='cpu', mode='eval', chunk_len=chunk_len)
   x = jax.random.normal(jax.random.key(0), (b, l, d))
-  params = noisy(layer.init(jax.random.key(1), x))  # nonzero biases: b2 must be added once
+  params = noisy(nn.meta.unbox(layer.init(jax.random.key(1), x)))  # nonzero biases: b2 must be added once
   cotangent = jax.random.normal(jax.random.key(2), (b, l, d))
 
   def loss(params, x):
@@ -123,7 +124,7 @@ def lsh_cases():
   layer = LSHSelfAttention(n_heads=h, d_qk=16, d_v=16, n_hashes=2, n_buckets=4, chunk_len=16,
                            causal=True, kernel='cpu', mode='eval')
   x = jax.random.normal(jax.random.key(3), (b, l, d))
-  params = layer.init({'params': jax.random.key(4), 'hash': jax.random.key(5)}, x)
+  params = nn.meta.unbox(layer.init({'params': jax.random.key(4), 'hash': jax.random.key(5)}, x))
   cotangent = jax.random.normal(jax.random.key(6), (b, l, d))
 
   def loss(params, x):
@@ -157,7 +158,7 @@ def reformer_cases():
                         attention=LSH(n_hashes=2, chunk_len=16, n_buckets=4))
   tokens = jax.random.randint(jax.random.key(8), (8, 64), 1, 32)
   rngs = {'dropout': jax.random.key(9), 'hash': jax.random.key(10)}
-  params = noisy(model.init({'params': jax.random.key(11), **rngs}, tokens), 0.1)
+  params = noisy(nn.meta.unbox(model.init({'params': jax.random.key(11), **rngs}, tokens)), 0.1)
   step = jax.jit(jax.value_and_grad(
       lambda params, tokens: (lambda logits: (jnp.mean(jax.nn.log_softmax(logits)[..., 0]),
                                               logits))(model.apply(params, tokens, rngs=rngs)),
