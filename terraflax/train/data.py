@@ -58,6 +58,7 @@ import os
 import tempfile
 from typing import Any, Callable, Iterator
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -514,6 +515,8 @@ def text_data(cfg, seed: int, workdir: str | None = None) -> Data:
   options = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=64)
   train = train_docs.shuffle(seed=seed).repeat().map(tokenize).to_iter_dataset(options)
   if cfg.num_workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (a library caller's).
+      flags.FLAGS.mark_as_parsed()
     train = train.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   rows = packing.pack_documents([tokenize(d) for d in eval_docs], cfg.seq_len, packed=cfg.pack)
   return Data(
@@ -543,7 +546,11 @@ def text_tokenizer(cfg, corpora, train_docs, workdir: str | None) -> tokenizer_l
     if stored is not None and stored.kind != tokenizer_lib.BYTES:
       return stored
     out = os.path.join(tempfile.mkdtemp(prefix='terraflax_tokenizer_'), 'tokenizer.model')
-    return corpus_lib.train_tokenizer(train_docs, vocab_size=cfg.tokenizer_vocab_size, out=out)
+    try:
+      return corpus_lib.train_tokenizer(train_docs, vocab_size=cfg.tokenizer_vocab_size, out=out)
+    except tokenizer_lib.TokenizerError as e:  # Its flags' words -> the config's.
+      raise DataError(f"config.data.tokenizer='train': " + str(e).replace(
+          '--vocab_size', 'config.data.tokenizer_vocab_size')) from None
   tokenizer = tokenizer_lib.load(spec)
   for corpus in prepared:
     if not _same_tokenizer(tokenizer, corpus.tokenizer):
