@@ -33,6 +33,7 @@ import numpy as np
 from terraflax import compiler
 from terraflax import errors
 from terraflax import rng as rng_lib
+from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import spec as spec_lib
 
 _NEG_INF = -jnp.inf
@@ -408,37 +409,64 @@ def check_length(prompt_len: int, max_new_tokens: int, max_len: int | None) -> N
 # ----------------------------------------------------------------------------
 # Text in, text out: the trainer's end-of-training sample and the command line.
 
-def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool,
-                  temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, seed: int = 0) -> str:
+def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool = False,
+                  tokenizer: tokenizer_lib.Tokenizer | None = None, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
   """`prompt` followed by `max_new_tokens` sampled tokens, as text.
 
-  `model` is a predict-mode LM. Byte-level models read and write UTF-8 text;
-  others take the prompt as space-separated token ids and print ids.
+  `model` is a predict-mode LM. With a `tokenizer` (the workdir's,
+  `workdir_tokenizer`) the prompt is encoded and the ids decoded by it;
+  byte-level models (`byte_level`, the 'bytes' tokenizer) read and write
+  UTF-8 text; others take the prompt as space-separated token ids and print ids.
   """
-  if byte_level:
-    ids = np.frombuffer(prompt.encode('utf-8'), np.uint8).astype(np.int32)
-  else:
-    try:
-      ids = np.asarray([int(t) for t in prompt.split()], np.int32)
-    except ValueError:
-      raise DecodingError(f'the prompt {prompt[:40]!r} must be token ids separated by spaces: the '
-                          'model is not byte-level (it reads ids, not text).') from None
+  if tokenizer is None and byte_level:
+    tokenizer = tokenizer_lib.load(tokenizer_lib.BYTES)
+  ids = np.asarray(prompt_ids(prompt, tokenizer), np.int32)
   params = jax.device_put(params, jax.devices()[0])
   tokens = autoregressive_sample(
       model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, rng=jax.random.key(seed))
   tokens = np.concatenate([ids, np.asarray(tokens).reshape(-1)])
-  if byte_level:
-    return bytes(int(t) % 256 for t in tokens).decode('utf-8', errors='replace')
+  if tokenizer is not None:
+    return tokenizer.decode(tokens)
   return ' '.join(str(int(t)) for t in tokens)
 
 
+def prompt_ids(prompt: str, tokenizer: tokenizer_lib.Tokenizer | None) -> list[int]:
+  """The prompt's ids: encoded by `tokenizer`, or (None) parsed as space-separated ids."""
+  if tokenizer is not None:
+    return tokenizer.encode(prompt)
+  try:
+    return [int(t) for t in prompt.split()]
+  except ValueError:
+    raise DecodingError(f'the prompt {prompt[:40]!r} must be token ids separated by spaces: the '
+                        'model is not byte-level and its workdir has no tokenizer file (it reads '
+                        'ids, not text).') from None
+
+
+def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer | None:
+  """How a workdir's model reads text: its stored tokenizer file, else bytes, else None (ids).
+
+  A stored `WORKDIR/tokenizer.model|json` wins (its vocabulary must fit
+  config.model.vocab_size); a byte-level data set (`data.name` in
+  BYTE_LEVEL) reads UTF-8 bytes; any other model reads token ids.
+  """
+  tokenizer = tokenizer_lib.from_workdir(workdir)
+  if tokenizer.kind == tokenizer_lib.BYTES and config.data.get('name') not in spec_lib.BYTE_LEVEL:
+    return None
+  vocab_size = config.model.get('vocab_size')
+  if tokenizer.kind != tokenizer_lib.BYTES and isinstance(vocab_size, int):
+    tokenizer_lib.check_vocab(tokenizer, vocab_size)
+  return tokenizer
+
+
 def sample_text(spec: spec_lib.ModelSpec, params, prompt: str, *, max_new_tokens: int,
-                byte_level: bool, temperature: float = 1.0, seed: int = 0) -> str:
+                byte_level: bool, tokenizer: tokenizer_lib.Tokenizer | None = None,
+                temperature: float = 1.0, seed: int = 0) -> str:
   """`generate_text` with the spec's model built in 'predict' mode (`config.sample.*`)."""
   return generate_text(spec.build('predict'), params, prompt, max_new_tokens=max_new_tokens,
-                       byte_level=byte_level, temperature=temperature, seed=seed)
+                       byte_level=byte_level, tokenizer=tokenizer, temperature=temperature,
+                       seed=seed)
 
 
 def main(argv):
@@ -454,20 +482,21 @@ def main(argv):
   if spec.task != 'lm':
     sys.exit(f'terraflax.decoding: {f.workdir} holds a {spec.task} model '
              f'(data.name={config.data.name!r}); only language models decode.')
-  byte_level = config.data.name in spec_lib.BYTE_LEVEL
-  check_length(len(f.prompt.encode('utf-8')) if byte_level else len(f.prompt.split()),
-               f.max_new_tokens, config.model.get('max_len'))
+  tokenizer = workdir_tokenizer(f.workdir, config)
+  check_length(len(prompt_ids(f.prompt, tokenizer)), f.max_new_tokens,
+               config.model.get('max_len'))
   print(generate_text(
       spec.build('predict'), params, f.prompt, max_new_tokens=f.max_new_tokens,
-      byte_level=byte_level, temperature=f.temperature,
+      tokenizer=tokenizer, temperature=f.temperature,
       top_k=f.top_k, top_p=f.top_p, seed=f.seed), flush=True)
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('workdir', None, 'A training workdir with checkpoints/ and config.json.')
-  flags.DEFINE_string('prompt', '', 'Text to continue (token ids separated by spaces for '
-                      'models that are not byte-level).')
+  flags.DEFINE_string('prompt', '', 'Text to continue, encoded by the workdir\'s tokenizer '
+                      '(WORKDIR/tokenizer.model|json, else UTF-8 bytes for byte-level models); '
+                      'token ids separated by spaces for models that read ids.')
   flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.',
                        lower_bound=1)
   flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.', lower_bound=0.0)

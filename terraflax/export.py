@@ -26,6 +26,12 @@ copied next to the artifact and used on its own:
   cache = served.initial_cache()
   logits, cache = served.step(cache, np.zeros((1, 1), np.int32))
   ids = served.greedy([[5, 6, 7]], max_new_tokens=20)   # decode steps only
+  text = served.greedy_text('Once upon', max_new_tokens=20)   # with the workdir's tokenizer
+
+An exported workdir carries its tokenizer: `meta.json`'s 'tokenizer' is
+'bytes' (UTF-8 bytes), 'spm' / 'hf' (the workdir's tokenizer.model /
+tokenizer.json, copied next to the artifact; read with sentencepiece /
+tokenizers) or 'ids' (a model that reads token ids: no text methods).
 
 The command line exports a training (or converted) workdir's latest checkpoint:
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -47,6 +54,7 @@ FUNCTION_FILE = 'function.jaxexport'
 PARAMS_FILE = 'params.npz'
 CACHE_FILE = 'cache.npz'
 META_FILE = 'meta.json'
+TOKENIZER_FILES = {'spm': 'tokenizer.model', 'hf': 'tokenizer.json'}  # as in terraflax.tokenizer
 FORMAT_VERSION = 1
 
 
@@ -152,6 +160,8 @@ class Exported:
     self._cache = (_load_leaves(os.path.join(path, CACHE_FILE))
                    if self.kind == 'decode_step' else None)
     self._key = np.asarray(self.meta['key_data'], np.uint32)
+    self.tokenizer = self.meta.get('tokenizer', 'ids')  # 'bytes' | 'spm' | 'hf' | 'ids'
+    self._text = _load_text_tokenizer(path, self.tokenizer)
     n_in = len(self.function.in_avals)
     extra = 2  # tokens and key data
     expected = len(self.params) + (len(self._cache) if self._cache is not None else 0) + extra
@@ -199,13 +209,77 @@ class Exported:
     return np.concatenate(out, axis=1) if out else np.zeros((self.batch_size, 0), np.int32)
 
 
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids with the artifact's tokenizer (as the workdir's encodes them)."""
+    if self.tokenizer == 'bytes':
+      return list(text.encode('utf-8'))
+    if self.tokenizer == 'spm':
+      return list(self._text.encode(text, out_type=int))
+    if self.tokenizer == 'hf':
+      return list(self._text.encode(text, add_special_tokens=False).ids)
+    raise ValueError('encode: this artifact\'s model reads token ids (meta.json tokenizer '
+                     "'ids'); pass ids to greedy/step.")
+
+  def decode(self, ids) -> str:
+    """Ids -> text; special ids and ids outside the vocabulary are dropped, bad UTF-8 replaced."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    special = set(self.meta.get('special_ids', ()))
+    vocab = self.meta.get('tokenizer_vocab_size', self.meta.get('vocab_size'))
+    ids = [i for i in ids if 0 <= i < vocab and i not in special]
+    if self.tokenizer == 'bytes':
+      return bytes(ids).decode('utf-8', errors='replace')
+    if self.tokenizer == 'spm':
+      return self._text.decode(ids)
+    if self.tokenizer == 'hf':
+      return self._text.decode(ids, skip_special_tokens=True)
+    raise ValueError("decode: this artifact's model reads token ids (meta.json tokenizer 'ids').")
+
+  def greedy_text(self, prompt: str, max_new_tokens: int) -> str:
+    """The prompt and its greedy continuation as text (every row gets the same prompt)."""
+    ids = self.encode(prompt)
+    out = self.greedy(np.tile(np.asarray(ids, np.int32), (self.batch_size, 1)), max_new_tokens)
+    return self.decode(ids + [int(t) for t in out[0]])
+
+
+def _load_text_tokenizer(path: str, kind: str):
+  """The sentencepiece / tokenizers object of an artifact's tokenizer file (None otherwise)."""
+  if kind not in TOKENIZER_FILES:
+    return None
+  file = os.path.join(path, TOKENIZER_FILES[kind])
+  if not os.path.exists(file):
+    raise FileNotFoundError(f'{file} is missing: meta.json says the artifact reads text with a '
+                            f'{kind} tokenizer.')
+  if kind == 'spm':
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+    return sentencepiece.SentencePieceProcessor(model_file=file)
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  return tokenizers.Tokenizer.from_file(file)
+
+
+def _copy_tokenizer(workdir: str, config, out_dir: str) -> dict:
+  """Copies the workdir's tokenizer file into out_dir; returns the meta.json fields."""
+  from terraflax import decoding  # pylint: disable=import-outside-toplevel
+  tokenizer = decoding.workdir_tokenizer(workdir, config)
+  if tokenizer is None:
+    return {'tokenizer': 'ids'}
+  os.makedirs(out_dir, exist_ok=True)
+  for name in TOKENIZER_FILES.values():
+    if os.path.exists(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))
+  if tokenizer.path is not None:
+    shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_FILES[tokenizer.kind]))
+  return {'tokenizer': tokenizer.kind, 'tokenizer_vocab_size': tokenizer.vocab_size,
+          'eos_id': tokenizer.eos_id, 'pad_id': tokenizer.pad_id,
+          'special_ids': sorted(int(i) for i in tokenizer.special_ids)}
+
+
 def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 1,
                    forward_len: int | None = None) -> str:
   """Exports the latest checkpoint of a workdir (its decode step, or forward pass)."""
   from terraflax.models import spec as spec_lib  # pylint: disable=import-outside-toplevel
   config, spec, params = spec_lib.load_workdir(workdir)
   meta = {'workdir': os.path.abspath(workdir), 'model': spec.name,
-          'data': config.data.get('name', '?')}
+          'data': config.data.get('name', '?'), **_copy_tokenizer(workdir, config, out_dir)}
   if forward_len is None:
     return export_decode_step(spec.build('predict'), params, out_dir, batch_size=batch_size,
                               meta=meta)

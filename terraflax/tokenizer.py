@@ -95,15 +95,16 @@ class Tokenizer:
   """Text <-> ids. Build with `load(spec)` / `from_workdir(workdir)`, not directly.
 
   Fields: kind ('bytes' | 'spm' | 'hf'), path (the file; None for bytes),
-  vocab_size, eos_id (end of document), pad_id (0).
+  vocab_size, eos_id (end of document), pad_id (0), special_ids (the ids
+  decode drops: pad and eos, and a file's control/special pieces).
   """
   kind: str
   path: str | None
   vocab_size: int
   eos_id: int
   pad_id: int
+  special_ids: frozenset = dataclasses.field(repr=False)  # dropped by decode (pad, eos, ...)
   _impl: Any = dataclasses.field(repr=False)
-  _special: frozenset = dataclasses.field(repr=False)
 
   def encode(self, text: str) -> list[int]:
     """str -> list of ids, each in [0, vocab_size). No eos is appended."""
@@ -127,7 +128,7 @@ class Tokenizer:
     replaced by U+FFFD (never raises).
     """
     kept = [int(i) for i in ids]
-    kept = [i for i in kept if 0 <= i < self.vocab_size and i not in self._special]
+    kept = [i for i in kept if 0 <= i < self.vocab_size and i not in self.special_ids]
     if self.kind == BYTES:
       return bytes(kept).decode('utf-8', errors='replace')
     if self.kind == 'spm':
@@ -171,7 +172,7 @@ class Tokenizer:
 
 def _bytes() -> Tokenizer:
   return Tokenizer(kind=BYTES, path=None, vocab_size=BYTES_VOCAB_SIZE, eos_id=BYTES_EOS_ID,
-                   pad_id=PAD_ID, _impl=None, _special=frozenset({PAD_ID, BYTES_EOS_ID}))
+                   pad_id=PAD_ID, _impl=None, special_ids=frozenset({PAD_ID, BYTES_EOS_ID}))
 
 
 def _detect(path: str) -> str:
@@ -212,7 +213,7 @@ def _load_spm(path: str) -> Tokenizer:
                            '(python -m terraflax.tokenizer train reserves id 1).')
   special = {i for i in range(n) if processor.IsControl(i)} | {eos}
   return Tokenizer(kind='spm', path=path, vocab_size=n, eos_id=eos, pad_id=PAD_ID,
-                   _impl=processor, _special=frozenset(special))
+                   _impl=processor, special_ids=frozenset(special))
 
 
 def _load_hf(path: str) -> Tokenizer:
@@ -237,7 +238,7 @@ def _load_hf(path: str) -> Tokenizer:
                          f'{", ".join(_HF_EOS_PIECES)}).')
   special = {i for i, t in impl.get_added_tokens_decoder().items() if t.special} | {eos}
   return Tokenizer(kind='hf', path=path, vocab_size=impl.get_vocab_size(with_added_tokens=True),
-                   eos_id=eos, pad_id=PAD_ID, _impl=impl, _special=frozenset(special))
+                   eos_id=eos, pad_id=PAD_ID, _impl=impl, special_ids=frozenset(special))
 
 
 def load(spec: str) -> Tokenizer:
@@ -334,8 +335,10 @@ def train(paths: str | Sequence[str], *, vocab_size: int, kind: str, out: str,
     out: the file to write (its directory is created).
     spm_model_type: 'unigram' or 'bpe' (kind='spm' only).
     byte_fallback: spm only: unknown characters become UTF-8 byte pieces so
-      every text round-trips (costs 256 pieces); default on when vocab_size >=
-      512. Without it characters absent from the training text decode as ' ⁇ '.
+      every text round-trips (costs 256 pieces; the rarest 0.05% of characters
+      are left to bytes too); default on when vocab_size >= 512. Without it
+      every character of the training text is a piece and characters absent
+      from it decode as ' ⁇ '.
       (kind='bpe' is byte-level: always lossless.)
 
   Both kinds reserve id 0 = '<pad>' and id 1 = '</s>' (end of document); spm
@@ -381,7 +384,8 @@ def _train_spm(files, vocab_size, out, model_type, byte_fallback):
             input=files, model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
             pad_id=PAD_ID, eos_id=1, unk_id=2, bos_id=-1, pad_piece=PAD_PIECE,
             eos_piece=EOS_PIECE, unk_piece=UNK_PIECE, byte_fallback=byte_fallback,
-            character_coverage=1.0, normalization_rule_name='identity',
+            character_coverage=0.9995 if byte_fallback else 1.0,
+            normalization_rule_name='identity',
             remove_extra_whitespaces=False, split_digits=False,
             user_defined_symbols=['\n'], max_sentence_length=1 << 16,
             input_sentence_size=2_000_000, shuffle_input_sentence=True,
@@ -429,3 +433,51 @@ def _train_bpe(files, vocab_size, out):
   tmp = out + '.tmp'
   tok.save(tmp)
   os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+
+def _parse_command(argv: list[str]) -> list[str]:
+  """Parses the flags; the one positional argument must be the command `train`."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  rest = flags.FLAGS(argv)
+  if rest[1:] != ['train']:
+    raise TokenizerError(f'expected the command `train`, got {" ".join(rest[1:]) or "none"} '
+                         '(python -m terraflax.tokenizer train --input=PATH --vocab_size=N '
+                         '--kind=spm|bpe --out=FILE).')
+  return rest[:1]
+
+
+def main(argv):
+  """`python -m terraflax.tokenizer train --input=... --vocab_size=N --kind=spm|bpe --out=F`."""
+  del argv  # The command `train` was checked by _parse_command.
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  tok = train(f.input, vocab_size=f.vocab_size, kind=f.kind, out=f.out,
+              spm_model_type=f.spm_model_type, byte_fallback=f.byte_fallback)
+  print(f'Wrote {tok.path}: {tok.kind} tokenizer, {tok.vocab_size} ids (pad {tok.pad_id}, '
+        f'end of document {tok.eos_id}); use it with --config.data.tokenizer={tok.path}',
+        flush=True)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_multi_string('input', None, 'Training text: files, directories (read '
+                            'recursively) or globs; repeat the flag for more.')
+  flags.DEFINE_integer('vocab_size', None, 'Number of ids, the reserved pad/eos(/unk) included.',
+                       lower_bound=1)
+  flags.DEFINE_enum('kind', 'spm', list(KINDS), 'spm: a SentencePiece model file; bpe: an HF '
+                    'byte-level BPE tokenizer.json.')
+  flags.DEFINE_string('out', None, 'The tokenizer file to write.')
+  flags.DEFINE_enum('spm_model_type', 'unigram', list(SPM_MODEL_TYPES),
+                    'SentencePiece algorithm (--kind=spm).')
+  flags.DEFINE_bool('byte_fallback', None, 'SentencePiece byte fallback (every text round-trips; '
+                    f'256 pieces); default on when --vocab_size >= {SPM_BYTE_FALLBACK_MIN_VOCAB}.')
+  flags.mark_flags_as_required(['input', 'vocab_size', 'out'])
+
+
+if __name__ == '__main__':
+  from terraflax import cli  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  cli.run(main, name='terraflax.tokenizer', flags_parser=_parse_command)

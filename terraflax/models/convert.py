@@ -16,6 +16,12 @@ from (`config.json` plus an orbax checkpoint of the parameters at step 0):
 
   python -m terraflax.models.convert --from_hf=DIR --to=WORKDIR [--byte_offset=2]
 
+A tokenizer in DIR (`spiece.model`, HF's name for a SentencePiece model, or
+`tokenizer.json`; `hf_tokenizer(DIR)`) is copied into the workdir
+(`WORKDIR/tokenizer.model|json`, `terraflax.tokenizer`), so decoding the
+converted model reads and writes text. With --byte_offset the model is
+byte-level and a tokenizer in DIR is not used.
+
 Conventions. `ReformerLM` shifts its input right, inserting id 0: its logits
 for tokens x equal HF's logits for the ids [0, x[:-1]] (the Trax-trained
 checkpoints on the hub were trained that way, with 0 the pad id). HF draws
@@ -36,10 +42,12 @@ from typing import Any
 
 import numpy as np
 
+from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention as attn
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
+HF_TOKENIZER_FILES = ('spiece.model', 'tokenizer.json')  # looked for in this order
 
 # HF activation names -> ReformerLM ff_activation.
 ACTIVATIONS = {'relu': 'relu', 'gelu': 'gelu', 'gelu_python': 'gelu', 'gelu_new': 'fast_gelu',
@@ -407,6 +415,24 @@ def from_hf_reformer(path: str, *, predict_mem_len: int | None = None, num_bucke
   return kwargs, params
 
 
+def hf_tokenizer(path: str, vocab_size: int | None = None) -> tokenizer_lib.Tokenizer | None:
+  """The tokenizer of a HF model directory (spiece.model, else tokenizer.json), or None.
+
+  With `vocab_size` (the model's), a tokenizer with more ids is a ConversionError.
+  """
+  for name in HF_TOKENIZER_FILES:
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      try:
+        tokenizer = tokenizer_lib.load(file)
+        if vocab_size is not None:
+          tokenizer_lib.check_vocab(tokenizer, vocab_size, field=f'{CONFIG_FILE} vocab_size')
+      except tokenizer_lib.TokenizerError as e:
+        raise ConversionError(f'the tokenizer in {path}: {e}') from None
+      return tokenizer
+  return None
+
+
 # ----------------------------------------------------------------------------- byte-level wrapper
 
 
@@ -480,13 +506,18 @@ def byte_lm_params(kwargs: dict, params, byte_offset: int):
 
 
 def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None = None,
-                  seq_len: int | None = None) -> str:
+                  seq_len: int | None = None,
+                  tokenizer: tokenizer_lib.Tokenizer | None = None) -> str:
   """Writes `config.json` and an orbax checkpoint (step 0, `params` only) for decoding.
 
   With `byte_offset`, the model is wrapped as a byte-level LM (`ByteLM`) whose
   token ids are bytes + offset (2 for google/reformer-enwik8), so that the
-  decoding CLI reads and writes text; otherwise prompts are token ids.
+  decoding CLI reads and writes text; with a `tokenizer` (`hf_tokenizer`) its
+  file is stored as the workdir's (prompts are text it encodes); otherwise
+  prompts are token ids.
   """
+  if tokenizer is not None and byte_offset is not None:
+    raise ConversionError('write_workdir: a byte-level model (byte_offset) takes no tokenizer.')
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from terraflax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
@@ -506,6 +537,8 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
                      'seq_len': seq_len},
             'source': 'converted from Hugging Face by terraflax.models.convert'}
   config['model'] = {k: list(v) if isinstance(v, tuple) else v for k, v in config['model'].items()}
+  if tokenizer is not None:
+    tokenizer.save_to(workdir)
   workdir_lib.write_config(workdir, ml_collections.ConfigDict(config))
   workdir_lib.save_params(workdir, 0, jax.tree_util.tree_map(np.asarray, params))
   return workdir
@@ -528,12 +561,17 @@ def main(argv):
       buckets = buckets[0] if len(buckets) == 1 else buckets
     kwargs, params = from_hf_reformer(f.from_hf, predict_mem_len=f.predict_mem_len,
                                       num_buckets=buckets)
-    write_workdir(f.to, kwargs, params, byte_offset=f.byte_offset)
+    tokenizer = None if f.byte_offset is not None else hf_tokenizer(f.from_hf,
+                                                                     kwargs['vocab_size'])
+    write_workdir(f.to, kwargs, params, byte_offset=f.byte_offset, tokenizer=tokenizer)
   except ConversionError as e:
     sys.exit(f'terraflax.models.convert: {e}')
   n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+  reads = ('text (UTF-8 bytes)' if f.byte_offset is not None else 'token ids' if tokenizer is None
+           else f'text ({os.path.basename(tokenizer.path)}, {tokenizer.vocab_size} ids)')
   print(f'Converted {f.from_hf} ({n:,} parameters, attention {"+".join(_kinds(kwargs))}) '
-        f'to {f.to}; decode with: python -m terraflax.decoding --workdir={f.to} --prompt=...')
+        f'to {f.to}, reading {reads}; decode with: python -m terraflax.decoding '
+        f'--workdir={f.to} --prompt=...')
 
 
 def _define_flags():

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from terraflax import decoding
+from terraflax import tokenizer as tokenizer_lib
 from terraflax import workdir as workdir_lib
 from terraflax.train import checkpoint as ckpt
 from terraflax.train import config as config_lib
@@ -404,6 +405,12 @@ def _check_health(run: _Run, step: int) -> None:
         'optimizer.learning_rate, a longer optimizer.warmup_steps or optimizer.grad_clip.')
 
 
+def _sample_tokenizer(run: _Run) -> tokenizer_lib.Tokenizer | None:
+  """The workdir's tokenizer file for the closing sample (None: bytes or ids, as the data says)."""
+  tokenizer = tokenizer_lib.from_workdir(run.workdir)
+  return None if tokenizer.kind == tokenizer_lib.BYTES else tokenizer
+
+
 def _finish(run: _Run, last: dict[str, float]) -> None:
   """The closing line and, for LMs with `sample.max_new_tokens`, a decoded sample."""
   config, writer, t = run.config, run.writer, run.config.train
@@ -418,7 +425,7 @@ def _finish(run: _Run, last: dict[str, float]) -> None:
     text = decoding.sample_text(
         run.experiment.spec, run.state.params, config.sample.prompt,
         max_new_tokens=config.sample.max_new_tokens,
-        byte_level=run.experiment.data.info.byte_level,
+        byte_level=run.experiment.data.info.byte_level, tokenizer=_sample_tokenizer(run),
         temperature=config.sample.temperature, seed=config.seed)
     writer.info(f'Sample ({config.sample.max_new_tokens} tokens after '
                 f'{config.sample.prompt!r}):\n{text}')

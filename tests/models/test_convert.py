@@ -1,9 +1,11 @@
 """Hugging Face Reformer checkpoints -> ReformerLM: parity with HF's logits, CLI, errors.
 
-The fixtures in tests/fixtures/hf_reformer_{local,lsh}/ were made by
+The fixtures in tests/fixtures/hf_reformer_{local,lsh,spm}/ were made by
 tests/fixtures/make_hf_reformer_fixture.py with torch + transformers 5.23
 (not needed here): tiny random `ReformerModelWithLMHead`s, their input ids,
-HF's logits and, for the LSH layers, the rotations HF drew.
+HF's logits and, for the LSH layers, the rotations HF drew; hf_reformer_spm
+also has a SentencePiece `spiece.model`, a text prompt and HF's greedy
+continuation of it.
 """
 
 import json
@@ -20,6 +22,8 @@ import numpy as np
 from absl.testing import absltest
 from safetensors.numpy import load_file, save_file
 
+from terraflax import export
+from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention, convert
 from terraflax.models.reformer import ReformerLM
 
@@ -154,6 +158,58 @@ class CommandLineTest(absltest.TestCase):
       logits = forward({'params': params}, jnp.asarray([padded], jnp.int32))
       sequence.append(int(jnp.argmax(logits[0, len(sequence)])))
     self.assertEqual(generated, sequence[len(prompt):])
+
+
+class SentencePieceFixtureTest(absltest.TestCase):
+  """hf_reformer_spm: a Reformer over a SentencePiece vocabulary, text in and text out."""
+
+  def test_prompt_encodes_to_the_fixture_ids_and_logits_match_hf(self):
+    path, arrays = fixture('spm')
+    tok = convert.hf_tokenizer(path, vocab_size=96)
+    self.assertEqual((tok.kind, tok.vocab_size, tok.pad_id, tok.eos_id), ('spm', 96, 0, 1))
+    self.assertEqual([0] + tok.encode(str(arrays['prompt'])), arrays['input_ids'][0].tolist())
+    got, want = converted_logits('spm')
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+  def test_converted_workdir_decodes_text_like_hf(self):
+    path, arrays = fixture('spm')
+    prompt, greedy = str(arrays['prompt']), arrays['greedy_ids'].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir, artifact = os.path.join(tmp, 'wd'), os.path.join(tmp, 'artifact')
+      result = run('terraflax.models.convert', f'--from_hf={path}', f'--to={workdir}')
+      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+      self.assertIn('spiece.model, 96 ids', result.stdout)
+      with open(os.path.join(workdir, 'tokenizer.model'), 'rb') as f, open(
+          os.path.join(path, 'spiece.model'), 'rb') as g:
+        self.assertEqual(f.read(), g.read())
+      result = run('terraflax.decoding', f'--workdir={workdir}', f'--prompt={prompt}',
+                   f'--max_new_tokens={len(greedy)}', '--temperature=0')
+      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+      # The reference: HF's greedy ids (full forward passes in torch) decoded by the
+      # fixture's own spiece.model after the prompt's ids.
+      tok = tokenizer_lib.load(os.path.join(path, 'spiece.model'))
+      want = tok.decode(tok.encode(prompt) + greedy)
+      self.assertTrue(want.startswith(prompt))
+      self.assertEqual(result.stdout.rstrip('\n'), want)
+      # The exported decode step carries the tokenizer: same text, jax + sentencepiece only.
+      result = run('terraflax.export', f'--workdir={workdir}', f'--out={artifact}')
+      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+      served = export.Exported(artifact)
+      self.assertEqual(served.tokenizer, 'spm')
+      self.assertEqual(served.encode(prompt), tok.encode(prompt))
+      self.assertEqual(served.greedy_text(prompt, len(greedy)), want)
+
+  def test_directory_without_a_tokenizer_and_bad_tokenizers(self):
+    path, _ = fixture('spm')
+    self.assertIsNone(convert.hf_tokenizer(str(FIXTURES / 'hf_reformer_local')))
+    with self.assertRaisesRegex(convert.ConversionError, r'vocab_size=20 is smaller .*\(96 ids\)'):
+      convert.hf_tokenizer(path, vocab_size=20)
+    with tempfile.TemporaryDirectory() as tmp:
+      shutil.copytree(path, os.path.join(tmp, 'hf'))
+      with open(os.path.join(tmp, 'hf', 'spiece.model'), 'wb') as f:
+        f.write(b'not a sentencepiece model')
+      with self.assertRaisesRegex(convert.ConversionError, 'spiece.model is neither'):
+        convert.hf_tokenizer(os.path.join(tmp, 'hf'))
 
 
 class ErrorTest(absltest.TestCase):
