@@ -52,5 +52,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 200  # Steps between checkpoints.
   config.train.eval_position_buckets = 4  # eval/loss_by_position/0-63, 64-127, ...
   config.sample.prompt = 'The '  # Text the end-of-training sample continues.
-  config.sample.max_new_tokens = 0  # Tokens of that sample (0: none).
+  config.sample.max_new_tokens = 64  # Tokens of that sample (0: none).
   return config

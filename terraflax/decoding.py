@@ -452,7 +452,10 @@ def workdir_tokenizer(workdir: str, config) -> tokenizer_lib.Tokenizer | None:
   BYTE_LEVEL) reads UTF-8 bytes; any other model reads token ids.
   """
   tokenizer = tokenizer_lib.from_workdir(workdir)
-  if tokenizer.kind == tokenizer_lib.BYTES and config.data.get('name') not in spec_lib.BYTE_LEVEL:
+  text_bytes = (config.data.get('name') == 'text'  # Real text read with the 'bytes' tokenizer.
+                and config.data.get('tokenizer', tokenizer_lib.BYTES) == tokenizer_lib.BYTES)
+  if (tokenizer.kind == tokenizer_lib.BYTES and config.data.get('name') not in spec_lib.BYTE_LEVEL
+      and not text_bytes):
     return None
   vocab_size = config.model.get('vocab_size')
   if tokenizer.kind != tokenizer_lib.BYTES and isinstance(vocab_size, int):

@@ -6,6 +6,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -181,6 +183,34 @@ class TextDataTest(absltest.TestCase):
     tokenizers = [tokenizer_lib.from_workdir(w) for w in (straight, resumed)]
     self.assertEqual(tokenizers[0].kind, 'spm')
     self.assertEqual(tokenizers[0].encode(' '.join(TEXT)), tokenizers[1].encode(' '.join(TEXT)))
+  def test_text_lm_config_trains_decodes_and_exports(self):
+    workdir = os.path.join(self.tmp.name, 'text_lm')
+    artifact = os.path.join(self.tmp.name, 'artifact')
+    env = dict(os.environ, PYTHONPATH=ROOT, TERRAFLAX_CACHE=os.path.join(self.tmp.name, 'cache'))
+    tiny = ['--config.model.d_model=32', '--config.model.d_ff=64', '--config.model.n_heads=2',
+            '--config.model.vocab_size=300', '--config.data.tokenizer_vocab_size=300',
+            '--config.data.seq_len=128', '--config.model.max_len=128',
+            '--config.model.attention.n_buckets=4', '--config.train.batch_size=2',
+            '--config.train.steps=3', '--config.train.eval_every=3', '--config.train.log_every=3',
+            '--config.train.eval_batches=2', '--config.optimizer.warmup_steps=1',
+            '--config.sample.max_new_tokens=4']
+    run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,
+                                       text=True, cwd=ROOT, env=env, timeout=600)
+    trained = run('terraflax.train', '--config=configs/text_lm.py', f'--workdir={workdir}', *tiny)
+    self.assertEqual(trained.returncode, 0, trained.stderr[-2000:])
+    self.assertIn('bits_per_byte', trained.stdout)
+    self.assertTrue(os.path.exists(os.path.join(workdir, 'tokenizer.model')))
+    tokenizer = tokenizer_lib.from_workdir(workdir)
+    self.assertEqual((tokenizer.kind, tokenizer.vocab_size), ('spm', 300))
+    decoded = run('terraflax.decoding', f'--workdir={workdir}', '--prompt=The return',
+                  '--max_new_tokens=6', '--temperature=0')
+    self.assertEqual(decoded.returncode, 0, decoded.stderr[-2000:])
+    self.assertIn('The return', decoded.stdout)
+    exported = run('terraflax.export', f'--workdir={workdir}', f'--out={artifact}')
+    self.assertEqual(exported.returncode, 0, exported.stderr[-2000:])
+    with open(os.path.join(artifact, 'meta.json'), encoding='utf-8') as f:
+      self.assertEqual(json.load(f)['tokenizer'], 'spm')
+
 
 if __name__ == '__main__':
   absltest.main()
