@@ -4,9 +4,11 @@ In `'predict'` mode each encoding keeps the next position in the `cache`
 collection (`position`, an int32 scalar) and advances it by the input length
 on every call after `init`.
 
-Packed rows (`packed=True`, 'train'/'eval'): [x, positions] -> [y], 2 -> 1,
-with positions int (b, l) the position of each token within its document
-(restarting at 0), so every document gets the encodings it would get alone.
+Packed rows (`packed=True`, 'train'/'eval'): [x, segment_ids, positions] ->
+[y, segment_ids], 3 -> 2, with positions int (b, l) the position of each
+token within its document (restarting at 0), so every document gets the
+encodings it would get alone; the segment ids pass through for the
+attention layers above.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def _checked_positions(owner, positions, x):
 class PositionalEncoding(Layer):
   """[x] -> [x + position(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
 
+  packed=True: [x, segment_ids, positions] -> [y, segment_ids]; 3 -> 2.
+
   `kind='sinusoidal'` adds a fixed table; `kind='learned'` adds a trained
   (max_len, d) parameter `pos_embedding`. Dropout (train mode) follows.
   """
@@ -66,10 +70,14 @@ class PositionalEncoding(Layer):
 
   @property
   def n_in(self):
+    return 3 if self.packed else 1
+
+  @property
+  def n_out(self):
     return 2 if self.packed else 1
 
   @nn.compact
-  def __call__(self, x, *positions):
+  def __call__(self, x, *packing):
     length, d = x.shape[1], x.shape[2]
     if length > self.max_len:
       raise ValueError(f'PositionalEncoding max_len={self.max_len} is shorter than the input length {length}.')
@@ -78,7 +86,7 @@ class PositionalEncoding(Layer):
     else:
       table = jnp.asarray(sinusoidal_table(self.max_len, d))
     if self.packed:
-      encodings = jnp.take(table, _checked_positions('PositionalEncoding', positions[0], x),
+      encodings = jnp.take(table, _checked_positions('PositionalEncoding', packing[1], x),
                            axis=0)
     else:
       start = advance_position(self, length)
@@ -86,11 +94,13 @@ class PositionalEncoding(Layer):
     y = x + encodings.astype(x.dtype)
     if self.mode == 'train' and self.dropout > 0:
       y = dropout(y, self.dropout, self.make_rng('dropout'))
-    return y
+    return (y, packing[0]) if self.packed else y
 
 
 class AxialPositionalEncoding(Layer):
   """[x] -> [x + axial(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  packed=True: [x, segment_ids, positions] -> [y, segment_ids]; 3 -> 2.
 
   Reformer's factorised positions: position p is written in the mixed radix
   `shape` (row-major, p = i_0 * shape[1] * ... + i_last), and its embedding is
@@ -115,10 +125,14 @@ class AxialPositionalEncoding(Layer):
 
   @property
   def n_in(self):
+    return 3 if self.packed else 1
+
+  @property
+  def n_out(self):
     return 2 if self.packed else 1
 
   @nn.compact
-  def __call__(self, x, *positions):
+  def __call__(self, x, *packing):
     length, d = x.shape[1], x.shape[2]
     if sum(self.d_embs) != d:
       raise ValueError(
@@ -130,7 +144,7 @@ class AxialPositionalEncoding(Layer):
           f'AxialPositionalEncoding shape={tuple(self.shape)} covers {capacity} positions, '
           f'fewer than the input length {length}.')
     if self.packed:  # (b, l): each token's position within its document.
-      positions = _checked_positions('AxialPositionalEncoding', positions[0], x)
+      positions = _checked_positions('AxialPositionalEncoding', packing[1], x)
     else:
       positions = (advance_position(self, length) + jnp.arange(length))[None]
     parts, stride = [], capacity
@@ -140,4 +154,5 @@ class AxialPositionalEncoding(Layer):
       if self.mode == 'train' and self.dropout > 0:
         table = dropout(table, self.dropout, self.make_rng('dropout'))
       parts.append(jnp.take(table, (positions // stride) % size, axis=0))
-    return x + jnp.concatenate(parts, axis=-1).astype(x.dtype)
+    y = x + jnp.concatenate(parts, axis=-1).astype(x.dtype)
+    return (y, packing[0]) if self.packed else y

@@ -80,7 +80,7 @@ class PackedPositionsTest(parameterized.TestCase):
       docs = packed_documents()
       params = alone.init(jax.random.key(0), docs[0][None]).get('params', {})
       contracts.assert_packed_equals_unpacked(
-          lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, pos),
+          lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos)[0],
           lambda p, x, alone=alone: alone.apply({'params': p}, x), params, docs, 16)
 
   def test_shift_right_per_document(self):
