@@ -59,9 +59,20 @@ def task_of(data_name: str) -> str:
   return TASKS.get(data_name, 'lm')
 
 
+PACKING_KEYS = ('segment_ids', 'positions')  # A packed batch's extra (b, l) int32 arrays.
+
+
 def model_inputs(batch, task: str) -> tuple:
-  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq."""
-  return (batch['inputs'], batch['targets']) if task == 'seq2seq' else (batch['inputs'],)
+  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq.
+
+  A packed LM batch (with 'segment_ids' and 'positions') gives (inputs,
+  segment_ids, positions): the inputs of a model built with packed=True.
+  """
+  if task == 'seq2seq':
+    return (batch['inputs'], batch['targets'])
+  if task == 'lm' and all(key in batch for key in PACKING_KEYS):
+    return (batch['inputs'],) + tuple(batch[key] for key in PACKING_KEYS)
+  return (batch['inputs'],)
 
 
 def _suggest(name: str, valid) -> str:
