@@ -59,11 +59,9 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
 
 def _cpu_kernel_applies(kernel: str, *, dtype, d_qk: int, d_v: int, padded_length: int,
                         chunk_len: int, n_chunks_before: int, n_chunks_after: int,
-                        dropout_rate: float, rounds_joined: bool, packed: bool = False) -> bool:
+                        dropout_rate: float, rounds_joined: bool) -> bool:
   """Whether this call runs the native CPU kernel (see `kernels.use_native`)."""
-  if packed:
-    why_not = 'packed rows (segment ids) run on XLA only'
-  elif rounds_joined:
+  if rounds_joined:
     why_not = "the 'hf' convention (rounds joined) runs on XLA only"
   elif dropout_rate > 0:
     why_not = 'attention dropout runs on XLA only'
@@ -103,9 +101,8 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
                  n_chunks_after=after, causal=causal)
   if _cpu_kernel_applies(kernel, dtype=qv.dtype, d_qk=d_k, d_v=d_v, padded_length=big_l,
                          chunk_len=c, n_chunks_before=before, n_chunks_after=after,
-                         dropout_rate=dropout_rate, rounds_joined=rounds_joined,
-                         packed=segment_ids is not None):
-    return lsh_cpu.attend(qv, perm, **options)
+                         dropout_rate=dropout_rate, rounds_joined=rounds_joined):
+    return lsh_cpu.attend(qv, perm, segment_ids=segment_ids, **options)
   return attend_sorted(qv, perm, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                        rounds_joined=rounds_joined, segment_ids=segment_ids, **options)
 
