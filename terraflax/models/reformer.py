@@ -48,7 +48,7 @@ import terraflax.layers as tl
 from terraflax.combinators.base import check_int, check_mode, check_rate
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old, suggest)
+    DropSegments, Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old, suggest)
 
 POSITION_KINDS = ('axial', 'sinusoidal', 'learned')
 FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
@@ -223,17 +223,21 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout, ma
 # ----------------------------------------------------------------------------- pieces
 
 
-def Embedder(*, vocab_size, d_model, max_len, dropout, positions, mode, dtype):  # pylint: disable=invalid-name
+def Embedder(*, vocab_size, d_model, max_len, dropout, positions, mode, dtype,  # pylint: disable=invalid-name
+             packed=False):
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
+
+  packed=True: [ids, segment_ids, positions] -> [x, segment_ids]; 3 -> 2.
 
   Token embedding, dropout shared along the length (as in Trax), positions
   (`positions` as `resolve_positions` returns it: (kind, shape, d_embs)).
   """
   kind, axial_shape, axial_d_embs = positions
   if kind == 'axial':
-    layer = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode)
+    layer = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode,
+                                       packed=packed)
   else:
-    layer = tl.PositionalEncoding(max_len=max_len, kind=kind, mode=mode)
+    layer = tl.PositionalEncoding(max_len=max_len, kind=kind, mode=mode, packed=packed)
   return [
       tl.Embedding(vocab_size, d_model, dtype=dtype),
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
@@ -287,8 +291,12 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
                mode: str = 'train', dtype=None,
                attention: Any = attn.LSH(), positions: Any = 'axial',
                ff_chunk_len: int | None = None, ff_activation: Any = 'relu',
-               reversible: bool = True):
+               reversible: bool = True, packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1 (rows of
+  packed documents, each computed as if alone; the reversible blocks carry
+  the segment ids as context: [x1, x2, segment_ids]).
 
   A decoder-only Reformer language model. It shifts its input right
   (inserting pad id 0), so logits[:, i] predict tokens[:, i] from the tokens
@@ -342,7 +350,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
   def attention_layer(spec):
     return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
                               dtype=dtype, dropout=ATTENTION_DROPOUT, max_len=max_len,
-                              use_bias=False)
+                              use_bias=False, packed=packed)
 
   def feed_forward():
     return _feed_forward_half(d_model=d_model, d_ff=d_ff, dropout=dropout,
@@ -350,10 +358,10 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
                               dtype=dtype)
 
   return cb.Serial(
-      tl.ShiftRight(mode=mode),
+      tl.ShiftRight(mode=mode, packed=packed),
       Embedder(vocab_size=vocab_size, d_model=d_model, max_len=max_len, dropout=dropout,
-               positions=positions, mode=mode, dtype=dtype),
-      cb.Dup(),  # stack: x1, x2
+               positions=positions, mode=mode, dtype=dtype, packed=packed),
+      cb.Dup(),  # stack: x1, x2(, segment_ids)
       ReversibleBlocks(pattern, n_layers=n_layers, reversible=reversible,
                        attention=attention_layer, feed_forward=feed_forward, dropout=dropout,
                        mode=mode),
@@ -362,6 +370,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
       tl.Dense(vocab_size, dtype=dtype),
       Float32(),
+      DropSegments(packed),
   )
 
 

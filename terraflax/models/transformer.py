@@ -36,7 +36,7 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
+    DropSegments, Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
     check_hyperparameters, compute_dtype, deprecated_arguments, masked_mean, mixing_kinds,
     no_new_and_old)
 
@@ -56,7 +56,8 @@ def upgrade_full_attention(model):
   return translate
 
 
-def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype):
+def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype,
+                        packed=False):
   """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'.
 
   Per-head widths are d_model // n_heads ('full' layers derive them themselves).
@@ -66,20 +67,24 @@ def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mod
   return cb.Residual(
       tl.LayerNorm(),
       attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=causal,
-                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len),
+                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len,
+                         packed=packed),
       tl.Dropout(dropout, mode=mode))
 
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention: Any = attn.Full(), ff_chunk_len=None):
+                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
+
+  packed=True: [x, segment_ids] -> [x, segment_ids]; 2 -> 2.
 
   Pre-norm causal self-attention (the layer of the `attention` spec) and
   feed-forward residual blocks.
   """
   return [
       _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
-                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype),
+                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
+                          packed=packed),
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -144,8 +149,13 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1,
                   max_len: int = 2048, mode: str = 'train', dtype=None,
                   attention: Any = attn.Full(), ff_chunk_len: int | None = None,
-                  share_layers: bool = False, d_embedding: int | None = None):
+                  share_layers: bool = False, d_embedding: int | None = None,
+                  packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
+  packed documents (int (b, l) each; ids 1, 2, ... per document, 0 =
+  padding; positions restart at 0), each document computed as if alone.
 
   A decoder-only Transformer language model. It shifts its input right
   (inserting pad id 0), so logits[:, i] predict tokens[:, i] from the tokens
@@ -184,15 +194,16 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
   dtype = compute_dtype(dtype)
   block = _unit(lambda spec: DecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
-      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), pattern)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), pattern)
   return cb.Serial(
-      tl.ShiftRight(mode=mode),
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      tl.ShiftRight(mode=mode, packed=packed),  # stack: ids(, segment_ids, positions)
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
       cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
       tl.Dense(d_embedding, dtype=dtype) if d_embedding is not None else None,
       tl.Dense(vocab_size, dtype=dtype),
       Float32(),
+      DropSegments(packed),
   )
 
 
