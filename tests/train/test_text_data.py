@@ -80,6 +80,10 @@ class TextDataTest(absltest.TestCase):
     base.update(overrides)
     config = tiny_lm_config()
     del config.data['vocab_size'], config.data['eval_examples']
+    # A real LM that takes packed rows (TinyLM does not).
+    config.model = ml_collections.ConfigDict({
+        'name': 'TransformerLM', 'vocab_size': 256, 'd_model': 16, 'd_ff': 32, 'n_layers': 1,
+        'n_heads': 2, 'max_len': 32, 'dtype': 'float32'})
     for path, value in base.items():
       section, field = path.split('.')
       config[section][field] = value
