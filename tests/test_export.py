@@ -1,7 +1,9 @@
 """terraflax.export: an exported, reloaded decode step gives the live model's logits."""
 
+import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,6 +123,25 @@ class ExportTest(absltest.TestCase):
                                atol=1e-5)
     with self.assertRaisesRegex(ValueError, 'forward pass'):
       served.step(None, tokens[:, :1])
+
+  def test_text_methods_follow_the_recorded_tokenizer(self):
+    served = export.Exported(self.decode_dir)  # Exported from a model, not a workdir: ids.
+    self.assertEqual(served.tokenizer, 'ids')
+    with self.assertRaisesRegex(ValueError, 'reads token ids'):
+      served.encode('x')
+    # As `export_workdir` records a byte-level workdir (tokenizer 'bytes').
+    path = os.path.join(self.tmp, 'bytes_meta')
+    shutil.copytree(self.decode_dir, path)
+    with open(os.path.join(path, export.META_FILE)) as f:
+      meta = json.load(f)
+    meta.update(tokenizer='bytes', tokenizer_vocab_size=256, special_ids=[0, 255])
+    with open(os.path.join(path, export.META_FILE), 'w') as f:
+      json.dump(meta, f)
+    served = export.Exported(path)
+    self.assertEqual(served.encode('\x03\x05'), [3, 5])
+    generated = self.live_greedy([[3, 5], [3, 5]], 3)[0].tolist()
+    want = bytes([3, 5] + [t for t in generated if t != 0]).decode('utf-8')
+    self.assertEqual(served.greedy_text('\x03\x05', 3), want)
 
   def test_errors(self):
     with self.assertRaisesRegex(FileNotFoundError, 'meta.json is missing'):
