@@ -90,15 +90,19 @@ def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None, 
 
 
 def EncoderBlock(*, d_model, d_ff, n_heads, dropout, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention: Any = attn.Full(), ff_chunk_len=None):
+                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> (b, l, d), (b, l); a list, 2 -> 2.
+
+  packed=True: [x, segment_ids] -> [x, segment_ids] (every kind attends
+  within each document).
 
   Pre-norm bidirectional self-attention (over real tokens for 'full'; 'local'
   and 'lsh' take no mask), then feed-forward.
   """
   return [
       _attention_residual(attention, d_model=d_model, causal=False, n_heads=n_heads,
-                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype),  # stack: x, mask
+                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype,
+                          packed=packed),  # stack: x, mask (or segment_ids)
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -212,8 +216,12 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
                 attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                 pad_id: int | None = 0, share_layers: bool = False,
                 d_embedding: int | None = None, mixing='attention',
-                model: str = 'TransformerEncoder'):
+                model: str = 'TransformerEncoder', packed: bool = False):
   """[tokens] -> [x, mask]: int (b, l) -> (b, l, d_model), bool (b, l); a list, 1 -> 2.
+
+  packed=True: [tokens, segment_ids, positions] -> [x, segment_ids], 3 -> 2
+  (attention mixing only: Fourier mixing is global over the row), with the
+  same parameter paths.
 
   The encoder up to its final LayerNorm, shared by `TransformerEncoder` and
   `terraflax.models.BertMLM` so that their bodies have the same parameter
@@ -228,19 +236,24 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
   dtype = compute_dtype(dtype)
   if mode == 'predict':  # No incremental form: predict is eval.
     mode = 'eval'
+  if packed and 'fourier' in kinds:
+    raise ValueError(f"{model} packed=True needs mixing='attention': Fourier mixing mixes the "
+                     'whole row, across documents.')
 
   return [
-      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      # stack: ids, mask (packed: ids, segment_ids, positions, through an identity that keeps
+      # the parameter paths)
+      cb.Select([0, 1, 2], n_in=3) if packed else cb.Branch(None, PaddingMask(pad_id)),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
       EncoderStack(kinds, specs, d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
                    mode=mode, dtype=dtype, ff_chunk_len=ff_chunk_len,
-                   share_layers=share_layers, model=model),  # stack: x, mask
+                   share_layers=share_layers, model=model, packed=packed),  # stack: x, mask
       tl.LayerNorm(),
   ]
 
 
 def EncoderStack(kinds, specs, *, d_model, d_ff, n_heads, dropout, mode, dtype,  # pylint: disable=invalid-name
-                 ff_chunk_len, share_layers, model):
+                 ff_chunk_len, share_layers, model, packed=False):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> the same; 2 -> 2.
 
   Encoder block i mixes with `kinds[i]` ('attention' or 'fourier'); attention
@@ -252,7 +265,7 @@ def EncoderStack(kinds, specs, *, d_model, d_ff, n_heads, dropout, mode, dtype, 
       return FourierEncoderBlock(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
                                  dtype=dtype, ff_chunk_len=ff_chunk_len)
     return EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode,
-                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len)
+                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len, packed=packed)
 
   layer_kinds = ['fourier' if kind == 'fourier' else specs[i % len(specs)]
                  for i, kind in enumerate(kinds)]
