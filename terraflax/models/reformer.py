@@ -48,7 +48,8 @@ import terraflax.layers as tl
 from terraflax.combinators.base import check_int, check_mode, check_rate
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    DropSegments, Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old, suggest)
+    DropSegments, Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old,
+    suggest)
 
 POSITION_KINDS = ('axial', 'sinusoidal', 'learned')
 FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
