@@ -290,7 +290,8 @@ def _logits(scale, block_len, i, q, k_end, segment_ids):
   if segment_ids is not None:
     q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, i * block_len, block_len, axis=1)
     k_seg = segment_ids[:, :k_end.shape[2]]
-    allowed = jnp.logical_and(allowed[None, None], (q_seg[:, :, None] == k_seg[:, None, :])[:, None])
+    same = (q_seg[:, :, None] == k_seg[:, None, :])[:, None]  # (n, 1, B, E)
+    allowed = jnp.logical_and(allowed[None, None], same)
   return qi, jnp.where(allowed, s, _MASKED)
 
 

@@ -61,17 +61,18 @@ def task_of(data_name: str) -> str:
 
 
 PACKING_KEYS = ('segment_ids', 'positions')  # A packed batch's extra (b, l) int32 arrays.
+PACKED_TASKS = ('lm', 'mlm')  # Tasks whose models may read packed rows.
 
 
 def model_inputs(batch, task: str) -> tuple:
   """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq.
 
-  A packed LM batch (with 'segment_ids' and 'positions') gives (inputs,
+  A packed LM or MLM batch (with 'segment_ids' and 'positions') gives (inputs,
   segment_ids, positions): the inputs of a model built with packed=True.
   """
   if task == 'seq2seq':
     return (batch['inputs'], batch['targets'])
-  if task == 'lm' and all(key in batch for key in PACKING_KEYS):
+  if task in PACKED_TASKS and all(key in batch for key in PACKING_KEYS):
     return (batch['inputs'],) + tuple(batch[key] for key in PACKING_KEYS)
   return (batch['inputs'],)
 
@@ -192,10 +193,11 @@ class ModelSpec:
     if data is not None and data.get('pack', False):
       kwargs = dict(kwargs, packed=True)
       parameters = factory_parameters(factory)
-      if task != 'lm' or (parameters is not None and 'packed' not in parameters):
+      if task not in PACKED_TASKS or (parameters is not None and 'packed' not in parameters):
         raise ModelSpecError(
-            f'config.data.pack=True needs a language model that takes packed rows (a factory '
-            f'with a `packed` argument: TransformerLM, ReformerLM, TerraformerLM); '
+            f'config.data.pack=True needs a (masked) language model that takes packed rows (a '
+            f'factory with a `packed` argument: TransformerLM, ReformerLM, TerraformerLM, '
+            f'BertMLM); '
             f'config.model.name={name!r} for the {task!r} task does not.')
     check_model_fields(factory, kwargs, name)
     return cls(name=name, factory=factory, kwargs=kwargs, task=task)

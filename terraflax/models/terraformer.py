@@ -41,8 +41,8 @@ from terraflax.combinators.base import label_of
 from terraflax.layers.sparse_reversible import AdvanceSlot, ReplayedHalfResidual, StartRecord
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    DropSegments, Embed, Float32, PaddingMask, check_hyperparameters, compute_dtype, deprecated_arguments,
-    no_new_and_old)
+    DropSegments, Embed, Float32, PaddingMask, check_hyperparameters, compute_dtype,
+    deprecated_arguments, no_new_and_old)
 
 MERGE_KINDS = ('concat', 'mean')
 LSH_LAYER_CHUNK_LEN = 128  # `LSHSelfAttention.chunk_len`'s default: what old configs got,
