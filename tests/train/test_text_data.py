@@ -151,6 +151,22 @@ class TextDataTest(absltest.TestCase):
         np.testing.assert_array_equal(a[key], b[key])
         np.testing.assert_array_equal(a[key], c[key])
 
+  def test_eval_rows_decode_back_to_the_held_out_documents(self):
+    for tokenizer, vocab in (('bytes', 256), ('train', 50)):
+      config = config_lib.check_fields(self.config(**{
+          'data.tokenizer': tokenizer, 'data.tokenizer_vocab_size': vocab,
+          'model.vocab_size': vocab}))
+      data = data_lib.make_data(config.data, seed=0)
+      stream = np.concatenate([row['inputs'][row['weights'] > 0] for row in data.eval])
+      eos = data.tokenizer.eos_id
+      ends = np.flatnonzero(stream == eos)
+      documents = np.split(stream, ends + 1)[:-1]
+      held_out = TEXT[-len(documents):]
+      self.assertLen(documents, round(len(TEXT) * 0.2))
+      self.assertEqual([data.tokenizer.decode(d[:-1]) for d in documents], held_out)
+      n_bytes = sum(float(row['bytes'].sum()) for row in data.eval)
+      self.assertAlmostEqual(n_bytes, sum(len(t.encode()) + 1 for t in held_out), places=2)
+
   def test_config_errors(self):
     with self.assertRaisesRegex(config_lib.ConfigError,
                                 r"model\.vocab_size=200 is smaller than the vocabulary of "
