@@ -32,6 +32,7 @@ from terraflax.data.sources import DataError
 PREPARED_FILE = 'prepared.json'
 PREPARED_VERSION = 1
 SHARD_PATTERN = 'documents-{:05d}-of-{:05d}.array_record'
+ENCODE_BATCH = 256  # Documents per call into the tokenizer library.
 
 
 def is_prepared(spec: str) -> bool:
@@ -136,8 +137,9 @@ def prepare(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer, out: s
             progress: Callable[[str], None] | None = None) -> dict:
   """Tokenizes `documents` once into ArrayRecord shards in directory `out`; returns the metadata.
 
-  Document i goes to shard i % n_shards... in order (shard k holds a contiguous
-  range), so reading the shards in order gives the documents in order.
+  Shard k holds a contiguous range of documents, so reading the shards in order
+  gives the documents in order. A progress line (`progress`, absl logging by
+  default) every `log_every` seconds and at the end.
   """
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel  # Optional.
   if n_shards < 1:
@@ -157,12 +159,12 @@ def prepare(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer, out: s
     name = SHARD_PATTERN.format(shard, n_shards)
     names.append(name)
     writer = ArrayRecordWriter(os.path.join(out, name), 'group_size:1')
-    for index in range(bounds[shard], bounds[shard + 1]):
-      document = documents[index]
-      ids = tokenizer.encode(document)
-      size = len(document.encode('utf-8'))
-      writer.write(np.asarray([size] + ids, '<i4').tobytes())
-      n_tokens, n_bytes, done = n_tokens + len(ids), n_bytes + size, done + 1
+    for start in range(bounds[shard], bounds[shard + 1], ENCODE_BATCH):
+      texts = [documents[i] for i in range(start, min(start + ENCODE_BATCH, bounds[shard + 1]))]
+      for document, ids in zip(texts, tokenizer.encode_batch(texts)):
+        size = len(document.encode('utf-8'))
+        writer.write(np.asarray([size] + ids, '<i4').tobytes())
+        n_tokens, n_bytes, done = n_tokens + len(ids), n_bytes + size, done + 1
       if time.time() - last >= log_every:
         last = time.time()
         progress(_progress_line(done, n, n_tokens, last - began))
