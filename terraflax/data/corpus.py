@@ -22,6 +22,7 @@ import time
 from typing import Callable, Sequence
 
 from absl import logging
+from array_record.python.array_record_module import ArrayRecordWriter  # grain's format.
 import numpy as np
 
 from terraflax import tokenizer as tokenizer_lib
@@ -141,7 +142,6 @@ def prepare(documents: Sequence[str], tokenizer: tokenizer_lib.Tokenizer, out: s
   gives the documents in order. A progress line (`progress`, absl logging by
   default) every `log_every` seconds and at the end.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel  # Optional.
   if n_shards < 1:
     raise DataError(f'--n_shards={n_shards} must be a positive int.')
   if os.path.exists(os.path.join(out, PREPARED_FILE)):
