@@ -296,6 +296,12 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
                       f'{t.steps} for cosine decay.')
   if d.name in ('duplication', 'reverse') and d.vocab_size < 2:
     raise ConfigError(f'config.data.vocab_size must be >= 2 for {d.name}, got {d.vocab_size}.')
+  vocab = config.model.get('vocab_size') if 'model' in config else None
+  if (d.name == 'text' and d.tokenizer == 'train' and isinstance(vocab, int)
+      and vocab < d.tokenizer_vocab_size):  # Before spending time training the tokenizer.
+    raise ConfigError(f'config.model.vocab_size={vocab} is smaller than '
+                      f'data.tokenizer_vocab_size={d.tokenizer_vocab_size} (the tokenizer '
+                      "data.tokenizer='train' makes); make them equal.")
   if d.name == 'listops' and d.max_len == 0:
     raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
                       'expression in tokens.')

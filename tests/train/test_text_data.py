@@ -172,6 +172,11 @@ class TextDataTest(absltest.TestCase):
                                 r"model\.vocab_size=200 is smaller than the vocabulary of "
                                 r"data\.tokenizer='bytes' \(256 ids\)"):
       config_lib.validate_config(self.config(**{'model.vocab_size': 200}), n_devices=1)
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                r'model\.vocab_size=256 is smaller than '
+                                r'data\.tokenizer_vocab_size=300'):
+      config_lib.validate_config(self.config(**{'data.tokenizer': 'train',
+                                                'data.tokenizer_vocab_size': 300}), n_devices=1)
     with self.assertRaisesRegex(config_lib.ConfigError, 'eval_fraction=0 leaves no evaluation'):
       config_lib.validate_config(self.config(**{'data.eval_fraction': 0.0}), n_devices=1)
     with self.assertRaisesRegex(config_lib.ConfigError, r'config\.data\.tokenizer='):
