@@ -295,7 +295,7 @@ def export_workdir(workdir: str, out_dir: str, *, batch_size: int = 1,
   if forward_len is None:
     return export_decode_step(spec.build('predict'), params, out_dir, batch_size=batch_size,
                               meta=meta)
-  return export_forward(spec.build('eval'), params, out_dir, batch_size=batch_size,
+  return export_forward(spec.build('eval', packed=False), params, out_dir, batch_size=batch_size,
                         length=forward_len, meta=meta)
 
 

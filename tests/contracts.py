@@ -20,3 +20,116 @@ def predict_one_at_a_time(model, params, xs, key=None):
     cache = state['cache']
     outputs.append(out)
   return jnp.concatenate(outputs, axis=1)
+
+
+def pack_documents(documents, length):
+  """Documents (l_i, ...) -> one packed row: (x (1, length, ...), segment_ids, positions).
+
+  Documents go one after another, ids 1, 2, ...; the rest of the row is
+  padding (zeros, segment id 0, position 0). Both int32 (1, length).
+  """
+  used = sum(d.shape[0] for d in documents)
+  if used > length:
+    raise ValueError(f'pack_documents: {used} tokens do not fit a row of {length}.')
+  pad = jnp.zeros((length - used,) + documents[0].shape[1:], documents[0].dtype)
+  x = jnp.concatenate(list(documents) + [pad], axis=0)[None]
+  segment_ids = jnp.concatenate(
+      [jnp.full((d.shape[0],), i + 1, jnp.int32) for i, d in enumerate(documents)]
+      + [jnp.zeros((length - used,), jnp.int32)])[None]
+  positions = jnp.concatenate(
+      [jnp.arange(d.shape[0], dtype=jnp.int32) for d in documents]
+      + [jnp.zeros((length - used,), jnp.int32)])[None]
+  return x, segment_ids, positions
+
+
+def assert_packed_equals_unpacked(packed_fn, alone_fn, params, documents, length, *, atol=2e-5,
+                                  grads=True, seed=0):
+  """Packed == unpacked: a packed row's outputs and gradients equal each document's alone.
+
+  packed_fn(params, x, segment_ids, positions) -> (1, length, ...) per-token
+  outputs of the packed row (`pack_documents`); alone_fn(params, x) ->
+  (1, l_i, ...) for one document x (1, l_i, ...). The outputs must agree at
+  every real token. With `grads`, so must the gradients, wrt the parameters
+  and (for float documents) the inputs, of a loss over the real tokens only:
+  sum(w * out) with fixed random weights w, against the sum of the
+  documents' losses.
+  """
+  x, segment_ids, positions = pack_documents(documents, length)
+  packed_fn, alone_fn = jax.jit(packed_fn), jax.jit(alone_fn)
+  packed = packed_fn(params, x, segment_ids, positions)
+  weights = jax.random.normal(jax.random.key(seed), packed.shape[1:], jnp.float32)
+  start = 0
+  spans = []
+  for doc in documents:
+    alone = alone_fn(params, doc[None])
+    got = packed[:, start:start + doc.shape[0]]
+    if alone.shape != got.shape:
+      raise AssertionError(f'alone output {alone.shape} vs packed slice {got.shape}')
+    error = float(jnp.max(jnp.abs(alone.astype(jnp.float32) - got.astype(jnp.float32))))
+    assert error <= atol, (f'document at {start}..{start + doc.shape[0]}: packed differs from '
+                           f'alone by {error} > {atol}')
+    spans.append((start, doc.shape[0]))
+    start += doc.shape[0]
+  if not grads:
+    return
+  real = segment_ids[0] > 0
+  float_inputs = jnp.issubdtype(x.dtype, jnp.floating)
+
+  def packed_loss(p, x):
+    out = packed_fn(p, x, segment_ids, positions).astype(jnp.float32)
+    mask = real.reshape(real.shape + (1,) * (out.ndim - 2))
+    return jnp.sum(jnp.where(mask, out[0] * weights, 0.0))
+
+  def alone_loss(p, docs):
+    total = 0.0
+    for (s, n), doc in zip(spans, docs):
+      total = total + jnp.sum(alone_fn(p, doc[None]).astype(jnp.float32)[0] * weights[s:s + n])
+    return total
+
+  argnums = (0, 1) if float_inputs else 0
+  got = jax.jit(jax.grad(packed_loss, argnums=argnums))(params, x)
+  want = jax.jit(jax.grad(alone_loss, argnums=argnums))(params, list(documents))
+  got_p, want_p = (got[0], want[0]) if float_inputs else (got, want)
+  flat_got, tree = jax.tree_util.tree_flatten(got_p)
+  flat_want = jax.tree_util.tree_leaves(want_p)
+  assert len(flat_got) == len(flat_want), tree
+  for path_got, w in zip(jax.tree_util.tree_leaves_with_path(got_p), flat_want):
+    path, g = path_got
+    scale = max(1.0, float(jnp.max(jnp.abs(w))))
+    error = float(jnp.max(jnp.abs(g - w)))
+    assert error <= atol * 10 * scale, (f'parameter gradient {jax.tree_util.keystr(path)} '
+                                        f'differs by {error}')
+  if float_inputs:
+    for (s, n), w in zip(spans, want[1]):
+      error = float(jnp.max(jnp.abs(got[1][0, s:s + n] - w)))
+      assert error <= atol * 10, f'input gradient at {s}..{s + n} differs by {error}'
+    pad_grad = got[1][0, sum(n for _, n in spans):]
+    assert float(jnp.max(jnp.abs(pad_grad), initial=0.0)) == 0.0, 'padding got a gradient'
+
+
+def assert_layer_packed_equals_unpacked(make_layer, documents, length, *, modes=('train', 'eval'),
+                                        collections=None, rngs=None, atol=2e-5):
+  """`assert_packed_equals_unpacked` for a layer [x, segment_ids] -> [y, segment_ids].
+
+  make_layer(mode=..., packed=...) builds the layer; the unpacked one is
+  [x] -> [y] with the same parameters. `collections` (e.g. given LSH
+  rotations) are passed to both; `rngs` to apply (the same keys for the
+  packed row and every document).
+  """
+  collections = dict(collections or {})
+  rngs = dict(rngs or {})
+  for mode in modes:
+    alone = make_layer(mode=mode, packed=False)
+    packed = make_layer(mode=mode, packed=True)
+    params = jax.jit(alone.init)(jax.random.key(1), documents[0][None])['params']
+
+    def packed_fn(p, x, segment_ids, positions, packed=packed):
+      del positions
+      y, seg = packed.apply({'params': p, **collections}, x, segment_ids, rngs=rngs)
+      assert seg is segment_ids or seg.shape == segment_ids.shape
+      return y
+
+    def alone_fn(p, x, alone=alone):
+      return alone.apply({'params': p, **collections}, x, rngs=rngs)
+
+    assert_packed_equals_unpacked(packed_fn, alone_fn, params, documents, length, atol=atol)

@@ -12,10 +12,12 @@
 // parallel on XLA's intra-op thread pool without locks.
 //
 // Shapes (b batch, L padded length, h heads, n rounds, k = d_qk, e = d_v):
-//   forward   qv f32 (b, L, h, k + e), perm s32 (b, h, n, L)
+//   forward   qv f32 (b, L, h, k + e), perm s32 (b, h, n, L), seg s32 (b, L)
 //             -> out f32 (b, L, h, e), lse f32 (b, h, 2, L): log-normaliser as (top, rest)
-//   backward  qv, perm, out, lse, d_out f32 (b, L, h, e) -> d_qv (b, L, h, k + e)
-// perm[b, h, r] lists the positions of round r in (bucket, position) order.
+//   backward  qv, perm, seg, out, lse, d_out f32 (b, L, h, e) -> d_qv (b, L, h, k + e)
+// perm[b, h, r] lists the positions of round r in (bucket, position) order;
+// seg[b, p] is position p's document in a packed row (all equal when unpacked):
+// keys of another document are masked like padding.
 
 #include <algorithm>
 #include <cmath>
@@ -60,7 +62,7 @@ struct MeetingTable {
 struct Workspace {
   // A ring of `width` chunk slots (see UnitRounds), each slot's rows contiguous.
   std::vector<float> q, k, k_t, v, v_t, inv_norm;  // (R, c, k), (R, c, k), (R, k, c), (R, c, e), (R, e, c), (R, c)
-  std::vector<int32_t> pos, chunk_in;                // (R, c), (R, n - 1, c)
+  std::vector<int32_t> pos, seg, chunk_in;           // (R, c), (R, c), (R, n - 1, c)
   std::vector<float> d_o, d_q, d_k, d_v;             // backward: (R, c, e), (R, c, k), (R, c, k), (R, c, e)
   std::vector<int32_t> chunk_of;                     // (n, L)
   std::vector<char> written;                         // (C)
@@ -82,10 +84,11 @@ Workspace& thread_workspace() {
 class UnitRounds {
  public:
   UnitRounds(const Spec& s, Workspace& w, int64_t unit, const float* qv, const int32_t* perm,
-             const float* d_out)
+             const int32_t* seg, const float* d_out)
       : s_(s), w_(w), table_(s), backward_(d_out != nullptr) {
     const int64_t bi = unit / s.h, hi = unit % s.h;
     qv_ = qv + (bi * s.big_l * s.h + hi) * s.row();
+    seg_ = seg + bi * s.big_l;
     d_out_ = backward_ ? d_out + (bi * s.big_l * s.h + hi) * s.dv : nullptr;
     perm_ = perm + unit * s.n * s.big_l;
     const int64_t slots = s.width, c = s.c, dk = s.dk, dv = s.dv;
@@ -95,6 +98,7 @@ class UnitRounds {
     sized(w.inv_norm, slots * c);
     sized(w.v, slots * c * dv);
     sized(w.pos, slots * c);
+    sized(w.seg, slots * c);
     sized(w.chunk_in, slots * std::max<int64_t>(s.n - 1, 1) * c);
     sized(w.logits, c * s.big_w());
     sized(w.grads, c * s.big_w());
@@ -155,11 +159,11 @@ class UnitRounds {
     const int64_t own = slot(i);
     int32_t* q_shift = w_.shifts.data();  // per other round: the query's chunk - before - C
     for (int64_t a = 0; a < c; ++a) {
-      const int32_t q_pos = w_.pos[own * c + a];
+      const int32_t q_pos = w_.pos[own * c + a], q_seg = w_.seg[own * c + a];
       for (int64_t o = 0; o < n_other; ++o)
         q_shift[o] = w_.chunk_in[(own * n_other + o) * c + a] - int32_t(s.before) - int32_t(nc);
       const float* row = logits + a * big_w;
-      auto masked = [&, row, q_pos](int64_t j) -> vf {
+      auto masked = [&, row, q_pos, q_seg](int64_t j) -> vf {
         const int64_t w = j / c, j0 = j % c, ks = slot(i - s.before + w);
         vf x = load(row + j);
         if (n_other > 0) {
@@ -188,6 +192,7 @@ class UnitRounds {
         const vi k_pos = loadi(&w_.pos[ks * c + j0]);
         vi hidden = k_pos >= int32_t(s.length);
         if (s.causal) hidden |= k_pos > q_pos;
+        hidden |= loadi(&w_.seg[ks * c + j0]) != q_seg;
         x = select(hidden, splat(kMaskedLogit), x);
         return select(k_pos == q_pos, splat(kSelfLogit), x);
       };
@@ -227,6 +232,7 @@ class UnitRounds {
       w_.inv_norm[row] = scale;
       std::memcpy(&w_.v[row * dv], src + dk, dv * sizeof(float));
       w_.pos[row] = p;
+      w_.seg[row] = seg_[p];
       int32_t* chunk_in = &w_.chunk_in[sl * n_other * c + a];
       for (int64_t other = 0, o = 0; other < s_.n; ++other)
         if (other != round_) chunk_in[o++ * c] = chunk_of[other * big_l + p];
@@ -246,6 +252,7 @@ class UnitRounds {
   const float* qv_;
   const float* d_out_;
   const int32_t* perm_;
+  const int32_t* seg_;
   int64_t round_ = 0;
 };
 
@@ -257,10 +264,10 @@ class UnitRounds {
 // log once all rounds are in). Keeping the normaliser as (top, rest) keeps
 // a query that saw only itself exact: its logits sit at kSelfLogit, where
 // float32 steps are 2^-7.
-void forward_unit(const Spec& s, const float* qv, const int32_t* perm, float* out, float* lse,
-                  int64_t unit) {
+void forward_unit(const Spec& s, const float* qv, const int32_t* perm, const int32_t* seg,
+                  float* out, float* lse, int64_t unit) {
   Workspace& w = thread_workspace();
-  UnitRounds rounds(s, w, unit, qv, perm, nullptr);
+  UnitRounds rounds(s, w, unit, qv, perm, seg, nullptr);
   const int64_t c = s.c, dv = s.dv, big_w = s.big_w(), big_l = s.big_l;
   const int64_t bi = unit / s.h, hi = unit % s.h, out_stride = s.h * dv;
   float* out_bh = out + (bi * big_l * s.h + hi) * dv;
@@ -335,10 +342,11 @@ void forward_unit(const Spec& s, const float* qv, const int32_t* perm, float* ou
 // chunk by chunk as exp(logit - top - rest); a window slot's query, key and
 // value gradients are added back in input order when the slot leaves the
 // window.
-void backward_unit(const Spec& s, const float* qv, const int32_t* perm, const float* out,
-                   const float* lse, const float* d_out, float* d_qv, int64_t unit) {
+void backward_unit(const Spec& s, const float* qv, const int32_t* perm, const int32_t* seg,
+                   const float* out, const float* lse, const float* d_out, float* d_qv,
+                   int64_t unit) {
   Workspace& w = thread_workspace();
-  UnitRounds rounds(s, w, unit, qv, perm, d_out);
+  UnitRounds rounds(s, w, unit, qv, perm, seg, d_out);
   const int64_t c = s.c, dk = s.dk, dv = s.dv, big_w = s.big_w(), big_l = s.big_l;
   const int64_t bi = unit / s.h, hi = unit % s.h;
   const int64_t row = s.row(), qv_stride = s.h * row, o_stride = s.h * dv;
@@ -433,7 +441,8 @@ struct Window {
 };
 
 ffi::Error make_spec(const ffi::AnyBuffer::Dimensions& qv_dims,
-                     const ffi::AnyBuffer::Dimensions& perm_dims, const Window& a, Spec& s) {
+                     const ffi::AnyBuffer::Dimensions& perm_dims,
+                     const ffi::AnyBuffer::Dimensions& seg_dims, const Window& a, Spec& s) {
   if (qv_dims.size() != 4 || perm_dims.size() != 4)
     return ffi::Error::InvalidArgument("lsh_cpu: qv and perm must have rank 4");
   s.b = qv_dims[0];
@@ -450,6 +459,8 @@ ffi::Error make_spec(const ffi::AnyBuffer::Dimensions& qv_dims,
   s.causal = a.causal;
   if (perm_dims[0] != s.b || perm_dims[1] != s.h || perm_dims[3] != s.big_l)
     return ffi::Error::InvalidArgument("lsh_cpu: perm must be (b, h, n, L) for qv (b, L, h, k + e)");
+  if (seg_dims.size() != 2 || seg_dims[0] != s.b || seg_dims[1] != s.big_l)
+    return ffi::Error::InvalidArgument("lsh_cpu: seg must be (b, L) for qv (b, L, h, k + e)");
   if (s.c <= 0 || s.big_l % s.c || s.c % kLanes || s.dk % kLanes || s.dv <= 0 ||
       s.dv % kLanes)
     return ffi::Error::InvalidArgument(
@@ -461,27 +472,27 @@ ffi::Error make_spec(const ffi::AnyBuffer::Dimensions& qv_dims,
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<ffi::S32> perm,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
-                   Window window) {
+                   ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, Window window) {
   Spec s;
-  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), window, s);
+  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), seg.dimensions(), window, s);
   if (error.failure()) return error;
   const float* qv_data = qv.typed_data();
   const int32_t* perm_data = perm.typed_data();
   float* out_data = out->typed_data();
   float* lse_data = lse->typed_data();
   parallel_for(pool, int(s.b * s.h), [&](int unit) {
-    forward_unit(s, qv_data, perm_data, out_data, lse_data, unit);
+    forward_unit(s, qv_data, perm_data, seg.typed_data(), out_data, lse_data, unit);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<ffi::S32> perm,
-                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_qv,
-                    Window window) {
+                    ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+                    ffi::ResultBuffer<ffi::F32> d_qv, Window window) {
   Spec s;
-  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), window, s);
+  ffi::Error error = make_spec(qv.dimensions(), perm.dimensions(), seg.dimensions(), window, s);
   if (error.failure()) return error;
   const float* qv_data = qv.typed_data();
   const int32_t* perm_data = perm.typed_data();
@@ -490,7 +501,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qv, ffi::Buffer<
   const float* d_out_data = d_out.typed_data();
   float* d_qv_data = d_qv->typed_data();
   parallel_for(pool, int(s.b * s.h), [&](int unit) {
-    backward_unit(s, qv_data, perm_data, out_data, lse_data, d_out_data, d_qv_data, unit);
+    backward_unit(s, qv_data, perm_data, seg.typed_data(), out_data, lse_data, d_out_data,
+                  d_qv_data, unit);
   });
   return ffi::Error::Success();
 }

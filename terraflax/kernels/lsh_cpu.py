@@ -3,7 +3,7 @@
 `attend(qv, perm, ...)` computes what `lsh_core.attend_sorted` (the XLA path
 of `lsh_attention.lsh_attend`) computes, for the terraflax convention without
 dropout: every round's sorted chunks attend to their windows (shared-QK,
-causal and padding masks, the self logit, repeated meetings discounted) and
+causal, padding and document (segment) masks, the self logit, repeated meetings discounted) and
 the rounds are combined by their log-sum-exp weights. Its gradient is a
 second kernel that recomputes the weights chunk by chunk from the saved
 log-normalisers (as flash attention does). Memory stays linear in the
@@ -23,6 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from terraflax import kernels
 from terraflax.kernels.spmd import partitioned
@@ -65,53 +66,58 @@ def available() -> bool:
 
 
 # Layouts for `partitioned` (split over batch and heads): qv and the output (b, L, h, w),
-# perm and the log-normalisers (b, h, n, L).
-QV, PERM = 'b.h.', 'bh..'
+# perm and the log-normalisers (b, h, n, L), the segment ids (b, L).
+QV, PERM, SEG = 'b.h.', 'bh..', 'b.'
 
 
-def _forward(qv, perm, spec: Spec):
-  def call(qv, perm):
+def _forward(qv, perm, seg, spec: Spec):
+  def call(qv, perm, seg):
     b, big_l, h, width = qv.shape
     shapes = (jax.ShapeDtypeStruct((b, big_l, h, width - spec.d_qk), jnp.float32),
               jax.ShapeDtypeStruct((b, h, 2, big_l), jnp.float32))
     return jax.ffi.ffi_call(FORWARD, shapes, vmap_method='sequential')(
-        qv, perm, **spec.attributes())
-  return partitioned(call, operands=(QV, PERM), results=(QV, PERM))(qv, perm)
+        qv, perm, seg, **spec.attributes())
+  return partitioned(call, operands=(QV, PERM, SEG), results=(QV, PERM))(qv, perm, seg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _attend(qv, perm, spec: Spec):
-  return _forward(qv, perm, spec)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attend(qv, perm, seg, spec: Spec):
+  return _forward(qv, perm, seg, spec)[0]
 
 
-def _attend_fwd(qv, perm, spec: Spec):
-  out, log_norm = _forward(qv, perm, spec)
-  return out, (qv, perm, out, log_norm)
+def _attend_fwd(qv, perm, seg, spec: Spec):
+  out, log_norm = _forward(qv, perm, seg, spec)
+  return out, (qv, perm, seg, out, log_norm)
 
 
 def _attend_bwd(spec: Spec, residuals, d_out):
-  qv, perm, out, log_norm = residuals
+  qv, perm, seg, out, log_norm = residuals
 
-  def call(qv, perm, out, log_norm, d_out):
+  def call(qv, perm, seg, out, log_norm, d_out):
     return jax.ffi.ffi_call(BACKWARD, jax.ShapeDtypeStruct(qv.shape, jnp.float32),
-                            vmap_method='sequential')(qv, perm, out, log_norm, d_out,
+                            vmap_method='sequential')(qv, perm, seg, out, log_norm, d_out,
                                                       **spec.attributes())
-  d_qv = partitioned(call, operands=(QV, PERM, QV, PERM, QV), results=(QV,))(
-      qv, perm, out, log_norm, d_out.astype(jnp.float32))
-  return d_qv, None
+  d_qv = partitioned(call, operands=(QV, PERM, SEG, QV, PERM, QV), results=(QV,))(
+      qv, perm, seg, out, log_norm, d_out.astype(jnp.float32))
+  return d_qv, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attend(qv, perm, *, d_qk: int, length: int, chunk_len: int, n_chunks_before: int,
-           n_chunks_after: int, causal: bool):
+           n_chunks_after: int, causal: bool, segment_ids=None):
   """Sorted, chunked LSH attention with rounds combined: (b, L, h, dv).
 
   qv float32 (b, L, h, d_qk + dv): queries (= keys before normalising) and
   values in input order; perm int32 (b, h, n, L): each round's positions in
-  (bucket, position) order, padding (positions >= `length`) last. The
-  caller checks `unsupported(...)` and `available()` first.
+  (bucket, position) order, padding (positions >= `length`) last;
+  segment_ids int (b, L) or None: a packed row's documents (a query attends
+  only to keys of its own). The caller checks `unsupported(...)` and
+  `available()` first.
   """
   spec = Spec(d_qk, length, chunk_len, n_chunks_before, n_chunks_after, bool(causal))
-  return _attend(qv.astype(jnp.float32), perm.astype(jnp.int32), spec)
+  if segment_ids is None:
+    segment_ids = jnp.zeros(qv.shape[:2], jnp.int32)
+  return _attend(qv.astype(jnp.float32), perm.astype(jnp.int32),
+                 lax.stop_gradient(segment_ids.astype(jnp.int32)), spec)

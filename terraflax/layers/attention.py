@@ -11,6 +11,16 @@ query chunking) and project back with `output` to the input width d.
                     -> [y, encoder, encoder_mask]               3 -> 3
   CacheOutputs      runs a layer once per sequence in predict mode
 
+Packed documents (`packed=True`, 'train'/'eval' only): int (b, l)
+`segment_ids` (1, 2, ... per document, 0 = padding) travel on the stack
+below x and pass through; a query attends only to keys of its own document:
+
+  CausalAttention   [x, segment_ids] -> [y, segment_ids]        2 -> 2
+  Attention         [x, segment_ids] -> [y, segment_ids]        2 -> 2 (no mask:
+                    a real token never sees another document or the padding)
+  EncDecAttention   [x, segment_ids, encoder, encoder_segment_ids]
+                    -> the same, y for x                        4 -> 4
+
 Shared fields: `n_heads`; `d_qk`, `d_v` per-head widths (default
 d // n_heads); `dropout` on the attention probabilities (train mode, `dropout`
 rng); `chunk_len` (query chunking: memory linear in length); `max_len` (size
@@ -36,7 +46,8 @@ from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, as_return, check_inputs, check_mode, label_of, n_in_of,
     n_out_of, name_children)
 from terraflax.layers.attention_core import dot_product_attention, padding_mask
-from terraflax.layers.core import HEAD_AXES, Dense, advance_position, constrain
+from terraflax.layers.core import (
+    HEAD_AXES, Dense, advance_position, check_packed, checked_segments, constrain)
 
 
 class _AttentionBase(Layer):
@@ -52,10 +63,12 @@ class _AttentionBase(Layer):
   sow_weights: bool = False
   dtype: Any = None
   use_bias: bool = True
+  packed: bool = False
 
   def __post_init__(self):
     name = type(self).__name__
     check_mode(self.mode, f'{name} mode')
+    check_packed(name, self.packed, self.mode)
     if not isinstance(self.n_heads, int) or self.n_heads < 1:
       raise ValueError(f'{name} n_heads must be a positive int, got {self.n_heads!r}.')
     for field in ('d_qk', 'd_v', 'chunk_len'):
@@ -113,6 +126,10 @@ class _AttentionBase(Layer):
       raise ValueError(f'{type(self).__name__} needs {what} of shape (b, l, d), got '
                        f'{tuple(x.shape)}.')
 
+  def check_segments(self, segment_ids, x, what='segment_ids'):
+    """segment_ids int (b, l) matching x (b, l, d); returned as int32."""
+    return checked_segments(type(self).__name__, segment_ids, x, what)
+
   def check_mask(self, mask, x, what='mask'):
     if mask.shape != x.shape[:2]:
       raise ValueError(f'{type(self).__name__} needs {what} of shape (b, l) = '
@@ -128,31 +145,51 @@ class CausalAttention(_AttentionBase):
   (`cached_key` (b, h, d_qk, max_len), `cached_value` (b, h, d_v, max_len),
   `position`), and queries attend causally to the whole cache, so one call
   per token (or a longer prefill call) equals the full causal pass.
+
+  `packed=True`: [x, segment_ids] -> [y, segment_ids], 2 -> 2; position i
+  attends to positions <= i of its own document.
   """
 
-  @nn.compact
-  def __call__(self, x):
-    self.check_input(x)
-    d_model = x.shape[-1]
-    q, k, v = self.queries_keys_values(x, *self.widths(d_model))
-    return self.combine(self.attend_causal(q, k, v), d_model)
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
 
-  def queries_keys_values(self, x, d_qk: int, d_v: int):
+  @property
+  def n_out(self):
+    return self.n_in
+
+  @nn.compact
+  def __call__(self, x, *segment_ids):
+    self.check_input(x)
+    segments = self.check_segments(segment_ids[0], x) if self.packed else None
+    d_model = x.shape[-1]
+    q, k, v = self.queries_keys_values(x, *self.widths(d_model), segment_ids=segments)
+    y = self.combine(self.attend_causal(q, k, v, segment_ids=segments), d_model)
+    return (y, segment_ids[0]) if self.packed else y
+
+  def queries_keys_values(self, x, d_qk: int, d_v: int, segment_ids=None):
     """(b, l, d) -> q, k (b, l, h, d_qk), v (b, l, h, d_v): the three projections.
 
     Subclasses with other projections (sparse QKV) replace this method only;
     the causal attention and its predict-mode cache stay the same.
+    `segment_ids` (None, or int (b, l) of a packed row) is for projections
+    that mix positions.
     """
+    del segment_ids  # Position-wise projections.
     return self.heads(x, 'query', d_qk), self.heads(x, 'key', d_qk), self.heads(x, 'value', d_v)
 
-  def attend_causal(self, q, k, v):
+  def attend_causal(self, q, k, v, segment_ids=None):
     """Causal attention of per-head q, k, v (b, l, h, width) -> (b, l, h, d_v).
 
     In `'predict'` mode k and v are appended to the key/value cache first and
-    q attends to everything cached so far.
+    q attends to everything cached so far. `segment_ids` int (b, l): keys of
+    other documents are masked too.
     """
     if self.mode == 'predict':
       return self._attend_cached(q, k, v)
+    if segment_ids is not None:
+      return self.attend(q, k, v, causal=True, q_segment_ids=segment_ids,
+                         k_segment_ids=segment_ids)
     return self.attend(q, k, v, causal=True)
 
   def _attend_cached(self, q, k, v):
@@ -190,6 +227,9 @@ class Attention(_AttentionBase):
   (`mask` True). Queries at padding positions still get outputs (they see
   the real tokens). Bidirectional attention has no incremental form: in
   `'predict'` mode it attends over the current call's inputs, as in `'eval'`.
+
+  `packed=True`: [x, segment_ids] -> [y, segment_ids], int (b, l) in place
+  of the mask; a query attends to the keys of its own document only.
   """
 
   n_in = 2
@@ -198,11 +238,15 @@ class Attention(_AttentionBase):
   @nn.compact
   def __call__(self, x, mask):
     self.check_input(x)
-    mask = self.check_mask(mask, x)
     d_model = x.shape[-1]
     d_qk, d_v = self.widths(d_model)
     q, k, v = self.heads(x, 'query', d_qk), self.heads(x, 'key', d_qk), self.heads(x, 'value', d_v)
-    out = self.attend(q, k, v, mask=padding_mask(mask))
+    if self.packed:
+      segments = self.check_segments(mask, x)
+      out = self.attend(q, k, v, q_segment_ids=segments, k_segment_ids=segments)
+    else:
+      mask = self.check_mask(mask, x)
+      out = self.attend(q, k, v, mask=padding_mask(mask))
     return self.combine(out, d_model), mask
 
 
@@ -217,16 +261,33 @@ class EncDecAttention(_AttentionBase):
   on the first call after `init` and cached (`cached_key` (b, h, d_qk, le),
   `cached_value` (b, h, d_v, le), `filled`); later calls reuse them and ignore the encoder's values (it must
   keep its shape).
+
+  `packed=True`: [x, segment_ids, encoder, encoder_segment_ids] -> the same
+  with y for x, 4 -> 4: a decoder position of document s attends to the
+  encoder positions of document s (both int (b, l) / (b, le), 0 = padding).
   """
 
-  n_in = 3
-  n_out = 3
+  @property
+  def n_in(self):
+    return 4 if self.packed else 3
+
+  @property
+  def n_out(self):
+    return self.n_in
 
   @nn.compact
-  def __call__(self, x, encoder, encoder_mask):
+  def __call__(self, x, *rest):
+    if self.packed:
+      segment_ids, encoder, encoder_segments = rest
+      segment_ids = self.check_segments(segment_ids, x)
+      self.check_input(encoder, 'encoder')
+      encoder_segments = self.check_segments(encoder_segments, encoder, 'encoder_segment_ids')
+    else:
+      encoder, encoder_mask = rest
     self.check_input(x)
     self.check_input(encoder, 'encoder')
-    encoder_mask = self.check_mask(encoder_mask, encoder, 'encoder_mask')
+    if not self.packed:
+      encoder_mask = self.check_mask(encoder_mask, encoder, 'encoder_mask')
     if x.shape[0] != encoder.shape[0]:
       raise ValueError(f'EncDecAttention: x has batch {x.shape[0]} but encoder has batch '
                        f'{encoder.shape[0]}.')
@@ -242,6 +303,9 @@ class EncDecAttention(_AttentionBase):
       k, v = self._cached_keys_values(encoder, keys_values)
     else:
       k, v = keys_values(encoder)
+    if self.packed:
+      out = self.attend(q, k, v, q_segment_ids=segment_ids, k_segment_ids=encoder_segments)
+      return self.combine(out, d_model), rest[0], encoder, rest[2]
     out = self.attend(q, k, v, mask=padding_mask(encoder_mask))
     return self.combine(out, d_model), encoder, encoder_mask
 

@@ -12,6 +12,9 @@ dtype; the output has `v`'s dtype. A query may attend to a key when the
 optional boolean `mask` (broadcastable to (*batch, h, lq, lk), True = may
 attend) allows it and, with `causal=True`, when the key's position is not
 after the query's. A query that may attend to no key gets a zero output.
+With `q_segment_ids`/`k_segment_ids` (int (*batch, lq) / (*batch, lk), a
+packed row's document ids) a query attends only to keys of its own document;
+no (lq, lk) mask is built for them, so chunking stays linear in memory.
 
 With `chunk_len`, queries are processed `chunk_len` at a time in a `lax.scan`
 whose body is rematerialised (`jax.checkpoint`), so neither the forward nor the
@@ -96,14 +99,22 @@ def _positions(positions, length, batch_shape, what):
   return jnp.broadcast_to(positions, batch_shape + (length,))
 
 
+def segment_mask(q_segment_ids, k_segment_ids):
+  """(*batch, lq), (*batch, lk) int -> (*batch, 1, lq, lk): the key is in the query's document."""
+  return (q_segment_ids[..., None, :, None] == k_segment_ids[..., None, None, :])
+
+
 def _attend(q, k, v, mask, q_positions, k_positions, causal, scale, dropout_rate, dropout_rng,
-            return_weights):
+            return_weights, q_segment_ids=None, k_segment_ids=None):
   """Unchunked attention; mask already of full rank (or None); positions (*batch, l)."""
   logits = jnp.einsum('...qhd,...khd->...hqk', q, k, preferred_element_type=jnp.float32)
   logits = logits * jnp.float32(scale)
   allowed = None
   if causal:
     allowed = causal_mask(q_positions, k_positions)[..., None, :, :]
+  if q_segment_ids is not None:
+    same = segment_mask(q_segment_ids, k_segment_ids)
+    allowed = same if allowed is None else jnp.logical_and(allowed, same)
   if mask is not None:
     allowed = mask if allowed is None else jnp.logical_and(allowed, mask)
   if allowed is not None:
@@ -127,7 +138,8 @@ def _attend(q, k, v, mask, q_positions, k_positions, causal, scale, dropout_rate
 
 def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
                           k_positions=None, scale=None, dropout_rate=0.0, dropout_rng=None,
-                          chunk_len=None, return_weights=False, return_details=False):
+                          chunk_len=None, return_weights=False, return_details=False,
+                          q_segment_ids=None, k_segment_ids=None):
   """Exact scaled dot-product attention: softmax(q k^T * scale) v per head.
 
   Args:
@@ -155,6 +167,9 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
       (quadratic memory, for visualisation).
     return_details: return an `AttentionOutput` (out, logsumexp, weights)
       instead of the output array alone.
+    q_segment_ids, k_segment_ids: int (*batch, lq) and (*batch, lk) (or
+      without the batch axes), both or neither: the document of each query
+      and key in a packed row; a query attends only to keys of its document.
 
   Returns:
     (*batch, lq, h, dv) in `v`'s dtype, or an `AttentionOutput` when
@@ -170,10 +185,17 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
   batch_shape, lq, lk = q.shape[:-3], q.shape[-3], k.shape[-3]
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   mask = _full_mask(mask, q.ndim)
+  if (q_segment_ids is None) != (k_segment_ids is None):
+    raise ValueError('dot_product_attention needs both q_segment_ids and k_segment_ids, or '
+                     'neither.')
+  if q_segment_ids is not None:
+    q_segment_ids = _segments_of(q_segment_ids, lq, batch_shape, 'q_segment_ids')
+    k_segment_ids = _segments_of(k_segment_ids, lk, batch_shape, 'k_segment_ids')
   blocks = _causal_blocks(lq, lk, chunk_len)
   if (causal and blocks and mask is None and not dropout_rate and not return_weights
       and q_positions is None and k_positions is None):
-    out, lse = causal_blocked_attention(q, k, v, scale=scale, block_len=blocks)
+    out, lse = causal_blocked_attention(q, k, v, scale=scale, block_len=blocks,
+                                        segment_ids=q_segment_ids)
     result = AttentionOutput(out, lse, None)
     return result if return_details else result.out
   if causal:
@@ -181,12 +203,27 @@ def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
     k_positions = _positions(k_positions, lk, batch_shape, 'k_positions')
   args = (causal, scale, float(dropout_rate), dropout_rng, return_weights)
   if chunk_len is None or chunk_len >= lq:
-    result = _attend(q, k, v, mask, q_positions, k_positions, *args)
+    result = _attend(q, k, v, mask, q_positions, k_positions, *args, q_segment_ids,
+                     k_segment_ids)
   else:
-    result = _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, *args)
+    result = _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, *args,
+                      q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
   if return_details:
     return result
   return (result.out, result.weights) if return_weights else result.out
+
+
+def _segments_of(segment_ids, length, batch_shape, what):
+  """Segment ids as int32 (*batch, length)."""
+  segment_ids = jnp.asarray(segment_ids)
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f'{what} must be integers (document ids), got {segment_ids.dtype}.')
+  if segment_ids.shape[-1:] != (length,) or segment_ids.ndim > len(batch_shape) + 1:
+    raise ValueError(f'{what} must have shape (*batch, {length}) with *batch = '
+                     f'{tuple(batch_shape)}, got {tuple(segment_ids.shape)}.')
+  segment_ids = jnp.reshape(segment_ids.astype(jnp.int32), (1,) * (
+      len(batch_shape) + 1 - segment_ids.ndim) + segment_ids.shape)
+  return jnp.broadcast_to(segment_ids, batch_shape + (length,))
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +243,7 @@ def _causal_blocks(lq: int, lk: int, chunk_len):
   return chunk_len
 
 
-def causal_blocked_attention(q, k, v, *, scale: float, block_len: int):
+def causal_blocked_attention(q, k, v, *, scale: float, block_len: int, segment_ids=None):
   """Exact causal self-attention, `block_len` queries at a time: (out, logsumexp).
 
   q, k (*batch, l, h, dk), v (*batch, l, h, dv), positions 0..l-1 for both,
@@ -217,12 +254,16 @@ def causal_blocked_attention(q, k, v, *, scale: float, block_len: int):
   The backward pass (flash-attention style) recomputes each block's weights
   from the stored log-normalisers. Memory is linear in l: one loop step's
   (h, block_len, keys) logits at a time. Returns out (*batch, l, h, dv) in
-  v's dtype and logsumexp (*batch, h, l) float32.
+  v's dtype and logsumexp (*batch, h, l) float32. With `segment_ids` int
+  (*batch, l) (a packed row's documents) a query also skips the keys of
+  other documents.
   """
   batch_shape, l, h = q.shape[:-3], q.shape[-3], q.shape[-2]
   heads_first = lambda x: jnp.swapaxes(jnp.reshape(x, (-1,) + x.shape[-3:]), 1, 2)
+  if segment_ids is not None:
+    segment_ids = jnp.reshape(segment_ids, (-1, l))
   out, lse = _causal_blocked(float(scale), int(block_len), heads_first(q), heads_first(k),
-                             heads_first(v))
+                             heads_first(v), segment_ids)
   out = jnp.swapaxes(out, 1, 2).astype(v.dtype)
   return (jnp.reshape(out, batch_shape + out.shape[1:]), jnp.reshape(lse, batch_shape + (h, l)))
 
@@ -235,22 +276,31 @@ def _segments(l: int, block_len: int):
   return [(s * per, per, (s + 1) * per * block_len) for s in range(n_segments)]
 
 
-def _logits(scale, block_len, i, q, k_end):
-  """Block i's scaled, causally masked logits (n, h, B, E), float32; q (n, h, l, d)."""
+def _logits(scale, block_len, i, q, k_end, segment_ids):
+  """Block i's scaled, causally masked logits (n, h, B, E), float32; q (n, h, l, d).
+
+  segment_ids: None, or int (n, l): keys of another document are masked too.
+  """
   qi = jax.lax.dynamic_slice_in_dim(q, i * block_len, block_len, axis=2)
   s = jnp.einsum('nhqd,nhkd->nhqk', qi, k_end, preferred_element_type=jnp.float32)
   s = s * jnp.float32(scale)
   q_pos = jax.lax.broadcasted_iota(jnp.int32, s.shape[2:], 0) + i * block_len
   k_pos = jax.lax.broadcasted_iota(jnp.int32, s.shape[2:], 1)
-  return qi, jnp.where(k_pos <= q_pos, s, _MASKED)
+  allowed = k_pos <= q_pos
+  if segment_ids is not None:
+    q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, i * block_len, block_len, axis=1)
+    k_seg = segment_ids[:, :k_end.shape[2]]
+    same = (q_seg[:, :, None] == k_seg[:, None, :])[:, None]  # (n, 1, B, E)
+    allowed = jnp.logical_and(allowed[None, None], same)
+  return qi, jnp.where(allowed, s, _MASKED)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _causal_blocked(scale, block_len, q, k, v):
-  return _causal_blocked_fwd(scale, block_len, q, k, v)[0]
+def _causal_blocked(scale, block_len, q, k, v, segment_ids):
+  return _causal_blocked_fwd(scale, block_len, q, k, v, segment_ids)[0]
 
 
-def _causal_blocked_fwd(scale, block_len, q, k, v):
+def _causal_blocked_fwd(scale, block_len, q, k, v, segment_ids):
   n, h, l = q.shape[:3]
   out = jnp.zeros((n, h, l, v.shape[-1]), jnp.float32)
   lse = jnp.zeros((n, h, l), jnp.float32)
@@ -260,7 +310,7 @@ def _causal_blocked_fwd(scale, block_len, q, k, v):
     def step(j, carry, first=first, k_end=k_end, v_end=v_end):
       out, lse = carry
       i = first + j
-      _, s = _logits(scale, block_len, i, q, k_end)
+      _, s = _logits(scale, block_len, i, q, k_end, segment_ids)
       peak = jnp.max(s, axis=-1, keepdims=True)
       e = jnp.exp(s - peak)
       total = jnp.sum(e, axis=-1, keepdims=True)
@@ -272,11 +322,11 @@ def _causal_blocked_fwd(scale, block_len, q, k, v):
       return out, lse
 
     out, lse = jax.lax.fori_loop(0, count, step, (out, lse))
-  return (out, lse), (q, k, v, out, lse)
+  return (out, lse), (q, k, v, out, lse, segment_ids)
 
 
 def _causal_blocked_bwd(scale, block_len, residuals, cotangents):
-  q, k, v, out, lse = residuals
+  q, k, v, out, lse, segment_ids = residuals
   d_out, d_lse = cotangents
   d_out = d_out.astype(jnp.float32)
   # d logit = p (dp - sum_k p dp + d lse), and sum_k p dp = d_out . out per query.
@@ -291,7 +341,7 @@ def _causal_blocked_bwd(scale, block_len, residuals, cotangents):
     def step(j, carry, first=first, k_end=k_end, v_end=v_end):
       dq, dk_end, dv_end = carry
       i = first + j
-      qi, s = _logits(scale, block_len, i, q, k_end)
+      qi, s = _logits(scale, block_len, i, q, k_end, segment_ids)
       rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * block_len, block_len, axis=2)
       p = jnp.exp(s - rows(lse)[..., None])
       do_i = rows(d_out)
@@ -308,14 +358,14 @@ def _causal_blocked_bwd(scale, block_len, residuals, cotangents):
     dq, dk_end, dv_end = jax.lax.fori_loop(0, count, step, (dq, zeros_k, zeros_v))
     dk = dk.at[:, :, :end].add(dk_end)
     dv = dv.at[:, :, :end].add(dv_end)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _causal_blocked.defvjp(_causal_blocked_fwd, _causal_blocked_bwd)
 
 
 def _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, causal, scale, dropout_rate,
-             dropout_rng, return_weights):
+             dropout_rng, return_weights, q_segment_ids=None, k_segment_ids=None):
   """Scans `_attend` over query chunks, each rematerialised in the backward pass."""
   lq = q.shape[-3]
   n_chunks = -(-lq // chunk_len)
@@ -340,6 +390,8 @@ def _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, causal, scale, 
   xs = {'q': split(q, -3), 'index': jnp.arange(n_chunks)}
   if causal:
     xs['q_positions'] = split(q_positions, -1)
+  if q_segment_ids is not None:
+    xs['q_segment_ids'] = split(q_segment_ids, -1)
   mask_per_chunk = mask is not None and mask.shape[-2] != 1
   if mask_per_chunk:
     xs['mask'] = split(mask, -2)
@@ -348,7 +400,7 @@ def _chunked(q, k, v, mask, q_positions, k_positions, chunk_len, causal, scale, 
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, chunk['index'])
     result = _attend(chunk['q'], k, v, chunk['mask'] if mask_per_chunk else mask,
                      chunk.get('q_positions'), k_positions, causal, scale, dropout_rate, rng,
-                     return_weights)
+                     return_weights, chunk.get('q_segment_ids'), k_segment_ids)
     return None, result
 
   _, result = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, xs)

@@ -292,27 +292,64 @@ class Dropout(Layer):
     return dropout(x, self.rate, self.make_rng('dropout'), self.shared_axes)
 
 
+def check_packed(owner: str, packed, mode: str) -> None:
+  """Raises unless `packed` is a bool, and False in 'predict' mode (decoding is unpacked)."""
+  if not isinstance(packed, bool):
+    raise ValueError(f'{owner} packed must be True or False, got {packed!r}.')
+  if packed and mode == 'predict':
+    raise ValueError(f"{owner}: packed=True (segment ids) is for 'train' and 'eval' mode; "
+                     "'predict' mode decodes one unpacked sequence per row.")
+
+
+def checked_segments(owner: str, segment_ids, x, what: str = 'segment_ids'):
+  """`segment_ids` as int32 (b, l), after checking it is integer and matches x's (b, l)."""
+  if segment_ids.shape != x.shape[:2] or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f'{owner} needs {what} int (b, l) = {tuple(x.shape[:2])} (document ids, '
+                     f'0 = padding), got {segment_ids.dtype}{tuple(segment_ids.shape)}.')
+  return segment_ids.astype(jnp.int32)
+
+
 class ShiftRight(Layer):
   """[x] -> [x shifted right by `n_positions` along axis 1, padded]: (b, l, ...).
 
   Teacher forcing: position i then sees the tokens before i. In `'predict'`
   mode the input is already the previous token, so this is the identity.
+
+  `packed=True` ('train'/'eval'): [x, segment_ids] -> [shifted, segment_ids],
+  2 -> 2, segment_ids int (b, l): each document is shifted on its own (its
+  first `n_positions` tokens become `pad_id`, never its neighbour's tokens).
   """
 
   n_positions: int = 1
   mode: str = 'train'
   pad_id: int = 0
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'ShiftRight mode')
+    check_packed('ShiftRight', self.packed, self.mode)
     super().__post_init__()
 
-  def __call__(self, x):
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return self.n_in
+
+  def __call__(self, x, *segment_ids):
     if self.mode == 'predict':
       return x
     pad = [(0, 0)] * x.ndim
     pad[1] = (self.n_positions, 0)
-    return jnp.pad(x, pad, constant_values=self.pad_id)[:, :x.shape[1]]
+    shifted = jnp.pad(x, pad, constant_values=self.pad_id)[:, :x.shape[1]]
+    if not self.packed:
+      return shifted
+    segments = checked_segments('ShiftRight', segment_ids[0], x)
+    before = jnp.pad(segments, ((0, 0), (self.n_positions, 0)), constant_values=-1)
+    same = (before[:, :x.shape[1]] == segments).reshape(segments.shape + (1,) * (x.ndim - 2))
+    return jnp.where(same, shifted, jnp.asarray(self.pad_id, x.dtype)), segment_ids[0]
 
 
 def Relu():  # pylint: disable=invalid-name

@@ -23,8 +23,8 @@ from jax import lax
 
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.layers.core import (
-    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, chunk_padded, constrain,
-    param_with_axes)
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, check_packed,
+    checked_segments, chunk_padded, constrain, param_with_axes)
 
 # Logit of a masked key (causal, padding), as in Hugging Face's float32 path.
 MASKED_LOGIT = -1e9
@@ -32,12 +32,13 @@ MASKED_LOGIT = -1e9
 
 def local_attend(q, k, v, *, length: int, chunk_len: int, n_chunks_before: int = 1,
                  n_chunks_after: int = 0, causal: bool = True, dropout_rate: float = 0.0,
-                 dropout_rng: jax.Array | None = None):
+                 dropout_rng: jax.Array | None = None, segment_ids: jax.Array | None = None):
   """Chunked-window attention: q, k (b, L, h, k), v (b, L, h, dv) -> (b, L, h, dv).
 
   L must be a multiple of `chunk_len`; positions at and after `length` are
   padding and never attended to. `k` is used as given (scale it first).
-  Windows wrap around the ends (see the module docstring).
+  Windows wrap around the ends (see the module docstring). `segment_ids`
+  int (b, L): a query attends only to keys of its own document.
   """
   b, big_l, h, d_k = q.shape
   c = chunk_len
@@ -62,7 +63,11 @@ def local_attend(q, k, v, *, length: int, chunk_len: int, n_chunks_before: int =
   masked = k_pos >= length
   if causal:
     masked = masked | (k_pos > q_pos)
-  dots = jnp.where(masked[None, None], MASKED_LOGIT, dots)
+  masked = masked[None, None]
+  if segment_ids is not None:
+    seg = segment_ids.reshape(b, 1, n_chunks, c)
+    masked = masked | (seg[..., :, None] != windowed(seg)[..., None, :])
+  dots = jnp.where(masked, MASKED_LOGIT, dots)
   probs = jax.nn.softmax(dots, axis=-1)
   if dropout_rate > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
@@ -90,6 +95,7 @@ class LocalSelfAttention(Layer, kw_only=True):
       causal query (as long as the sequence has more chunks than a window).
     dtype: compute dtype of the projections (None: the input's); the
       attention itself runs in float32.
+    packed: [x, segment_ids] -> [y, segment_ids], 2 -> 2 (module docstring).
   """
 
   n_heads: int = 8
@@ -102,9 +108,11 @@ class LocalSelfAttention(Layer, kw_only=True):
   dropout: float = 0.0
   mode: str = 'train'
   dtype: Any = None
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'LocalSelfAttention mode')
+    check_packed('LocalSelfAttention', self.packed, self.mode)
     for name in ('n_heads', 'd_qk', 'd_v', 'chunk_len'):
       check_int('LocalSelfAttention', name, getattr(self, name))
     for name in ('n_chunks_before', 'n_chunks_after'):
@@ -114,8 +122,16 @@ class LocalSelfAttention(Layer, kw_only=True):
       raise ValueError("LocalSelfAttention mode='predict' decodes causally; set causal=True.")
     super().__post_init__()
 
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return self.n_in
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *segment_ids):
     xc = chunk_padded('LocalSelfAttention', x, self.chunk_len, self.mode)
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
@@ -137,12 +153,18 @@ class LocalSelfAttention(Layer, kw_only=True):
     if self.mode == 'predict':
       o = self._decode(q, k, v)
     else:
+      segments = None
+      if self.packed:
+        segments = checked_segments('LocalSelfAttention', segment_ids[0], x)
+        segments = jnp.pad(segments, ((0, 0), (0, xc.shape[1] - length)))
       rate = self.dropout if self.mode == 'train' else 0.0
       o = local_attend(q, k, v, length=length, chunk_len=self.chunk_len,
                        n_chunks_before=self.n_chunks_before, n_chunks_after=self.n_chunks_after,
                        causal=self.causal, dropout_rate=rate,
-                       dropout_rng=self.make_rng('dropout') if rate > 0 else None)[:, :length]
-    return jnp.einsum('blhk,hkd->bld', o.astype(dtype), w_o.astype(dtype))
+                       dropout_rng=self.make_rng('dropout') if rate > 0 else None,
+                       segment_ids=segments)[:, :length]
+    y = jnp.einsum('blhk,hkd->bld', o.astype(dtype), w_o.astype(dtype))
+    return (y, segment_ids[0]) if self.packed else y
 
   def _decode(self, q, k, v):
     """Predict: each new position attends to the remembered window, one at a time."""

@@ -26,8 +26,8 @@ from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.kernels import lsh_cpu
 from terraflax.layers import lsh_hashing
 from terraflax.layers.core import (
-    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, chunk_padded, constrain,
-    param_with_axes, project_heads)
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, check_packed,
+    checked_segments, chunk_padded, constrain, param_with_axes, project_heads)
 from terraflax.layers.lsh_core import attend_sorted, sort_rounds
 from terraflax.layers.lsh_decoding import RingMemory, ring_attend
 
@@ -39,7 +39,7 @@ CONVENTIONS = ('terraflax', 'hf')
 def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: int = 1,
                n_chunks_after: int = 0, causal: bool = False, dropout_rate: float = 0.0,
                dropout_rng: jax.Array | None = None, n_bucket_ids: int | None = None,
-               kernel: str = 'auto'):
+               kernel: str = 'auto', segment_ids: jax.Array | None = None):
   """LSH attention of queries that are already hashed.
 
   q (b, L, h, k), v (b, L, h, dv) float32, buckets int (b, h, n, L) with
@@ -47,14 +47,15 @@ def lsh_attend(q, v, buckets, *, length: int, chunk_len: int, n_chunks_before: i
   never attended to (give them a bucket above all real ones so they sort
   last). `n_bucket_ids`, if given, bounds the bucket ids (0 <= id <
   n_bucket_ids) and allows a faster sort. `kernel` is one of `kernels.KERNELS`
-  (see `LSHSelfAttention`). Returns (b, L, h, dv); rows of padding positions are
-  meaningless.
+  (see `LSHSelfAttention`). `segment_ids` int (b, L): a packed row's
+  documents (keys of other documents are masked). Returns (b, L, h, dv); rows
+  of padding positions are meaningless.
   """
   return lsh_attend_packed(
       jnp.concatenate([q, v], axis=-1), buckets, d_qk=q.shape[-1], length=length,
       chunk_len=chunk_len, n_chunks_before=n_chunks_before, n_chunks_after=n_chunks_after,
       causal=causal, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-      n_bucket_ids=n_bucket_ids, kernel=kernel)
+      n_bucket_ids=n_bucket_ids, kernel=kernel, segment_ids=segment_ids)
 
 
 def _cpu_kernel_applies(kernel: str, *, dtype, d_qk: int, d_v: int, padded_length: int,
@@ -78,12 +79,13 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
                       n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = False,
                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
                       n_bucket_ids: int | None = None, rounds_joined: bool = False,
-                      kernel: str = 'auto'):
+                      kernel: str = 'auto', segment_ids: jax.Array | None = None):
   """`lsh_attend` of queries and values packed as qv (b, L, h, d_qk + dv).
 
   Sorts each round (`lsh_core.sort_rounds`), then runs the native kernel or
   `lsh_core.attend_sorted`. `rounds_joined=True` is Hugging Face's layout of
-  the rounds (see `attend_sorted`; XLA only).
+  the rounds (see `attend_sorted`; XLA only). `segment_ids` int (b, L): the
+  documents of a packed row; a query attends only to keys of its own.
   """
   big_l = qv.shape[1]
   d_k, d_v = d_qk, qv.shape[-1] - d_qk
@@ -101,9 +103,9 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
   if _cpu_kernel_applies(kernel, dtype=qv.dtype, d_qk=d_k, d_v=d_v, padded_length=big_l,
                          chunk_len=c, n_chunks_before=before, n_chunks_after=after,
                          dropout_rate=dropout_rate, rounds_joined=rounds_joined):
-    return lsh_cpu.attend(qv, perm, **options)
+    return lsh_cpu.attend(qv, perm, segment_ids=segment_ids, **options)
   return attend_sorted(qv, perm, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                       rounds_joined=rounds_joined, **options)
+                       rounds_joined=rounds_joined, segment_ids=segment_ids, **options)
 
 
 def _hash_heads(q, rotations, n_buckets):
@@ -168,6 +170,14 @@ class LSHSelfAttention(Layer, kw_only=True):
   the batch (Hugging Face's layout) or (b, n_heads, d_qk, n_hashes, r), they
   are used in train/eval mode instead of drawing from the `hash` stream;
   hashing, sorting and chunking run as usual (r: `lsh_hashing.rotation_width`).
+
+  `packed=True` ('train'/'eval'): [x, segment_ids] -> [y, segment_ids],
+  2 -> 2, segment_ids int (b, l) of a packed row: a query attends only to the
+  keys of its own document that share its window, and to itself only when
+  none does. (Buckets and chunks are those of the whole row, so a document
+  meets the keys it meets alone when the windows cover it: one bucket and
+  chunk_len >= l, or given rotations that bucket alike with chunks holding
+  every bucket.)
   """
 
   n_heads: int = 8
@@ -186,9 +196,11 @@ class LSHSelfAttention(Layer, kw_only=True):
   sow_weights: bool = False
   convention: str = 'terraflax'
   kernel: str = 'auto'
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'LSHSelfAttention mode')
+    check_packed('LSHSelfAttention', self.packed, self.mode)
     if self.convention not in CONVENTIONS:
       raise ValueError(f'LSHSelfAttention convention must be one of {CONVENTIONS}, got '
                        f'{self.convention!r}.')
@@ -216,8 +228,16 @@ class LSHSelfAttention(Layer, kw_only=True):
       return self.n_buckets
     return lsh_hashing.default_n_buckets(length, self.chunk_len)
 
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return self.n_in
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *segment_ids):
     xc = chunk_padded('LSHSelfAttention', x, self.chunk_len, self.mode)
     d = x.shape[-1]
     dtype = self.dtype or x.dtype
@@ -233,8 +253,13 @@ class LSHSelfAttention(Layer, kw_only=True):
     if self.mode == 'predict':
       o = self._decode(qv[..., :self.d_qk], qv[..., self.d_qk:])
     else:
-      o = self._attend(qv, length)
-    return jnp.einsum('blhk,hkd->bld', o.astype(dtype), w_o.astype(dtype))
+      segments = None
+      if self.packed:
+        segments = checked_segments('LSHSelfAttention', segment_ids[0], x)
+        segments = jnp.pad(segments, ((0, 0), (0, xc.shape[1] - length)))
+      o = self._attend(qv, length, segments)
+    y = jnp.einsum('blhk,hkd->bld', o.astype(dtype), w_o.astype(dtype))
+    return (y, segment_ids[0]) if self.packed else y
 
   def _hash_rng(self):
     if not (self.has_rng('hash') or self.has_rng('params')):
@@ -243,7 +268,7 @@ class LSHSelfAttention(Layer, kw_only=True):
           "rngs={'hash': key} to apply.")
     return self.make_rng('hash')
 
-  def _attend(self, qv, length: int):
+  def _attend(self, qv, length: int, segment_ids=None):
     """Train/eval: fresh rotations, sort, chunked attention. (b, L, h, k + dv) -> (b, l, h, dv)."""
     b, big_l = qv.shape[:2]
     n_buckets = self.buckets_for(length)
@@ -265,7 +290,7 @@ class LSHSelfAttention(Layer, kw_only=True):
         causal=self.causal, dropout_rate=rate,
         dropout_rng=self.make_rng('dropout') if rate > 0 else None,
         n_bucket_ids=lsh_hashing.total_buckets(n_buckets) + 1, rounds_joined=hf,
-        kernel=self.kernel)
+        kernel=self.kernel, segment_ids=segment_ids)
     return o[:, :length]
 
   def _rotations(self, b: int, n_buckets):

@@ -191,8 +191,11 @@ def _block(x, row, start, size):
   return lax.dynamic_slice(x, (row, start) + (0,) * (x.ndim - 2), (1, size) + x.shape[2:])[0]
 
 
-def _block_logits(w: _Windowing, sqv, spos, chunks, row, start):
+def _block_logits(w: _Windowing, sqv, spos, chunks, row, start, sseg=None):
   """One loop step's queries, window keys/values and masked, corrected logits.
+
+  sseg: None, or int (R, C, c) the sorted positions' documents: keys of
+  another document are masked.
 
   Returns q (g, c, k), keys (g, W, k), raw queries of the window (g, W, k),
   values (g, W, dv), logits (g, c, W) and the self mask (g, c, W).
@@ -207,6 +210,10 @@ def _block_logits(w: _Windowing, sqv, spos, chunks, row, start):
   masked = k_pos >= w.length
   if w.causal:
     masked = masked | (k_pos > q_pos)
+  if sseg is not None:
+    q_seg = _block(sseg, row, start, w.block)[:, :, None]
+    k_seg = _window(w, _with_neighbours(w, sseg, row, start))[:, None, :]
+    masked = masked | (k_seg != q_seg)
   if chunks is not None:
     q_chunks = _block(chunks, row, start, w.block)[:, :, None]
     k_chunks = _window(w, _with_neighbours(w, chunks, row, start))[:, None]
@@ -230,27 +237,28 @@ def _row_and_start(w: _Windowing, i):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _window_attention(w: _Windowing, sqv, spos, chunks, rng):
+def _window_attention(w: _Windowing, sqv, spos, chunks, rng, sseg):
   """Attention of every sorted chunk to its window, in blocks of chunks.
 
   sqv (R, C, c, k + dv): sorted queries and values of R = b * h * n rounds;
   spos int (R, C, c): their original positions; chunks int (R, C, c, n): the
-  chunk each lands in, per round, or None when pairs meet only once. Returns
+  chunk each lands in, per round, or None when pairs meet only once; sseg
+  int (R, C, c): their documents in a packed row, or None. Returns
   (R, C, c, dv + 1): each position's output in its round, then the log of
   its softmax normaliser. The gradient recomputes the weights block by
   block from the stored normalisers (as flash attention does), so no array
   of all logits ever exists.
   """
-  return _window_attention_fwd(w, sqv, spos, chunks, rng)[0]
+  return _window_attention_fwd(w, sqv, spos, chunks, rng, sseg)[0]
 
 
-def _window_attention_fwd(w: _Windowing, sqv, spos, chunks, rng):
+def _window_attention_fwd(w: _Windowing, sqv, spos, chunks, rng, sseg):
   n_rows, n_chunks, c = sqv.shape[:3]
   d_v = sqv.shape[-1] - w.d_qk
 
   def step(i, out):
     row, start, j = _row_and_start(w, i)
-    _, _, _, v, logits, _ = _block_logits(w, sqv, spos, chunks, row, start)
+    _, _, _, v, logits, _ = _block_logits(w, sqv, spos, chunks, row, start, sseg)
     top = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - top)
     total = jnp.sum(e, axis=-1, keepdims=True)
@@ -263,16 +271,16 @@ def _window_attention_fwd(w: _Windowing, sqv, spos, chunks, rng):
 
   out = jnp.zeros((n_rows, n_chunks, c, d_v + 1), sqv.dtype)
   out = lax.fori_loop(0, n_rows * (n_chunks // w.block), step, out)
-  return out, (sqv, spos, chunks, rng, out)
+  return out, (sqv, spos, chunks, rng, out, sseg)
 
 
 def _window_attention_bwd(w: _Windowing, residuals, d_out):
-  sqv, spos, chunks, rng, out = residuals
+  sqv, spos, chunks, rng, out, sseg = residuals
   d_v = sqv.shape[-1] - w.d_qk
 
   def step(i, d_sqv):
     row, start, j = _row_and_start(w, i)
-    q, k, raw_k, v, logits, is_self = _block_logits(w, sqv, spos, chunks, row, start)
+    q, k, raw_k, v, logits, is_self = _block_logits(w, sqv, spos, chunks, row, start, sseg)
     saved, d_saved = _block(out, row, start, w.block), _block(d_out, row, start, w.block)
     o, lse = saved[..., :d_v], saved[..., d_v:]
     d_o, d_lse = d_saved[..., :d_v], d_saved[..., d_v:]
@@ -294,7 +302,7 @@ def _window_attention_bwd(w: _Windowing, residuals, d_out):
 
   n_steps = sqv.shape[0] * (w.n_chunks // w.block)
   d_sqv = lax.fori_loop(0, n_steps, step, jnp.zeros_like(sqv))
-  return d_sqv, None, None, None
+  return d_sqv, None, None, None, None
 
 
 _window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
@@ -340,7 +348,7 @@ def sort_rounds(buckets, n_bucket_ids: int | None):
 def attend_sorted(qv, perm, *, d_qk: int, length: int, chunk_len: int,
                   n_chunks_before: int = 1, n_chunks_after: int = 0, causal: bool = False,
                   dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None,
-                  rounds_joined: bool = False):
+                  rounds_joined: bool = False, segment_ids: jax.Array | None = None):
   """Hashed attention of qv (b, L, h, d_qk + dv) in the order perm int (b, h, n, L).
 
   `perm` is each round's positions sorted by (bucket, position)
@@ -353,6 +361,10 @@ def attend_sorted(qv, perm, *, d_qk: int, length: int, chunk_len: int,
   a round's first chunks reach into the previous round's last chunks, a pair
   that meets several times is counted each time (no discount), and rounds
   combine with HF's float32 formula (see `_combine_rounds`).
+
+  `segment_ids` int (b, L) (a packed row's documents): a query attends only
+  to keys of its own document, and to itself only when no other key of its
+  document is in its window.
   """
   b, big_l, h, _ = qv.shape
   d_k, d_v = d_qk, qv.shape[-1] - d_qk
@@ -381,12 +393,17 @@ def attend_sorted(qv, perm, *, d_qk: int, length: int, chunk_len: int,
                      sorted_idx.reshape(b * big_l * h, n))
   sqv = sqv.reshape(b * h * n, n_chunks, c, d_k + d_v)
   spos = perm.reshape(b * h * n, n_chunks, c)
+  sseg = None
+  if segment_ids is not None:  # Each sorted position's document: segment_ids[b, perm].
+    sseg = jnp.take_along_axis(segment_ids.astype(jnp.int32)[:, None, None, :], perm, axis=3)
+    sseg = lax.stop_gradient(sseg.reshape(b * h * n, n_chunks, c))
   chunks = None
   row_chunks, row_rounds = n_chunks, n  # What one row of the window loop holds.
   if rounds_joined:  # One row of n * C chunks per (batch, head); same flat layout.
     row_chunks, row_rounds = n * n_chunks, 1
     sqv = sqv.reshape(b * h, row_chunks, c, d_k + d_v)
     spos = spos.reshape(b * h, row_chunks, c)
+    sseg = None if sseg is None else sseg.reshape(b * h, row_chunks, c)
   elif n > 1 or n_chunks < 1 + before + after:  # Pairs can meet more than once.
     chunk_of = (inv // c).transpose(0, 1, 3, 2).reshape(b * h * big_l, n)
     chunks = _gather_rows(chunk_of, (batch * h + head) * big_l + perm)  # (b, h, n, L, n)
@@ -398,7 +415,7 @@ def attend_sorted(qv, perm, *, d_qk: int, length: int, chunk_len: int,
       n_rounds=row_rounds, d_qk=d_k, causal=causal, dropout_rate=float(dropout_rate),
       block=_block_chunks(row_chunks, c, width))
   rng = dropout_rng if dropout_rate > 0 else jax.random.key(0)
-  packed = _window_attention(windowing, sqv, spos, chunks, rng)
+  packed = _window_attention(windowing, sqv, spos, chunks, rng, sseg)
 
   # Back to input order: (b, h, n, L) sorted rows -> (b, L, h, n).
   packed = packed.reshape(b * h * n * big_l, d_v + 1)

@@ -3,6 +3,12 @@
 In `'predict'` mode each encoding keeps the next position in the `cache`
 collection (`position`, an int32 scalar) and advances it by the input length
 on every call after `init`.
+
+Packed rows (`packed=True`, 'train'/'eval'): [x, segment_ids, positions] ->
+[y, segment_ids], 3 -> 2, with positions int (b, l) the position of each
+token within its document (restarting at 0), so every document gets the
+encodings it would get alone; the segment ids pass through for the
+attention layers above.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from terraflax.combinators.base import Layer, check_mode
-from terraflax.layers.core import advance_position, dropout, param_with_axes
+from terraflax.layers.core import advance_position, check_packed, dropout, param_with_axes
 
 POSITIONAL_KINDS = ('sinusoidal', 'learned')
 
@@ -31,8 +37,19 @@ def sinusoidal_table(max_len: int, d: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
+def _checked_positions(owner, positions, x):
+  """A packed row's positions as int32 (b, l), after checking their shape against x."""
+  if positions.shape != x.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f'{owner} packed=True needs positions int (b, l) = {tuple(x.shape[:2])} '
+                     f'(each token\'s position in its document), got '
+                     f'{positions.dtype}{tuple(positions.shape)}.')
+  return positions.astype(jnp.int32)
+
+
 class PositionalEncoding(Layer):
   """[x] -> [x + position(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  packed=True: [x, segment_ids, positions] -> [y, segment_ids]; 3 -> 2.
 
   `kind='sinusoidal'` adds a fixed table; `kind='learned'` adds a trained
   (max_len, d) parameter `pos_embedding`. Dropout (train mode) follows.
@@ -42,15 +59,25 @@ class PositionalEncoding(Layer):
   kind: str = 'sinusoidal'
   dropout: float = 0.0
   mode: str = 'train'
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'PositionalEncoding mode')
+    check_packed('PositionalEncoding', self.packed, self.mode)
     if self.kind not in POSITIONAL_KINDS:
       raise ValueError(f'PositionalEncoding kind must be one of {POSITIONAL_KINDS}, got {self.kind!r}.')
     super().__post_init__()
 
+  @property
+  def n_in(self):
+    return 3 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return 2 if self.packed else 1
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *packing):
     length, d = x.shape[1], x.shape[2]
     if length > self.max_len:
       raise ValueError(f'PositionalEncoding max_len={self.max_len} is shorter than the input length {length}.')
@@ -59,16 +86,22 @@ class PositionalEncoding(Layer):
                               (self.max_len, d))
     else:
       table = jnp.asarray(sinusoidal_table(self.max_len, d))
-    start = advance_position(self, length)
-    positions = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)
-    y = x + positions[None].astype(x.dtype)
+    if self.packed:
+      encodings = jnp.take(table, _checked_positions('PositionalEncoding', packing[1], x),
+                           axis=0)
+    else:
+      start = advance_position(self, length)
+      encodings = jax.lax.dynamic_slice_in_dim(table, start, length, axis=0)[None]
+    y = x + encodings.astype(x.dtype)
     if self.mode == 'train' and self.dropout > 0:
       y = dropout(y, self.dropout, self.make_rng('dropout'))
-    return y
+    return (y, packing[0]) if self.packed else y
 
 
 class AxialPositionalEncoding(Layer):
   """[x] -> [x + axial(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  packed=True: [x, segment_ids, positions] -> [y, segment_ids]; 3 -> 2.
 
   Reformer's factorised positions: position p is written in the mixed radix
   `shape` (row-major, p = i_0 * shape[1] * ... + i_last), and its embedding is
@@ -80,17 +113,27 @@ class AxialPositionalEncoding(Layer):
   d_embs: Sequence[int] = (128, 128)
   dropout: float = 0.0
   mode: str = 'train'
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'AxialPositionalEncoding mode')
+    check_packed('AxialPositionalEncoding', self.packed, self.mode)
     if len(self.shape) != len(self.d_embs) or not self.shape:
       raise ValueError(
           f'AxialPositionalEncoding needs one d_embs entry per axis of shape, got '
           f'shape={tuple(self.shape)} and d_embs={tuple(self.d_embs)}.')
     super().__post_init__()
 
+  @property
+  def n_in(self):
+    return 3 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return 2 if self.packed else 1
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *packing):
     length, d = x.shape[1], x.shape[2]
     if sum(self.d_embs) != d:
       raise ValueError(
@@ -101,7 +144,10 @@ class AxialPositionalEncoding(Layer):
       raise ValueError(
           f'AxialPositionalEncoding shape={tuple(self.shape)} covers {capacity} positions, '
           f'fewer than the input length {length}.')
-    positions = advance_position(self, length) + jnp.arange(length)
+    if self.packed:  # (b, l): each token's position within its document.
+      positions = _checked_positions('AxialPositionalEncoding', packing[1], x)
+    else:
+      positions = (advance_position(self, length) + jnp.arange(length))[None]
     parts, stride = [], capacity
     for k, (size, d_emb) in enumerate(zip(self.shape, self.d_embs)):
       stride //= size
@@ -110,4 +156,5 @@ class AxialPositionalEncoding(Layer):
       if self.mode == 'train' and self.dropout > 0:
         table = dropout(table, self.dropout, self.make_rng('dropout'))
       parts.append(jnp.take(table, (positions // stride) % size, axis=0))
-    return x + jnp.concatenate(parts, axis=-1)[None].astype(x.dtype)
+    y = x + jnp.concatenate(parts, axis=-1).astype(x.dtype)
+    return (y, packing[0]) if self.packed else y

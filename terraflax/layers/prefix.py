@@ -9,7 +9,9 @@ and `prefix_value` (n_prefix, h, d_v), put in front of the keys and values
 that the layer projects from its input. Every query may attend to them: they
 sit at position -1, before any token, so the causal mask lets them through. In
 `'predict'` mode the key/value cache still holds only the tokens; the prefix
-is prepended at attention time, so decoding works unchanged.
+is prepended at attention time, so decoding works unchanged. With
+`packed=True` (the base layers' packed signatures) every document of a
+packed row attends to the whole prefix and to its own tokens.
 
 The layers keep their base layer's name in parameter paths (`label`), so a
 language model trained without a prefix loads by path into the same model
@@ -42,8 +44,12 @@ def _check_n_prefix(layer):
 
 
 def _attend_with_prefix(layer, attend, q, k, v, *, causal=False, mask=None, q_positions=None,
-                        k_positions=None, **kwargs):
-  """`attend` (the base layer's) over [prefix; k] and [prefix; v]."""
+                        k_positions=None, q_segment_ids=None, k_segment_ids=None, **kwargs):
+  """`attend` (the base layer's) over [prefix; k] and [prefix; v].
+
+  With segment ids (a packed row) every document sees the whole prefix (it
+  is shared by all documents) and, of the tokens, only its own document's.
+  """
   b, lk, h = k.shape[0], k.shape[1], k.shape[2]
   init = nn.initializers.normal(layer.prefix_init_scale)
   axes = (None, 'heads', 'head_dim')  # The prefix positions are few: never sharded.
@@ -67,6 +73,11 @@ def _attend_with_prefix(layer, attend, q, k, v, *, causal=False, mask=None, q_po
     k_positions = jnp.asarray(k_positions, jnp.int32)
     before = jnp.full(k_positions.shape[:-1] + (layer.n_prefix,), -1, jnp.int32)
     k_positions = jnp.concatenate([before, k_positions], axis=-1)
+  if q_segment_ids is not None:  # Prefix keys: visible to all; token keys: same document.
+    same = q_segment_ids[:, None, :, None] == k_segment_ids[:, None, None, :]  # (b, 1, lq, lk)
+    prefix = jnp.ones(same.shape[:-1] + (layer.n_prefix,), jnp.bool_)
+    same = jnp.concatenate([prefix, same], axis=-1)
+    mask = same if mask is None else jnp.logical_and(mask, same)
   return attend(q, k, v, causal=causal, mask=mask, q_positions=q_positions,
                 k_positions=k_positions, **kwargs)
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from terraflax.combinators.base import Layer, check_mode
 from terraflax.layers.attention import CausalAttention
 from terraflax.layers.core import (
-    HEAD_AXES, Axes, check_axes, constrain, lift_to, param_with_axes)
+    HEAD_AXES, Axes, check_axes, check_packed, checked_segments, constrain, lift_to,
+    param_with_axes)
 
 Initializer = Callable[..., jax.Array]
 
@@ -119,6 +120,10 @@ class ModularCausalConv(Layer):
   Parameters: `kernel` (length_kernel_size, module_kernel_size, M_in, M_out),
   logical axes ('kernel', None, None, None), and `bias` (M_out,), (None,):
   small, never sharded.
+
+  `packed=True` ('train'/'eval'): [x, segment_ids] -> [y], 2 -> 1, with
+  segment_ids int (b, l) of a packed row: output t sees only the inputs of
+  its own document (as if each document were convolved alone).
   """
 
   _: dataclasses.KW_ONLY
@@ -132,9 +137,11 @@ class ModularCausalConv(Layer):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  packed: bool = False
 
   def __post_init__(self):
     check_mode(self.mode, 'ModularCausalConv mode')
+    check_packed('ModularCausalConv', self.packed, self.mode)
     for name in ('n_modules', 'length_kernel_size', 'module_kernel_size'):
       _positive_int('ModularCausalConv', name, getattr(self, name))
     if self.d_module_out is not None:
@@ -145,8 +152,12 @@ class ModularCausalConv(Layer):
           f'got {self.module_kernel_size}.')
     super().__post_init__()
 
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
+
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *segment_ids):
     if x.ndim != 3:
       raise ValueError(f'ModularCausalConv expects (b, l, d) inputs, got shape {x.shape}.')
     batch, length, d_in = x.shape
@@ -173,10 +184,20 @@ class ModularCausalConv(Layer):
     elif n_past:
       xs = jnp.pad(xs, ((0, 0), (n_past, 0), (0, 0), (0, 0)))
     half = (self.module_kernel_size - 1) // 2
-    y = jax.lax.conv_general_dilated(
-        xs, kernel.astype(dtype), window_strides=(1, 1),
+    conv = lambda inputs, taps: jax.lax.conv_general_dilated(
+        inputs, taps.astype(dtype), window_strides=(1, 1),
         padding=((0, 0), (half, half)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # (b, l, S, M_out)
+    if self.packed:
+      segments = checked_segments('ModularCausalConv', segment_ids[0], x)
+      padded = jnp.pad(segments, ((0, 0), (n_past, 0)), constant_values=-1)
+      y = None
+      for a in range(self.length_kernel_size):  # Tap a reads input t - n_past + a.
+        same = (padded[:, a:a + length] == segments).astype(dtype)[:, :, None, None]
+        term = conv(xs[:, a:a + length] * same, kernel[a:a + 1])
+        y = term if y is None else y + term
+    else:
+      y = conv(xs, kernel)
     if self.use_bias:
       bias = param_with_axes(self, 'bias', (None,), self.bias_init, (d_module_out,),
                              self.param_dtype)
@@ -248,7 +269,7 @@ class MultiplicativeConvCausalAttention(CausalAttention):
                          + '.')
     return n_modules
 
-  def queries_keys_values(self, x, d_qk: int, d_v: int):
+  def queries_keys_values(self, x, d_qk: int, d_v: int, segment_ids=None):
     n_modules = self._n_modules(x.shape[-1], d_qk, d_v)
     shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
                                  name='multiplicative')(x)
@@ -257,8 +278,9 @@ class MultiplicativeConvCausalAttention(CausalAttention):
       conv = ModularCausalConv(
           n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
           length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
-          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name)
-      y = conv(shared)
+          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype,
+          packed=segment_ids is not None, name=name)
+      y = conv(shared) if segment_ids is None else conv(shared, segment_ids)
       return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
 
     return (heads('query_conv', d_qk, self.module_kernel_size),

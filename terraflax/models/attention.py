@@ -295,13 +295,15 @@ def full_as_lsh(seq_len: int) -> dict[str, Any]:
 
 def SelfAttention(spec, *, n_heads: int, d_qk: int | None, d_v: int | None, causal: bool,  # pylint: disable=invalid-name
                   mode: str, dtype=None, dropout: float = 0.0, max_len: int = 2048,
-                  use_bias: bool = True):
+                  use_bias: bool = True, packed: bool = False):
   """The self-attention layer of `spec`; n_in -> n_out as below.
 
     causal (any kind), or non-causal 'local' / 'lsh':
       [x] -> [y]: (b, l, d) -> (b, l, d); 1 -> 1
     non-causal 'full' (`Attention` / `PrefixAttention`):
       [x, mask] -> [y, mask]: (b, l, d), bool (b, l) -> the same; 2 -> 2
+    packed=True (every kind; 'train'/'eval'):
+      [x, segment_ids] -> [y, segment_ids]: int (b, l) document ids; 2 -> 2
 
   d_qk / d_v None: the layer class's default. `use_bias` applies to the
   projections of 'full' and 'sparse_qkv' (LSH and local layers have none).
@@ -313,7 +315,7 @@ def SelfAttention(spec, *, n_heads: int, d_qk: int | None, d_v: int | None, caus
   if not isinstance(causal, bool):
     raise ValueError(f'SelfAttention causal must be True or False, got {causal!r}.')
   rate = dropout if spec.dropout is None else spec.dropout
-  sizes = dict(n_heads=n_heads, dropout=rate, mode=mode, dtype=dtype)
+  sizes = dict(n_heads=n_heads, dropout=rate, mode=mode, dtype=dtype, packed=packed)
   sizes.update({k: v for k, v in (('d_qk', d_qk), ('d_v', d_v)) if v is not None})
   if isinstance(spec, Full):
     full = dict(sizes, chunk_len=spec.query_chunk_len, use_bias=use_bias)

@@ -27,8 +27,12 @@ def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint:
             n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1, max_len: int = 2048,
             mode: str = 'train', dtype=None, attention: Any = attn.Full(),
             ff_chunk_len: int | None = None, pad_id: int | None = 0,
-            share_layers: bool = False, d_embedding: int | None = None, mixing='attention'):
+            share_layers: bool = False, d_embedding: int | None = None, mixing='attention',
+            packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
+  packed documents, each computed as if alone (same parameters).
 
   A bidirectional encoder (`EncoderBody`) with a per-token masked-LM head
   labelled `MLMHead`: Dense(d), Gelu, LayerNorm, Dense(vocab_size), where d is
@@ -44,10 +48,10 @@ def BertMLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pylint:
                      n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
                      attention=attention, ff_chunk_len=ff_chunk_len, pad_id=pad_id,
                      share_layers=share_layers, d_embedding=d_embedding, mixing=mixing,
-                     model='BertMLM')
+                     model='BertMLM', packed=packed)
   head_axis = 'embed' if d_embedding is None else None  # The head's width (d_embedding: None).
   return cb.Serial(
-      body,  # stack: x, mask
+      body,  # stack: x, mask (or segment_ids)
       cb.Select([0], n_in=2),  # stack: x
       cb.Serial(tl.Dense(d_embedding or d_model, dtype=dtype, axes=('embed', None)), tl.Gelu(),
                 tl.LayerNorm(axes=(head_axis,)),

@@ -80,22 +80,30 @@ def masked_mean(x, mask):
   return total / count
 
 
-def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None):  # pylint: disable=invalid-name
+def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None,  # pylint: disable=invalid-name
+          packed=False):
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
 
   Token embedding plus sinusoidal positions, with dropout. With
   `d_embedding`, tokens embed to d_embedding and a Dense projects to d_model.
+  `packed=True`: [ids, segment_ids, positions] -> [x, segment_ids], 3 -> 2,
+  each token's encoding that of its position within its document (the same
+  layers and parameter paths as unpacked).
   """
   if d_embedding is None:
-    return [
-        tl.Embedding(vocab_size, d_model, dtype=dtype),
-        tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
+    layers = [tl.Embedding(vocab_size, d_model, dtype=dtype)]
+  else:
+    layers = [
+        tl.Embedding(vocab_size, d_embedding, dtype=dtype, axes=('vocab', None)),
+        tl.Dense(d_model, dtype=dtype, axes=(None, 'embed')),  # The factorised projection.
     ]
-  return [
-      tl.Embedding(vocab_size, d_embedding, dtype=dtype, axes=('vocab', None)),
-      tl.Dense(d_model, dtype=dtype, axes=(None, 'embed')),  # The factorised projection.
-      tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
-  ]
+  layers.append(tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode, packed=packed))
+  return layers
+
+
+def DropSegments(packed: bool):  # pylint: disable=invalid-name
+  """[y, segment_ids] -> [y] when `packed` (a model's last layer), else nothing (None)."""
+  return cb.Select([0], n_in=2) if packed else None
 
 
 def check_d_embedding(model, d_embedding, d_model):

@@ -48,7 +48,8 @@ import terraflax.layers as tl
 from terraflax.combinators.base import check_int, check_mode, check_rate
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old, suggest)
+    DropSegments, Float32, PaddingMask, compute_dtype, deprecated_arguments, no_new_and_old,
+    suggest)
 
 POSITION_KINDS = ('axial', 'sinusoidal', 'learned')
 FF_ACTIVATIONS = {'relu': tl.Relu, 'gelu': tl.Gelu, 'fast_gelu': tl.FastGelu}
@@ -223,17 +224,21 @@ def _check_common(model, *, mode, d_model, d_ff, n_heads, d_qk, d_v, dropout, ma
 # ----------------------------------------------------------------------------- pieces
 
 
-def Embedder(*, vocab_size, d_model, max_len, dropout, positions, mode, dtype):  # pylint: disable=invalid-name
+def Embedder(*, vocab_size, d_model, max_len, dropout, positions, mode, dtype,  # pylint: disable=invalid-name
+             packed=False):
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
+
+  packed=True: [ids, segment_ids, positions] -> [x, segment_ids]; 3 -> 2.
 
   Token embedding, dropout shared along the length (as in Trax), positions
   (`positions` as `resolve_positions` returns it: (kind, shape, d_embs)).
   """
   kind, axial_shape, axial_d_embs = positions
   if kind == 'axial':
-    layer = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode)
+    layer = tl.AxialPositionalEncoding(shape=axial_shape, d_embs=axial_d_embs, mode=mode,
+                                       packed=packed)
   else:
-    layer = tl.PositionalEncoding(max_len=max_len, kind=kind, mode=mode)
+    layer = tl.PositionalEncoding(max_len=max_len, kind=kind, mode=mode, packed=packed)
   return [
       tl.Embedding(vocab_size, d_model, dtype=dtype),
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
@@ -287,8 +292,12 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
                mode: str = 'train', dtype=None,
                attention: Any = attn.LSH(), positions: Any = 'axial',
                ff_chunk_len: int | None = None, ff_activation: Any = 'relu',
-               reversible: bool = True):
+               reversible: bool = True, packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1 (rows of
+  packed documents, each computed as if alone; the reversible blocks carry
+  the segment ids as context: [x1, x2, segment_ids]).
 
   A decoder-only Reformer language model. It shifts its input right
   (inserting pad id 0), so logits[:, i] predict tokens[:, i] from the tokens
@@ -342,7 +351,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
   def attention_layer(spec):
     return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
                               dtype=dtype, dropout=ATTENTION_DROPOUT, max_len=max_len,
-                              use_bias=False)
+                              use_bias=False, packed=packed)
 
   def feed_forward():
     return _feed_forward_half(d_model=d_model, d_ff=d_ff, dropout=dropout,
@@ -350,10 +359,10 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
                               dtype=dtype)
 
   return cb.Serial(
-      tl.ShiftRight(mode=mode),
+      tl.ShiftRight(mode=mode, packed=packed),
       Embedder(vocab_size=vocab_size, d_model=d_model, max_len=max_len, dropout=dropout,
-               positions=positions, mode=mode, dtype=dtype),
-      cb.Dup(),  # stack: x1, x2
+               positions=positions, mode=mode, dtype=dtype, packed=packed),
+      cb.Dup(),  # stack: x1, x2(, segment_ids)
       ReversibleBlocks(pattern, n_layers=n_layers, reversible=reversible,
                        attention=attention_layer, feed_forward=feed_forward, dropout=dropout,
                        mode=mode),
@@ -362,6 +371,7 @@ def ReformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # pyli
       tl.Dropout(dropout, mode=mode, shared_axes=(1,)),
       tl.Dense(vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
+      DropSegments(packed),
   )
 
 
@@ -378,8 +388,13 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
              encoder_attention: Any = attn.Full(query_chunk_len=64),
              decoder_attention: Any = attn.Full(query_chunk_len=64),
              positions: Any = 'axial', ff_chunk_len: int | None = None,
-             ff_activation: Any = 'relu', reversible: bool = True, pad_id: int = 0):
+             ff_activation: Any = 'relu', reversible: bool = True, pad_id: int = 0,
+             packed: bool = False):
   """[inputs, targets] -> [logits]: int (b, li), (b, lt) -> float32 (b, lt, v); 2 -> 1.
+
+  packed=True ('train'/'eval'): [inputs, inputs_segment_ids, inputs_positions,
+  targets, targets_segment_ids, targets_positions] -> [logits], 6 -> 1, as
+  `Transformer`'s: target document s reads input document s, as if alone.
 
   An encoder-decoder Reformer (Trax's `Reformer`), v = `output_vocab_size`
   (default `vocab_size`). The encoder embeds `inputs` and runs reversible
@@ -429,14 +444,14 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
 
   def embedder(vocab, mode):
     return Embedder(vocab_size=vocab, d_model=d_model, max_len=max_len, dropout=dropout,
-                    positions=positions, mode=mode, dtype=dtype)
+                    positions=positions, mode=mode, dtype=dtype, packed=packed)
 
   def blocks(pattern, n, mode, causal, extra=None):
     return ReversibleBlocks(
         pattern, n_layers=n, reversible=reversible, dropout=dropout, mode=mode, extra=extra,
         attention=lambda spec: attn.SelfAttention(
             spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=causal, mode=mode, dtype=dtype,
-            dropout=ATTENTION_DROPOUT, max_len=max_len, use_bias=False),
+            dropout=ATTENTION_DROPOUT, max_len=max_len, use_bias=False, packed=packed),
         feed_forward=lambda: _feed_forward_half(
             d_model=d_model, d_ff=d_ff, dropout=dropout, ff_activation=ff_activation,
             ff_chunk_len=ff_chunk_len, mode=mode, dtype=dtype))
@@ -447,14 +462,15 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
             tl.LayerNorm(),
             tl.EncDecAttention(n_heads=n_heads, d_qk=d_qk, d_v=d_v, dropout=cross_dropout,
                                chunk_len=cross_chunk_len, mode=mode, dtype=dtype,
-                               use_bias=False),
+                               use_bias=False, packed=packed),
             tl.Dropout(dropout, mode=mode)),
         cb.ReversibleSwap(),
     ]
 
   encoder_mode = 'eval' if mode == 'predict' else mode  # It runs once per sequence.
   encoder = cb.Serial(
-      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
+      # stack: ids, mask (packed: ids, segment_ids, positions; an identity keeps the paths)
+      cb.Select([0, 1, 2], n_in=3) if packed else cb.Branch(None, PaddingMask(pad_id)),
       embedder(vocab_size, encoder_mode),  # stack: x, mask
       cb.Dup(),  # stack: x1, x2, mask
       blocks(encoder_pattern, n_encoder_layers, encoder_mode, causal=False),
@@ -464,13 +480,14 @@ def Reformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pylint
   )
   return cb.Serial(
       tl.CacheOutputs(encoder, mode=mode),  # stack: encoder, mask, targets
-      cb.Select([2, 0, 1]),  # stack: targets, encoder, mask
-      tl.ShiftRight(mode=mode, pad_id=pad_id),
+      # stack: targets, encoder, mask (packed: targets, segment_ids, positions, encoder, its ids)
+      cb.Select([2, 3, 4, 0, 1]) if packed else cb.Select([2, 0, 1]),
+      tl.ShiftRight(mode=mode, pad_id=pad_id, packed=packed),
       embedder(output_vocab_size, mode),  # stack: y, encoder, mask
       cb.Dup(),  # stack: y1, y2, encoder, mask
       blocks(decoder_pattern, n_decoder_layers, mode, causal=True, extra=to_encoder),
       cb.MergeStreams('mean'),  # stack: y, encoder, mask
-      cb.Select([0], n_in=3),
+      cb.Select([0], n_in=4 if packed else 3),
       tl.LayerNorm(),
       tl.Dense(output_vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),

@@ -15,7 +15,8 @@ it runs before the kwargs are checked against the factory's signature.
 The task (how the model is called, what its logits are) comes from the data
 set's name, through `TASKS`, the one table of it:
 
-  lm              model(inputs) -> (b, l, v)
+  lm              model(inputs) -> (b, l, v); with config.data.pack
+                  model(inputs, segment_ids, positions) -> (b, l, v)
   mlm             model(inputs) -> (b, l, v), bidirectional
   classification  model(inputs) -> (b, n_classes)
   seq2seq         model(inputs, targets) -> (b, l, v)
@@ -59,9 +60,21 @@ def task_of(data_name: str) -> str:
   return TASKS.get(data_name, 'lm')
 
 
+PACKING_KEYS = ('segment_ids', 'positions')  # A packed batch's extra (b, l) int32 arrays.
+PACKED_TASKS = ('lm', 'mlm')  # Tasks whose models may read packed rows.
+
+
 def model_inputs(batch, task: str) -> tuple:
-  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq."""
-  return (batch['inputs'], batch['targets']) if task == 'seq2seq' else (batch['inputs'],)
+  """The model's positional inputs for a batch: (inputs,), or (inputs, targets) for seq2seq.
+
+  A packed LM or MLM batch (with 'segment_ids' and 'positions') gives (inputs,
+  segment_ids, positions): the inputs of a model built with packed=True.
+  """
+  if task == 'seq2seq':
+    return (batch['inputs'], batch['targets'])
+  if task in PACKED_TASKS and all(key in batch for key in PACKING_KEYS):
+    return (batch['inputs'],) + tuple(batch[key] for key in PACKING_KEYS)
+  return (batch['inputs'],)
 
 
 def _suggest(name: str, valid) -> str:
@@ -175,36 +188,75 @@ class ModelSpec:
     upgrade = getattr(factory, 'upgrade_kwargs', None)
     if upgrade is not None:  # Deprecated keyword names of old config.json files.
       kwargs = upgrade(kwargs)
-    check_model_fields(factory, kwargs, name)
     data = config.get('data', None)
-    return cls(name=name, factory=factory, kwargs=kwargs,
-               task=task_of(data.get('name', '') if data is not None else ''))
+    task = task_of(data.get('name', '') if data is not None else '')
+    if data is not None and data.get('pack', False):
+      kwargs = dict(kwargs, packed=True)
+      parameters = factory_parameters(factory)
+      if task not in PACKED_TASKS or (parameters is not None and 'packed' not in parameters):
+        raise ModelSpecError(
+            f'config.data.pack=True needs a (masked) language model that takes packed rows (a '
+            f'factory with a `packed` argument: TransformerLM, ReformerLM, TerraformerLM, '
+            f'BertMLM); '
+            f'config.model.name={name!r} for the {task!r} task does not.')
+    check_model_fields(factory, kwargs, name)
+    return cls(name=name, factory=factory, kwargs=kwargs, task=task)
 
   def with_kwargs(self, **overrides) -> ModelSpec:
     """This spec with some keyword arguments replaced (eval-time attention settings)."""
     return dataclasses.replace(self, kwargs=dict(self.kwargs, **overrides))
 
-  def build(self, mode: str):
-    """The model in `mode` ('train', 'eval' or 'predict')."""
+  def build(self, mode: str, *, packed: bool | None = None):
+    """The model in `mode` ('train', 'eval' or 'predict').
+
+    `packed` None: the spec's (config.data.pack), except in 'predict' mode,
+    which decodes one unpacked sequence per row; False: an unpacked model
+    (export's forward pass). Parameters are the same either way.
+    """
     if mode not in MODES:
       raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
-    return self.factory(**self.kwargs, mode=mode)
+    kwargs = dict(self.kwargs)
+    if packed is None:
+      packed = self.packed and mode != 'predict'
+    kwargs.pop('packed', None)
+    if packed:
+      kwargs['packed'] = True
+    return self.factory(**kwargs, mode=mode)
 
   def model_inputs(self, batch) -> tuple:
     """(batch['inputs'],), or (inputs, targets) for seq2seq: the model's positional inputs."""
     return model_inputs(batch, self.task)
 
-  def abstract_inputs(self, batch_size: int, seq_len: int) -> tuple:
-    """`model_inputs` of an abstract int32 (batch_size, seq_len) batch."""
+  @property
+  def packed(self) -> bool:
+    """Whether the model reads packed rows ([tokens, segment_ids, positions])."""
+    return bool(self.kwargs.get('packed', False))
+
+  def abstract_inputs(self, batch_size: int, seq_len: int, *, mode: str = 'train') -> tuple:
+    """`model_inputs` of an abstract int32 (batch_size, seq_len) batch.
+
+    A packed model's batch has segment_ids and positions too, except in
+    'predict' mode (decoding is unpacked).
+    """
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    return self.model_inputs({'inputs': tokens, 'targets': tokens})
+    return self.model_inputs(self._batch_of(tokens, mode))
+
+  def example_inputs(self, batch_size: int, seq_len: int, *, mode: str = 'train') -> tuple:
+    """`model_inputs` of an all-zero int32 batch (one document per row when packed)."""
+    return self.model_inputs(self._batch_of(jnp.zeros((batch_size, seq_len), jnp.int32), mode))
+
+  def _batch_of(self, tokens, mode: str) -> dict:
+    batch = {'inputs': tokens, 'targets': tokens}
+    if self.packed and mode != 'predict':
+      batch.update({key: tokens for key in PACKING_KEYS})
+    return batch
 
   def abstract_variables(self, batch_size: int, seq_len: int, *, mode: str = 'train',
                          model=None):
     """`jax.eval_shape` of `init` (boxed, with partitioning metadata): nothing is computed."""
     model = self.build(mode) if model is None else model
     return jax.eval_shape(model.init, rng_lib.abstract_keys(),
-                          *self.abstract_inputs(batch_size, seq_len))
+                          *self.abstract_inputs(batch_size, seq_len, mode=mode))
 
 
 def load_workdir(workdir: str, step: int | None = None):

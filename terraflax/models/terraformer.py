@@ -37,11 +37,12 @@ from typing import Any
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from terraflax.combinators.base import label_of
 from terraflax.layers.sparse_reversible import AdvanceSlot, ReplayedHalfResidual, StartRecord
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Embed, Float32, PaddingMask, check_hyperparameters, compute_dtype, deprecated_arguments,
-    no_new_and_old)
+    DropSegments, Embed, Float32, PaddingMask, check_hyperparameters, compute_dtype,
+    deprecated_arguments, no_new_and_old)
 
 MERGE_KINDS = ('concat', 'mean')
 LSH_LAYER_CHUNK_LEN = 128  # `LSHSelfAttention.chunk_len`'s default: what old configs got,
@@ -128,15 +129,20 @@ def _check_terraformer(model: str, *, mode, ff_sparsity, d_ff, ff_d_lowrank,
                      f'{merge_streams!r}.')
 
 
-def _attention_half(*layers, n_context: int, recording: bool, dropout: float, mode: str):
+def _attention_half(*layers, n_context: int, recording: bool, dropout: float, mode: str,
+                    keep_names: bool = False):
   """ReversibleHalfResidual(LayerNorm, *layers, Dropout): a pre-norm attention half-block.
 
   On [x1, x2, (slot, record,) ctx...]: the layers take [x, ctx...] (n_context
   items: a mask, or an encoder and its mask). With `recording`, the slot and
   record of `sparse_reversible` lie between x2 and the context, and are
-  skipped.
+  skipped. `keep_names`: the layers keep the names they have without the
+  skipping Selects (a packed LM's segment ids are context that its
+  unpacked twin, with the same parameters, does not have).
   """
   core = [tl.LayerNorm(), *layers, tl.Dropout(dropout, mode=mode)]
+  if keep_names:
+    core = [layer.clone(name=f'{label_of(layer)}_{i}') for i, layer in enumerate(core)]
   if recording and n_context:
     core = [cb.Select([0] + list(range(3, 3 + n_context)), n_in=3 + n_context),  # x2, ctx...
             *core, cb.Select([0], n_in=1 + n_context)]
@@ -176,7 +182,8 @@ def _two_streams(block, *, n_layers: int, reversible: bool, merge_streams: str, 
   ]
 
 
-def _self_attention(spec, *, d_model, n_heads, d_qk, d_v, dropout, max_len, mode, dtype):
+def _self_attention(spec, *, d_model, n_heads, d_qk, d_v, dropout, max_len, mode, dtype,
+                    packed=False):
   """The causal self-attention layer of `spec`: [x] -> [y], (b, l, d) -> (b, l, d); 1 -> 1.
 
   d_qk / d_v None: d_model // n_heads ('full' and 'sparse_qkv' derive it
@@ -186,7 +193,7 @@ def _self_attention(spec, *, d_model, n_heads, d_qk, d_v, dropout, max_len, mode
     d_qk = d_qk or d_model // n_heads
     d_v = d_v or d_model // n_heads
   return attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk, d_v=d_v, causal=True, mode=mode,
-                            dtype=dtype, dropout=dropout, max_len=max_len)
+                            dtype=dtype, dropout=dropout, max_len=max_len, packed=packed)
 
 
 @deprecated_arguments(DEPRECATED, _translate('TerraformerLM'))
@@ -198,8 +205,12 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   ff_sparsity: int | None = 32, ff_d_lowrank: int = 64,
                   ff_temperature: float = 0.1, ff_quant_prob: float = 0.3,
                   reversible: bool = True, merge_streams: str = 'concat',
-                  ff_chunk_len: int | None = None):
+                  ff_chunk_len: int | None = None, packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1 (rows of
+  packed documents, each computed as if alone; the segment ids travel as
+  the blocks' context).
 
   A decoder-only Terraformer language model: like `TransformerLM` (it shifts
   its input right, so the input is also the target), with reversible
@@ -246,20 +257,22 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     block += [
         _attention_half(_self_attention(spec, d_model=d_model, n_heads=n_heads, d_qk=d_qk,
                                         d_v=d_v, dropout=dropout, max_len=max_len, mode=mode,
-                                        dtype=dtype),
-                        n_context=0, recording=bool(ff_sparsity), dropout=dropout, mode=mode),
+                                        dtype=dtype, packed=packed),
+                        n_context=int(packed), recording=bool(ff_sparsity), dropout=dropout,
+                        mode=mode, keep_names=packed),
         cb.ReversibleSwap(),
         _feed_forward_half(ff_sparsity, **ff),
     ]
   return cb.Serial(
-      tl.ShiftRight(mode=mode),
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype),
+      tl.ShiftRight(mode=mode, packed=packed),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, packed=packed),
       _two_streams(block, n_layers=n_layers, n_repeats=n_layers // len(pattern),
                    reversible=reversible, merge_streams=merge_streams, d_ff=d_ff,
-                   ff_sparsity=ff_sparsity),  # stack: x
+                   ff_sparsity=ff_sparsity),  # stack: x(, segment_ids)
       tl.LayerNorm(),
       tl.Dense(vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),
+      DropSegments(packed),
   )
 
 

@@ -36,7 +36,7 @@ import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.models import attention as attn
 from terraflax.models.common import (
-    Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
+    DropSegments, Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
     check_hyperparameters, compute_dtype, deprecated_arguments, masked_mean, mixing_kinds,
     no_new_and_old)
 
@@ -56,7 +56,8 @@ def upgrade_full_attention(model):
   return translate
 
 
-def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype):
+def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype,
+                        packed=False):
   """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'.
 
   Per-head widths are d_model // n_heads ('full' layers derive them themselves).
@@ -66,34 +67,42 @@ def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mod
   return cb.Residual(
       tl.LayerNorm(),
       attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=causal,
-                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len),
+                         mode=mode, dtype=dtype, dropout=dropout, max_len=max_len,
+                         packed=packed),
       tl.Dropout(dropout, mode=mode))
 
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention: Any = attn.Full(), ff_chunk_len=None):
+                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
+
+  packed=True: [x, segment_ids] -> [x, segment_ids]; 2 -> 2.
 
   Pre-norm causal self-attention (the layer of the `attention` spec) and
   feed-forward residual blocks.
   """
   return [
       _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
-                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype),
+                          dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
+                          packed=packed),
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
 
 def EncoderBlock(*, d_model, d_ff, n_heads, dropout, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention: Any = attn.Full(), ff_chunk_len=None):
+                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> (b, l, d), (b, l); a list, 2 -> 2.
+
+  packed=True: [x, segment_ids] -> [x, segment_ids] (every kind attends
+  within each document).
 
   Pre-norm bidirectional self-attention (over real tokens for 'full'; 'local'
   and 'lsh' take no mask), then feed-forward.
   """
   return [
       _attention_residual(attention, d_model=d_model, causal=False, n_heads=n_heads,
-                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype),  # stack: x, mask
+                          dropout=dropout, max_len=2048, mode=mode, dtype=dtype,
+                          packed=packed),  # stack: x, mask (or segment_ids)
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -115,20 +124,22 @@ def FourierEncoderBlock(*, d_model, d_ff, dropout, mode, dtype=None,  # pylint: 
 
 
 def EncoderDecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                        attention: Any = attn.Full(), ff_chunk_len=None):
+                        attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
   """[y, encoder, mask] -> [y, encoder, mask]: (b, lt, d), (b, li, d), (b, li); 3 -> 3.
 
   Pre-norm causal self-attention (the `attention` spec), attention to the
   encoder (query chunks of a 'full' spec's query_chunk_len), feed-forward.
+  packed=True: [y, segment_ids, encoder, encoder_segment_ids] -> the same; 4 -> 4.
   """
   (spec,) = attn.specs_from(attention, where='EncoderDecoderBlock attention')
   return [
       _attention_residual(spec, d_model=d_model, causal=True, n_heads=n_heads, dropout=dropout,
-                          max_len=max_len, mode=mode, dtype=dtype),
+                          max_len=max_len, mode=mode, dtype=dtype, packed=packed),
       cb.Residual(
           tl.LayerNorm(),
           tl.EncDecAttention(n_heads=n_heads, dropout=dropout,
-                             chunk_len=attn.query_chunk_len(spec), mode=mode, dtype=dtype),
+                             chunk_len=attn.query_chunk_len(spec), mode=mode, dtype=dtype,
+                             packed=packed),
           tl.Dropout(dropout, mode=mode)),  # stack: y, encoder, mask
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
@@ -144,8 +155,13 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   n_layers: int = 6, n_heads: int = 8, dropout: float = 0.1,
                   max_len: int = 2048, mode: str = 'train', dtype=None,
                   attention: Any = attn.Full(), ff_chunk_len: int | None = None,
-                  share_layers: bool = False, d_embedding: int | None = None):
+                  share_layers: bool = False, d_embedding: int | None = None,
+                  packed: bool = False):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
+
+  packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
+  packed documents (int (b, l) each; ids 1, 2, ... per document, 0 =
+  padding; positions restart at 0), each document computed as if alone.
 
   A decoder-only Transformer language model. It shifts its input right
   (inserting pad id 0), so logits[:, i] predict tokens[:, i] from the tokens
@@ -184,15 +200,16 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
   dtype = compute_dtype(dtype)
   block = _unit(lambda spec: DecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
-      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), pattern)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), pattern)
   return cb.Serial(
-      tl.ShiftRight(mode=mode),
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      tl.ShiftRight(mode=mode, packed=packed),  # stack: ids(, segment_ids, positions)
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
       cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
       tl.Dense(d_embedding, dtype=dtype, axes=('embed', None)) if d_embedding is not None else None,
       tl.Dense(vocab_size, dtype=dtype, axes=('embed' if d_embedding is None else None, 'vocab')),
       Float32(),
+      DropSegments(packed),
   )
 
 
@@ -201,8 +218,12 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
                 attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                 pad_id: int | None = 0, share_layers: bool = False,
                 d_embedding: int | None = None, mixing='attention',
-                model: str = 'TransformerEncoder'):
+                model: str = 'TransformerEncoder', packed: bool = False):
   """[tokens] -> [x, mask]: int (b, l) -> (b, l, d_model), bool (b, l); a list, 1 -> 2.
+
+  packed=True: [tokens, segment_ids, positions] -> [x, segment_ids], 3 -> 2
+  (attention mixing only: Fourier mixing is global over the row), with the
+  same parameter paths.
 
   The encoder up to its final LayerNorm, shared by `TransformerEncoder` and
   `terraflax.models.BertMLM` so that their bodies have the same parameter
@@ -217,19 +238,24 @@ def EncoderBody(*, vocab_size: int, d_model: int, d_ff: int, n_layers: int,  # p
   dtype = compute_dtype(dtype)
   if mode == 'predict':  # No incremental form: predict is eval.
     mode = 'eval'
+  if packed and 'fourier' in kinds:
+    raise ValueError(f"{model} packed=True needs mixing='attention': Fourier mixing mixes the "
+                     'whole row, across documents.')
 
   return [
-      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding),
+      # stack: ids, mask (packed: ids, segment_ids, positions, through an identity that keeps
+      # the parameter paths)
+      cb.Select([0, 1, 2], n_in=3) if packed else cb.Branch(None, PaddingMask(pad_id)),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
       EncoderStack(kinds, specs, d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout,
                    mode=mode, dtype=dtype, ff_chunk_len=ff_chunk_len,
-                   share_layers=share_layers, model=model),  # stack: x, mask
+                   share_layers=share_layers, model=model, packed=packed),  # stack: x, mask
       tl.LayerNorm(),
   ]
 
 
 def EncoderStack(kinds, specs, *, d_model, d_ff, n_heads, dropout, mode, dtype,  # pylint: disable=invalid-name
-                 ff_chunk_len, share_layers, model):
+                 ff_chunk_len, share_layers, model, packed=False):
   """[x, mask] -> [x, mask]: (b, l, d), (b, l) -> the same; 2 -> 2.
 
   Encoder block i mixes with `kinds[i]` ('attention' or 'fourier'); attention
@@ -241,7 +267,7 @@ def EncoderStack(kinds, specs, *, d_model, d_ff, n_heads, dropout, mode, dtype, 
       return FourierEncoderBlock(d_model=d_model, d_ff=d_ff, dropout=dropout, mode=mode,
                                  dtype=dtype, ff_chunk_len=ff_chunk_len)
     return EncoderBlock(d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=mode,
-                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len)
+                        dtype=dtype, attention=kind, ff_chunk_len=ff_chunk_len, packed=packed)
 
   layer_kinds = ['fourier' if kind == 'fourier' else specs[i % len(specs)]
                  for i, kind in enumerate(kinds)]
@@ -294,8 +320,13 @@ def Transformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
                 n_heads: int = 8, dropout: float = 0.1,
                 max_len: int = 2048, mode: str = 'train', dtype=None,
                 attention: Any = attn.Full(), ff_chunk_len: int | None = None,
-                pad_id: int = 0):
+                pad_id: int = 0, packed: bool = False):
   """[inputs, targets] -> [logits]: int (b, li), (b, lt) -> float32 (b, lt, v); 2 -> 1.
+
+  packed=True ('train'/'eval'): [inputs, inputs_segment_ids, inputs_positions,
+  targets, targets_segment_ids, targets_positions] -> [logits], 6 -> 1:
+  document s of the targets row reads document s of the inputs row, each
+  pair computed as if alone (same parameters).
 
   An encoder-decoder Transformer for seq2seq (v = `output_vocab_size`,
   default `vocab_size`). The encoder reads `inputs` (pad id `pad_id` masked
@@ -325,23 +356,25 @@ def Transformer(*, vocab_size: int, output_vocab_size: int | None = None,  # pyl
   encoder_mode = 'eval' if mode == 'predict' else mode  # It runs once per sequence.
   encoder_block = _unit(lambda spec: EncoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, mode=encoder_mode,
-      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), encoder_pattern)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), encoder_pattern)
   encoder = cb.Serial(
-      cb.Branch(None, PaddingMask(pad_id)),  # stack: ids, mask
-      Embed(vocab_size, d_model, max_len, dropout, encoder_mode, dtype),
+      # stack: ids, mask (packed: ids, segment_ids, positions; an identity keeps the paths)
+      cb.Select([0, 1, 2], n_in=3) if packed else cb.Branch(None, PaddingMask(pad_id)),
+      Embed(vocab_size, d_model, max_len, dropout, encoder_mode, dtype, packed=packed),
       cb.Repeat(encoder_block, n_encoder_layers // len(encoder_pattern)),
-      tl.LayerNorm(),  # stack: encoder, mask
+      tl.LayerNorm(),  # stack: encoder, mask (or encoder_segment_ids)
   )
   decoder_block = _unit(lambda spec: EncoderDecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
-      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len), decoder_pattern)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), decoder_pattern)
   return cb.Serial(
       tl.CacheOutputs(encoder, mode=mode),  # stack: encoder, mask, targets
-      cb.Select([2, 0, 1]),  # stack: targets, encoder, mask
-      tl.ShiftRight(mode=mode, pad_id=pad_id),
-      Embed(output_vocab_size, d_model, max_len, dropout, mode, dtype),
+      # stack: targets, encoder, mask (packed: targets, segment_ids, positions, encoder, its ids)
+      cb.Select([2, 3, 4, 0, 1]) if packed else cb.Select([2, 0, 1]),
+      tl.ShiftRight(mode=mode, pad_id=pad_id, packed=packed),
+      Embed(output_vocab_size, d_model, max_len, dropout, mode, dtype, packed=packed),
       cb.Repeat(decoder_block, n_decoder_layers // len(decoder_pattern)),  # stack: y, encoder, mask
-      cb.Select([0], n_in=3),
+      cb.Select([0], n_in=4 if packed else 3),
       tl.LayerNorm(),
       tl.Dense(output_vocab_size, dtype=dtype, axes=('embed', 'vocab')),
       Float32(),

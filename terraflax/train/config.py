@@ -34,6 +34,7 @@ import ml_collections
 
 from terraflax import cli
 from terraflax import rng as rng_lib
+from terraflax.data import sources as data_sources
 from terraflax.models import spec as spec_lib
 from terraflax.train import data as data_lib
 from terraflax.train import optimizers
@@ -104,6 +105,20 @@ SCHEMA: dict[str, Field] = {
     'data.mask_rate': Field((int, float), 0.15, lambda v: 0.0 < v < 1.0,
                             'a number in (0, 1)'),
     'data.classes': Field((tuple, list), ()),
+    # data.name='text' (terraflax/data/): path and eval_path are comma-separated files,
+    # directories or globs (or a directory made by `python -m terraflax.data prepare`).
+    'data.format': Field(str, 'auto', lambda v: v in data_sources.FORMATS,
+                         f'one of {data_sources.FORMATS}'),
+    'data.field': Field(str, 'text', bool, 'a non-empty str'),  # JSON Lines field, Parquet column.
+    'data.eval_path': Field(str, ''),  # Evaluation documents ('': data.eval_fraction of path's).
+    'data.pack': Field(bool, False),  # Pack documents into rows with segment_ids/positions.
+    # 'bytes', a SentencePiece model / HF tokenizer.json, or 'train' (a SentencePiece model of
+    # tokenizer_vocab_size ids trained on the training documents on first use, kept in the workdir).
+    'data.tokenizer': Field(str, 'bytes', bool, "'bytes', a tokenizer file or 'train'"),
+    'data.tokenizer_vocab_size': Field(int, 4096, _positive, 'a positive int'),
+    'data.utf8_errors': Field(str, 'error', lambda v: v in data_sources.UTF8_ERRORS,
+                              f'one of {data_sources.UTF8_ERRORS}'),
+    'data.num_workers': Field(int, 0, _non_negative, 'a non-negative int (0: in-process)'),
     # train
     'train.steps': Field(int, _REQUIRED, _positive, 'a positive int'),
     'train.batch_size': Field(int, _REQUIRED, _positive, 'a positive int'),
@@ -114,6 +129,9 @@ SCHEMA: dict[str, Field] = {
     'train.checkpoint_every': Field(int, 1000, _positive, 'a positive int'),
     'train.keep_checkpoints': Field(int, 3, _positive, 'a positive int'),
     'train.async_checkpoints': Field(bool, True),
+    # eval/loss_by_position/<first>-<last>: the eval loss in this many equal buckets of the
+    # position (within its document when packed) over data.seq_len; 0: not logged (LMs only).
+    'train.eval_position_buckets': Field(int, 0, _non_negative, 'a non-negative int'),
     # Peak FLOP/s of one device, for train/mfu (model FLOPs utilisation); 0: the backend's
     # entry in trainer.PEAK_FLOPS (cpu 180e9, float32), no MFU for a backend not listed.
     'train.peak_flops': Field((int, float), 0.0, _non_negative, 'a non-negative number'),
@@ -276,6 +294,12 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
                       f'{t.steps} for cosine decay.')
   if d.name in ('duplication', 'reverse') and d.vocab_size < 2:
     raise ConfigError(f'config.data.vocab_size must be >= 2 for {d.name}, got {d.vocab_size}.')
+  vocab = config.model.get('vocab_size') if 'model' in config else None
+  if (d.name == 'text' and d.tokenizer == 'train' and isinstance(vocab, int)
+      and vocab < d.tokenizer_vocab_size):  # Before spending time training the tokenizer.
+    raise ConfigError(f'config.model.vocab_size={vocab} is smaller than '
+                      f'data.tokenizer_vocab_size={d.tokenizer_vocab_size} (the tokenizer '
+                      "data.tokenizer='train' makes); make them equal.")
   if d.name == 'listops' and d.max_len == 0:
     raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
                       'expression in tokens.')
@@ -312,8 +336,11 @@ def check_model_against_data(config, info: data_lib.DataInfo, kwargs) -> None:
   """Vocabulary, classes and length the model was given against what the data needs."""
   vocab = kwargs.get('vocab_size')
   if isinstance(vocab, int) and vocab < info.vocab_size:
-    raise ConfigError(f'config.model.vocab_size={vocab} is smaller than the vocabulary of '
-                      f'data.name={config.data.name!r} ({info.vocab_size} ids).')
+    of = (f'data.tokenizer={config.data.tokenizer!r}' if config.data.name == 'text' else
+          f'data.name={config.data.name!r}')
+    raise ConfigError(f'config.model.vocab_size={vocab} is smaller than the vocabulary of {of} '
+                      f'({info.vocab_size} ids); set config.model.vocab_size >= '
+                      f'{info.vocab_size}.')
   max_len = kwargs.get('max_len')
   if isinstance(max_len, int) and max_len < config.data.seq_len:
     raise ConfigError(f'config.model.max_len={max_len} is shorter than '
@@ -370,8 +397,10 @@ class Experiment:
 
 
 def validate_config(config, *, n_devices: int | None = None, n_processes: int | None = None,
-                    fields_checked: bool = False) -> Experiment:
+                    fields_checked: bool = False, workdir: str | None = None) -> Experiment:
   """Checks `config` completely, before compiling anything; raises one `ConfigError`.
+
+  `workdir`: the run's, whose stored tokenizer data.tokenizer='train' reuses.
 
   `fields_checked`: `config` is already `check_fields`' result (the trainer
   checks the fields first to start the processes), so it is not checked again.
@@ -384,11 +413,11 @@ def validate_config(config, *, n_devices: int | None = None, n_processes: int | 
                      jax.process_count() if n_processes is None else n_processes)
   spec = model_spec(config)
   try:
-    data = data_lib.make_data(config.data, config.seed)
+    data = data_lib.make_data(config.data, config.seed, workdir=workdir)
   except data_lib.DataError as e:
     raise ConfigError(str(e)) from None
   if data.n_eval_batches(config.train.batch_size) == 0:
-    field = ('data.eval_fraction' if config.data.name == 'bytes' else
+    field = ('data.eval_fraction' if config.data.name in ('bytes', 'text') else
              'data.eval_examples' if not config.data.path else 'data.path')
     raise ConfigError(f'config.{field}={config.data[field.split(".")[1]]!r} leaves '
                       f'{len(data.eval)} evaluation examples, fewer than one batch of '

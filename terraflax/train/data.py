@@ -32,6 +32,15 @@ Built in (`config.data.name`):
                        a random window of seq_len bytes comes from (ids
                        byte + 1, as text_classification and mlm); eval windows
                        come from the last eval_fraction of each class's bytes
+  text                 real text for LMs (`text_data`, terraflax/data/): plain text,
+                       JSON Lines, Parquet, ArrayRecord or a prepared directory;
+                       tokenized by data.tokenizer ('bytes', a tokenizer file, or
+                       'train': a SentencePiece model trained on first use and
+                       kept in the workdir); documents + end-of-document id
+                       packed into rows with segment_ids/positions (data.pack)
+                       or cut into plain windows of the token stream; every
+                       example also carries 'bytes' (UTF-8 bytes per target)
+                       for eval/bits_per_byte
   digits               scikit-learn's 8x8 handwritten digits (1797 images,
                        shipped with the package): inputs are the 64 pixel
                        intensities 0..16, targets the digit; a fixed
@@ -46,16 +55,22 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import os
+import tempfile
 from typing import Any, Callable, Iterator
 
+from absl import flags
 import grain
 import numpy as np
 
+from terraflax import tokenizer as tokenizer_lib
+from terraflax.data import corpus as corpus_lib
+from terraflax.data import packing
+from terraflax.data import sources
 from terraflax.models import spec as spec_lib
 from terraflax.train import listops
 
 DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse', 'mlm',
-            'byte_classification', 'digits')
+            'byte_classification', 'digits', 'text')
 TASKS = spec_lib.TASKS  # How the model is called, by data set name (models/spec.py).
 MASK_ID = 257  # [MASK] in the mlm data set; bytes are 1..256 and 0 is padding.
 MLM_VOCAB_SIZE = 258
@@ -63,8 +78,7 @@ BYTE_LEVEL = spec_lib.BYTE_LEVEL  # Data sets whose tokens are raw bytes (text i
 EVAL_SEED_SALT = 0x2545F491  # Makes evaluation examples a different stream.
 
 
-class DataError(ValueError):
-  """A data set could not be built from its config; the message names the field."""
+DataError = sources.DataError  # A data set could not be built; the message names the field.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +96,11 @@ class Data:
   """A data set: its info and its two example streams (grain MapDatasets)."""
 
   info: DataInfo
-  train: grain.MapDataset  # Infinite; example i depends only on (seed, i).
+  # Infinite; example i depends only on (seed, i). Or an IterDataset of examples (packed
+  # text), whose iterator state is the whole position in the stream.
+  train: grain.MapDataset | grain.IterDataset
   eval: grain.MapDataset  # Finite, in a fixed order.
+  tokenizer: tokenizer_lib.Tokenizer | None = None  # 'text' only: ids <-> text.
 
   def train_iterator(self, *, batch_size: int, process_index: int = 0,
                      process_count: int = 1, num_threads: int = 1):
@@ -92,6 +109,9 @@ class Data:
     Global batch `s` holds examples `[s * batch_size, (s + 1) * batch_size)` in
     order; process `p` of `P` reads the p-th contiguous slice of each.
     """
+    if isinstance(self.train, grain.IterDataset):
+      return iter(_local_rows(self.train.batch(batch_size, drop_remainder=True), batch_size,
+                              process_index, process_count))
     ds = _local(self.train, batch_size, process_index, process_count, 'train.batch_size')
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     return iter(ds.to_iter_dataset(options))
@@ -126,6 +146,18 @@ def _local(ds, batch_size, process_index, process_count, field):
 
     ds = grain.MapDataset.range(len(source) // batch_size * local).map(global_example)
   return ds.batch(local, drop_remainder=True)
+
+
+def _local_rows(batches, batch_size, process_index, process_count):
+  """This process's rows [p * b/P, (p + 1) * b/P) of each global batch of an IterDataset."""
+  if batch_size % process_count:
+    raise DataError(f'config.train.batch_size={batch_size} must be divisible by the '
+                    f'{process_count} processes.')
+  if process_count == 1:
+    return batches
+  local = batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  return batches.map(lambda batch: {k: v[rows] for k, v in batch.items()})
 
 
 def lm_example(tokens: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -458,6 +490,84 @@ def digits_data(cfg, seed: int) -> Data:
       eval=grain.MapDataset.source(examples(order[:n_test])))
 
 
+# ----------------------------------------------------------------------------- text
+
+
+def text_data(cfg, seed: int, workdir: str | None = None) -> Data:
+  """LM rows of real text (module docstring, `text`); the tokenizer resolved as `text_tokenizer`."""
+  documents = corpus_lib.open_corpus(cfg.path, format=cfg.format, field=cfg.field,
+                                     utf8_errors=cfg.utf8_errors)
+  source = grain.MapDataset.source(documents)
+  if cfg.eval_path:
+    eval_docs = corpus_lib.open_corpus(cfg.eval_path, format=cfg.format, field=cfg.field,
+                                       utf8_errors=cfg.utf8_errors,
+                                       config_field='config.data.eval_path')
+    train_docs = source
+  else:
+    if cfg.eval_fraction <= 0:
+      raise DataError('config.data.eval_fraction=0 leaves no evaluation documents; set it > 0 '
+                      'or give evaluation files in config.data.eval_path.')
+    train_range, eval_range = corpus_lib.split(len(documents), cfg.eval_fraction)
+    train_docs = source[:train_range.stop]
+    eval_docs = source[eval_range.start:]
+  tokenizer = text_tokenizer(cfg, [documents, eval_docs], train_docs, workdir)
+  tokenize = corpus_lib.Tokenize(tokenizer)
+  options = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=64)
+  train = train_docs.shuffle(seed=seed).repeat().map(tokenize).to_iter_dataset(options)
+  if cfg.num_workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (a library caller's).
+      flags.FLAGS.mark_as_parsed()
+    train = train.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  rows = packing.pack_documents([tokenize(d) for d in eval_docs], cfg.seq_len, packed=cfg.pack)
+  return Data(
+      info=DataInfo(task=spec_lib.task_of(cfg.name), vocab_size=tokenizer.vocab_size,
+                    byte_level=tokenizer.kind == tokenizer_lib.BYTES),
+      train=packing.pack(train, cfg.seq_len, packed=cfg.pack),
+      eval=grain.MapDataset.source(rows), tokenizer=tokenizer)
+
+
+def text_tokenizer(cfg, corpora, train_docs, workdir: str | None) -> tokenizer_lib.Tokenizer:
+  """The tokenizer `config.data.tokenizer` names.
+
+  'bytes' or a file: that one. 'train': the workdir's stored tokenizer when it
+  has one (a resumed run), else a SentencePiece model of
+  data.tokenizer_vocab_size ids trained on the training documents into a
+  temporary file (the trainer then copies it into the workdir). A prepared
+  corpus carries its tokenizer: data.tokenizer must be the same one.
+  """
+  spec = cfg.tokenizer
+  prepared = [c for c in corpora if isinstance(c, corpus_lib.PreparedCorpus)]
+  if spec == 'train':
+    if prepared:
+      raise DataError(f"config.data.tokenizer='train' cannot train on the prepared corpus "
+                      f'{prepared[0].directory}; set config.data.tokenizer to its tokenizer '
+                      f'({prepared[0].tokenizer.path or "bytes"}).')
+    stored = tokenizer_lib.from_workdir(workdir) if workdir and os.path.isdir(workdir) else None
+    if stored is not None and stored.kind != tokenizer_lib.BYTES:
+      return stored
+    out = os.path.join(tempfile.mkdtemp(prefix='terraflax_tokenizer_'), 'tokenizer.model')
+    try:
+      return corpus_lib.train_tokenizer(train_docs, vocab_size=cfg.tokenizer_vocab_size, out=out)
+    except tokenizer_lib.TokenizerError as e:  # Its flags' words -> the config's.
+      raise DataError(f"config.data.tokenizer='train': " + str(e).replace(
+          '--vocab_size', 'config.data.tokenizer_vocab_size')) from None
+  tokenizer = tokenizer_lib.load(spec)
+  for corpus in prepared:
+    if not _same_tokenizer(tokenizer, corpus.tokenizer):
+      raise DataError(f'config.data.tokenizer={spec!r} is not the tokenizer {corpus.directory} '
+                      f'was prepared with; set it to {corpus.tokenizer.path or "bytes"!r}.')
+  return tokenizer
+
+
+def _same_tokenizer(a: tokenizer_lib.Tokenizer, b: tokenizer_lib.Tokenizer) -> bool:
+  if a.kind != b.kind or a.vocab_size != b.vocab_size:
+    return False
+  if a.path is None or b.path is None:
+    return a.path == b.path
+  with open(a.path, 'rb') as fa, open(b.path, 'rb') as fb:
+    return fa.read() == fb.read()
+
+
 BUILDERS: dict[str, Callable[[Any, int], Data]] = {
     'bytes': byte_data,
     'duplication': duplication_data,
@@ -470,8 +580,16 @@ BUILDERS: dict[str, Callable[[Any, int], Data]] = {
 }
 
 
-def make_data(data_config, seed: int) -> Data:
-  """The `Data` that `config.data` describes; `DataError` naming the field if it cannot."""
+def make_data(data_config, seed: int, workdir: str | None = None) -> Data:
+  """The `Data` that `config.data` describes; `DataError` naming the field if it cannot.
+
+  `workdir` (the run's, if known) holds the tokenizer of data.tokenizer='train'.
+  """
+  if data_config.name == 'text':
+    try:
+      return text_data(data_config, seed % 2**32, workdir)
+    except tokenizer_lib.TokenizerError as e:
+      raise DataError(f'config.data.tokenizer={data_config.tokenizer!r}: {e}') from None
   if data_config.name not in BUILDERS:
     raise DataError(f'config.data.name must be one of {DATASETS}, got {data_config.name!r}.')
   return BUILDERS[data_config.name](data_config, seed % 2**32)

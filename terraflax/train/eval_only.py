@@ -165,7 +165,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   not fit the model. Appends the result to `WORKDIR/eval_results.jsonl`.
   """
   began = time.time()
-  experiment = config_lib.validate_config(config)
+  experiment = config_lib.validate_config(config, workdir=workdir)
   config, data = experiment.config, experiment.data
   _check_same_model(config, workdir)
   manager = workdir_lib.make_manager(workdir, read_only=True, async_save=False)
@@ -194,11 +194,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   mesh = sharding_lib.mesh_from_config(config.sharding)
   replicated = sharding_lib.replicated(mesh)
   params = jax.device_put(params, replicated)
-  eval_step = evaluation.jit_eval_step(spec.build('eval'), spec.task, replicated)
+  buckets = config.train.eval_position_buckets
+  eval_step = evaluation.jit_eval_step(spec.build('eval'), spec.task, replicated,
+                                       by_position=bool(buckets))
   with jax.set_mesh(mesh):
     result = evaluation.evaluate_params(eval_step, data, params,
                                         batch_size=config.train.batch_size,
-                                        n_batches=config.train.eval_batches, mesh=mesh)
+                                        n_batches=config.train.eval_batches, mesh=mesh,
+                                        position_buckets=buckets)
   settings = effective_settings(experiment.spec.factory, kwargs)
   label = ('full' if config.eval.attention == 'full' else
            f'lsh-{settings["n_hashes"]}' if overrides and 'n_hashes' in settings else 'as trained')

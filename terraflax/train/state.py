@@ -77,8 +77,7 @@ def initial_state(experiment: config_lib.Experiment, tx, mesh, loaded=None) -> T
       experiment.abstract_variables['params'], mesh, rules)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   model = spec.build('train')
-  zeros = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  tokens = spec.model_inputs({'inputs': zeros, 'targets': zeros})
+  tokens = spec.example_inputs(1, config.data.seq_len)
 
   def init_params(key):
     return nn.meta.unbox(model.init(rng_lib.stream_keys(key), *tokens)['params'])

@@ -215,7 +215,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
         'terraflax.train.evaluate_checkpoint(config, workdir) (python -m terraflax.train '
         'chooses it itself).')
   sharding_lib.maybe_initialize_distributed(config.distributed)
-  experiment = config_lib.validate_config(config, fields_checked=True)
+  experiment = config_lib.validate_config(config, fields_checked=True, workdir=workdir)
   config, data, t = experiment.config, experiment.data, experiment.config.train
   mesh = sharding_lib.mesh_from_config(config.sharding)
   replicated = sharding_lib.replicated(mesh)
@@ -233,6 +233,8 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
     return state_lib.initial_state(experiment, tx, mesh, loaded), report
 
   prepared = prepare_workdir(config, workdir, mesh, fresh_state)
+  if data.tokenizer is not None and jax.process_index() == 0:
+    data.tokenizer.save_to(workdir)  # The workdir decodes and exports on its own.
   data_iter = data.train_iterator(batch_size=t.batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count(),
                                   num_threads=config.data.num_threads)
@@ -250,7 +252,8 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
       experiment.spec.build('train'), tx, grad_accum_steps=t.grad_accum_steps,
       task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable,
       compute_dtype=experiment.spec.kwargs.get('dtype'))
-  eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated)
+  eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated,
+                            by_position=bool(t.eval_position_buckets))
   return _Run(experiment=experiment, workdir=workdir, mesh=mesh,
               rules=sharding_lib.axis_rules(config.sharding), manager=prepared.manager,
               writer=writer, start=prepared.start, state=prepared.state,
@@ -378,7 +381,8 @@ def _evaluate(run: _Run, step: int, timer: _Timer) -> dict[str, float]:
   began = time.time()
   t = run.config.train
   result = evaluate_params(run.eval_step, run.experiment.data, run.state.params,
-                           batch_size=t.batch_size, n_batches=t.eval_batches, mesh=run.mesh)
+                           batch_size=t.batch_size, n_batches=t.eval_batches, mesh=run.mesh,
+                           position_buckets=t.eval_position_buckets)
   timer.exclude(time.time() - began)
   return result
 

@@ -20,6 +20,7 @@ import terraflax.layers as tl
 from terraflax import kernels
 from terraflax.kernels import lsh_cpu
 from terraflax.layers.lsh_attention import lsh_attend
+from tests import contracts
 from tests.layers.test_lsh_attention import dense_set_loss, reference_core
 
 HAS_COMPILER = shutil.which(os.environ.get('CXX', 'c++').split()[0]) is not None
@@ -153,6 +154,45 @@ class DispatchTest(parameterized.TestCase):
       self.assertEqual(os.listdir(tmp), [])  # no half-written library left behind
     self.assertFalse(loaded)
     self.assertIn('using the XLA path', logs.output[0])
+
+
+@absltest.skipUnless(HAS_COMPILER, 'no C++ compiler to build the kernel')
+class PackedKernelTest(parameterized.TestCase):
+  """The kernel's segment-ids operand: documents of a packed row never see each other."""
+
+  def documents(self, lengths):
+    rng = np.random.default_rng(11)
+    return [jnp.asarray(rng.normal(size=(n, 16)), jnp.float32) for n in lengths]
+
+  @parameterized.parameters(True, False)
+  def test_packed_equals_unpacked(self, causal):
+    # Given rotations hash each token as alone, and one chunk holds every bucket.
+    rotations = jnp.asarray(np.random.default_rng(5).normal(size=(2, 16, 3, 2)), jnp.float32)
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.LSHSelfAttention(n_heads=2, d_qk=16, d_v=16, n_hashes=3, n_buckets=4,
+                                         chunk_len=32, n_chunks_before=0, causal=causal,
+                                         kernel='cpu', **kw),
+        self.documents((10, 14, 7)), 32,
+        collections={'lsh_rotations': {'rotations': rotations}}, modes=('eval',))
+
+  def test_matches_xla_with_many_chunks(self):
+    x, seg, _ = contracts.pack_documents(self.documents((40, 30, 20)), 96)
+    results = []
+    for kernel in ('cpu', 'xla'):
+      layer = tl.LSHSelfAttention(n_heads=2, d_qk=16, d_v=16, n_hashes=2, n_buckets=4,
+                                  chunk_len=16, n_chunks_before=1, causal=True, kernel=kernel,
+                                  packed=True)
+      params = layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x,
+                          seg)['params']
+
+      def loss(p, x, layer=layer):
+        y = layer.apply({'params': p}, x, seg, rngs={'hash': jax.random.key(2)})[0]
+        return jnp.sum(y * y)
+
+      results.append(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x))
+    for got, want in zip(jax.tree_util.tree_leaves(results[0]),
+                         jax.tree_util.tree_leaves(results[1])):
+      np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from tests import contracts
 
 KEY = jax.random.key(0)
 
@@ -360,6 +361,60 @@ class AttentionLayersTest(parameterized.TestCase):
       init(tl.Attention(n_heads=2), x, jnp.ones((1, 5), bool))
     with self.assertRaisesRegex(ValueError, 'max_len=3 .* shorter than the input length 4'):
       init(tl.CausalAttention(n_heads=2, max_len=3, mode='predict'), x)
+
+
+def packed_documents(lengths=(5, 7, 3), d=8, seed=3):
+  """Float documents (l_i, d) of different lengths for the packing contract."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+
+class PackedAttentionTest(parameterized.TestCase):
+  """Packed == unpacked: each document of a packed row attends as if alone."""
+
+  @parameterized.parameters(None, 4)
+  def test_causal_attention(self, chunk_len):
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.CausalAttention(n_heads=2, chunk_len=chunk_len, **kw),
+        packed_documents(), 16)
+
+  @parameterized.parameters(('train', None), ('eval', 3))
+  def test_bidirectional_attention(self, mode, chunk_len):
+    packed = tl.Attention(n_heads=2, chunk_len=chunk_len, mode=mode, packed=True)
+    alone = tl.Attention(n_heads=2, chunk_len=chunk_len, mode=mode)
+    docs = packed_documents()
+    params = alone.init(KEY, docs[0][None], jnp.ones((1, 5), bool))['params']
+    contracts.assert_packed_equals_unpacked(
+        lambda p, x, seg, pos: packed.apply({'params': p}, x, seg)[0],
+        lambda p, x: alone.apply({'params': p}, x, jnp.ones(x.shape[:2], bool))[0],
+        params, docs, 16)
+
+  def test_enc_dec_attention(self):
+    decoder_docs, encoder_docs = packed_documents((4, 6)), packed_documents((5, 3), seed=4)
+    enc, enc_seg, _ = contracts.pack_documents(encoder_docs, 10)
+    packed = tl.EncDecAttention(n_heads=2, packed=True)
+    alone = tl.EncDecAttention(n_heads=2)
+    params = alone.init(KEY, decoder_docs[0][None], encoder_docs[0][None],
+                        jnp.ones((1, 5), bool))['params']
+
+    def packed_fn(p, x, seg, pos):
+      return packed.apply({'params': p}, x, seg, enc, enc_seg)[0]
+
+    def alone_fn(p, x):  # Decoder document i reads encoder document i.
+      e = encoder_docs[0] if x.shape[1] == 4 else encoder_docs[1]
+      return alone.apply({'params': p}, x, e[None], jnp.ones((1, e.shape[0]), bool))[0]
+
+    contracts.assert_packed_equals_unpacked(packed_fn, alone_fn, params, decoder_docs, 12)
+
+  def test_predict_mode_refuses_packing(self):
+    with self.assertRaisesRegex(ValueError, "packed=True.*'predict'"):
+      tl.CausalAttention(n_heads=2, mode='predict', packed=True)
+
+  def test_segment_ids_must_match(self):
+    layer = tl.CausalAttention(n_heads=2, packed=True)
+    with self.assertRaisesRegex(ValueError, 'segment_ids int'):
+      layer.init(KEY, jnp.ones((1, 4, 8)), jnp.ones((1, 3), jnp.int32))
+
 
 
 if __name__ == '__main__':

@@ -85,5 +85,25 @@ class LocalSelfAttentionTest(absltest.TestCase):
       tl.LocalSelfAttention(mode='serve')
 
 
+def packed_documents(lengths=(5, 7, 3), d=8, seed=3):
+  """Float documents (l_i, d) of different lengths for the packing contract."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+
+class PackedLocalAttentionTest(parameterized.TestCase):
+
+  @parameterized.parameters(((6, 4), 12, 1), ((5, 5, 5), 16, 2))
+  def test_packed_equals_unpacked(self, lengths, row, n_chunks_before):
+    # The windows stay where the row puts them, so a document sees what it sees alone when
+    # it starts on a chunk boundary (6, 4), or when it is no longer than the shortest causal
+    # reach chunk_len * n_chunks_before + 1 = 5. Alone, each has at least a window's chunks
+    # (fewer would repeat a chunk in its window).
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.LocalSelfAttention(n_heads=2, d_qk=4, d_v=4, chunk_len=2,
+                                           n_chunks_before=n_chunks_before, **kw),
+        packed_documents(lengths), row)
+
+
 if __name__ == '__main__':
   absltest.main()

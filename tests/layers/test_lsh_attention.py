@@ -15,6 +15,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
+from tests import contracts
 from terraflax.layers import lsh_core, lsh_hashing
 from terraflax.layers.lsh_attention import _hash_heads, lsh_attend
 
@@ -492,6 +493,44 @@ class PredictTest(parameterized.TestCase):
                        if i - j < c * (before + 1) or np.any(ids[:, j] == ids[:, i])})
         expected[b, :, h] = attend_to_sets(q[b, :, h], v[b, :, h], sets)
     np.testing.assert_allclose(y, output(params, expected), rtol=1e-4, atol=1e-5)
+
+
+class PackedLSHTest(parameterized.TestCase):
+  """Packed == unpacked for LSH attention (XLA path): documents never see each other."""
+
+  def documents(self, lengths=(5, 7, 3), d=8):
+    rng = np.random.default_rng(3)
+    return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+  @parameterized.parameters(True, False)
+  def test_one_bucket(self, causal):
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.LSHSelfAttention(n_heads=2, d_qk=4, d_v=4, n_buckets=1, chunk_len=16,
+                                         n_chunks_before=0, causal=causal, kernel='xla', **kw),
+        self.documents(), 16, rngs={'hash': jax.random.key(2)})
+
+  def test_given_rotations_several_rounds(self):
+    # Given rotations (the lsh_rotations collection) hash every token as it hashes alone;
+    # one chunk holds every bucket, so each round meets the same keys packed or alone.
+    rotations = jnp.asarray(np.random.default_rng(5).normal(size=(2, 4, 3, 2)), jnp.float32)
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.LSHSelfAttention(n_heads=2, d_qk=4, d_v=4, n_hashes=3, n_buckets=4,
+                                         chunk_len=16, n_chunks_before=0, causal=True,
+                                         kernel='xla', **kw),
+        self.documents(), 16, collections={'lsh_rotations': {'rotations': rotations}})
+
+  def test_alone_only_when_alone_per_document(self):
+    # A one-token document attends to itself (its output is its own value), even though
+    # other documents' keys share its chunk.
+    layer = tl.LSHSelfAttention(n_heads=1, d_qk=4, d_v=4, n_buckets=1, chunk_len=8,
+                                n_chunks_before=0, causal=True, kernel='xla', packed=True)
+    x, seg, _ = contracts.pack_documents(self.documents((3, 1, 4)), 8)
+    variables = layer.init({'params': jax.random.key(0), 'hash': jax.random.key(1)}, x, seg)
+    alone = tl.LSHSelfAttention(n_heads=1, d_qk=4, d_v=4, n_buckets=1, chunk_len=8,
+                                n_chunks_before=0, causal=True, kernel='xla')
+    y, _ = layer.apply(variables, x, seg, rngs={'hash': jax.random.key(1)})
+    y1 = alone.apply(variables, x[:, 3:4], rngs={'hash': jax.random.key(1)})
+    np.testing.assert_allclose(y[:, 3:4], y1, atol=1e-5)
 
 
 if __name__ == '__main__':

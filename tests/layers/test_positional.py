@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
+from tests import contracts
 
 KEY = jax.random.key(0)
 
@@ -59,6 +60,36 @@ class PositionalTest(parameterized.TestCase):
       tl.AxialPositionalEncoding(shape=(2, 2), d_embs=(2, 2)).init(KEY, jnp.zeros((1, 4, 6)))
     with self.assertRaisesRegex(ValueError, 'covers 4 positions'):
       tl.AxialPositionalEncoding(shape=(2, 2), d_embs=(2, 2)).init(KEY, jnp.zeros((1, 5, 4)))
+
+
+def packed_documents(lengths=(5, 7, 3), d=8, seed=3):
+  """Float documents (l_i, d) of different lengths for the packing contract."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+
+class PackedPositionsTest(parameterized.TestCase):
+  """Positions restart per document: each document gets the encodings it gets alone."""
+
+  @parameterized.parameters(
+      dict(make=lambda **kw: tl.PositionalEncoding(max_len=16, **kw)),
+      dict(make=lambda **kw: tl.PositionalEncoding(max_len=16, kind='learned', **kw)),
+      dict(make=lambda **kw: tl.AxialPositionalEncoding(shape=(4, 4), d_embs=(3, 5), **kw)))
+  def test_packed_equals_unpacked(self, make):
+    for mode in ('train', 'eval'):
+      alone, packed = make(mode=mode), make(mode=mode, packed=True)
+      docs = packed_documents()
+      params = alone.init(jax.random.key(0), docs[0][None]).get('params', {})
+      contracts.assert_packed_equals_unpacked(
+          lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos)[0],
+          lambda p, x, alone=alone: alone.apply({'params': p}, x), params, docs, 16)
+
+  def test_shift_right_per_document(self):
+    tokens = jnp.array([[5, 6, 7, 8, 9, 3, 0]])
+    segments = jnp.array([[1, 1, 2, 2, 2, 3, 0]])
+    shifted, same = tl.ShiftRight(packed=True).apply({}, tokens, segments)
+    np.testing.assert_array_equal(shifted, [[0, 5, 0, 7, 8, 0, 0]])
+    self.assertIs(same, segments)
 
 
 if __name__ == '__main__':

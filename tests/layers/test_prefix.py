@@ -128,5 +128,30 @@ class PrefixLMTest(absltest.TestCase):
       prefix_lib.split_prefix(base)
 
 
+def packed_documents(lengths=(5, 7, 3), d=8, seed=3):
+  """Float documents (l_i, d) of different lengths for the packing contract."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+
+class PackedPrefixTest(parameterized.TestCase):
+
+  def test_causal_packed_equals_unpacked(self):
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.PrefixCausalAttention(n_heads=2, n_prefix=3, prefix_init_scale=1.0,
+                                              chunk_len=4, **kw),
+        packed_documents(), 16)
+
+  def test_bidirectional_packed_equals_unpacked(self):
+    packed = tl.PrefixAttention(n_heads=2, n_prefix=2, prefix_init_scale=1.0, packed=True)
+    alone = tl.PrefixAttention(n_heads=2, n_prefix=2, prefix_init_scale=1.0)
+    docs = packed_documents()
+    params = alone.init(jax.random.key(0), docs[0][None], jnp.ones((1, 5), bool))['params']
+    contracts.assert_packed_equals_unpacked(
+        lambda p, x, seg, pos: packed.apply({'params': p}, x, seg)[0],
+        lambda p, x: alone.apply({'params': p}, x, jnp.ones(x.shape[:2], bool))[0],
+        params, docs, 16)
+
+
 if __name__ == '__main__':
   absltest.main()

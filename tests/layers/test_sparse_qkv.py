@@ -8,6 +8,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from tests import contracts
 
 KEY = jax.random.key(0)
 
@@ -282,6 +283,33 @@ class MultiplicativeConvCausalAttentionTest(parameterized.TestCase):
       nn.meta.unbox(
           tl.MultiplicativeConvCausalAttention(n_heads=2, d_v=3, output_layer='none').init(
           KEY, jnp.zeros((1, 2, 12))))
+
+
+def packed_documents(lengths=(5, 7, 3), d=8, seed=3):
+  """Float documents (l_i, d) of different lengths for the packing contract."""
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(n, d)), jnp.float32) for n in lengths]
+
+
+class PackedSparseQKVTest(parameterized.TestCase):
+
+  @parameterized.parameters(None, 4)
+  def test_packed_equals_unpacked(self, chunk_len):
+    # The causal convolution (3 taps) must not read the previous document's last tokens.
+    contracts.assert_layer_packed_equals_unpacked(
+        lambda **kw: tl.MultiplicativeConvCausalAttention(
+            n_heads=2, n_modules=2, length_kernel_size=3, chunk_len=chunk_len, **kw),
+        packed_documents(), 16)
+
+  def test_conv_alone(self):
+    conv = tl.ModularCausalConv(n_modules=2, length_kernel_size=3, module_kernel_size=1)
+    packed = tl.ModularCausalConv(n_modules=2, length_kernel_size=3, module_kernel_size=1,
+                                  packed=True)
+    docs = packed_documents((4, 2, 6))
+    params = conv.init(jax.random.key(0), docs[0][None])['params']
+    contracts.assert_packed_equals_unpacked(
+        lambda p, x, seg, pos: packed.apply({'params': p}, x, seg),
+        lambda p, x: conv.apply({'params': p}, x), params, docs, 14)
 
 
 if __name__ == '__main__':

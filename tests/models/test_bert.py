@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 import terraflax.models as tm
+from terraflax.models.attention import LSH, Full
+from tests import contracts
 
 KEY = jax.random.key(0)
 CONFIG = dict(vocab_size=13, d_model=16, d_ff=24, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
@@ -42,6 +44,34 @@ class BertMLMTest(absltest.TestCase):
     # Bidirectional: changing the last token changes the first position's logits.
     self.assertFalse(np.allclose(model.apply({'params': params}, x.at[0, 5].set(3))[0, 0],
                                  logits[0, 0]))
+
+
+class PackedBertMLMTest(parameterized.TestCase):
+  """BertMLM on a packed row == each document alone (bidirectional, within documents)."""
+
+  @parameterized.parameters(dict(attention=Full()), dict(attention=Full(query_chunk_len=4)),
+                            dict(attention=LSH(n_buckets=1, chunk_len=16, n_chunks_before=0)))
+  def test_packed_equals_unpacked(self, attention):
+    rng = np.random.default_rng(7)
+    docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (5, 7, 3)]
+    rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4)}
+    for mode in ('train', 'eval'):
+      make = lambda packed, mode=mode: tm.BertMLM(
+          vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
+          attention=attention, mode=mode, packed=packed)
+      alone, packed = make(False), make(True)
+      params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs},
+                                   docs[0][None])['params']
+      contracts.assert_packed_equals_unpacked(
+          lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos,
+                                                             rngs=rngs),
+          lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
+          params, docs, 16, atol=5e-5)
+
+  def test_fourier_mixing_cannot_pack(self):
+    with self.assertRaisesRegex(ValueError, "packed=True needs mixing='attention'"):
+      tm.BertMLM(vocab_size=11, d_model=16, d_ff=16, n_layers=1, n_heads=2, mixing='fourier',
+                 packed=True)
 
 
 if __name__ == '__main__':

@@ -113,8 +113,9 @@ class DeprecatedArgumentsTest(parameterized.TestCase):
       self.assertNotIn('attention_type', parameters, factory.__name__)
       self.assertNotIn('n_hashes', parameters, factory.__name__)
       self.assertNotIn('attention_chunk_len', parameters, factory.__name__)
-    # Attention details live in the spec (attention_dropout is its dropout): keep it small.
-    self.assertLessEqual(len(inspect.signature(tm.ReformerLM).parameters), 16)
+    # Attention details live in the spec (attention_dropout is its dropout): keep it small
+    # (17 = 16 + `packed`, the input signature of packed rows).
+    self.assertLessEqual(len(inspect.signature(tm.ReformerLM).parameters), 17)
     for factory in (tm.ReformerLM, tm.Reformer):
       self.assertNotIn('attention_dropout', inspect.signature(factory).parameters)
     self.assertEqual(tm.ReformerLM.upgrade_kwargs({'d_model': 8}), {'d_model': 8})  # No-op.

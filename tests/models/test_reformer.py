@@ -9,6 +9,7 @@ from absl.testing import absltest, parameterized
 import terraflax.models as tm
 from terraflax import decoding
 from terraflax.models.attention import LSH, Full
+from tests import contracts
 
 KEY = jax.random.key(0)
 RNGS = {'dropout': jax.random.key(1), 'hash': jax.random.key(2)}
@@ -202,6 +203,59 @@ class ReformerTest(absltest.TestCase):
       tm.Reformer(**dict(SEQ2SEQ, encoder_attention='sparse'))
     with self.assertRaisesRegex(ValueError, 'n_decoder_layers must be a positive int'):
       tm.Reformer(**dict(SEQ2SEQ, n_decoder_layers=0))
+
+
+def check_model_packed(make_model, modes=('train', 'eval'), lengths=(5, 7, 3), row=16):
+  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
+  rng = np.random.default_rng(7)
+  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
+  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
+  for mode in modes:
+    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
+    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
+    contracts.assert_packed_equals_unpacked(
+        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
+        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
+        params, docs, row, atol=5e-5)
+
+
+class PackedReformerLMTest(parameterized.TestCase):
+  """A reversible ReformerLM on a packed row == each document alone (loss and gradients)."""
+
+  def test_packed_equals_unpacked(self):
+    check_model_packed(lambda **kw: tm.ReformerLM(
+        vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
+        attention=(LSH(n_hashes=2, n_buckets=2, chunk_len=16, n_chunks_before=0),
+                   Full(query_chunk_len=4)), positions='axial', reversible=True, **kw))
+
+
+class PackedReformerTest(parameterized.TestCase):
+  """The encoder-decoder Reformer (reversible) on packed rows == each document pair alone."""
+
+  def test_packed_equals_unpacked(self):
+    rng = np.random.default_rng(9)
+    inputs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (6, 3)]
+    targets = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (4, 7)]
+    x, x_seg, x_pos = contracts.pack_documents(inputs, 16)
+    rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4)}
+    one_bucket = LSH(n_buckets=1, chunk_len=16, n_chunks_before=0)
+    for mode in ('train', 'eval'):
+      make = lambda packed, mode=mode: tm.Reformer(
+          vocab_size=11, d_model=16, d_ff=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16,
+          encoder_attention=one_bucket, decoder_attention=Full(query_chunk_len=4),
+          positions='sinusoidal', mode=mode, packed=packed)
+      alone, packed = make(False), make(True)
+      params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, inputs[0][None],
+                                   targets[0][None])['params']
+
+      def alone_fn(p, y, alone=alone):  # Target document i reads input document i.
+        source = inputs[0] if y.shape[1] == 4 else inputs[1]
+        return alone.apply({'params': p}, source[None], y, rngs=rngs)
+
+      contracts.assert_packed_equals_unpacked(
+          lambda p, y, seg, pos, packed=packed: packed.apply(
+              {'params': p}, x, x_seg, x_pos, y, seg, pos, rngs=rngs),
+          alone_fn, params, targets, 16, atol=5e-5)
 
 
 if __name__ == '__main__':

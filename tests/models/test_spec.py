@@ -110,5 +110,37 @@ class ModelSpecTest(absltest.TestCase):
       np.testing.assert_array_equal(a, b)
 
 
+class PackedSpecTest(absltest.TestCase):
+  """config.data.pack: a packed LM in 'train'/'eval', unpacked in 'predict', same parameters."""
+
+  MODEL = {'name': 'TransformerLM', 'vocab_size': 7, 'd_model': 8, 'd_ff': 8, 'n_layers': 1,
+           'n_heads': 2, 'max_len': 8}
+
+  def test_pack_builds_packed_models_with_the_same_parameters(self):
+    config = config_of(self.MODEL, 'bytes', seq_len=8)
+    config.data.pack = True
+    spec = spec_lib.ModelSpec.from_config(config)
+    self.assertTrue(spec.packed)
+    self.assertEqual(spec.build('train').n_in, 3)
+    self.assertEqual(spec.build('predict').n_in, 1)
+    self.assertEqual(spec.build('eval', packed=False).n_in, 1)
+    unpacked = spec_lib.ModelSpec.from_config(config_of(self.MODEL, 'bytes', seq_len=8))
+    shapes = lambda v: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), nn.meta.unbox(v))
+    self.assertEqual(shapes(spec.abstract_variables(2, 8)['params']),
+                     shapes(unpacked.abstract_variables(2, 8)['params']))
+    tokens = jnp.ones((2, 8), jnp.int32)
+    batch = {'inputs': tokens, 'targets': tokens, 'segment_ids': tokens, 'positions': tokens}
+    self.assertLen(spec.model_inputs(batch), 3)
+    self.assertLen(spec.example_inputs(2, 8), 3)
+    self.assertLen(spec.example_inputs(2, 8, mode='predict'), 1)
+
+  def test_pack_needs_a_packed_language_model(self):
+    for model, data_name in ((self.MODEL, 'listops'), (TINY, 'bytes')):
+      config = config_of(model, data_name)
+      config.data.pack = True
+      with self.assertRaisesRegex(spec_lib.ModelSpecError, 'config.data.pack=True needs'):
+        spec_lib.ModelSpec.from_config(config)
+
+
 if __name__ == '__main__':
   absltest.main()

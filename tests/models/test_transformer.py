@@ -8,6 +8,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.models as tm
 from terraflax.models.attention import Full
+from tests import contracts
 
 KEY = jax.random.key(0)
 LM = dict(vocab_size=13, d_model=16, d_ff=24, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
@@ -257,6 +258,57 @@ class TransformerTest(absltest.TestCase):
       logits, state = step(cache, feed, shifted[:, i:i + 1])
       cache = state['cache']
       np.testing.assert_allclose(logits, full[:, i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+def check_model_packed(make_model, modes=('train', 'eval'), lengths=(5, 7, 3), row=16):
+  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
+  rng = np.random.default_rng(7)
+  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
+  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
+  for mode in modes:
+    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
+    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
+    contracts.assert_packed_equals_unpacked(
+        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
+        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
+        params, docs, row, atol=5e-5)
+
+
+class PackedTransformerLMTest(parameterized.TestCase):
+
+  @parameterized.parameters(dict(attention=Full()), dict(attention=Full(query_chunk_len=4)),
+                            dict(attention=Full(n_prefix=2)))
+  def test_packed_equals_unpacked(self, attention):
+    check_model_packed(lambda **kw: tm.TransformerLM(
+        vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
+        attention=attention, **kw))
+
+
+class PackedTransformerTest(parameterized.TestCase):
+  """Encoder-decoder on packed rows: target document s reads input document s, as if alone."""
+
+  def test_packed_equals_unpacked(self):
+    rng = np.random.default_rng(9)
+    inputs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (6, 3)]
+    targets = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (4, 7)]
+    x, x_seg, x_pos = contracts.pack_documents(inputs, 12)
+    rngs = {'dropout': jax.random.key(3)}
+    for mode in ('train', 'eval'):
+      make = lambda packed, mode=mode: tm.Transformer(
+          vocab_size=11, d_model=16, d_ff=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16,
+          attention=Full(query_chunk_len=4), mode=mode, packed=packed)
+      alone, packed = make(False), make(True)
+      params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, inputs[0][None],
+                                   targets[0][None])['params']
+
+      def alone_fn(p, y, alone=alone):  # Target document i reads input document i.
+        source = inputs[0] if y.shape[1] == 4 else inputs[1]
+        return alone.apply({'params': p}, source[None], y, rngs=rngs)
+
+      contracts.assert_packed_equals_unpacked(
+          lambda p, y, seg, pos, packed=packed: packed.apply(
+              {'params': p}, x, x_seg, x_pos, y, seg, pos, rngs=rngs),
+          alone_fn, params, targets, 12, atol=5e-5)
 
 
 if __name__ == '__main__':
