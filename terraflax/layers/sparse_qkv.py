@@ -184,6 +184,9 @@ class ModularCausalConv(Layer):
     elif n_past:
       xs = jnp.pad(xs, ((0, 0), (n_past, 0), (0, 0), (0, 0)))
     half = (self.module_kernel_size - 1) // 2
+    if half:  # Whole modules for the window over them: XLA:CPU's partitioner got a module
+      # axis sharded over 'model' wrong inside a scanned stack (jax 0.10).
+      xs = constrain(xs, ('batch', None, None, None))
     conv = lambda inputs, taps: jax.lax.conv_general_dilated(
         inputs, taps.astype(dtype), window_strides=(1, 1),
         padding=((0, 0), (half, half)),

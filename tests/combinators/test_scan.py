@@ -109,7 +109,7 @@ class ChunkTest(parameterized.TestCase):
     x = jax.random.normal(KEY, (2, 10, 4))
     variables = plain.init(KEY, x)
     # Chunking does not rename parameters.
-    self.assertEqual(jax.tree_util.tree_structure(nn.meta.unbox(chunked.init(KEY, x))),
+    self.assertEqual(jax.tree_util.tree_structure(chunked.init(KEY, x)),
                      jax.tree_util.tree_structure(variables))
     chex.assert_trees_all_close(chunked.apply(variables, x), plain.apply(variables, x),
                                 rtol=1e-5, atol=1e-6)
