@@ -197,15 +197,42 @@ def variable_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
   """`NamedSharding`s for a (possibly `nn.Partitioned`-boxed) variable tree, unboxed.
 
   Named axes follow `rules`; leaves without names, and names without a rule,
-  are replicated.
+  are replicated, except that with fsdp > 1 a parameter none of whose axes
+  the rules put on 'fsdp' is split over 'fsdp' along its largest free
+  dimension that divides by it ('layers' excepted: a scanned stack gathers one
+  layer at a time), so fsdp=N holds ~1/N of every sizeable parameter (a sparse
+  controller, a convolution's taps) and not only the 'embed'-named ones.
   """
-  def to_mesh(spec):
-    if not isinstance(spec, P):
-      return replicated(mesh)
-    return NamedSharding(mesh, P(*_mesh_axes(tuple(spec), rules)))
-
+  fsdp = dict(mesh.shape).get(FSDP, 1)
   specs = nn.get_partition_spec(abstract_variables)
-  return jax.tree_util.tree_map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+  flat_specs, treedef = jax.tree_util.tree_flatten(
+      specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+  shapes = jax.tree_util.tree_leaves(nn.meta.unbox(abstract_variables))
+  shardings = []
+  for spec, leaf in zip(flat_specs, shapes):
+    names = tuple(spec) if isinstance(spec, P) else (None,) * len(leaf.shape)
+    axes = list(_mesh_axes(names, rules))
+    if fsdp > 1:
+      axes = _fsdp_fallback(axes, names, leaf.shape, dict(mesh.shape))
+    shardings.append(NamedSharding(mesh, P(*axes)))
+  return jax.tree_util.tree_unflatten(treedef, shardings)
+
+
+def _fsdp_fallback(axes: list, names: tuple, shape: tuple, sizes: dict[str, int]) -> list:
+  """`axes` with FSDP on the largest free dimension divisible by it, unless FSDP is used.
+
+  A dimension is free when no mesh axis splits it (none, or axes of size 1).
+  """
+  as_tuple = lambda x: () if x is None else (x,) if isinstance(x, str) else tuple(x)
+  if any(FSDP in as_tuple(x) for x in axes):
+    return axes
+  fsdp = sizes[FSDP]
+  free = [d for d, size in enumerate(shape)
+          if math.prod(sizes[a] for a in as_tuple(axes[d])) == 1 and names[d] != 'layers'
+          and size % fsdp == 0]
+  if free:
+    axes[max(free, key=lambda d: shape[d])] = FSDP
+  return axes
 
 
 def _path(path) -> str:

@@ -84,6 +84,23 @@ class RulesTest(absltest.TestCase):
     custom = sharding.variable_shardings(abstract, mesh, (('mlp', 'model'), ('embed', None)))
     self.assertEqual(custom['dense']['kernel'].spec, P(None, 'model'))
 
+  def test_fsdp_splits_parameters_without_an_fsdp_axis_along_their_largest_free_dim(self):
+    def specs(fsdp, tp):
+      mesh = jax.sharding.AbstractMesh((8 // (fsdp * tp), fsdp, tp), sharding.MESH_AXES)
+      abstract = {'controller': boxed((12, 32, 2048), ('layers', 'controller', 'mlp')),
+                  'taps': boxed((12, 3, 3, 64, 48), ('layers', 'kernel', None, None, None)),
+                  'odd': boxed((12, 3, 5), ('layers', None, None)),
+                  'dense': boxed((64, 2048), ('embed', 'mlp'))}
+      return jax.tree.map(lambda s: s.spec, sharding.variable_shardings(abstract, mesh))
+    fsdp8 = specs(8, 1)
+    self.assertEqual(fsdp8['controller'], P(None, None, 'fsdp'))  # 'mlp' -> a model axis of 1.
+    self.assertEqual(fsdp8['taps'], P(None, None, None, 'fsdp', None))  # 64, not the 48 or 12.
+    self.assertEqual(fsdp8['odd'], P(None, None, None))  # Nothing divides by 8: replicated.
+    self.assertEqual(fsdp8['dense'], P('fsdp', 'model'))  # Already on fsdp: the rules alone.
+    mixed = specs(4, 2)
+    self.assertEqual(mixed['controller'], P(None, 'fsdp', 'model'))
+    self.assertEqual(specs(1, 8)['controller'], P(None, None, 'model'))  # fsdp=1: rules alone.
+
 
 class CheckTest(absltest.TestCase):
 
