@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def predict_one_at_a_time(model, params, xs, key=None):
@@ -133,3 +134,18 @@ def assert_layer_packed_equals_unpacked(make_layer, documents, length, *, modes=
       return alone.apply({'params': p, **collections}, x, rngs=rngs)
 
     assert_packed_equals_unpacked(packed_fn, alone_fn, params, documents, length, atol=atol)
+
+
+def assert_lm_packed_equals_unpacked(make_model, modes=('train', 'eval'), lengths=(5, 7, 3),
+                                     row=16):
+  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
+  rng = np.random.default_rng(7)
+  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
+  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
+  for mode in modes:
+    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
+    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
+    assert_packed_equals_unpacked(
+        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
+        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
+        params, docs, row, atol=5e-5)

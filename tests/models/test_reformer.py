@@ -205,25 +205,11 @@ class ReformerTest(absltest.TestCase):
       tm.Reformer(**dict(SEQ2SEQ, n_decoder_layers=0))
 
 
-def check_model_packed(make_model, modes=('train', 'eval'), lengths=(5, 7, 3), row=16):
-  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
-  rng = np.random.default_rng(7)
-  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
-  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
-  for mode in modes:
-    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
-    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
-    contracts.assert_packed_equals_unpacked(
-        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
-        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
-        params, docs, row, atol=5e-5)
-
-
 class PackedReformerLMTest(parameterized.TestCase):
   """A reversible ReformerLM on a packed row == each document alone (loss and gradients)."""
 
   def test_packed_equals_unpacked(self):
-    check_model_packed(lambda **kw: tm.ReformerLM(
+    contracts.assert_lm_packed_equals_unpacked(lambda **kw: tm.ReformerLM(
         vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
         attention=(LSH(n_hashes=2, n_buckets=2, chunk_len=16, n_chunks_before=0),
                    Full(query_chunk_len=4)), positions='axial', reversible=True, **kw))

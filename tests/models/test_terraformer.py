@@ -227,32 +227,18 @@ class TerraformerTest(absltest.TestCase):
     self.assertGreater(max(float(jnp.abs(g).max()) for g in encoder.values()), 1e-4)
 
 
-def check_model_packed(make_model, modes=('train', 'eval'), lengths=(5, 7, 3), row=16):
-  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
-  rng = np.random.default_rng(7)
-  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
-  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
-  for mode in modes:
-    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
-    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
-    contracts.assert_packed_equals_unpacked(
-        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
-        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
-        params, docs, row, atol=5e-5)
-
-
 class PackedTerraformerLMTest(parameterized.TestCase):
   """A TerraformerLM (sparse QKV, reversible) on a packed row == each document alone."""
 
   def test_packed_equals_unpacked_dense_ff(self):
-    check_model_packed(lambda **kw: tm.TerraformerLM(
+    contracts.assert_lm_packed_equals_unpacked(lambda **kw: tm.TerraformerLM(
         vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
         attention=SparseQKV(n_modules=2), ff_sparsity=None, **kw))
 
   def test_packed_equals_unpacked_sparse_ff_eval(self):
     # In training, SparseFF's Gumbel noise is drawn per position of the call: a packed row
     # draws other noise than its documents alone, so only 'eval' can match.
-    check_model_packed(lambda **kw: tm.TerraformerLM(
+    contracts.assert_lm_packed_equals_unpacked(lambda **kw: tm.TerraformerLM(
         vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
         attention=SparseQKV(n_modules=2), ff_sparsity=4, ff_d_lowrank=4, **kw),
         modes=('eval',))

@@ -260,26 +260,12 @@ class TransformerTest(absltest.TestCase):
       np.testing.assert_allclose(logits, full[:, i:i + 1], rtol=1e-5, atol=1e-5)
 
 
-def check_model_packed(make_model, modes=('train', 'eval'), lengths=(5, 7, 3), row=16):
-  """Packed == unpacked for an LM factory make_model(mode=..., packed=...): logits and grads."""
-  rng = np.random.default_rng(7)
-  docs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in lengths]
-  rngs = {'dropout': jax.random.key(3), 'hash': jax.random.key(4), 'sparse': jax.random.key(5)}
-  for mode in modes:
-    alone, packed = make_model(mode=mode, packed=False), make_model(mode=mode, packed=True)
-    params = jax.jit(alone.init)({'params': jax.random.key(0), **rngs}, docs[0][None])['params']
-    contracts.assert_packed_equals_unpacked(
-        lambda p, x, seg, pos, packed=packed: packed.apply({'params': p}, x, seg, pos, rngs=rngs),
-        lambda p, x, alone=alone: alone.apply({'params': p}, x, rngs=rngs),
-        params, docs, row, atol=5e-5)
-
-
 class PackedTransformerLMTest(parameterized.TestCase):
 
   @parameterized.parameters(dict(attention=Full()), dict(attention=Full(query_chunk_len=4)),
                             dict(attention=Full(n_prefix=2)))
   def test_packed_equals_unpacked(self, attention):
-    check_model_packed(lambda **kw: tm.TransformerLM(
+    contracts.assert_lm_packed_equals_unpacked(lambda **kw: tm.TransformerLM(
         vocab_size=11, d_model=16, d_ff=16, n_layers=2, n_heads=2, dropout=0.0, max_len=16,
         attention=attention, **kw))
 
