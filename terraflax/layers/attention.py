@@ -47,7 +47,8 @@ from terraflax.combinators.base import (
     n_out_of, name_children)
 from terraflax.layers.attention_core import dot_product_attention, padding_mask
 from terraflax.layers.core import (
-    HEAD_AXES, Dense, advance_position, check_packed, checked_segments, constrain)
+    HEAD_AXES, Dense, SegmentsPassThrough, advance_position, check_packed, checked_segments,
+    constrain)
 
 
 class _AttentionBase(Layer):
@@ -137,7 +138,7 @@ class _AttentionBase(Layer):
     return mask.astype(jnp.bool_)
 
 
-class CausalAttention(_AttentionBase):
+class CausalAttention(SegmentsPassThrough, _AttentionBase):
   """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1. Causal self-attention.
 
   Position i attends to positions <= i. In `'predict'` mode the keys and
@@ -149,14 +150,6 @@ class CausalAttention(_AttentionBase):
   `packed=True`: [x, segment_ids] -> [y, segment_ids], 2 -> 2; position i
   attends to positions <= i of its own document.
   """
-
-  @property
-  def n_in(self):
-    return 2 if self.packed else 1
-
-  @property
-  def n_out(self):
-    return self.n_in
 
   @nn.compact
   def __call__(self, x, *segment_ids):

@@ -309,7 +309,20 @@ def checked_segments(owner: str, segment_ids, x, what: str = 'segment_ids'):
   return segment_ids.astype(jnp.int32)
 
 
-class ShiftRight(Layer):
+class SegmentsPassThrough:
+  """Stack signature of a packable 1 -> 1 layer: [x] -> [y], or packed [x, segment_ids] ->
+  [y, segment_ids] (2 -> 2). A mixin for layers with a `packed` field; list it first."""
+
+  @property
+  def n_in(self):
+    return 2 if self.packed else 1
+
+  @property
+  def n_out(self):
+    return self.n_in
+
+
+class ShiftRight(SegmentsPassThrough, Layer):
   """[x] -> [x shifted right by `n_positions` along axis 1, padded]: (b, l, ...).
 
   Teacher forcing: position i then sees the tokens before i. In `'predict'`
@@ -329,14 +342,6 @@ class ShiftRight(Layer):
     check_mode(self.mode, 'ShiftRight mode')
     check_packed('ShiftRight', self.packed, self.mode)
     super().__post_init__()
-
-  @property
-  def n_in(self):
-    return 2 if self.packed else 1
-
-  @property
-  def n_out(self):
-    return self.n_in
 
   def __call__(self, x, *segment_ids):
     if self.mode == 'predict':

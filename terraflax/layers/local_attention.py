@@ -23,8 +23,8 @@ from jax import lax
 
 from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.layers.core import (
-    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, check_packed,
-    checked_segments, chunk_padded, constrain, param_with_axes)
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, SegmentsPassThrough, advance_position,
+    check_packed, checked_segments, chunk_padded, constrain, param_with_axes)
 
 # Logit of a masked key (causal, padding), as in Hugging Face's float32 path.
 MASKED_LOGIT = -1e9
@@ -76,7 +76,7 @@ def local_attend(q, k, v, *, length: int, chunk_len: int, n_chunks_before: int =
   return jnp.moveaxis(o.reshape(b, h, big_l, -1), 1, 2)
 
 
-class LocalSelfAttention(Layer, kw_only=True):
+class LocalSelfAttention(SegmentsPassThrough, Layer, kw_only=True):
   """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1. Hugging Face Reformer's local attention.
 
   Multi-head attention within chunk windows (see the module docstring).
@@ -121,14 +121,6 @@ class LocalSelfAttention(Layer, kw_only=True):
     if self.mode == 'predict' and not self.causal:
       raise ValueError("LocalSelfAttention mode='predict' decodes causally; set causal=True.")
     super().__post_init__()
-
-  @property
-  def n_in(self):
-    return 2 if self.packed else 1
-
-  @property
-  def n_out(self):
-    return self.n_in
 
   @nn.compact
   def __call__(self, x, *segment_ids):

@@ -26,8 +26,8 @@ from terraflax.combinators.base import Layer, check_int, check_mode, check_rate
 from terraflax.kernels import lsh_cpu
 from terraflax.layers import lsh_hashing
 from terraflax.layers.core import (
-    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, advance_position, check_packed,
-    checked_segments, chunk_padded, constrain, param_with_axes, project_heads)
+    HEAD_AXES, IN_PROJECTION_AXES, OUT_PROJECTION_AXES, SegmentsPassThrough, advance_position,
+    check_packed, checked_segments, chunk_padded, constrain, param_with_axes, project_heads)
 from terraflax.layers.lsh_core import attend_sorted, sort_rounds
 from terraflax.layers.lsh_decoding import RingMemory, ring_attend
 
@@ -118,7 +118,7 @@ def _hash_heads(q, rotations, n_buckets):
   return lsh_hashing.buckets_of_rotated(rotated, n_buckets, axis=3)
 
 
-class LSHSelfAttention(Layer, kw_only=True):
+class LSHSelfAttention(SegmentsPassThrough, Layer, kw_only=True):
   """[x] -> [y]: (b, l, d) -> (b, l, d); n_in = n_out = 1. Reformer's LSH self-attention.
 
   Shared-QK multi-head attention in which each query only sees the keys that
@@ -227,14 +227,6 @@ class LSHSelfAttention(Layer, kw_only=True):
     if self.n_buckets is not None:
       return self.n_buckets
     return lsh_hashing.default_n_buckets(length, self.chunk_len)
-
-  @property
-  def n_in(self):
-    return 2 if self.packed else 1
-
-  @property
-  def n_out(self):
-    return self.n_in
 
   @nn.compact
   def __call__(self, x, *segment_ids):
