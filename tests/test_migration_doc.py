@@ -1,4 +1,4 @@
-"""docs/migrating_from_trax.md: its marked Python blocks run, and every terraflax name it lists exists.
+"""docs/migrating_from_trax.md: its marked Python blocks run; every terraflax name it lists exists.
 
 A Python block preceded by the line `<!-- executed -->` runs, in document order, in one
 namespace (like tests/test_readme.py for the README). In every Markdown table, each

@@ -112,7 +112,8 @@ class SerialTest(parameterized.TestCase):
       # parameters once, under the first use's path.
       self.assertLen(jax.tree_util.tree_leaves(params), 2)
 
-  def test_shared_weights_for_shared_serial(self):  # SerialTest.test_shared_weights_for_shared_serial
+  def test_shared_weights_for_shared_serial(self):
+    # SerialTest.test_shared_weights_for_shared_serial
     block = cb.Serial(tl.Dense(5), tl.Dense(5))
     model = cb.Serial(block, block)
     x = jnp.arange(5.0)[None]
@@ -150,7 +151,8 @@ class ParallelTest(absltest.TestCase):
       params = nn.meta.unbox(model.init(KEY, x, x))['params']
       self.assertLen(jax.tree_util.tree_leaves(params), 2 * n_dense)  # kernel + bias each
 
-  def test_shared_weights_for_shared_parallel(self):  # ParallelTest.test_shared_weights_for_shared_parallel
+  def test_shared_weights_for_shared_parallel(self):
+    # ParallelTest.test_shared_weights_for_shared_parallel
     block = cb.Parallel(tl.Dense(5), tl.Dense(7))
     model = cb.Parallel(block, block)
     xs = [arr(1., 2, 3), arr(10., 20, 30), arr(100., 200, 300), arr(1000., 2000, 3000)]
