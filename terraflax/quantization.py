@@ -251,8 +251,9 @@ class LowPrecisionInference:
 
   Layers whose weights are float32 run as usual, so a partly quantized tree
   works too. Reusable: one instance may be entered any number of times.
-  The context must be active when a function is traced (jit caches the
-  trace, keyed by the parameters' dtypes).
+  The context must be active, in the tracing thread, when a function is
+  traced (jit caches the trace, keyed by the parameters' dtypes, not by
+  this context).
   """
 
   def __init__(self):
