@@ -171,7 +171,7 @@ def _get(module, name):
 
 
 def _xla_matmul(x, w, scale):
-  """weight_matmul's XLA path: float32 (..., M); at most `_XLA_BLOCK` rows of w are float at once."""
+  """weight_matmul's XLA path: float32 (..., M); at most `_XLA_BLOCK` rows of w float at once."""
   k_size, m = w.shape
   block = next((b for b in range(min(_XLA_BLOCK, k_size), 0, -1) if k_size % b == 0), 1)
   if jax.default_backend() != 'cpu' or k_size <= _XLA_BLOCK or block < 16:
@@ -247,7 +247,7 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 class LowPrecisionInference:
-  """Within `with LowPrecisionInference():` Dense and Embedding layers read int8/bf16 weights as stored.
+  """In `with LowPrecisionInference():` Dense/Embedding layers read int8/bf16 weights as stored.
 
   Layers whose weights are float32 run as usual, so a partly quantized tree
   works too. Reusable: one instance may be entered any number of times.

@@ -135,6 +135,21 @@ class LowPrecisionDecodingTest(parameterized.TestCase):
     self.assertLess(float(jnp.abs(full - reference).max()), 0.05 * float(jnp.abs(reference).max()))
     self.assertGreater(float(jnp.abs(full - reference).max()), 0.0)
 
+  @parameterized.parameters((tm.ReformerLM, 'bf16'), (tm.TerraformerLM, 'int8'))
+  def test_other_lms_decode_as_they_evaluate(self, make, weights):
+    # LSH's predict memory holds its chunk neighbourhood; SparseFF blocks of 32 units.
+    size = dict(LM_WIDE, max_len=128, d_ff=64)
+    x = self.x[:1]
+    eval_model, predict = make(mode='eval', **size), make(mode='predict', **size)
+    params = eval_model.init(KEY, x)['params']
+    context, params = qz.prepare_for_decoding(predict, params, weights=weights)
+    with context:
+      full = eval_model.apply({'params': params}, x,
+                              rngs={'hash': jax.random.key(1), 'sparse': jax.random.key(2)})
+      shifted = jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]
+      stepped = contracts.predict_one_at_a_time(predict, params, shifted)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+
   def test_greedy_sampling_follows_the_eval_argmax(self):
     predict = tm.TransformerLM(mode='predict', **LM_WIDE)
     eval_model = tm.TransformerLM(mode='eval', **LM_WIDE)

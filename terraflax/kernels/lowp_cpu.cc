@@ -74,8 +74,9 @@ constexpr int64_t kMinParallel = 1 << 16;
 // kCols. `first`: start the sums from 0; `scale` (not null on the last depth
 // block of int8): multiply the finished sums by it.
 template <typename W, int R>
-void block(int64_t k_size, int64_t k0, int64_t k1, const float* x, int64_t ldx, const W* w, int64_t ldw,
-           float* y, int64_t ldy, int64_t j0, int64_t j1, bool first, const float* scale) {
+void block(int64_t k_size, int64_t k0, int64_t k1, const float* x, int64_t ldx, const W* w,
+           int64_t ldw, float* y, int64_t ldy, int64_t j0, int64_t j1, bool first,
+           const float* scale) {
   constexpr int64_t ahead = kAheadBytes / sizeof(W);
   for (int64_t j = j0; j < j1; j += kCols) {
     vf acc[R][2];
@@ -119,9 +120,9 @@ void block(int64_t k_size, int64_t k0, int64_t k1, const float* x, int64_t ldx, 
 }
 
 template <typename W>
-void rows_block(int rows, int64_t k_size, int64_t k0, int64_t k1, const float* x, int64_t ldx, const W* w,
-                int64_t ldw, float* y, int64_t ldy, int64_t j0, int64_t j1, bool first,
-                const float* scale) {
+void rows_block(int rows, int64_t k_size, int64_t k0, int64_t k1, const float* x,
+                int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t j0,
+                int64_t j1, bool first, const float* scale) {
   switch (rows) {
 #define TERRAFLAX_ROWS(R) \
     case R: block<W, R>(k_size, k0, k1, x, ldx, w, ldw, y, ldy, j0, j1, first, scale); break;
@@ -164,8 +165,8 @@ ffi::Error multiply(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x_buf,
       const int64_t k1 = std::min(k_size, k0 + kDepth);
       const float* last_scale = k1 == k_size ? scale : nullptr;
       for (int64_t r0 = 0; r0 < n; r0 += kRowsMax)
-        rows_block<W>(int(std::min<int64_t>(kRowsMax, n - r0)), k_size, k0, k1, x + r0 * k_size, k_size,
-                      w, m, y + r0 * m, m, j0, j1, k0 == 0, last_scale);
+        rows_block<W>(int(std::min<int64_t>(kRowsMax, n - r0)), k_size, k0, k1,
+                      x + r0 * k_size, k_size, w, m, y + r0 * m, m, j0, j1, k0 == 0, last_scale);
     }
     if (part == parts - 1) tail<W>(n, k_size, m, x, w, y, whole, scale);
   });
