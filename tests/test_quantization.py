@@ -162,6 +162,30 @@ class LowPrecisionDecodingTest(parameterized.TestCase):
     # Each generated token is the eval pass's argmax after the tokens before it.
     np.testing.assert_array_equal(tokens, jnp.argmax(logits[:, 3:], -1))
 
+  def test_slots_vmapped_over_one_int8_step_read_the_weights_once(self):
+    # The server's shape: one decode step vmapped over slots, each slot its own (1, 1) token
+    # and cache; the weights are shared, so each product takes every slot's row at once.
+    predict = tm.TransformerLM(mode='predict', **LM_WIDE)
+    context, params = qz.prepare_for_decoding(predict, self.params, weights='int8')
+    tokens = self.x[:, :1].reshape(2, 1, 1)  # (slots, b=1, 1)
+    caches = jax.vmap(lambda t: predict.init(KEY, t)['cache'])(tokens)
+
+    def step(cache, token):
+      return predict.apply({'params': params, 'cache': cache}, token, mutable=['cache'])[0]
+
+    with context:
+      slots = jax.jit(jax.vmap(step))
+      together = slots(caches, tokens)
+      alone = [jax.jit(step)(jax.tree_util.tree_map(lambda c: c[i], caches), tokens[i])
+               for i in range(2)]
+      text = slots.lower(caches, tokens).as_text()
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-6, atol=1e-6)
+    if lowp_cpu.available() and kernels.native_allowed():
+      calls = [line for line in text.splitlines() if lowp_cpu.INT8 in line]
+      # One product per Dense whose x holds both slots' rows, not one call per slot.
+      self.assertLen(calls, 7)
+      self.assertTrue(all(': (tensor<2x' in line for line in calls), calls[0])
+
   def test_cast_weights_and_prepare_errors(self):
     cast = qz.cast_weights(self.params)
     for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
