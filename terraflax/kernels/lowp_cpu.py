@@ -12,7 +12,9 @@ output columns.
 Inference only (no gradient). Under `jax.vmap` the mapped rows become rows of
 one product (the weights are read once for all of them, as when the server
 decodes its slots together); per-example weights run one product each.
-Under a device mesh the call is not partitioned: use it on one device.
+Under a device mesh (`spmd.partitioned`) each device multiplies its own
+shard of the rows by the whole matrix (weights sharded by fsdp or tensor
+parallelism are gathered first).
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from terraflax import kernels
+from terraflax.kernels.spmd import partitioned
 
 INT8 = 'TerraflaxInt8Matmul'
 BF16 = 'TerraflaxBf16Matmul'
+# Layouts for `partitioned`: rows split like the batch; w and scale whole.
+LAYOUT = dict(operands=('b.', '..', '.'), results=('b.',))
 
 
 def available() -> bool:
@@ -55,7 +60,7 @@ def _call(x, w, *scale):
 
 @jax.custom_batching.custom_vmap
 def _rows(x, w, *scale):
-  return _call(x, w, *scale)
+  return partitioned(_call, **LAYOUT)(x, w, *scale)
 
 
 @_rows.def_vmap

@@ -7,8 +7,11 @@ widths with and without whole 32-column blocks, several 64-row depth blocks,
 and a matrix big enough to be split between threads.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +22,34 @@ from terraflax import kernels
 from terraflax import quantization as qz
 from terraflax.kernels import lowp_cpu
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_COMPILER = shutil.which(os.environ.get('CXX', 'c++').split()[0]) is not None
 # (d_in, d_out): no whole column block; a tail after blocks; several depth blocks and a tail;
 # threads (>= 2^16 weights) with a tail of 12 columns.
 SHAPES = ((5, 7), (17, 45), (130, 96), (260, 300))
+
+
+# Run with 8 forced CPU devices: rows split over 'data', the int8 matrix split over its
+# columns (to be gathered); prints the error against float64 and the per-device call.
+SHARDED = """
+import json, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from terraflax.kernels import lowp_cpu
+assert lowp_cpu.available()
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 64)).astype(np.float32)
+q = rng.integers(-127, 128, (64, 96)).astype(np.int8)
+s = rng.random(96).astype(np.float32)
+args = (jax.device_put(x, NamedSharding(mesh, P('data', None))),
+        jax.device_put(q, NamedSharding(mesh, P(None, 'data'))), s)
+f = jax.jit(lowp_cpu.matmul)
+ref = (x.astype(np.float64) @ q) * s
+hlo = f.lower(*args).compile().as_text()
+print(json.dumps({'error': float(np.abs(np.asarray(f(*args)) - ref).max() / np.abs(ref).max()),
+                  'calls': [l.split('custom-call(')[0].split('=')[-1].strip()
+                            for l in hlo.splitlines() if lowp_cpu.INT8 in l]}))
+"""
 
 
 def operands(seed, rows, d_in, d_out):
@@ -114,6 +141,17 @@ class KernelTest(parameterized.TestCase):
     with kernels.xla_only():
       text = jax.jit(qz.weight_matmul).lower(x, q, scale).as_text()
     self.assertNotIn(lowp_cpu.INT8, text)
+
+  def test_rows_split_over_8_devices(self):
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                          ' --xla_force_host_platform_device_count=8').strip())
+    result = subprocess.run([sys.executable, '-c', SHARDED], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    self.assertLess(report['error'], 1e-5)
+    self.assertEqual(report['calls'], ['f32[2,96]{1,0}'])  # 16 rows / 8 devices, every column
 
   def test_errors_name_what_prevents_the_kernel(self):
     x = np.ones((1, 4), np.float32)
