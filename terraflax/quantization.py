@@ -174,7 +174,8 @@ def _xla_matmul(x, w, scale):
   """weight_matmul's XLA path: float32 (..., M); at most `_XLA_BLOCK` rows of w float at once."""
   k_size, m = w.shape
   block = next((b for b in range(min(_XLA_BLOCK, k_size), 0, -1) if k_size % b == 0), 1)
-  if jax.default_backend() != 'cpu' or k_size <= _XLA_BLOCK or block < 16:
+  if (w.dtype == jnp.float32 or jax.default_backend() != 'cpu' or k_size <= _XLA_BLOCK
+      or block < 16):
     y = jnp.matmul(x, w.astype(jnp.float32))
   else:
     rows = x.reshape(-1, k_size).reshape(-1, k_size // block, block)
