@@ -37,13 +37,15 @@ Models (Trax name -> terraflax factory):
                  -> TerraformerLM(ff_sparsity=N, positions='learned'): the
                     Terraformer's SparseFF (one active unit in each block of
                     N, a low-rank controller; eval picks the argmax in both)
-                    in the same reversible layout, with full or LSH attention
-                    and Trax's PositionalEncoding (pos_type None). Trax's
-                    SparseFF has no first-layer bias: bias_in is zero.
+                    in the same reversible layout, with full, LSH or sparse
+                    QKV attention (MultiplicativeConvCausalAttention ->
+                    SparseQKV(output_layer='none')) and Trax's
+                    PositionalEncoding (pos_type None). Trax's SparseFF has
+                    no first-layer bias: bias_in is zero.
 
 Not converted (a clear error): encoder-decoders (Trax's Transformer,
-ConfigurableTerraformer), sparse-QKV attention layers
-(MultiplicativeConvCausalAttention ...), ff_use_sru, SelfAttention's
+ConfigurableTerraformer), ConfigurableTransformerLM, the sparse-QKV options
+share_qk / output_layer_type / v_concat_type, ff_use_sru, SelfAttention's
 share_qk and bias options, other pos_types.
 
 Randomness: Trax's LSH layers draw their rotations per example and head from
@@ -88,6 +90,10 @@ ATTENTION_DEFAULTS = {  # efficient_attention's layers, as ReformerLM builds the
                           bias=False, predict_mem_len=None),
     'LSHSelfAttention': dict(chunk_len=128, n_chunks_before=1, n_chunks_after=0, n_hashes=1,
                              n_buckets=None, predict_mem_len=2048, bias=False),
+    # trax.layers.research.sparsity: the Terraformer's sparse QKV.
+    'MultiplicativeConvCausalAttention': dict(sparsity=None, length_kernel_size=3,
+                                              share_qk=False, output_layer_type='none',
+                                              v_concat_type='none'),
 }
 # Trax activation layers -> terraflax ff_activation names.
 ACTIVATIONS = {'Relu': 'relu', 'FastGelu': 'fast_gelu', 'Gelu': 'gelu'}
@@ -498,6 +504,14 @@ def _attention_spec(layer: dict, where: str, max_len: int):
   """A Trax efficient-attention layer config -> a terraflax attention spec."""
   if layer.get('bias'):
     raise TraxConversionError(f'{where}: {layer["type"]}(bias=True) is not supported.')
+  if layer['type'] == 'MultiplicativeConvCausalAttention':
+    for key, only in (('share_qk', False), ('output_layer_type', 'none'),
+                      ('v_concat_type', 'none')):
+      if layer[key] != only:
+        raise TraxConversionError(f'{where}: MultiplicativeConvCausalAttention({key}='
+                                  f'{layer[key]!r}) is not supported (only {only!r}).')
+    return attn.SparseQKV(n_modules=layer['sparsity'], length_kernel_size=layer[
+        'length_kernel_size'], module_kernel_size=3, output_layer='none')
   if layer['type'] == 'SelfAttention':
     if layer.get('share_qk'):
       raise TraxConversionError(f'{where}: SelfAttention(share_qk=True) is not supported.')
@@ -564,6 +578,31 @@ def _sparse_ff_weights(walk: _Walk, what: str, d: int, d_ff: int, sparse: dict) 
           'kernel_out': w2.transpose(1, 0, 2).reshape(d_ff, d), 'bias_out': b2}
 
 
+def _sparse_ff_half(walk: _Walk, b: str, d: int, d_ff: int, sparse: dict) -> dict:
+  return {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+          'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, d_ff, sparse)}
+
+
+def _sparse_qkv_weights(walk: _Walk, what: str, d: int, n_heads: int, spec) -> dict:
+  """Trax MultiplicativeConvCausalAttention weights -> terraflax's.
+
+  Trax: FactoredDense (gating (S, d), projection (d, M), bias (d,)), then the
+  query, key (kernel (lk, 3, M, M), bias (M,)) and value (kernel (lk, 1, M,
+  M), bias) convolutions over (length, modules); no output layer.
+  """
+  s = spec.n_modules or n_heads
+  m, lk = d // s, spec.length_kernel_size
+  if d % s:
+    raise TraxConversionError(f'{what}: sparsity={s} does not divide d_model={d}.')
+  params = {'multiplicative': {'gating': walk.take(f'{what} gating', (s, d)).T.copy(),
+                               'kernel': walk.take(f'{what} projection', (d, m)),
+                               'bias': walk.take(f'{what} bias', (d,))}}
+  for role, width in (('query', 3), ('key', 3), ('value', 1)):
+    params[f'{role}_conv'] = {'kernel': walk.take(f'{what} {role} conv kernel', (lk, width, m, m)),
+                              'bias': walk.take(f'{what} {role} conv bias', (m,))}
+  return params
+
+
 def _reformer_lm(kwargs: dict, walk: _Walk):
   from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
   from terraflax.models.terraformer import TerraformerLM  # pylint: disable=import-outside-toplevel
@@ -600,6 +639,9 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
                    attention=attn.to_config(specs), positions=positions,
                    ff_activation=activation, ff_chunk_len=kwargs['ff_chunk_size'] or None)
   sparse = _sparse_ff(kwargs, source, f)
+  if any(isinstance(spec, attn.SparseQKV) for spec in specs) and not sparse:
+    raise TraxConversionError(f'{source}: {name} with MultiplicativeConvCausalAttention converts '
+                              'with ff_sparsity only (to a TerraformerLM).')
   if sparse:  # The Terraformer's SparseFF: a TerraformerLM (same reversible layout).
     if positions != 'learned':
       raise TraxConversionError(f'{source}: {name}.ff_sparsity with pos_type={pos_type!r} is not '
@@ -631,6 +673,10 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
   for i in range(n):
     b, spec = f'block {i}', specs[i % len(specs)]
     norm = _norm(walk, f'{b} attention', d)
+    if isinstance(spec, attn.SparseQKV):
+      layers.append((norm, _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec),
+                     _sparse_ff_half(walk, b, d, f, sparse)))
+      continue
     if isinstance(spec, attn.LSH):
       qk = walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k))
       attention = {'qk': qk.transpose(1, 0, 2)}
@@ -649,8 +695,7 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
                                                                   np.float32)}
                    for role, p in attention.items()}
     if sparse:
-      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-            'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, f, sparse)}
+      ff = _sparse_ff_half(walk, b, d, f, sparse)
     else:
       ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
             'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
@@ -673,7 +718,8 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
     attn_name = _child(abstract[serial][attn_key],
                        'LSHSelfAttention' if isinstance(spec, attn.LSH) else
                        'LocalSelfAttention' if isinstance(spec, attn.Local) else
-                       'CausalAttention')
+                       'MultiplicativeConvCausalAttention' if isinstance(spec, attn.SparseQKV)
+                       else 'CausalAttention')
     blocks[attn_key] = {'LayerNorm_0': _stack([x[0] for x in per_layer]),
                         attn_name: _stack([x[1] for x in per_layer])}
     blocks[ff_key] = {'SparseFeedForward_0' if sparse else 'FeedForward_0':

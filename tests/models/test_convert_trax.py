@@ -87,6 +87,14 @@ class ParityTest(absltest.TestCase):
     got, want = converted_logits('terraformer_lm')
     self.assertLess(relative_error(got, want), 1e-4)
 
+  def test_sparse_qkv_terraformer_reproduces_trax_logits(self):
+    model_config, _ = convert.from_trax(fixture('terraformer_qkv')[0])
+    (spec,) = attention.specs_from(model_config['attention'])
+    self.assertEqual((model_config['name'], spec.kind, spec.output_layer),
+                     ('TerraformerLM', 'sparse_qkv', 'none'))
+    got, want = converted_logits('terraformer_qkv')
+    self.assertLess(relative_error(got, want), 1e-4)
+
   def test_save_to_file_converts_like_the_loop_checkpoint(self):
     path, _ = fixture('transformer_lm')
     config = os.path.join(path, 'config.gin')
@@ -157,7 +165,12 @@ class CommandLineTest(absltest.TestCase):
     self.assertEqual(tokens, prompt + greedy)
 
   def test_terraformer_lm_converts_and_decodes_like_trax(self):
-    path, arrays = fixture('terraformer_lm')
+    for name in ('terraformer_lm', 'terraformer_qkv'):
+      with self.subTest(name):
+        self.check_greedy_ids(name)
+
+  def check_greedy_ids(self, name):
+    path, arrays = fixture(name)
     prompt, greedy = arrays['prompt'].tolist(), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
