@@ -209,24 +209,36 @@ _BINDING = re.compile(
     r'^(?:(?P<scope>[\w./]+)/)?(?P<name>[\w.]+)\.(?P<param>\w+)\s*=\s*(?P<value>.*)$', re.S)
 
 
-def _gin_value(text: str, where: str) -> Any:
-  """A gin literal; `@name` / `@scope/name` references become the strings '@name'."""
+def _gin_value(text: str, where: str, macros: dict[str, Any]) -> Any:
+  """A gin literal; `@name` / `@scope/name` references become the strings '@name',
+  `%macro` the macro's value."""
+  def macro(m):
+    if m.group(1) not in macros:
+      raise TraxConversionError(f'{where}: %{m.group(1)} is not a macro defined above it.')
+    return repr(macros[m.group(1)])
   quoted = re.sub(r'@([\w./]+)(\(\))?', lambda m: repr('@' + m.group(1)), text)
+  quoted = re.sub(r'%([\w.]+)', macro, quoted)
   try:
     return ast.literal_eval(quoted)
   except (ValueError, SyntaxError):
     raise TraxConversionError(f'{where}: cannot read the gin value {text.strip()!r} (the '
-                              'converter reads literals and @references only).') from None
+                              'converter reads literals, @references and %macros).') from None
 
 
 def read_gin(file: str) -> dict[tuple[str, str], dict[str, Any]]:
-  """Gin bindings {(scope, configurable): {param: value}} of a gin file (literals only)."""
+  """Gin bindings {(scope, configurable): {param: value}} of a gin file (literals only).
+
+  Reads what gin's operative configs hold: `[scope/]Name.param = value`
+  (values may span lines), `name = value` macros used as `%name`, comments;
+  `import` and `include` lines are skipped.
+  """
   try:
     with open(file, encoding='utf-8') as f:
       lines = f.read().splitlines()
   except OSError as e:
     raise TraxConversionError(f'{file} cannot be read: {e}') from None
   bindings: dict[tuple[str, str], dict[str, Any]] = {}
+  macros: dict[str, Any] = {}
   statement, first = '', 0
   for number, line in enumerate(lines, 1):
     line = line.split('#', 1)[0].rstrip() if '#' in line and "'" not in line else line.rstrip()
@@ -239,16 +251,19 @@ def read_gin(file: str) -> dict[tuple[str, str], dict[str, Any]]:
     if statement.startswith(('import ', 'from ', 'include ')):
       statement = ''
       continue
+    where = f'{file}:{first}'
     match = _BINDING.match(statement)
     if match is None:
-      if re.match(r'^[A-Z_][A-Z0-9_]*\s*=', statement):  # A macro: not needed here.
-        statement = ''
-        continue
-      raise TraxConversionError(f'{file}:{first}: {statement!r} is not a gin binding '
-                                '(configurable.param = value).')
+      macro = re.match(r'^(\w+)\s*=\s*(.*)$', statement, re.S)
+      if macro is None:
+        raise TraxConversionError(f'{where}: {statement!r} is not a gin binding '
+                                  '(configurable.param = value).')
+      macros[macro[1]] = _gin_value(macro[2], where, macros)
+      statement = ''
+      continue
     name = match['name'].split('.')[-1]
     bindings.setdefault((match['scope'] or '', name), {})[match['param']] = _gin_value(
-        match['value'], f'{file}:{first}')
+        match['value'], where, macros)
     statement = ''
   return bindings
 

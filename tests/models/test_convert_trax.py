@@ -123,6 +123,41 @@ class ParityTest(absltest.TestCase):
                      ('lsh', 2, (2, 4), 4))
 
 
+class GinTest(absltest.TestCase):
+
+  def test_reads_an_operative_config(self):
+    text = """\
+import trax.layers
+# Macros:
+# ==============================================================================
+n_layers = 4
+
+# Parameters for ReformerLM:
+ReformerLM.attention_type = [
+    @trax.layers.SelfAttention,  # local
+    @hashed/trax.layers.LSHSelfAttention,
+]
+ReformerLM.n_layers = %n_layers
+ReformerLM.pos_axial_shape = (8, 8)
+hashed/LSHSelfAttention.n_buckets = [2, 4]
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+      gin = os.path.join(tmp, 'config.gin')
+      with open(gin, 'w') as f:
+        f.write(text)
+      bindings = convert_trax.read_gin(gin)
+      self.assertEqual(bindings[('', 'ReformerLM')], {
+          'attention_type': ['@trax.layers.SelfAttention',
+                             '@hashed/trax.layers.LSHSelfAttention'],
+          'n_layers': 4, 'pos_axial_shape': (8, 8)})
+      self.assertEqual(bindings[('hashed', 'LSHSelfAttention')], {'n_buckets': [2, 4]})
+      with open(gin, 'a') as f:
+        f.write('ReformerLM.d_model = %d_model\n')
+      with self.assertRaisesRegex(convert_trax.TraxConversionError,
+                                  r'config.gin:14: %d_model is not a macro'):
+        convert_trax.read_gin(gin)
+
+
 def run(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True,
