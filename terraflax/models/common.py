@@ -81,10 +81,11 @@ def masked_mean(x, mask):
 
 
 def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None,  # pylint: disable=invalid-name
-          packed=False):
+          packed=False, positions='sinusoidal'):
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
 
-  Token embedding plus sinusoidal positions, with dropout. With
+  Token embedding plus positions (`positions`: 'sinusoidal' or 'learned', the
+  kinds of `tl.PositionalEncoding`), with dropout. With
   `d_embedding`, tokens embed to d_embedding and a Dense projects to d_model.
   `packed=True`: [ids, segment_ids, positions] -> [x, segment_ids], 3 -> 2,
   each token's encoding that of its position within its document (the same
@@ -97,7 +98,8 @@ def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None, 
         tl.Embedding(vocab_size, d_embedding, dtype=dtype, axes=('vocab', None)),
         tl.Dense(d_model, dtype=dtype, axes=(None, 'embed')),  # The factorised projection.
     ]
-  layers.append(tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode, packed=packed))
+  layers.append(tl.PositionalEncoding(max_len=max_len, kind=positions, dropout=dropout, mode=mode,
+                                      packed=packed))
   return layers
 
 

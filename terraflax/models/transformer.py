@@ -34,6 +34,7 @@ from typing import Any
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from terraflax.layers.positional import POSITIONAL_KINDS
 from terraflax.models import attention as attn
 from terraflax.models.common import (
     DropSegments, Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
@@ -156,7 +157,7 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   max_len: int = 2048, mode: str = 'train', dtype=None,
                   attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                   share_layers: bool = False, d_embedding: int | None = None,
-                  packed: bool = False):
+                  packed: bool = False, positions: str = 'sinusoidal'):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
@@ -191,7 +192,12 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     d_embedding: ALBERT's factorised embeddings: embed to d_embedding
       (<= d_model) and project to d_model; the output is factorised the same
       way (LayerNorm, Dense(d_embedding), Dense(vocab_size)).
+    positions: 'sinusoidal' (a fixed table) or 'learned' (a trained (max_len,
+      d_model) parameter, e.g. a converted Trax model's table).
   """
+  if positions not in POSITIONAL_KINDS:
+    raise ValueError(f'TransformerLM positions must be one of {POSITIONAL_KINDS}, got '
+                     f'{positions!r}.')
   check_hyperparameters('TransformerLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
                         n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
                         ff_chunk_len=ff_chunk_len, d_embedding=d_embedding)
@@ -203,7 +209,8 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
       dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), pattern)
   return cb.Serial(
       tl.ShiftRight(mode=mode, packed=packed),  # stack: ids(, segment_ids, positions)
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed,
+            positions=positions),
       cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
       tl.Dense(d_embedding, dtype=dtype, axes=('embed', None)) if d_embedding is not None else None,
