@@ -12,7 +12,8 @@
      hidden units and heads (at least one head), then fine-tunes the smaller model.
 2. Evaluates each on the same evaluation batches (eval/loss, eval/bits_per_byte).
 3. Times batch-1 greedy decoding of the dense and the structurally pruned
-   models (`decoding.autoregressive_sample`, compiled once, best of 3) and
+   models (`decoding.autoregressive_sample`, compiled once, best of 10 rounds
+   that interleave the models) and
    compares the speed-up with the parameter ratio.
 
 --quick: a short dense run and fine-tuning (minutes on 2 CPU cores; the
@@ -84,8 +85,8 @@ def train(config, workdir):
   return records[-1]
 
 
-def decode_tokens_per_sec(workdir, n_tokens):
-  """Greedy batch-1 decoding speed of a workdir's model (compiled once; best of 3)."""
+def decoder(workdir, n_tokens):
+  """A function running greedy batch-1 decoding of `n_tokens` with a workdir's model."""
   _, spec, params = spec_lib.load_workdir(workdir)
   model = spec.build('predict')
   prompt = jnp.array([[ord('d'), ord('e'), ord('f')]], jnp.int32)
@@ -94,13 +95,21 @@ def decode_tokens_per_sec(workdir, n_tokens):
     return jax.block_until_ready(decoding.autoregressive_sample(
         model, params, prompt, max_new_tokens=n_tokens, temperature=0.0))
 
-  run()
-  best = float('inf')
-  for _ in range(3):
-    began = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - began)
-  return n_tokens / best
+  run()  # Compiles.
+  return run
+
+
+def decode_speeds(workdirs, n_tokens, rounds):
+  """{workdir: tokens/s}: the best of `rounds` timings, the models interleaved in each round
+  (so a busy machine's slow spells hit all of them)."""
+  runs = {w: decoder(w, n_tokens) for w in workdirs}
+  best = {w: float('inf') for w in workdirs}
+  for _ in range(rounds):
+    for w, run in runs.items():
+      began = time.perf_counter()
+      run()
+      best[w] = min(best[w], time.perf_counter() - began)
+  return {w: n_tokens / t for w, t in best.items()}
 
 
 def count(workdir):
@@ -118,7 +127,8 @@ def main():
   parser.add_argument('--quick', action='store_true', help='short runs (indicative figures)')
   parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'pruning'),
                       help='where the workdirs go (reused when present)')
-  parser.add_argument('--json', default='', help='write the rows here')
+  parser.add_argument('--json', default='',
+                      help='write the rows here (benchmarks/pruning_quick.json: --quick)')
   parser.add_argument('--plot', default='', help='write a PNG of loss against sparsity here')
   args = parser.parse_args()
   args.dense_steps = 200 if args.quick else 1000
@@ -133,10 +143,8 @@ def main():
   tuned = os.path.join(root, 'dense_finetuned')
   m = train(finetune_config(args, dense_dir), tuned)
   dense_params, prunable = count(tuned)
-  dense_speed = decode_tokens_per_sec(tuned, n_tokens)
   rows.append({'kind': 'dense', 'sparsity': 0.0, 'loss': m['eval/loss'],
-               'bpb': m['eval/bits_per_byte'], 'params': dense_params,
-               'tokens_per_sec': dense_speed})
+               'bpb': m['eval/bits_per_byte'], 'params': dense_params, 'workdir': tuned})
   for s in SPARSITIES:
     workdir = os.path.join(root, f'unstructured_{int(s * 100)}')
     m = train(finetune_config(args, dense_dir, sparsity=s), workdir)
@@ -154,15 +162,20 @@ def main():
     workdir = os.path.join(root, f'structured_{int(s * 100)}')
     m = train(finetune_config(args, small, model=small_model), workdir)
     params, _ = count(workdir)
-    speed = decode_tokens_per_sec(workdir, n_tokens)
-    rows.append({'kind': 'structured', 'sparsity': (dense_params - params) / prunable, 'loss': m['eval/loss'],
-                 'bpb': m['eval/bits_per_byte'], 'params': params, 'tokens_per_sec': speed,
-                 'd_ff': report['d_ff'][1], 'n_heads': report['n_heads'][1]})
+    rows.append({'kind': 'structured', 'sparsity': (dense_params - params) / prunable,
+                 'loss': m['eval/loss'], 'bpb': m['eval/bits_per_byte'], 'params': params,
+                 'workdir': workdir, 'd_ff': report['d_ff'][1], 'n_heads': report['n_heads'][1]})
+  speeds = decode_speeds([r['workdir'] for r in rows if 'workdir' in r], n_tokens, rounds=10)
+  for r in rows:
+    if 'workdir' in r:
+      r['tokens_per_sec'] = speeds[r['workdir']]
+  dense_speed = rows[0]['tokens_per_sec']
 
   dense_loss = rows[0]['loss']
   print(f'\nconfigs/transformer_lm.py: dense {args.dense_steps} steps, then '
         f'{args.finetune_steps} fine-tuning steps each; eval on {args.eval_batches} batches; '
-        f'decode: batch 1, {n_tokens} greedy tokens, {jax.devices()[0].device_kind}.\n')
+        f'decode: batch 1, {n_tokens} greedy tokens, best of 10 interleaved rounds, '
+        f'{jax.devices()[0].device_kind}.\n')
   print('| pruning | sparsity | eval loss | vs dense | bits/byte | parameters | decode tok/s | '
         'speed-up | params ratio |')
   print('|---|---|---|---|---|---|---|---|---|')
@@ -178,7 +191,7 @@ def main():
     print('| ' + ' | '.join(cells) + ' |')
   if args.json:
     with open(args.json, 'w', encoding='utf-8') as f:
-      json.dump(rows, f, indent=1)
+      json.dump([{k: v for k, v in r.items() if k != 'workdir'} for r in rows], f, indent=1)
   if args.plot:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use('Agg')
