@@ -1,5 +1,11 @@
 """Probing: tokenize labels by hand, frozen base parameters, a probe that must succeed."""
 
+import contextlib
+import io
+import os
+import pathlib
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,6 +14,8 @@ from absl.testing import absltest
 
 from terraflax import probe
 from terraflax.models import spec as spec_lib
+from terraflax.train.trainer import train_and_evaluate
+from tests.test_decoding_cli import tiny_transformer_config
 
 
 def spec_of(name, **extra):
@@ -89,6 +97,24 @@ class ProbeTest(absltest.TestCase):
     got = {r.prop: r for r in results}
     self.assertGreater(got['letter'].accuracy, 0.97)
     self.assertLess(got['shuffled'].accuracy, got['shuffled'].majority + 0.05)
+
+
+  def test_probe_workdir_reports_every_depth_for_the_model_and_its_control(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      data = os.path.join(tmp, 'corpus.txt')
+      pathlib.Path(data).write_text('def f(x):\n  return (x + 1) * [2, 3]\n' * 40)
+      workdir = os.path.join(tmp, 'trained')
+      with contextlib.redirect_stdout(io.StringIO()):
+        train_and_evaluate(tiny_transformer_config(data), workdir)
+      results = probe.probe_workdir(workdir, properties=('name', 'depth'), n_sequences=8,
+                                    steps=10, max_files=3)
+    for kind in ('trained', 'control'):
+      self.assertEqual([(r.layer, r.prop) for r in results[kind]],
+                       [(layer, prop) for layer in ('Repeat_3/input', 'Repeat_3/Serial_0[0]',
+                                                    'Repeat_3/Serial_0[1]')
+                        for prop in ('name', 'depth')])
+    table = probe.format_table(results)
+    self.assertIn('| Repeat_3/Serial_0[1] |', table)
 
 
 if __name__ == '__main__':
