@@ -4,6 +4,9 @@ resume and config errors."""
 import contextlib
 import io
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -193,6 +196,44 @@ class TrainerPruningTest(absltest.TestCase):
     _, resumed = checkpoint.load_for_inference(workdir)
     for name, x in flat(resumed).items():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(flat(params)[name]), err_msg=name)
+
+
+# Run with 8 forced CPU devices: prints each pruned parameter's and its mask's partition specs.
+MASK_SHARDINGS = """
+import ml_collections
+from tests.train.test_pruning import pruned_config
+from terraflax.train import config as config_lib, optimizers, pruning, sharding, state
+config = pruned_config()
+config.sharding = ml_collections.ConfigDict({'fsdp': 2, 'tensor_parallel': 2})
+experiment = config_lib.validate_config(config)
+mesh = sharding.mesh_from_config(experiment.config.sharding)
+tx, _ = optimizers.make_optimizer(experiment.config.optimizer, 12)
+tx = pruning.add_pruning(tx, experiment.config.pruning, experiment.abstract_variables['params'])
+s = state.initial_state(experiment, tx, mesh)
+masks = pruning.find_state(s.opt_state).masks
+params = {optimizers.path_name(p): x
+          for p, x in pruning.jax.tree_util.tree_flatten_with_path(s.params)[0]}
+for path, mask in pruning.jax.tree_util.tree_flatten_with_path(masks)[0]:
+  name = optimizers.path_name(path)
+  print(name, '|', mask.sharding.spec, '|', params[name].sharding.spec)
+"""
+
+
+class ShardedMasksTest(absltest.TestCase):
+
+  def test_masks_are_sharded_like_their_parameters(self):
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(root), XLA_FLAGS=(
+        os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip())
+    done = subprocess.run([sys.executable, '-c', MASK_SHARDINGS], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+    lines = [l for l in done.stdout.splitlines() if ' | ' in l]
+    self.assertLen(lines, 6)  # q, k, v, output and the two feed-forward kernels (stacked).
+    for line in lines:
+      path, mask, param = line.split(' | ')
+      self.assertEqual(mask, param, path)
+      self.assertIn('fsdp', param, path)  # Split over the mesh, not replicated.
 
 
 class ConfigTest(parameterized.TestCase):
