@@ -38,7 +38,7 @@ def check_hyperparameters(model: str, mode: str, **values):
   """Clear errors for a bad `mode`, a dropout outside [0, 1) and non-positive sizes.
 
   Sizes named in `_MAY_BE_NONE` may be None. Checks d_model % n_heads when
-  both are given.
+  both are given (unless the per-head widths d_qk and d_v are both given).
   """
   check_mode(mode, f'{model} mode')
   for name, value in values.items():
@@ -50,7 +50,9 @@ def check_hyperparameters(model: str, mode: str, **values):
       continue
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'{model} {name} must be a positive int, got {value!r}.')
-  if 'd_model' in values and 'n_heads' in values and values['d_model'] % values['n_heads']:
+  widths_given = values.get('d_qk') is not None and values.get('d_v') is not None
+  if ('d_model' in values and 'n_heads' in values and values['d_model'] % values['n_heads']
+      and not widths_given):
     raise ValueError(f'{model} d_model={values["d_model"]} must be divisible by '
                      f'n_heads={values["n_heads"]}.')
 
