@@ -40,7 +40,6 @@ from terraflax.serve import model as model_lib
 FIELDS = ('prompt', 'max_tokens', 'temperature', 'top_k', 'top_p', 'stop', 'prefix', 'stream',
           'seed')
 DEFAULT_MAX_TOKENS = 16
-_POLL_S = 0.1  # How often a waiting non-streamed request checks its client is still there.
 
 
 class BadRequest(ValueError):
@@ -164,19 +163,24 @@ def make_app(engine: engine_lib.Engine) -> Starlette:
       return StreamingResponse(sse(), media_type='text/event-stream',
                                headers={'Cache-Control': 'no-cache'})
 
+    async def watch_disconnect():  # The body is read: the next message is the disconnect.
+      while (await request.receive())['type'] != 'http.disconnect':
+        pass
+      engine.cancel(job)
+      events.put_nowait({'type': 'gone'})
+
+    watcher = asyncio.create_task(watch_disconnect())
     try:
       while True:
-        try:
-          event = await asyncio.wait_for(events.get(), _POLL_S)
-        except asyncio.TimeoutError:
-          if await request.is_disconnected():
-            return _error(499, 'client disconnected')
-          continue
+        event = await events.get()
+        if event['type'] == 'gone':
+          return _error(499, 'client disconnected')
         if event['type'] == 'error':
           return _error(500, event['message'])
         if event['type'] == 'done':
           return JSONResponse(final(event))
     finally:
+      watcher.cancel()
       engine.cancel(job)
 
   async def health(_):

@@ -247,7 +247,8 @@ class Engine:
       text = ' '.join(str(t) for t in ids)
     else:
       text = tokenizer.decode(ids)
-    cuts = [text.find(s) for s in job.stop if s and s in text]
+    settled = text.rstrip(_REPLACEMENT)  # A stop string must not match a half-decoded character.
+    cuts = [settled.find(s) for s in job.stop if s in settled]
     if cuts:
       return text[:min(cuts)], True
     return text, False

@@ -233,10 +233,9 @@ class DecodeStep:
     self.served = served
     self.n_slots = n_slots
     model = served.prefix_model or served.base_model
-    self.init_cache = decoding._init_cache(model, 1, None, jax.random.key(0))  # pylint: disable=protected-access
+    self.init_cache = jax.jit(functools.partial(_batch1_cache, model))()
     if served.prefix_model is not None:
-      plain = jax.eval_shape(lambda: decoding._init_cache(  # pylint: disable=protected-access
-          served.base_model, 1, None, jax.random.key(0)))
+      plain = jax.eval_shape(functools.partial(_batch1_cache, served.base_model))
       if (jax.tree_util.tree_structure(plain) != jax.tree_util.tree_structure(self.init_cache)
           or any(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
               lambda a, b: a.shape != b.shape, plain, self.init_cache)))):
@@ -246,8 +245,10 @@ class DecodeStep:
 
   def empty_cache(self):
     """The slots' cache: the batch-1 cache stacked n_slots times (leading axis)."""
-    return jax.tree_util.tree_map(
-        lambda c: jnp.broadcast_to(c[None], (self.n_slots,) + c.shape), self.init_cache)
+    # Placed (committed) like the step's outputs, so the second step does not compile again.
+    return jax.device_put(jax.tree_util.tree_map(
+        lambda c: jnp.broadcast_to(c[None], (self.n_slots,) + c.shape), self.init_cache),
+        jax.devices()[0])
 
   def __call__(self, cache, batch: dict):
     if self._jitted is None:
@@ -257,6 +258,11 @@ class DecodeStep:
           _step, plain_model=plain_model, prefix_model=served.prefix_model), donate_argnums=(2,))
     return self._jitted(self.served.base_params, self.served.stacked, cache, self.init_cache,
                         {k: jnp.asarray(v) for k, v in batch.items()})
+
+
+def _batch1_cache(model):
+  """A fresh predict-mode cache for one row."""
+  return decoding._init_cache(model, 1, None, jax.random.key(0))  # pylint: disable=protected-access
 
 
 def _apply_one(model, params, cache, token, key):
