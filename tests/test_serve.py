@@ -242,6 +242,24 @@ class ServeTest(absltest.TestCase):
     self.complete(prompt='still serving', max_tokens=2)
 
 
+  def test_a_failing_step_fails_its_requests_and_serving_goes_on(self):
+    self.wait_for_idle()
+    step = self.engine.step
+
+    def broken(*args):
+      raise RuntimeError('the device fell over')
+
+    self.engine.step = broken
+    try:
+      response = self.client.post('/v1/completions', json={'prompt': 'x', 'max_tokens': 2})
+    finally:
+      self.engine.step = step
+    self.assertEqual(response.status_code, 500)
+    self.assertEqual(response.json()['error'],
+                     'decoding failed: RuntimeError: the device fell over')
+    self.assertEqual(self.complete(prompt='x', max_tokens=3)['tokens'],
+                     self.reference('x', 3, temperature=0.0))
+
   def test_small_load_test_completes_every_request(self):
     bodies = serve_load.make_requests(12, [None, 'p0', 'p1'], prompt_lens=(4, 8),
                                       max_tokens=(4, 8))

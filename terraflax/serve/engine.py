@@ -73,7 +73,8 @@ class Engine:
     self.n_slots = n_slots
     self.max_queue = max_queue
     self.step = model_lib.DecodeStep(served, n_slots)
-    self._cache = self.step.empty_cache()
+    self._empty_cache = self.step.empty_cache
+    self._cache = self._empty_cache()
     self._slots: list[Job | None] = [None] * n_slots
     self._inputs = np.zeros(n_slots, np.int32)  # Each slot's next input token.
     self._queue: collections.deque[Job] = collections.deque()
@@ -159,18 +160,14 @@ class Engine:
       try:
         tokens, self._cache = self.step(self._cache, batch)
         tokens = np.asarray(tokens)
+        with self._lock:
+          self._counts['steps'] += 1
+          generated = sum(self._advance(i, job, int(tokens[i]))
+                          for i, job in enumerate(self._slots) if job is not None)
+          self._recent.append((time.monotonic(), generated))
       except Exception as e:  # pylint: disable=broad-except  # A failed step must not stop serving.
         traceback.print_exc()
         self._fail_all(f'decoding failed: {type(e).__name__}: {e}')
-        continue
-      with self._lock:
-        self._counts['steps'] += 1
-        generated = 0
-        for i, job in enumerate(self._slots):
-          if job is None:
-            continue
-          generated += self._advance(i, job, int(tokens[i]))
-        self._recent.append((time.monotonic(), generated))
 
   def _admit(self) -> None:
     """Frees cancelled slots and moves waiting jobs into free ones (lock held)."""
@@ -231,7 +228,7 @@ class Engine:
     delta = ''
     if ready.startswith(job.sent):  # A tokenizer may re-spell earlier text; then wait.
       delta, job.sent = ready[len(job.sent):], ready
-    job.emit({'type': 'token', 'token': sampled, 'text': delta})
+    _emit(job, {'type': 'token', 'token': sampled, 'text': delta})
     if reason is not None:
       self._finish(i, job, {'type': 'done', 'finish_reason': reason, 'text': text,
                             'tokens': list(job.generated)})
@@ -257,7 +254,7 @@ class Engine:
     self._slots[i] = None
     job.finished = True
     self._counts['completed'] += 1
-    job.emit(event)
+    _emit(job, event)
 
   def _fail_all(self, message: str) -> None:
     with self._lock:
@@ -266,8 +263,16 @@ class Engine:
           self._slots[i] = None
           job.finished = True
           self._counts['failed'] += 1
-          job.emit({'type': 'error', 'message': message})
-      self._cache = self.step.empty_cache()
+          _emit(job, {'type': 'error', 'message': message})
+      self._cache = self._empty_cache()
+
+
+def _emit(job: Job, event: dict) -> None:
+  """job.emit(event); a receiver that is gone (its event loop closed) cancels the job."""
+  try:
+    job.emit(event)
+  except Exception:  # pylint: disable=broad-except  # The client's side must not stop decoding.
+    job.cancelled = True
 
 
 def _stable(text: str, stop: tuple) -> str:
