@@ -186,6 +186,7 @@ def main(argv=None) -> int:
         responses, latencies, wall = run_concurrent(server.url, bodies, args.timeout_s)
     finally:
       engine.stop()
+    steps = engine.metrics()['steps']
     failed = [r for r in responses if r.status_code != 200]
     if failed:
       print(f'{len(failed)} of {len(bodies)} requests failed, e.g. {failed[0].status_code} '
@@ -211,6 +212,10 @@ def main(argv=None) -> int:
         f'{sequential_tokens / total:.0f} | {percentile(finish, 50):.2f} '
         f'({percentile(times, 50):.3f} own) | {percentile(finish, 99):.2f} '
         f'({percentile(times, 99):.3f} own) |')
+  print(f'\nThe server ran {steps} decode steps of {args.slots} slots: {wall / steps * 1e3:.1f} ms '
+        f'per step (HTTP included), {wall / served_tokens * 1e3:.2f} ms per generated token; one '
+        f'at a time: {total / sequential_tokens * 1e3:.2f} ms per generated token (prompt tokens '
+        'are fed one per step in both).')
   print(f'\n{same} of {len(bodies)} served completions equal the one-at-a-time tokens; '
         f'{time.perf_counter() - began:.0f} s in all.')
   if time.perf_counter() - began > args.timeout_s:

@@ -126,9 +126,7 @@ class Engine:
 
   def metrics(self) -> dict:
     with self._lock:
-      now = time.monotonic()
-      while self._recent and self._recent[0][0] < now - 10.0:
-        self._recent.popleft()
+      now = self._forget_old()
       window = min(10.0, now - self._started_at) or 1.0
       return {
           'requests': self._counts['requests'],
@@ -145,6 +143,13 @@ class Engine:
       }
 
   # -- The decode thread.
+
+  def _forget_old(self) -> float:
+    """Drops step records older than the 10 s tokens/s window (lock held); returns now."""
+    now = time.monotonic()
+    while self._recent and self._recent[0][0] < now - 10.0:
+      self._recent.popleft()
+    return now
 
   def _loop(self) -> None:
     while True:
@@ -165,6 +170,7 @@ class Engine:
           generated = sum(self._advance(i, job, int(tokens[i]))
                           for i, job in enumerate(self._slots) if job is not None)
           self._recent.append((time.monotonic(), generated))
+          self._forget_old()
       except Exception as e:  # pylint: disable=broad-except  # A failed step must not stop serving.
         traceback.print_exc()
         self._fail_all(f'decoding failed: {type(e).__name__}: {e}')

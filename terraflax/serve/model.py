@@ -276,8 +276,9 @@ def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix
   def expand(mask, x):
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
-  cache = jax.tree_util.tree_map(
-      lambda c, i: jnp.where(expand(batch['reset'], c), i[None], c), cache, init_cache)
+  reset = batch['reset']
+  cache = jax.lax.cond(jnp.any(reset), lambda c: jax.tree_util.tree_map(
+      lambda c, i: jnp.where(expand(reset, c), i[None], c), c, init_cache), lambda c: c, cache)
   keys = jax.vmap(request_key)(batch['seeds'])
   step_keys = jax.vmap(jax.random.fold_in)(keys, batch['positions'])
 
@@ -306,5 +307,9 @@ def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix
       cache = jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a), cache_plain,
                                      cache_prefixed)
   sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
-  tokens = sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'], batch['top_p'])
+  tokens = jax.lax.cond(  # All greedy (the common case): no sorting.
+      jnp.any(batch['temperature'] > 0),
+      lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
+                          batch['top_p']),
+      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
   return tokens, cache
