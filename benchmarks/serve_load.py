@@ -9,9 +9,10 @@ weights: speed does not depend on them) and `--prefixes` prefix workdirs
 client thread, non-streamed and greedy, spread over the prefixes and the base.
 Then decodes the same requests one at a time with
 `terraflax.decoding.autoregressive_sample` (compiled first, outside the
-timing). Prints a markdown table: requests/s, generated tokens/s, and p50/p99
-latency (from the moment all requests are sent; for one at a time, also each
-request's own decoding time). Exits non-zero if a request fails or the run
+timing). Prints a markdown table: wall and process CPU seconds (the CPU
+figure is the fairer one on a machine shared with other work), requests/s,
+generated tokens/s, and p50/p99 latency (from the moment all requests are
+sent; for one at a time, also each request's own decoding time). Exits non-zero if a request fails or the run
 exceeds --timeout_s.
 """
 
@@ -124,7 +125,7 @@ def run_concurrent(url: str, bodies: list, timeout_s: float) -> tuple[list, list
 
 
 def run_one_at_a_time(served: model_lib.Served, bodies: list) -> tuple[list, list]:
-  """(generated token lists, each request's decoding time in s), decoded with
+  """(generated token lists, each request's decoding time in s, process CPU s), decoded with
   `autoregressive_sample` one request at a time (each shape compiled before timing)."""
   def decode(body):
     use_prefix, row = served.route(body['prefix'])
@@ -146,11 +147,12 @@ def run_one_at_a_time(served: model_lib.Served, bodies: list) -> tuple[list, lis
       seen.add(key)
       decode(body)
   outputs, times = [], []
+  cpu = time.process_time()
   for body in bodies:
     start = time.perf_counter()
     outputs.append(decode(body))
     times.append(time.perf_counter() - start)
-  return outputs, times
+  return outputs, times, time.process_time() - cpu
 
 
 def _generated(tokens: list, eos_id) -> int:
@@ -181,9 +183,11 @@ def main(argv=None) -> int:
     engine.warmup()
     engine.start()
     bodies = make_requests(args.requests, list(prefixes) or [None])
+    cpu = time.process_time()
     try:
       with api.BackgroundServer(api.make_app(engine)) as server:
         responses, latencies, wall = run_concurrent(server.url, bodies, args.timeout_s)
+        serve_cpu = time.process_time() - cpu
     finally:
       engine.stop()
     steps = engine.metrics()['steps']
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
             f'{failed[0].text[:200]}', file=sys.stderr)
       return 1
     served_tokens = sum(len(r.json()['tokens']) for r in responses)
-    outputs, times = run_one_at_a_time(served, bodies)
+    outputs, times, sequential_cpu = run_one_at_a_time(served, bodies)
   same = sum(r.json()['tokens'] == out[:_generated(out, served.eos_id)]
              for r, out in zip(responses, outputs))
   sequential_tokens = sum(_generated(out, served.eos_id) for out in outputs)
@@ -202,14 +206,14 @@ def main(argv=None) -> int:
         f'{args.prefixes} prefixes, {args.slots} slots; TransformerLM d_model {args.d_model}, '
         f'd_ff {args.d_ff}, {args.n_layers} layers, jax {jax.__version__}, '
         f'{jax.devices()[0].platform}\n')
-  print('| decoding | wall s | requests/s | tokens/s | p50 latency s | p99 latency s |')
-  print('|---|---|---|---|---|---|')
-  print(f'| terraflax.serve, {args.slots} slots (HTTP) | {wall:.2f} | {len(bodies) / wall:.2f} | '
-        f'{served_tokens / wall:.0f} | {percentile(latencies, 50):.2f} | '
-        f'{percentile(latencies, 99):.2f} |')
+  print('| decoding | wall s | CPU s | requests/s | tokens/s | p50 latency s | p99 latency s |')
+  print('|---|---|---|---|---|---|---|')
+  print(f'| terraflax.serve, {args.slots} slots (HTTP) | {wall:.2f} | {serve_cpu:.1f} | '
+        f'{len(bodies) / wall:.2f} | {served_tokens / wall:.0f} | '
+        f'{percentile(latencies, 50):.2f} | {percentile(latencies, 99):.2f} |')
   total = float(np.sum(times))
-  print(f'| one at a time, autoregressive_sample | {total:.2f} | {len(bodies) / total:.2f} | '
-        f'{sequential_tokens / total:.0f} | {percentile(finish, 50):.2f} '
+  print(f'| one at a time, autoregressive_sample | {total:.2f} | {sequential_cpu:.1f} | '
+        f'{len(bodies) / total:.2f} | {sequential_tokens / total:.0f} | {percentile(finish, 50):.2f} '
         f'({percentile(times, 50):.3f} own) | {percentile(finish, 99):.2f} '
         f'({percentile(times, 99):.3f} own) |')
   print(f'\nThe server ran {steps} decode steps of {args.slots} slots: {wall / steps * 1e3:.1f} ms '
