@@ -169,7 +169,7 @@ def load(workdir: str, prefixes: dict[str, str] | None = None, *, step: int | No
                        'must have the same length.')
     names[name] = len(rows)
     rows.append(own)
-    prefix_spec = prefix_spec or p_spec
+    prefix_spec = p_spec if prefix_spec is None else prefix_spec
   stacked = (jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows) if rows else None)
   tokenizer = decoding.workdir_tokenizer(workdir, config)
   max_len = config.model.get('max_len')
@@ -232,7 +232,7 @@ class DecodeStep:
   def __init__(self, served: Served, n_slots: int):
     self.served = served
     self.n_slots = n_slots
-    model = served.prefix_model or served.base_model
+    model = served.base_model if served.prefix_model is None else served.prefix_model
     self.init_cache = jax.jit(functools.partial(_batch1_cache, model))()
     if served.prefix_model is not None:
       plain = jax.eval_shape(functools.partial(_batch1_cache, served.base_model))
