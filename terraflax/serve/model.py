@@ -226,7 +226,8 @@ class DecodeStep:
   seeds (s,) uint32, temperature/top_k/top_p (s,), active (s,) bool (the
   slot holds a request), use_prefix (s,) bool, prefix_row (s,) int32. The
   step is compiled once; with and without prefix, each model runs only in
-  steps where a busy slot needs it (`lax.cond`).
+  steps where a busy slot needs it (`lax.switch`: base only, prefixed only,
+  both and each slot keeps its own).
   """
 
   def __init__(self, served: Served, n_slots: int):
@@ -299,13 +300,17 @@ def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix
       logits, cache = prefixed()
     else:  # Each model runs only in steps where some busy slot needs it.
       use, active = batch['use_prefix'], batch['active']
-      skipped = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(plain))
-      logits, cache_plain = jax.lax.cond(jnp.any(active & ~use), plain, lambda: skipped)
-      logits_prefixed, cache_prefixed = jax.lax.cond(jnp.any(active & use), prefixed,
-                                                     lambda: skipped)
-      logits = jnp.where(use[:, None], logits_prefixed, logits)
-      cache = jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a), cache_plain,
-                                     cache_prefixed)
+
+      def both():
+        logits, cache_plain = plain()
+        logits_prefixed, cache_prefixed = prefixed()
+        return (jnp.where(use[:, None], logits_prefixed, logits),
+                jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
+                                       cache_plain, cache_prefixed))
+
+      needs_plain, needs_prefixed = jnp.any(active & ~use), jnp.any(active & use)
+      which = jnp.where(needs_plain & needs_prefixed, 2, jnp.where(needs_prefixed, 1, 0))
+      logits, cache = jax.lax.switch(which, [plain, prefixed, both])
   sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
   tokens = jax.lax.cond(  # All greedy (the common case): no sorting.
       jnp.any(batch['temperature'] > 0),
