@@ -148,10 +148,10 @@ class ImportsTest(unittest.TestCase):
     found = cycles(self.graph)
     self.assertEqual(found, [], 'import cycles: ' + '; '.join(' <-> '.join(c) for c in found))
 
-  def test_decoding_export_and_models_do_not_reach_the_training_package(self):
+  def test_decoding_export_serve_and_models_do_not_reach_the_training_package(self):
     for module in sorted(self.files):
       if module in ('terraflax.decoding', 'terraflax.export') or module.startswith(
-          'terraflax.models'):
+          ('terraflax.models', 'terraflax.serve')):
         train = sorted(m for m in reachable(self.graph, module)
                        if m == 'terraflax.train' or m.startswith('terraflax.train.'))
         self.assertEqual(train, [], f'{module} imports {train}')
