@@ -41,6 +41,11 @@ Built in (`config.data.name`):
                        or cut into plain windows of the token stream; every
                        example also carries 'bytes' (UTF-8 bytes per target)
                        for eval/bits_per_byte
+  retrieval            long-document key-value retrieval (`retrieval_example`):
+                       n_pairs "value key" definitions open the sequence,
+                       filler follows, and the last 2 * n_queries positions
+                       ask "key value" again for distinct defined keys, only
+                       those values scored; chance is 1 / n_values
   digits               scikit-learn's 8x8 handwritten digits (1797 images,
                        shipped with the package): inputs are the 64 pixel
                        intensities 0..16, targets the digit; a fixed
@@ -70,7 +75,7 @@ from terraflax.models import spec as spec_lib
 from terraflax.train import listops
 
 DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse', 'mlm',
-            'byte_classification', 'digits', 'text')
+            'byte_classification', 'digits', 'text', 'retrieval')
 TASKS = spec_lib.TASKS  # How the model is called, by data set name (models/spec.py).
 MASK_ID = 257  # [MASK] in the mlm data set; bytes are 1..256 and 0 is padding.
 MLM_VOCAB_SIZE = 258
@@ -89,6 +94,7 @@ class DataInfo:
   vocab_size: int  # Token ids are in [0, vocab_size).
   n_classes: int = 0  # Classification only.
   byte_level: bool = False  # One token per byte: eval reports bits per byte.
+  chance: float = 0.0  # Accuracy of guessing (retrieval: 1 / n_values); 0: not reported.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +262,89 @@ def duplication_data(cfg, seed: int) -> Data:
 
   return Data(
       info=DataInfo(task=TASKS[cfg.name], vocab_size=cfg.vocab_size),
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalVocab:
+  """Token ids of the retrieval task: 0, filler, keys, values (in that order).
+
+  0 is the pad id the LM shifts in; filler ids are 1..n_filler, keys the next
+  n_keys ids, values the last n_values.
+  """
+
+  n_filler: int
+  n_keys: int
+  n_values: int
+
+  @property
+  def first_key(self) -> int:
+    return 1 + self.n_filler
+
+  @property
+  def first_value(self) -> int:
+    return self.first_key + self.n_keys
+
+  @property
+  def size(self) -> int:
+    return self.first_value + self.n_values
+
+
+def retrieval_example(rng: np.random.Generator, seq_len: int, *, n_pairs: int, n_queries: int,
+                      vocab: RetrievalVocab) -> dict[str, np.ndarray]:
+  """One key-value retrieval sequence (seq_len,); weights 1 on the queried values only.
+
+    [v1 k1 v2 k2 ... vP kP | filler ... | q1 u1 q2 u2 ... qQ uQ]
+
+  n_pairs definitions "value key" (distinct keys drawn from the vocab's keys,
+  random order, each value uniform), filler tokens uniform in 1..n_filler,
+  then the last 2 * n_queries positions ask distinct defined keys "key value"
+  (random order); the value after each query key is the scored target. Every
+  answer is at least seq_len - 2 * (n_pairs + n_queries) + 1 positions after
+  its definition.
+
+  A definition writes the value first so that the position reading the key
+  there (an LM's input is the previous token) is the one whose predecessor is
+  the value: one layer that mixes in the previous token and one that matches
+  equal input tokens (shared-QK LSH hashes them alike) solve the task.
+  """
+  keys = vocab.first_key + rng.choice(vocab.n_keys, size=n_pairs, replace=False)
+  values = vocab.first_value + rng.integers(0, vocab.n_values, size=n_pairs)
+  asked = rng.choice(n_pairs, size=n_queries, replace=False)
+  tokens = rng.integers(1, vocab.n_filler + 1, size=seq_len)
+  tokens[0:2 * n_pairs:2], tokens[1:2 * n_pairs:2] = values, keys
+  start = seq_len - 2 * n_queries
+  tokens[start::2], tokens[start + 1::2] = keys[asked], values[asked]
+  weights = np.zeros((seq_len,), np.float32)
+  weights[start + 1::2] = 1.0
+  return lm_example(tokens, weights)
+
+
+def retrieval_data(cfg, seed: int) -> Data:
+  n_pairs = cfg.n_pairs
+  n_queries = cfg.n_queries or n_pairs
+  if cfg.n_keys < n_pairs:
+    raise DataError(f'config.data.n_keys={cfg.n_keys} must be >= data.n_pairs={n_pairs} for '
+                    'retrieval (the keys of one sequence are distinct).')
+  if n_queries > n_pairs:
+    raise DataError(f'config.data.n_queries={n_queries} must be <= data.n_pairs={n_pairs} for '
+                    'retrieval (each defined key is asked at most once).')
+  if 2 * (n_pairs + n_queries) >= cfg.seq_len:
+    raise DataError(f'config.data.seq_len={cfg.seq_len} must exceed 2 * (data.n_pairs + '
+                    f'data.n_queries) = {2 * (n_pairs + n_queries)} for retrieval (definitions, '
+                    'filler, then queries).')
+  vocab = RetrievalVocab(n_filler=cfg.n_filler, n_keys=cfg.n_keys, n_values=cfg.n_values)
+
+  def make(_, rng):
+    return retrieval_example(rng, cfg.seq_len, n_pairs=n_pairs, n_queries=n_queries,
+                             vocab=vocab)
+
+  return Data(
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=vocab.size, chance=1.0 / cfg.n_values),
       train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
       eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
 
@@ -577,6 +666,7 @@ BUILDERS: dict[str, Callable[[Any, int], Data]] = {
     'mlm': mlm_data,
     'byte_classification': byte_classification_data,
     'digits': digits_data,
+    'retrieval': retrieval_data,
 }
 
 
