@@ -22,11 +22,15 @@ over the machine's ~30 GB/s.
 
   python benchmarks/long_documents.py [--section train,decode] [--train_length 65536]
       [--mem_lens 4096,65536,262144] [--tokens 16]
+
+`--plot WORKDIR` instead draws a run's eval/accuracy against the step, with
+its eval/chance line, into `--out` (docs/images/26_long_retrieval.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -140,13 +144,47 @@ def decode_table(mem_lens, n_tokens: int) -> None:
           flush=True)
 
 
+def plot_curve(workdir: str, out: str) -> None:
+  """eval/accuracy (and train/accuracy) against the step of WORKDIR/metrics.jsonl, with chance."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  evals = [(r['step'], r['eval/accuracy']) for r in records if 'eval/accuracy' in r]
+  trains = [(r['step'], r['train/accuracy']) for r in records if 'train/accuracy' in r]
+  chance = next(r['eval/chance'] for r in records if 'eval/chance' in r)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    length = json.load(f)['data']['seq_len']
+  fig, ax = plt.subplots(figsize=(6, 3.6))
+  if trains:
+    ax.plot(*zip(*trains), color='0.7', label='train answer accuracy')
+  ax.plot(*zip(*evals), 'o-', label='eval answer accuracy')
+  ax.axhline(chance, color='k', linestyle='--', label=f'chance (1/{round(1 / chance)})')
+  ax.set_xlabel('step (one sequence per step)')
+  ax.set_ylabel('accuracy on the queried values')
+  ax.set_ylim(0, 1)
+  ax.set_title(f'Key-value retrieval at {length:,} tokens (ReformerLM, local + LSH)')
+  ax.legend(loc='upper left', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  print(f'wrote {out}: {len(evals)} evaluations, last accuracy {evals[-1][1]:.3f} at step '
+        f'{evals[-1][0]}, chance {chance:.4f}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--section', default='train,decode')
   parser.add_argument('--train_length', type=int, default=65536)
   parser.add_argument('--mem_lens', default='4096,65536,262144')
   parser.add_argument('--tokens', type=int, default=16)
+  parser.add_argument('--plot', default='', help='a workdir: plot its curve instead')
+  parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'images',
+                                                    '26_long_retrieval.png'))
   args = parser.parse_args()
+  if args.plot:
+    plot_curve(args.plot, args.out)
+    return
   sections = args.section.split(',')
   print(f'jax {jax.__version__}, {jax.default_backend()}, load average '
         f'{os.getloadavg()[0]:.1f}')

@@ -1,18 +1,20 @@
 """Long-document key-value retrieval: the answers are tens of thousands of tokens back.
 
-Each sequence opens with `data.n_pairs` definitions "key value" (distinct
-keys, uniform random values), continues with filler, and ends with
-`data.n_queries` queries "key value" for distinct defined keys; only the
+Each sequence opens with a directory: `data.n_pairs` distinct keys filed
+under `data.n_values` value headers (equal sections), then filler, then
+`data.n_queries` queries "key value" for distinct filed keys; only the
 queried values are scored (terraflax/train/data.py, `retrieval_example`).
 `eval/accuracy` is the answer accuracy; `eval/chance` = 1 / data.n_values is
-what guessing gets. At seq_len 65536 every answer is more than 64K positions
-after its definition, so local attention alone is at chance; full attention
-cannot run there on this machine (README, "Long documents").
+what guessing gets. At seq_len 65536 every answer is more than 60K positions
+after its key, so local attention alone is at chance; full attention cannot
+run there on this machine (README, "Long documents").
 
-The model is a 2-layer ReformerLM: a causal local attention layer (windows of
-4-8 positions: it gives each value its key) then an LSH layer (shared-QK: a
-query key hashes with the definition that carries the same key and reads its
-value).
+The model is a 1-layer ReformerLM with LSH attention (shared-QK: a query key
+hashes with its earlier occurrence, the same token, and reads that
+position). Learned positions: small at init (axial ones start ten times the
+token embeddings, and hashing would see positions rather than tokens), and
+they learn where each section lies. n_buckets is fixed (not Trax's rule from
+the length) so that equal tokens collide as often at 64K as at 2K.
 
   python -m terraflax.train --config=configs/long_retrieval.py --workdir=runs/retrieval64k
 
@@ -31,24 +33,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'retrieval'  # Key-value retrieval, generated on the fly.
   config.data.path = ''  # Not used: the data is generated.
   config.data.seq_len = 65536  # Tokens per sequence.
-  config.data.n_pairs = 64  # Keys defined at the start of each sequence.
+  config.data.n_pairs = 256  # Keys filed in the directory (n_values sections).
   config.data.n_queries = 0  # Keys asked at the end (0: all n_pairs of them).
-  config.data.n_keys = 64  # Key alphabet (>= n_pairs).
-  config.data.n_values = 16  # Value alphabet: chance is 1/16.
+  config.data.n_keys = 256  # Key alphabet (>= n_pairs).
+  config.data.n_values = 16  # Value alphabet (sections): chance is 1/16.
   config.data.n_filler = 1  # Filler alphabet.
   config.data.eval_examples = 4  # Fixed evaluation sequences.
-  config.model.vocab_size = 1 + 1 + 64 + 16  # 0, filler, keys, values (>= the data's).
-  config.model.d_model = 128  # Width of each residual stream.
-  config.model.d_ff = 256  # Feed-forward hidden width.
-  config.model.n_layers = 2  # One local layer, one LSH layer.
+  config.model.vocab_size = 1 + 1 + 256 + 16  # 0, filler, keys, values (>= the data's).
+  config.model.d_model = 64  # Width of each residual stream.
+  config.model.d_ff = 128  # Feed-forward hidden width.
+  config.model.n_layers = 1  # One LSH layer.
   config.model.n_heads = 2  # Attention heads.
-  config.model.positions = 'learned'  # Small at init (axial ones start 10x the tokens: hashing
-  # would see positions, not tokens).
-  del config.model.attention  # A dict in the base config; here a list of two specs.
-  config.model.attention = (
-      {'kind': 'local', 'chunk_len': 1, 'n_chunks_before': 1},  # Each token and its predecessor.
-      {'kind': 'lsh', 'n_hashes': 2, 'chunk_len': 64, 'n_buckets': None},  # Buckets: 2/chunk.
-  )
+  config.model.positions = 'learned'  # See above.
+  config.model.attention.kind = 'lsh'  # Shared-QK LSH attention.
+  config.model.attention.n_hashes = 2  # Hash rounds.
+  config.model.attention.chunk_len = 64  # Positions per chunk.
+  config.model.attention.n_buckets = 64  # Fixed: equal tokens collide as often at any length.
   config.model.max_len = config.data.get_ref('seq_len')  # Follows --config.data.seq_len.
   config.train.steps = 300  # Updates.
   config.train.batch_size = 1  # One 64K sequence per step.

@@ -42,10 +42,11 @@ Built in (`config.data.name`):
                        example also carries 'bytes' (UTF-8 bytes per target)
                        for eval/bits_per_byte
   retrieval            long-document key-value retrieval (`retrieval_example`):
-                       n_pairs "value key" definitions open the sequence,
-                       filler follows, and the last 2 * n_queries positions
-                       ask "key value" again for distinct defined keys, only
-                       those values scored; chance is 1 / n_values
+                       a directory of n_pairs keys filed under n_values
+                       value headers opens the sequence, filler follows,
+                       and the last 2 * n_queries positions ask "key value"
+                       for distinct filed keys, only the values scored;
+                       chance is 1 / n_values
   digits               scikit-learn's 8x8 handwritten digits (1797 images,
                        shipped with the package): inputs are the 64 pixel
                        intensities 0..16, targets the digit; a fixed
@@ -298,25 +299,28 @@ def retrieval_example(rng: np.random.Generator, seq_len: int, *, n_pairs: int, n
                       vocab: RetrievalVocab) -> dict[str, np.ndarray]:
   """One key-value retrieval sequence (seq_len,); weights 1 on the queried values only.
 
-    [v1 k1 v2 k2 ... vP kP | filler ... | q1 u1 q2 u2 ... qQ uQ]
+    [V1 k k .. k  V2 k k .. k ... | filler ... | q1 u1 q2 u2 ... qQ uQ]
 
-  n_pairs definitions "value key" (distinct keys drawn from the vocab's keys,
-  random order, each value uniform), filler tokens uniform in 1..n_filler,
-  then the last 2 * n_queries positions ask distinct defined keys "key value"
-  (random order); the value after each query key is the scored target. Every
-  answer is at least seq_len - 2 * (n_pairs + n_queries) + 1 positions after
-  its definition.
+  A directory of n_pairs distinct keys (drawn from the vocab's keys, in
+  random order) filed under the n_values value headers in turn (value j
+  heads the j-th of n_values equal sections), filler tokens uniform in
+  1..n_filler, then the last 2 * n_queries positions ask distinct filed keys
+  "key value" (random order): the value is the header the key was filed
+  under, the scored target. Every answer is at least
+  seq_len - (n_pairs + n_values) - 2 * n_queries + 1 positions after its key.
 
-  A definition writes the value first so that the position reading the key
-  there (an LM's input is the previous token) is the one whose predecessor is
-  the value: one layer that mixes in the previous token and one that matches
-  equal input tokens (shared-QK LSH hashes them alike) solve the task.
+  A shared-QK LSH layer hashes a query key with its earlier occurrence (the
+  same token) and reads where that was: the section gives the value.
   """
   keys = vocab.first_key + rng.choice(vocab.n_keys, size=n_pairs, replace=False)
-  values = vocab.first_value + rng.integers(0, vocab.n_values, size=n_pairs)
+  per_section = n_pairs // vocab.n_values
+  directory = np.concatenate([
+      np.concatenate([[vocab.first_value + j], keys[j * per_section:(j + 1) * per_section]])
+      for j in range(vocab.n_values)])
+  values = vocab.first_value + np.arange(n_pairs) // per_section
   asked = rng.choice(n_pairs, size=n_queries, replace=False)
   tokens = rng.integers(1, vocab.n_filler + 1, size=seq_len)
-  tokens[0:2 * n_pairs:2], tokens[1:2 * n_pairs:2] = values, keys
+  tokens[:directory.size] = directory
   start = seq_len - 2 * n_queries
   tokens[start::2], tokens[start + 1::2] = keys[asked], values[asked]
   weights = np.zeros((seq_len,), np.float32)
@@ -333,10 +337,14 @@ def retrieval_data(cfg, seed: int) -> Data:
   if n_queries > n_pairs:
     raise DataError(f'config.data.n_queries={n_queries} must be <= data.n_pairs={n_pairs} for '
                     'retrieval (each defined key is asked at most once).')
-  if 2 * (n_pairs + n_queries) >= cfg.seq_len:
-    raise DataError(f'config.data.seq_len={cfg.seq_len} must exceed 2 * (data.n_pairs + '
-                    f'data.n_queries) = {2 * (n_pairs + n_queries)} for retrieval (definitions, '
-                    'filler, then queries).')
+  if n_pairs % cfg.n_values:
+    raise DataError(f'config.data.n_pairs={n_pairs} must be a multiple of data.n_values='
+                    f'{cfg.n_values} for retrieval (equal sections, one per value).')
+  used = n_pairs + cfg.n_values + 2 * n_queries
+  if used >= cfg.seq_len:
+    raise DataError(f'config.data.seq_len={cfg.seq_len} must exceed data.n_pairs + '
+                    f'data.n_values + 2 * data.n_queries = {used} for retrieval (the directory, '
+                    'filler, then the queries).')
   vocab = RetrievalVocab(n_filler=cfg.n_filler, n_keys=cfg.n_keys, n_values=cfg.n_values)
 
   def make(_, rng):

@@ -20,58 +20,51 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def retrieval_config(**fields):
   defaults = dict(name='retrieval', path='', seq_len=64, eval_examples=4, n_pairs=8,
-                  n_queries=0, n_keys=12, n_values=5, n_filler=3)
+                  n_queries=0, n_keys=12, n_values=4, n_filler=3)
   defaults.update(fields)
   return ml_collections.ConfigDict(defaults)
 
 
-def brute_force_answers(tokens, vocab):
-  """{position t: expected value} for every later occurrence of a key at t - 1.
-
-  A key's first occurrence is its definition, the token just before it its
-  value; a later occurrence asks for it.
-  """
-  is_key = lambda token: vocab.first_key <= token < vocab.first_value
-  first = {}
-  for i, token in enumerate(tokens.tolist()):
-    if is_key(token) and token not in first:
-      first[token] = i
-  return {t: int(tokens[first[int(tokens[t - 1])] - 1]) for t in range(1, len(tokens))
-          if is_key(int(tokens[t - 1])) and first[int(tokens[t - 1])] != t - 1}
-
-
 class RetrievalDataTest(absltest.TestCase):
 
-  def test_answers_are_the_values_defined_far_earlier(self):
+  def test_answers_are_the_values_filed_far_earlier(self):
     cfg = retrieval_config()
     data = data_lib.make_data(cfg, seed=1)
-    vocab = data_lib.RetrievalVocab(n_filler=3, n_keys=12, n_values=5)
+    vocab = data_lib.RetrievalVocab(n_filler=3, n_keys=12, n_values=4)
     self.assertEqual(data.info.vocab_size, vocab.size)
     batch = next(data.train_iterator(batch_size=6))
     np.testing.assert_array_equal(batch['targets'], batch['inputs'])
     for tokens, weights in zip(batch['inputs'], batch['weights']):
-      answers = brute_force_answers(tokens, vocab)
-      self.assertLen(answers, 8)  # Every defined key is asked once.
+      # The directory: 4 headers (values in order), 2 distinct keys under each.
+      np.testing.assert_array_equal(tokens[0:12:3], vocab.first_value + np.arange(4))
+      keys = np.delete(tokens[:12], np.arange(0, 12, 3))
+      self.assertLen(set(keys.tolist()), 8)
+      self.assertTrue(((keys >= vocab.first_key) & (keys < vocab.first_value)).all())
+      answers = {}
+      for t in range(1, 64):  # Brute force: a later occurrence of a key asks its header.
+        key = int(tokens[t - 1])
+        first = int(np.flatnonzero(tokens == key)[0])
+        if key in keys and first != t - 1:
+          answers[t] = tokens[first - first % 3]  # The header of its section of three.
+          self.assertGreaterEqual(t - first, 64 - 12 - 16 + 1)
+      self.assertLen(answers, 8)  # Every filed key is asked once.
       scored = np.flatnonzero(weights)
       self.assertEqual(sorted(answers), scored.tolist())  # Weights only on the answers.
       np.testing.assert_array_equal(weights[scored], 1.0)
       for t, value in answers.items():
         self.assertEqual(tokens[t], value)
-        self.assertTrue(vocab.first_value <= value < vocab.size)
-        definition = int(np.flatnonzero(tokens == tokens[t - 1])[0])
-        self.assertGreaterEqual(t - definition, 64 - 2 * (8 + 8) + 1)
-      middle = tokens[16:32]  # Between definitions and queries: filler only.
+      middle = tokens[12:48]  # Between the directory and the queries: filler only.
       self.assertTrue(((middle >= 1) & (middle <= 3)).all())
-    self.assertGreater(len(np.unique(batch['inputs'][:, :16])), 10)  # Random, not fixed.
+    self.assertGreater(len(np.unique(np.delete(batch['inputs'][:, :12], np.arange(0, 12, 3),
+                                               axis=1))), 10)  # Random keys, not fixed.
 
   def test_chance_is_one_over_the_values_and_no_constant_beats_it(self):
-    data = data_lib.make_data(retrieval_config(n_values=4, eval_examples=400), seed=0)
+    data = data_lib.make_data(retrieval_config(eval_examples=400), seed=0)
     self.assertAlmostEqual(data.info.chance, 0.25)
     answers = np.concatenate([b['targets'][b['weights'] > 0] for b in data.eval_batches(
         batch_size=100, n_batches=-1)])
-    best_constant = np.bincount(answers).max() / answers.size
-    self.assertLess(best_constant, 0.25 + 0.03)  # 3200 answers: ~4 standard errors.
-    self.assertGreater(best_constant, 0.25 - 0.03)
+    self.assertEqual(answers.size, 3200)
+    np.testing.assert_array_equal(np.bincount(answers)[answers.min():], 800)  # Uniform.
 
   def test_fewer_queries_and_a_fixed_eval_set(self):
     data = data_lib.make_data(retrieval_config(n_queries=3), seed=0)
@@ -83,7 +76,9 @@ class RetrievalDataTest(absltest.TestCase):
   def test_bad_fields_are_named(self):
     cases = [(dict(n_keys=4), r'data\.n_keys=4 must be >= data\.n_pairs=8'),
              (dict(n_queries=9), r'data\.n_queries=9 must be <= data\.n_pairs=8'),
-             (dict(seq_len=32), r'data\.seq_len=32 must exceed 2 \* \(data\.n_pairs')]
+             (dict(n_values=3), r'data\.n_pairs=8 must be a multiple of data\.n_values=3'),
+             (dict(seq_len=28), r'data\.seq_len=28 must exceed data\.n_pairs \+ '
+                                r'data\.n_values \+ 2 \* data\.n_queries = 28')]
     for fields, message in cases:
       with self.subTest(**fields), self.assertRaisesRegex(data_lib.DataError, message):
         data_lib.make_data(retrieval_config(**fields), seed=0)
