@@ -52,6 +52,7 @@ from terraflax import compiler  # noqa: E402
 from terraflax import rng as rng_lib  # noqa: E402
 from terraflax.models.attention import LSH, Full  # noqa: E402
 from terraflax.train import config as config_lib  # noqa: E402
+from terraflax.train import evaluation  # noqa: E402
 from terraflax.train import steps as steps_lib  # noqa: E402
 from terraflax.train import trainer  # noqa: E402
 
@@ -59,14 +60,13 @@ GIB = 2 ** 30
 DECODE_SIZE = dict(vocab_size=256, d_model=256, d_ff=1024, n_layers=2, n_heads=4, dropout=0.0)
 
 
-def task_model_kwargs(length: int, second_layer=None) -> dict:
-  """configs/long_retrieval.py's model at `length` (its LSH layer replaced by `second_layer`)."""
+def task_model_kwargs(length: int, attention=None) -> dict:
+  """configs/long_retrieval.py's model at `length` (its LSH attention replaced by `attention`)."""
   config = config_lib.load_sibling(os.path.join(ROOT, 'configs', 'x.py'), 'long_retrieval')
   kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
   kwargs['max_len'] = length
-  kwargs['attention'] = list(kwargs['attention'])
-  if second_layer is not None:
-    kwargs['attention'][1] = second_layer
+  if attention is not None:
+    kwargs['attention'] = attention
   return kwargs
 
 
@@ -88,11 +88,25 @@ def abstract_train_step(model, length: int):
   return (None if memory is None else memory.temp_size_in_bytes), steps_lib.step_flops(compiled)
 
 
+def abstract_eval_step(model, length: int, by_position: bool):
+  """Compiled temp bytes of the trainer's eval step (`by_position`: eval/loss_by_position sums)."""
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  batch = {'inputs': tokens, 'targets': tokens,
+           'weights': jax.ShapeDtypeStruct((1, length), jnp.float32)}
+  params = jax.eval_shape(lambda k, x: nn.meta.unbox(model.init(rng_lib.stream_keys(k), x))[
+      'params'], jax.random.key(0), tokens)
+  step = jax.jit(evaluation.make_eval_step(model, by_position=by_position),
+                 compiler_options=compiler.options())
+  memory = step.lower(params, batch, jax.ShapeDtypeStruct((), jnp.int32)).compile(
+  ).memory_analysis()
+  return None if memory is None else memory.temp_size_in_bytes
+
+
 def train_table(length: int) -> None:
   rows = [('LSH (the task model)', None), ('full, all queries at once', Full()),
           ('full, 64 queries at a time', Full(query_chunk_len=64))]
   print(f'\n### One training step of configs/long_retrieval.py at {length:,} tokens (batch 1)\n')
-  print('| second layer | compiled temp | GFLOP per step |')
+  print('| attention | compiled temp | GFLOP per step (XLA; a loop body counted once) |')
   print('|---|---|---|')
   for name, spec in rows:
     model = tm.ReformerLM(mode='train', **task_model_kwargs(length, spec))
@@ -103,6 +117,11 @@ def train_table(length: int) -> None:
     except Exception as e:  # pylint: disable=broad-except
       cells = (f'does not compile: {type(e).__name__}', '')
     print(f'| {name} | {cells[0]} | {cells[1]} |', flush=True)
+  model = tm.ReformerLM(mode='eval', **task_model_kwargs(length))
+  for by_position in (False, True):
+    temp = abstract_eval_step(model, length, by_position)
+    label = 'eval step, with eval/loss_by_position' if by_position else 'eval step'
+    print(f'| LSH, {label} | {temp / GIB:,.2f} GiB | |', flush=True)
 
 
 def decode_row(mem_len: int, n_tokens: int) -> dict:

@@ -33,13 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = 'retrieval'  # Key-value retrieval, generated on the fly.
   config.data.path = ''  # Not used: the data is generated.
   config.data.seq_len = 65536  # Tokens per sequence.
-  config.data.n_pairs = 256  # Keys filed in the directory (n_values sections).
+  config.data.n_pairs = 1024  # Keys filed in the directory (n_values sections of 64).
   config.data.n_queries = 0  # Keys asked at the end (0: all n_pairs of them).
-  config.data.n_keys = 256  # Key alphabet (>= n_pairs).
+  config.data.n_keys = 1024  # Key alphabet (>= n_pairs).
   config.data.n_values = 16  # Value alphabet (sections): chance is 1/16.
   config.data.n_filler = 1  # Filler alphabet.
-  config.data.eval_examples = 4  # Fixed evaluation sequences.
-  config.model.vocab_size = 1 + 1 + 256 + 16  # 0, filler, keys, values (>= the data's).
+  config.data.eval_examples = 2  # Fixed evaluation sequences (2048 answers).
+  config.model.vocab_size = 1 + 1 + 1024 + 16  # 0, filler, keys, values (>= the data's).
   config.model.d_model = 64  # Width of each residual stream.
   config.model.d_ff = 128  # Feed-forward hidden width.
   config.model.n_layers = 1  # One LSH layer.
@@ -50,10 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.attention.chunk_len = 64  # Positions per chunk.
   config.model.attention.n_buckets = 64  # Fixed: equal tokens collide as often at any length.
   config.model.max_len = config.data.get_ref('seq_len')  # Follows --config.data.seq_len.
-  config.train.steps = 300  # Updates.
+  config.train.steps = 150  # Updates (about 30 minutes on 2 busy CPU cores).
   config.train.batch_size = 1  # One 64K sequence per step.
   config.train.log_every = 10  # Steps between metrics lines.
-  config.train.eval_every = 25  # Steps between evaluations (the curve's points).
+  config.train.eval_every = 15  # Steps between evaluations (the curve's points).
   config.train.eval_batches = -1  # The whole evaluation set.
   config.train.checkpoint_every = 50  # Steps between checkpoints.
   config.optimizer.learning_rate = 2e-3  # Peak learning rate (cosine decay).

@@ -13,6 +13,7 @@ from absl.testing import absltest
 
 from terraflax.train import config as config_lib
 from terraflax.train import data as data_lib
+from terraflax.train import evaluation
 from terraflax.train import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -85,16 +86,18 @@ class RetrievalDataTest(absltest.TestCase):
 
 
 def short_config(**overrides):
-  """configs/long_retrieval.py at 256 tokens: 16 pairs, queried after 190+ filler positions."""
+  """configs/long_retrieval.py at 256 tokens: 16 keys in 4 sections, asked 200+ positions later."""
   config = config_lib.load_sibling(str(ROOT / 'configs' / 'x.py'), 'long_retrieval')
   config.data.seq_len = 256
   config.data.n_pairs = 16
   config.data.n_keys = 16
+  config.data.n_values = 4
   config.data.eval_examples = 8
-  config.model.vocab_size = 1 + 1 + 16 + 16
+  config.model.vocab_size = 1 + 1 + 16 + 4
   config.model.d_model = 32
-  config.model.d_ff = 64
-  config.model.attention[1]['chunk_len'] = 16
+  config.model.d_ff = 32
+  config.model.attention.chunk_len = 16
+  config.model.attention.n_buckets = 16
   config.train.steps = 60
   config.train.batch_size = 8
   config.train.log_every = 20
@@ -126,9 +129,31 @@ class RetrievalConfigTest(absltest.TestCase):
         last = trainer.train_and_evaluate(short_config(), workdir)
       with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         logged = [json.loads(line) for line in f]
-    self.assertEqual(last['eval/chance'], 1 / 16)
-    self.assertGreater(last['eval/accuracy'], 1 / 16 + 0.3)
+    self.assertEqual(last['eval/chance'], 0.25)
+    self.assertGreater(last['eval/accuracy'], 0.25 + 0.4)  # 128 answers: chance + 8 sigma.
     self.assertTrue(any('eval/chance' in r for r in logged))
+
+
+class LongLossByPositionTest(absltest.TestCase):
+
+  def test_buckets_tile_long_rows_exactly(self):
+    rng = np.random.default_rng(0)
+    for length, n_buckets in ((65536, 16), (1 << 20, 10), (65536 * 3, 7)):
+      losses = rng.random(length).astype(np.float32)
+      weights = (rng.random(length) < 0.5).astype(np.float32)
+      out = evaluation.loss_by_position(losses * weights, weights, n_buckets)
+      self.assertLen(out, n_buckets)
+      covered = []
+      for name, value in out.items():
+        first, last = (int(x) for x in name.rsplit('/', 1)[1].split('-'))
+        covered.extend(range(first, last + 1))
+        part = slice(first, last + 1)
+        expected = float((losses[part] * weights[part]).astype(np.float64).sum()
+                         / weights[part].sum())
+        self.assertAlmostEqual(value, expected, delta=1e-3 * expected)
+      self.assertEqual(covered, list(range(length)))  # No gap, no overlap, in order.
+    self.assertIn('eval/loss_by_position/61440-65535',
+                  evaluation.loss_by_position(np.ones(65536), np.ones(65536), 16))
 
 
 if __name__ == '__main__':
