@@ -183,7 +183,7 @@ def plot_curve(workdir: str, out: str) -> None:
   ax.set_xlabel('step (one sequence per step)')
   ax.set_ylabel('accuracy on the queried values')
   ax.set_ylim(0, 1)
-  ax.set_title(f'Key-value retrieval at {length:,} tokens (ReformerLM, local + LSH)')
+  ax.set_title(f'Key-value retrieval at {length:,} tokens (1-layer ReformerLM, LSH)')
   ax.legend(loc='upper left', fontsize=8)
   fig.tight_layout()
   fig.savefig(out, dpi=110)
