@@ -20,7 +20,8 @@ the length) so that equal tokens collide as often at 64K as at 2K.
 
 A short version that learns in a few minutes:
   python -m terraflax.train --config=configs/long_retrieval.py --workdir=runs/retrieval2k \\
-      --config.data.seq_len=2048 --config.train.batch_size=4
+      --config.data.seq_len=2048 --config.data.n_pairs=256 --config.data.eval_examples=4 \\
+      --config.train.batch_size=4
 """
 
 import ml_collections
