@@ -23,6 +23,22 @@ def predict_one_at_a_time(model, params, xs, key=None):
   return jnp.concatenate(outputs, axis=1)
 
 
+def assert_lm_decoding_equals_eval(eval_model, predict_model, params, tokens, *, rngs=None,
+                                   atol=1e-4):
+  """An LM decoded one token per call ('predict') gives the eval forward pass's logits.
+
+  `tokens` int (b, l): the eval model reads them whole; the predict model is
+  fed the previous token at each step (0 first, as the LM's ShiftRight),
+  its cache from `predict_model.init`. `rngs` (e.g. {'hash': key}) go to the
+  eval call. Returns the decoded logits (b, l, v).
+  """
+  full = jax.jit(lambda x: eval_model.apply({'params': params}, x, rngs=rngs or {}))(tokens)
+  shifted = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+  decoded = predict_one_at_a_time(predict_model, params, shifted)
+  np.testing.assert_allclose(decoded, full, rtol=atol, atol=atol)
+  return decoded
+
+
 def pack_documents(documents, length):
   """Documents (l_i, ...) -> one packed row: (x (1, length, ...), segment_ids, positions).
 

@@ -47,7 +47,8 @@ MODES = ('train', 'eval', 'predict')
 # Data set name -> task. Names not listed (a converted checkpoint's 'tokens') are LMs.
 TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
          'text_classification': 'classification', 'reverse': 'seq2seq', 'mlm': 'mlm',
-         'byte_classification': 'classification', 'digits': 'classification', 'text': 'lm'}
+         'byte_classification': 'classification', 'digits': 'classification', 'text': 'lm',
+         'retrieval': 'lm'}
 BYTE_LEVEL = frozenset({'bytes'})  # Data sets whose tokens are raw bytes (text in, text out).
 
 

@@ -4,7 +4,7 @@
   config.py       schema, validation (`validate_config`, `ConfigError`); the model itself
                   is `terraflax.models.spec.ModelSpec`'s
   data.py         grain pipelines: bytes, duplication, listops, text classification, reverse,
-                  masked LM, byte classification, digits
+                  masked LM, byte classification, digits, long-document retrieval
   listops.py      the ListOps generator and evaluator (LRA format)
   optimizers.py   optax schedules and optimizers, weight-decay masks, frozen parameters
   checkpoint.py   orbax CheckpointManager items, `load_for_inference`, `load_matching_params`

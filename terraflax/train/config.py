@@ -120,6 +120,13 @@ SCHEMA: dict[str, Field] = {
     'data.utf8_errors': Field(str, 'error', lambda v: v in data_sources.UTF8_ERRORS,
                               f'one of {data_sources.UTF8_ERRORS}'),
     'data.num_workers': Field(int, 0, _non_negative, 'a non-negative int (0: in-process)'),
+    # data.name='retrieval': keys defined per sequence, queries (0: n_pairs), the key, value
+    # and filler alphabets (data.py, retrieval_example).
+    'data.n_pairs': Field(int, 64, _positive, 'a positive int'),
+    'data.n_queries': Field(int, 0, _non_negative, 'a non-negative int (0: data.n_pairs)'),
+    'data.n_keys': Field(int, 64, _positive, 'a positive int'),
+    'data.n_values': Field(int, 16, lambda v: v >= 2, 'an int >= 2'),
+    'data.n_filler': Field(int, 1, _positive, 'a positive int'),
     # train
     'train.steps': Field(int, _REQUIRED, _positive, 'a positive int'),
     'train.batch_size': Field(int, _REQUIRED, _positive, 'a positive int'),

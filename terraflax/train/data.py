@@ -41,6 +41,12 @@ Built in (`config.data.name`):
                        or cut into plain windows of the token stream; every
                        example also carries 'bytes' (UTF-8 bytes per target)
                        for eval/bits_per_byte
+  retrieval            long-document key-value retrieval (`retrieval_example`):
+                       a directory of n_pairs keys filed under n_values
+                       value headers opens the sequence, filler follows,
+                       and the last 2 * n_queries positions ask "key value"
+                       for distinct filed keys, only the values scored;
+                       chance is 1 / n_values
   digits               scikit-learn's 8x8 handwritten digits (1797 images,
                        shipped with the package): inputs are the 64 pixel
                        intensities 0..16, targets the digit; a fixed
@@ -70,7 +76,7 @@ from terraflax.models import spec as spec_lib
 from terraflax.train import listops
 
 DATASETS = ('bytes', 'duplication', 'listops', 'text_classification', 'reverse', 'mlm',
-            'byte_classification', 'digits', 'text')
+            'byte_classification', 'digits', 'text', 'retrieval')
 TASKS = spec_lib.TASKS  # How the model is called, by data set name (models/spec.py).
 MASK_ID = 257  # [MASK] in the mlm data set; bytes are 1..256 and 0 is padding.
 MLM_VOCAB_SIZE = 258
@@ -89,6 +95,7 @@ class DataInfo:
   vocab_size: int  # Token ids are in [0, vocab_size).
   n_classes: int = 0  # Classification only.
   byte_level: bool = False  # One token per byte: eval reports bits per byte.
+  chance: float = 0.0  # Accuracy of guessing (retrieval: 1 / n_values); 0: not reported.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +263,96 @@ def duplication_data(cfg, seed: int) -> Data:
 
   return Data(
       info=DataInfo(task=TASKS[cfg.name], vocab_size=cfg.vocab_size),
+      train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
+      eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalVocab:
+  """Token ids of the retrieval task: 0, filler, keys, values (in that order).
+
+  0 is the pad id the LM shifts in; filler ids are 1..n_filler, keys the next
+  n_keys ids, values the last n_values.
+  """
+
+  n_filler: int
+  n_keys: int
+  n_values: int
+
+  @property
+  def first_key(self) -> int:
+    return 1 + self.n_filler
+
+  @property
+  def first_value(self) -> int:
+    return self.first_key + self.n_keys
+
+  @property
+  def size(self) -> int:
+    return self.first_value + self.n_values
+
+
+def retrieval_example(rng: np.random.Generator, seq_len: int, *, n_pairs: int, n_queries: int,
+                      vocab: RetrievalVocab) -> dict[str, np.ndarray]:
+  """One key-value retrieval sequence (seq_len,); weights 1 on the queried values only.
+
+    [V1 k k .. k  V2 k k .. k ... | filler ... | q1 u1 q2 u2 ... qQ uQ]
+
+  A directory of n_pairs distinct keys (drawn from the vocab's keys, in
+  random order) filed under the n_values value headers in turn (value j
+  heads the j-th of n_values equal sections), filler tokens uniform in
+  1..n_filler, then the last 2 * n_queries positions ask distinct filed keys
+  "key value" (random order): the value is the header the key was filed
+  under, the scored target. Every answer is at least
+  seq_len - (n_pairs + n_values) - 2 * n_queries + 1 positions after its key.
+
+  A shared-QK LSH layer hashes a query key with its earlier occurrence (the
+  same token) and reads where that was: the section gives the value.
+  """
+  keys = vocab.first_key + rng.choice(vocab.n_keys, size=n_pairs, replace=False)
+  per_section = n_pairs // vocab.n_values
+  directory = np.concatenate([
+      np.concatenate([[vocab.first_value + j], keys[j * per_section:(j + 1) * per_section]])
+      for j in range(vocab.n_values)])
+  values = vocab.first_value + np.arange(n_pairs) // per_section
+  asked = rng.choice(n_pairs, size=n_queries, replace=False)
+  tokens = rng.integers(1, vocab.n_filler + 1, size=seq_len)
+  tokens[:directory.size] = directory
+  start = seq_len - 2 * n_queries
+  tokens[start::2], tokens[start + 1::2] = keys[asked], values[asked]
+  weights = np.zeros((seq_len,), np.float32)
+  weights[start + 1::2] = 1.0
+  return lm_example(tokens, weights)
+
+
+def retrieval_data(cfg, seed: int) -> Data:
+  n_pairs = cfg.n_pairs
+  n_queries = cfg.n_queries or n_pairs
+  if cfg.n_keys < n_pairs:
+    raise DataError(f'config.data.n_keys={cfg.n_keys} must be >= data.n_pairs={n_pairs} for '
+                    'retrieval (the keys of one sequence are distinct).')
+  if n_queries > n_pairs:
+    raise DataError(f'config.data.n_queries={n_queries} must be <= data.n_pairs={n_pairs} for '
+                    'retrieval (each defined key is asked at most once).')
+  if n_pairs % cfg.n_values:
+    raise DataError(f'config.data.n_pairs={n_pairs} must be a multiple of data.n_values='
+                    f'{cfg.n_values} for retrieval (equal sections, one per value).')
+  used = n_pairs + cfg.n_values + 2 * n_queries
+  if used >= cfg.seq_len:
+    raise DataError(f'config.data.seq_len={cfg.seq_len} must exceed data.n_pairs + '
+                    f'data.n_values + 2 * data.n_queries = {used} for retrieval (the directory, '
+                    'filler, then the queries).')
+  vocab = RetrievalVocab(n_filler=cfg.n_filler, n_keys=cfg.n_keys, n_values=cfg.n_values)
+
+  def make(_, rng):
+    return retrieval_example(rng, cfg.seq_len, n_pairs=n_pairs, n_queries=n_queries,
+                             vocab=vocab)
+
+  return Data(
+      info=DataInfo(task=TASKS[cfg.name], vocab_size=vocab.size, chance=1.0 / cfg.n_values),
       train=grain.MapDataset.range(1).repeat().random_map(make, seed=seed),
       eval=grain.MapDataset.range(cfg.eval_examples).random_map(make, seed=seed ^ EVAL_SEED_SALT))
 
@@ -577,6 +674,7 @@ BUILDERS: dict[str, Callable[[Any, int], Data]] = {
     'mlm': mlm_data,
     'byte_classification': byte_classification_data,
     'digits': digits_data,
+    'retrieval': retrieval_data,
 }
 
 

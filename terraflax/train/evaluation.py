@@ -132,6 +132,8 @@ def evaluate_params(eval_step, data, params, *, batch_size: int, n_batches: int,
                                     / max(float(sums['byte_sum']), 1e-9))
   elif data.info.byte_level:
     result['eval/bits_per_byte'] = result['eval/loss'] / math.log(2)
+  if data.info.chance:
+    result['eval/chance'] = data.info.chance  # The accuracy of guessing, beside eval/accuracy.
   if position_buckets and 'position_loss_sum' in sums:
     result.update(loss_by_position(sums['position_loss_sum'], sums['position_weight_sum'],
                                    position_buckets))
