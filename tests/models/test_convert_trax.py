@@ -106,6 +106,14 @@ class ParityTest(absltest.TestCase):
     got, want = converted_logits('configurable_lm')
     self.assertLess(relative_error(got, want), 1e-4)
 
+  def test_configurable_transformer_lm_dense_reproduces_trax_logits(self):
+    model_config, _ = convert.from_trax(fixture('configurable_dense')[0])
+    (spec,) = attention.specs_from(model_config['attention'])
+    self.assertEqual((model_config['name'], spec.kind, 'ff_sparsity' in model_config),
+                     ('TransformerLM', 'full', False))
+    got, want = converted_logits('configurable_dense')
+    self.assertLess(relative_error(got, want), 1e-4)
+
   def test_save_to_file_converts_like_the_loop_checkpoint(self):
     path, _ = fixture('transformer_lm')
     config = os.path.join(path, 'config.gin')
@@ -216,7 +224,9 @@ class CommandLineTest(absltest.TestCase):
         self.check_greedy_ids(name)
 
   def test_configurable_transformer_lm_converts_and_decodes_like_trax(self):
-    self.check_greedy_ids('configurable_lm', 'TransformerLM')
+    for name in ('configurable_lm', 'configurable_dense'):
+      with self.subTest(name):
+        self.check_greedy_ids(name, 'TransformerLM')
 
   def check_greedy_ids(self, name, terraflax_model='TerraformerLM'):
     path, arrays = fixture(name)
