@@ -636,8 +636,8 @@ def _define_flags():
   flags.DEFINE_string('from_trax', None, 'A Trax checkpoint: a training.Loop output dir '
                       '(model.pkl.gz + model.weights.npy.gz) or a .pkl.gz file (Loop\'s or '
                       'Layer.save_to_file\'s). Optimizer slots are dropped.')
-  flags.DEFINE_string('trax_model', None, 'The Trax model factory (TransformerLM, ReformerLM) '
-                      'when the configuration does not name one.')
+  flags.DEFINE_string('trax_model', None, 'The Trax model factory (TransformerLM, ReformerLM, '
+                      'ConfigurableTransformerLM) when the configuration does not name one.')
   flags.DEFINE_string('trax_config', None, 'The Trax model\'s configuration: a gin file, or '
                       'its keyword arguments as JSON (\'{"d_model": 512, ...}\'); default: '
                       'config.gin next to the checkpoint.')

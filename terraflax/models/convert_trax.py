@@ -42,11 +42,23 @@ Models (Trax name -> terraflax factory):
                     SparseQKV(output_layer='none')) and Trax's
                     PositionalEncoding (pos_type None). Trax's SparseFF has
                     no first-layer bias: bias_in is zero.
+  ConfigurableTransformerLM (trax.models.research.configurable_transformer,
+                    the Terraformer paper's decoder-only LM)
+                 -> TransformerLM(positions='learned'): one pre-norm residual
+                    stream, not reversible (so not TerraformerLM's two
+                    streams); attention_type CausalAttention -> Full(),
+                    MultiplicativeConvCausalAttention -> SparseQKV(
+                    output_layer='none'); ff_sparsity N -> TransformerLM(
+                    ff_sparsity=N): Residual(LayerNorm, SparseFF).
 
 Not converted (a clear error): encoder-decoders (Trax's Transformer,
-ConfigurableTerraformer), ConfigurableTransformerLM, the sparse-QKV options
-share_qk / output_layer_type / v_concat_type, ff_use_sru, SelfAttention's
-share_qk and bias options, other pos_types.
+ConfigurableTerraformer: its decoder runs over the encoder and decoder
+sequences concatenated, `ConcatWithPadding`, with two causal self-attention
+layers per block and no encoder-decoder attention, which terraflax's
+Terraformer does not compute), ConfigurableTransformerLM's pos_types other
+than None, ff_use_sru, loss_sparsity and ff_sparsity_type other than
+'1inN', the sparse-QKV options share_qk / output_layer_type /
+v_concat_type, SelfAttention's share_qk and bias options, other pos_types.
 
 Randomness: Trax's LSH layers draw their rotations per example and head from
 a per-layer state; terraflax draws them from the 'hash' stream. To reproduce
@@ -84,8 +96,17 @@ TRAX_DEFAULTS = {
                        pos_d_axial_embs=None, ff_activation='FastGelu', ff_use_sru=0,
                        ff_chunk_size=0, ff_sparsity=0, loss_sparsity=0,
                        attention_chunk_size=0),
+    # trax.models.research.configurable_transformer: one pre-norm residual stream.
+    'ConfigurableTransformerLM': dict(
+        d_model=512, d_ff=2048, n_layers=6, n_heads=8, max_len=2048, dropout=0.1,
+        ff_activation='Relu', ff_dropout=0.1, ff_chunk_size=0, ff_use_sru=0, ff_sparsity=0,
+        ff_sparsity_type='1inN', loss_sparsity=0, attention_chunk_size=0,
+        attention_type='CausalAttention', pos_type=None, pos_axial_shape=None,
+        pos_d_axial_embs=None),
 }
 ATTENTION_DEFAULTS = {  # efficient_attention's layers, as ReformerLM builds them.
+    # trax.layers.CausalAttention (ConfigurableTransformerLM's default): Dense q, k, v, o.
+    'CausalAttention': dict(),
     'SelfAttention': dict(share_qk=False, chunk_len=None, n_chunks_before=0, n_chunks_after=0,
                           bias=False, predict_mem_len=None),
     'LSHSelfAttention': dict(chunk_len=128, n_chunks_before=1, n_chunks_after=0, n_hashes=1,
@@ -101,6 +122,17 @@ ACTIVATIONS = {'Relu': 'relu', 'FastGelu': 'fast_gelu', 'Gelu': 'gelu'}
 # converter does not reproduce: name -> the only value it accepts.
 UNSUPPORTED = {
     'ReformerLM': dict(ff_use_sru=0, loss_sparsity=0),
+    'ConfigurableTransformerLM': dict(ff_use_sru=0, loss_sparsity=0, ff_sparsity_type='1inN',
+                                      pos_type=None, loss_sparsity_prob=None),
+}
+
+
+# Trax models the converter knows of but does not convert: name -> why (the error says it).
+NOT_CONVERTED = {
+    'ConfigurableTerraformer': 'its decoder attends over the encoder and decoder sequences '
+                               'concatenated (ConcatWithPadding, two causal self-attention '
+                               'layers per block, _XYAvg merges), not through the '
+                               "encoder-decoder attention of terraflax's Terraformer",
 }
 
 
@@ -278,6 +310,12 @@ def _reference(value: Any) -> tuple[str, str] | None:
 
 def _model_name(bindings, model: str | None, source: str) -> str:
   names = sorted({name for (scope, name) in bindings if not scope and name in TRAX_DEFAULTS})
+  other = sorted({name for (scope, name) in bindings if not scope and name in NOT_CONVERTED})
+  for name in ([model] if model is not None else [] if names else other):
+    if name in NOT_CONVERTED:
+      raise TraxConversionError(f'{source or "--trax_model"}: Trax\'s {name} is not converted: '
+                                f'{NOT_CONVERTED[name]}. The converter knows '
+                                f'{", ".join(sorted(TRAX_DEFAULTS))}.')
   if model is not None:
     if model not in TRAX_DEFAULTS:
       raise TraxConversionError(f'unknown Trax model {model!r}: the converter knows '
@@ -363,7 +401,7 @@ def trax_config(path: str, *, model: str | None = None, config: Any = None) -> t
     if kwargs.get(key, allowed) != allowed:
       raise TraxConversionError(f'{source}: {name}.{key}={kwargs[key]!r} is not supported (only '
                                 f'{allowed!r} converts).')
-  if name == 'ReformerLM':
+  if name in ('ReformerLM', 'ConfigurableTransformerLM'):
     types = kwargs['attention_type']
     types = list(types) if isinstance(types, (list, tuple)) else [types]
     kwargs['attention_type'] = [_layer_config(t, bindings, f'{source}: attention_type[{i}]')
@@ -519,6 +557,10 @@ def _attention_spec(layer: dict, where: str, max_len: int):
   """A Trax efficient-attention layer config -> a terraflax attention spec."""
   if layer.get('bias'):
     raise TraxConversionError(f'{where}: {layer["type"]}(bias=True) is not supported.')
+  if layer['type'] == 'CausalAttention':
+    raise TraxConversionError(f'{where}: CausalAttention converts in ConfigurableTransformerLM '
+                              'only (ReformerLM takes SelfAttention, LSHSelfAttention or '
+                              'MultiplicativeConvCausalAttention).')
   if layer['type'] == 'MultiplicativeConvCausalAttention':
     for key, only in (('share_qk', False), ('output_layer_type', 'none'),
                       ('v_concat_type', 'none')):
@@ -751,7 +793,93 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
   return name, tf_kwargs, params
 
 
-_CONVERTERS = {'TransformerLM': _transformer_lm, 'ReformerLM': _reformer_lm}
+# --- ConfigurableTransformerLM
+
+
+def _configurable_lm(kwargs: dict, walk: _Walk):
+  """trax.models.research.ConfigurableTransformerLM -> TransformerLM (learned positions).
+
+  One pre-norm residual stream (not reversible): CausalAttention -> Full(),
+  MultiplicativeConvCausalAttention -> SparseQKV(output_layer='none');
+  ff_sparsity N -> TransformerLM(ff_sparsity=N), Residual(LayerNorm, SparseFF).
+  (TerraformerLM keeps two reversible streams, a different function.)
+  """
+  from terraflax.models.transformer import TransformerLM  # pylint: disable=import-outside-toplevel
+  source, name = kwargs['_source'], 'ConfigurableTransformerLM'
+  v, d, f, n, h, max_len = (_positive(kwargs, key, source, name) for key in (
+      'vocab_size', 'd_model', 'd_ff', 'n_layers', 'n_heads', 'max_len'))
+  if d % h:
+    raise TraxConversionError(f'{source}: {name}.d_model={d} is not divisible by n_heads={h}.')
+  types = kwargs['attention_type']
+  if len(types) != 1:
+    raise TraxConversionError(f'{source}: {name}.attention_type must be one attention layer '
+                              f'(Trax builds every block with it), got {len(types)}.')
+  layer = types[0]
+  where = f'{source}: {name}.attention_type'
+  if layer['type'] == 'CausalAttention':
+    spec = attn.Full()
+  elif layer['type'] == 'MultiplicativeConvCausalAttention':
+    spec = _attention_spec(layer, where, max_len)
+  else:
+    raise TraxConversionError(f'{where}={layer["type"]!r} is not supported; expected '
+                              'CausalAttention or MultiplicativeConvCausalAttention.')
+  sparse = _sparse_ff(kwargs, source, f)
+  if not sparse and kwargs['ff_activation'] != 'Relu':
+    raise TraxConversionError(f'{source}: {name}.ff_activation={kwargs["ff_activation"]!r} is '
+                              "not supported (only Relu, Trax's default).")
+  tf_kwargs = dict(vocab_size=v, d_model=d, d_ff=f, n_layers=n, n_heads=h,
+                   dropout=float(kwargs['dropout']), max_len=max_len, positions='learned',
+                   attention=attn.to_config([spec]),
+                   ff_chunk_len=kwargs['ff_chunk_size'] or None)
+  if sparse:
+    tf_kwargs.update(sparse)
+  # Trax: ShiftRight, Embedding, Dropout, PositionalEncoding, n x [Residual(LayerNorm,
+  # attention, Dropout), Residual(LayerNorm, Dense(d_ff), Dropout, activation, Dense(d_model),
+  # Dropout | LayerNorm, SparseFF)], LayerNorm, Dense(vocab) (loss_sparsity 0).
+  embedding = walk.take('Embedding', (v, d))
+  table = walk.take('PositionalEncoding table', (max_len, d), (1, max_len, d)).reshape(max_len, d)
+  blocks = []
+  for i in range(n):
+    b = f'block {i}'
+    norm = _norm(walk, f'{b} attention', d)
+    if isinstance(spec, attn.SparseQKV):
+      attention = _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec)
+    else:
+      attention = {role: _dense(walk, f'{b} CausalAttention {role}', d, d)
+                   for role in ('query', 'key', 'value', 'output')}
+    if sparse:
+      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+            'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, f, sparse)}
+    else:
+      ff = {'FeedForward_0': {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+                              'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
+                              'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}}
+    blocks.append((norm, attention, ff))
+  final_norm = _norm(walk, 'final', d)
+  head = _dense(walk, 'output', d, v)
+  walk.finish()
+  model = TransformerLM(**tf_kwargs, mode='eval')
+  abstract = _abstract_params(model)
+  repeat = _child(abstract, 'Repeat')
+  attention_name = _child(abstract[repeat]['Serial_0']['Residual_0'],
+                          'MultiplicativeConvCausalAttention'
+                          if isinstance(spec, attn.SparseQKV) else 'CausalAttention')
+  params = {
+      _child(abstract, 'Embedding'): {'embedding': embedding},
+      _child(abstract, 'PositionalEncoding'): {'pos_embedding': table},
+      repeat: {'Serial_0': {
+          'Residual_0': {'LayerNorm_0': _stack([x[0] for x in blocks]),
+                         attention_name: _stack([x[1] for x in blocks])},
+          'Residual_1': _stack([x[2] for x in blocks])}},
+      _child(abstract, 'LayerNorm'): final_norm,
+      _child(abstract, 'Dense'): head,
+  }
+  _check_tree(params, abstract)
+  return 'TransformerLM', tf_kwargs, params
+
+
+_CONVERTERS = {'TransformerLM': _transformer_lm, 'ReformerLM': _reformer_lm,
+               'ConfigurableTransformerLM': _configurable_lm}
 
 
 def from_trax(path: str, *, model: str | None = None, config: Any = None):
@@ -759,7 +887,8 @@ def from_trax(path: str, *, model: str | None = None, config: Any = None):
 
   `path`: a training.Loop output dir (its model.pkl.gz) or a .pkl.gz file
   (Loop's or Layer.save_to_file's). `model`: the Trax factory's name
-  ('TransformerLM', 'ReformerLM'), needed when `config` does not say.
+  ('TransformerLM', 'ReformerLM', 'ConfigurableTransformerLM'), needed when
+  `config` does not say.
   `config`: the Trax factory's keyword arguments (a dict or a JSON string) or
   a gin file; None reads config.gin next to the checkpoint. The optimizer
   slots are dropped. The model config is plain JSON (attention specs as dicts).

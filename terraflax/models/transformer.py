@@ -26,6 +26,9 @@ Options of `TransformerLM` and `TransformerEncoder` (defaults: the plain model):
                  keys/values at every attention layer, `terraflax.layers.prefix`)
   mixing         (encoder only) 'attention' or 'fourier' (FNet) token mixing,
                  for all layers or one kind per layer
+  ff_sparsity    (LM only) the Terraformer's SparseFF in every block (one
+                 active unit per block of ff_sparsity; Trax's
+                 ConfigurableTransformerLM(ff_sparsity=N)); default dense
 """
 
 from __future__ import annotations
@@ -77,19 +80,27 @@ def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mod
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
                  attention: Any = attn.Full(), ff_chunk_len=None, packed=False, d_qk=None,
-                 d_v=None):
+                 d_v=None, sparse_ff: dict | None = None):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
 
   packed=True: [x, segment_ids] -> [x, segment_ids]; 2 -> 2.
 
   Pre-norm causal self-attention (the layer of the `attention` spec; per-head
-  widths d_qk / d_v, default d_model // n_heads) and feed-forward residual blocks.
+  widths d_qk / d_v, default d_model // n_heads) and feed-forward residual
+  blocks. `sparse_ff`: SparseFF's keyword arguments (n_elements_in_block,
+  d_lowrank, temperature, quant_prob) for Residual(LayerNorm, SparseFF)
+  instead of the dense feed-forward.
   """
+  if sparse_ff:
+    ff = cb.Residual(tl.LayerNorm(), tl.SparseFF(d_ff=d_ff, dropout=dropout, mode=mode,
+                                                  dtype=dtype, **sparse_ff))
+  else:
+    ff = FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len)
   return [
       _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
                           dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
                           packed=packed, d_qk=d_qk, d_v=d_v),
-      FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
+      ff,
   ]
 
 
@@ -149,6 +160,27 @@ def EncoderDecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype
   ]
 
 
+def _sparse_ff_kwargs(model, d_ff, ff_sparsity, ff_d_lowrank, ff_temperature, ff_quant_prob):
+  """SparseFF's keyword arguments of the ff_* options (checked), or None for a dense FF."""
+  if ff_sparsity is None or ff_sparsity == 0:
+    return None
+  if not isinstance(ff_sparsity, int) or isinstance(ff_sparsity, bool) or ff_sparsity < 0:
+    raise ValueError(f'{model} ff_sparsity must be 0/None (dense feed-forward) or a positive '
+                     f'int (units per SparseFF block), got {ff_sparsity!r}.')
+  if not isinstance(d_ff, int) or d_ff % ff_sparsity:
+    raise ValueError(f'{model} d_ff={d_ff!r} must be a multiple of ff_sparsity={ff_sparsity} '
+                     '(units per SparseFF block).')
+  d_lowrank = d_ff // ff_sparsity if ff_d_lowrank is None else ff_d_lowrank
+  if not isinstance(d_lowrank, int) or isinstance(d_lowrank, bool) or d_lowrank < 1:
+    raise ValueError(f'{model} ff_d_lowrank must be a positive int or None, got '
+                     f'{ff_d_lowrank!r}.')
+  if ff_temperature < 0 or not 0.0 <= ff_quant_prob <= 1.0:
+    raise ValueError(f'{model} ff_temperature must be >= 0 and ff_quant_prob in [0, 1], got '
+                     f'{ff_temperature!r} and {ff_quant_prob!r}.')
+  return dict(n_elements_in_block=ff_sparsity, d_lowrank=d_lowrank,
+              temperature=float(ff_temperature), quant_prob=float(ff_quant_prob))
+
+
 def _unit(make, pattern):
   """One scanned unit: the blocks `make(spec)` of each spec of the repeating pattern in turn."""
   return [layer for spec in pattern for layer in make(spec)]
@@ -161,7 +193,9 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                   share_layers: bool = False, d_embedding: int | None = None,
                   packed: bool = False, positions: str = 'sinusoidal', d_qk: int | None = None,
-                  d_v: int | None = None):
+                  d_v: int | None = None, ff_sparsity: int | None = None,
+                  ff_d_lowrank: int | None = None, ff_temperature: float = 0.1,
+                  ff_quant_prob: float = 0.3):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
@@ -201,7 +235,15 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     d_qk, d_v: per-head widths of queries/keys and values (default
       d_model // n_heads; both given: n_heads need not divide d_model, e.g. a
       model with heads pruned by `terraflax.prune`).
+    ff_sparsity: 0/None a dense feed-forward; N: the Terraformer's SparseFF
+      (`terraflax.layers.SparseFF`, N units per block, one active) in each
+      block, as Trax's ConfigurableTransformerLM(ff_sparsity=N) has it.
+    ff_d_lowrank: SparseFF's controller rank (default d_ff // ff_sparsity).
+    ff_temperature, ff_quant_prob: SparseFF's training-time Gumbel
+      temperature and probability of the hard mask.
   """
+  sparse_ff = _sparse_ff_kwargs('TransformerLM', d_ff, ff_sparsity, ff_d_lowrank,
+                                ff_temperature, ff_quant_prob)
   if positions not in POSITIONAL_KINDS:
     raise ValueError(f'TransformerLM positions must be one of {POSITIONAL_KINDS}, got '
                      f'{positions!r}.')
@@ -214,7 +256,7 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
   block = _unit(lambda spec: DecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
       dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed, d_qk=d_qk,
-      d_v=d_v), pattern)
+      d_v=d_v, sparse_ff=sparse_ff), pattern)
   return cb.Serial(
       tl.ShiftRight(mode=mode, packed=packed),  # stack: ids(, segment_ids, positions)
       Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed,

@@ -95,6 +95,25 @@ class ParityTest(absltest.TestCase):
     got, want = converted_logits('terraformer_qkv')
     self.assertLess(relative_error(got, want), 1e-4)
 
+  def test_configurable_transformer_lm_sparse_reproduces_trax_logits(self):
+    # One pre-norm stream with sparse QKV and SparseFF: a TransformerLM (not the two-stream
+    # TerraformerLM) with SparseQKV attention and ff_sparsity.
+    model_config, _ = convert.from_trax(fixture('configurable_lm')[0])
+    (spec,) = attention.specs_from(model_config['attention'])
+    self.assertEqual((model_config['name'], spec.kind, spec.output_layer,
+                      model_config['ff_sparsity'], model_config['ff_d_lowrank']),
+                     ('TransformerLM', 'sparse_qkv', 'none', 4, 8))
+    got, want = converted_logits('configurable_lm')
+    self.assertLess(relative_error(got, want), 1e-4)
+
+  def test_configurable_transformer_lm_dense_reproduces_trax_logits(self):
+    model_config, _ = convert.from_trax(fixture('configurable_dense')[0])
+    (spec,) = attention.specs_from(model_config['attention'])
+    self.assertEqual((model_config['name'], spec.kind, 'ff_sparsity' in model_config),
+                     ('TransformerLM', 'full', False))
+    got, want = converted_logits('configurable_dense')
+    self.assertLess(relative_error(got, want), 1e-4)
+
   def test_save_to_file_converts_like_the_loop_checkpoint(self):
     path, _ = fixture('transformer_lm')
     config = os.path.join(path, 'config.gin')
@@ -204,14 +223,19 @@ class CommandLineTest(absltest.TestCase):
       with self.subTest(name):
         self.check_greedy_ids(name)
 
-  def check_greedy_ids(self, name):
+  def test_configurable_transformer_lm_converts_and_decodes_like_trax(self):
+    for name in ('configurable_lm', 'configurable_dense'):
+      with self.subTest(name):
+        self.check_greedy_ids(name, 'TransformerLM')
+
+  def check_greedy_ids(self, name, terraflax_model='TerraformerLM'):
     path, arrays = fixture(name)
     prompt, greedy = arrays['prompt'].tolist(), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
       result = run('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-      self.assertIn('terraflax TerraformerLM', result.stdout)
+      self.assertIn(f'terraflax {terraflax_model}', result.stdout)
       result = run('terraflax.decoding', f'--workdir={workdir}',
                    f'--prompt={" ".join(map(str, prompt))}', f'--max_new_tokens={len(greedy)}',
                    '--temperature=0')
@@ -273,6 +297,36 @@ class ErrorTest(absltest.TestCase):
         f.write('Transformer.d_model = 16\nTransformer.input_vocab_size = 8\n')
       with self.assertRaisesRegex(convert_trax.TraxConversionError,
                                   'binds none of the Trax models the converter knows'):
+        convert.from_trax(path, config=gin)
+
+  def test_configurable_models_the_converter_does_not_take(self):
+    path, _ = fixture('configurable_lm')
+    base = dict(vocab_size=48, d_model=16, d_ff=32, n_layers=2, n_heads=2, max_len=32,
+                ff_sparsity=4, attention_type='MultiplicativeConvCausalAttention')
+    with self.assertRaisesRegex(convert_trax.TraxConversionError,
+                                r"ConfigurableTransformerLM.attention_type='LSHSelfAttention' "
+                                'is not supported; expected CausalAttention or '
+                                'MultiplicativeConvCausalAttention'):
+      convert.from_trax(path, model='ConfigurableTransformerLM',
+                        config=dict(base, attention_type='LSHSelfAttention'))
+    with self.assertRaisesRegex(convert_trax.TraxConversionError,
+                                r"ConfigurableTransformerLM.ff_sparsity_type='Block' is not "
+                                r"supported \(only '1inN' converts\)"):
+      convert.from_trax(path, model='ConfigurableTransformerLM',
+                        config=dict(base, ff_sparsity_type='Block'))
+    # Without ff_sparsity the checkpoint's SparseFF weights are not a dense feed-forward.
+    with self.assertRaisesRegex(convert_trax.TraxConversionError,
+                                r'weight #15 has shape \(16, 8\), but the '
+                                r'ConfigurableTransformerLM configuration puts block 0 '
+                                r'feed-forward first Dense kernel \(16, 32\)'):
+      convert.from_trax(path, model='ConfigurableTransformerLM', config=dict(base, ff_sparsity=0))
+    with tempfile.TemporaryDirectory() as tmp:
+      gin = os.path.join(tmp, 'terraformer.gin')
+      with open(gin, 'w') as f:
+        f.write('ConfigurableTerraformer.input_vocab_size = 8\n')
+      with self.assertRaisesRegex(convert_trax.TraxConversionError,
+                                  "Trax's ConfigurableTerraformer is not converted: its decoder "
+                                  'attends over the encoder and decoder sequences concatenated'):
         convert.from_trax(path, config=gin)
 
   def test_a_structure_mismatch_names_the_weight(self):

@@ -118,6 +118,53 @@ class TransformerLMTest(parameterized.TestCase):
       tm.TransformerEncoder(**dict(ENCODER, dropout=1.5))
 
 
+class SparseFeedForwardLMTest(absltest.TestCase):
+  """TransformerLM(ff_sparsity=N): Residual(LayerNorm, SparseFF) in every block."""
+
+  def test_one_unit_per_block_equals_the_dense_feed_forward(self):
+    # Reference: with ff_sparsity=1 every unit is active, so SparseFF is the dense ReLU
+    # feed-forward with the same weights (SparseFF's kernel_in is (d_ff, d_model)).
+    x = tokens((2, 7))
+    dense = tm.TransformerLM(mode='eval', **LM)
+    params = fake_params(dense, x)
+    sparse = tm.TransformerLM(mode='eval', ff_sparsity=1, **LM)
+    shapes = nn.meta.unbox(jax.eval_shape(sparse.init, KEY, x)['params'])
+    blocks = dict(params['Repeat_3']['Serial_0'])
+    ff = blocks.pop('Residual_1')['FeedForward_0']
+    sparse_ff = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(np.random.default_rng(1).normal(size=s.shape), s.dtype),
+        shapes['Repeat_3']['Serial_0']['Residual_1']['SparseFF_1'])
+    sparse_ff.update(kernel_in=jnp.swapaxes(ff['Dense_1']['kernel'], 1, 2),
+                     bias_in=ff['Dense_1']['bias'], kernel_out=ff['Dense_4']['kernel'],
+                     bias_out=ff['Dense_4']['bias'])
+    blocks['Residual_1'] = {'LayerNorm_0': ff['LayerNorm_0'], 'SparseFF_1': sparse_ff}
+    sparse_params = dict(params, Repeat_3={'Serial_0': blocks})
+    self.assertEqual(jax.tree_util.tree_structure(sparse_params),
+                     jax.tree_util.tree_structure(shapes))
+    np.testing.assert_allclose(sparse.apply({'params': sparse_params}, x),
+                               dense.apply({'params': params}, x), rtol=1e-5, atol=1e-5)
+
+  def test_predict_steps_equal_eval_logits(self):
+    config = dict(LM, ff_sparsity=4, ff_d_lowrank=3)
+    x = tokens((2, 6))
+    params = fake_params(tm.TransformerLM(mode='eval', **config), x)
+    full = tm.TransformerLM(mode='eval', **config).apply({'params': params}, x)
+    shifted = jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]  # predict mode takes the previous token
+    steps = contracts.predict_one_at_a_time(tm.TransformerLM(mode='predict', **config), params,
+                                            shifted)
+    np.testing.assert_allclose(steps, full, rtol=1e-5, atol=1e-5)
+    lowrank = params['Repeat_3']['Serial_0']['Residual_1']['SparseFF_1']['controller_lowrank']
+    self.assertEqual(lowrank['kernel'].shape, (2, 16, 3))
+
+  def test_clear_errors(self):
+    with self.assertRaisesRegex(ValueError, 'd_ff=24 must be a multiple of ff_sparsity=5'):
+      tm.TransformerLM(ff_sparsity=5, **LM)
+    with self.assertRaisesRegex(ValueError, 'ff_sparsity must be 0/None .* got -2'):
+      tm.TransformerLM(ff_sparsity=-2, **LM)
+    with self.assertRaisesRegex(ValueError, 'ff_d_lowrank must be a positive int or None'):
+      tm.TransformerLM(ff_sparsity=4, ff_d_lowrank=0, **LM)
+
+
 class TransformerEncoderTest(absltest.TestCase):
 
   def test_classifier_ignores_padding(self):
