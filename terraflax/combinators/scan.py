@@ -48,6 +48,18 @@ def predict_unroll(module: nn.Module, n: int) -> int:
   return n
 
 
+def stacked_copies(module: nn.Module) -> tuple[int, bool] | None:
+  """(n, params stacked) when `module` holds n stacked copies' variables, else None.
+
+  A `Repeat` (or a `ReversibleSerial` with `n_repeats`) keeps every variable
+  of its copies under its own path with a leading axis of size n (parameters
+  too, unless shared). The decoding loop reads this to hold each copy's
+  slice as its own buffer (`terraflax.decoding.stacked_depths`).
+  """
+  stacked = getattr(module, 'stacked_copies', None)
+  return stacked() if callable(stacked) else None
+
+
 def _one_layer(layer: Any) -> Any:
   """A layer, or a `Serial` of a list of them."""
   if isinstance(layer, (list, tuple)):
@@ -100,6 +112,10 @@ class Repeat(_RepeatFields):
   @property
   def n_out(self):
     return n_out_of(self.layer)
+
+  def stacked_copies(self) -> tuple[int, bool]:
+    """(n, params stacked): see `stacked_copies`."""
+    return self.n, not self.share_params
 
   @nn.compact
   def __call__(self, *inputs):
