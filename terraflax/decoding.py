@@ -165,6 +165,26 @@ def layer_depths(tree, stacks, collection: str):
   return jax.tree_util.tree_map_with_path(depth, tree)
 
 
+def stacked_depths(model, params, batch_size: int = 1, inputs=None):
+  """(parameter depths, cache depths): `layer_depths` of `params` and of the model's cache.
+
+  For callers that run `decode_step` in their own jitted function (a server
+  step): split the parameters once outside it (`split_layers(params,
+  depths)`, one copy) and `join_layers` them inside, so each layer's dot reads
+  its own buffer; joining inside the function costs nothing, joining outside
+  would copy every weight per call.
+  """
+  found = {}
+
+  def cache_of(inputs):
+    cache, found['stacks'] = _init(model, batch_size, inputs, jax.random.key(0))
+    return cache
+
+  cache = jax.eval_shape(cache_of, inputs)
+  return (layer_depths(params, found['stacks'], 'params'),
+          layer_depths(cache, found['stacks'], 'cache'))
+
+
 def split_layers(tree, depths):
   """Each leaf of depth n > 0 -> a tuple of its n slices x[i]; others kept."""
   return jax.tree_util.tree_map(

@@ -40,8 +40,11 @@ def predict_unroll(module: nn.Module, n: int) -> int:
   In predict mode (the `cache` collection mutable, not initialising) the
   stack runs once per token inside the decoding loop. Scanned, every token
   would dynamic-slice (copy) each block's stacked weights; fully unrolled,
-  the blocks index their weights at static offsets, which XLA hoists out of
-  the decoding loop. Training and init stay scanned (flat compile time).
+  the blocks index their weights at static offsets. XLA:CPU still copied
+  such slices of loop-carried arrays every token, so `terraflax.decoding`
+  carries each block's slice as its own buffer (`split_layers`) and the
+  static slices fold away. Training and init stay scanned (flat compile
+  time).
   """
   if module.is_initializing() or not module.is_mutable_collection('cache'):
     return 1

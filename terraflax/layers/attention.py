@@ -48,8 +48,8 @@ from terraflax.combinators.base import (
 from terraflax.layers.attention_core import (
     cached_attention, dot_product_attention, padding_mask)
 from terraflax.layers.core import (
-    HEAD_AXES, Dense, SegmentsPassThrough, advance_position, check_packed, checked_segments,
-    constrain)
+    HEAD_AXES, Dense, SegmentsPassThrough, advance_position, after_reads, check_packed,
+    checked_segments, constrain)
 
 
 class _AttentionBase(Layer):
@@ -205,13 +205,16 @@ class CausalAttention(SegmentsPassThrough, _AttentionBase):
                        f'{cached_key.value.shape[0]} but the input has batch {b}; init with the '
                        'decoding batch size.')
     out = None
-    if not self.sow_weights:  # Dropout is off outside 'train'.
-      out = cached_attention(q, k.astype(cached_key.value.dtype), v.astype(cached_value.value.dtype),
-                             cached_key.value, cached_value.value, start)
+    # Dropout is off outside 'train'; a subclass that extends `attend` (prefix tuning's
+    # extra keys) keeps the generic path.
+    if not self.sow_weights and type(self).attend is _AttentionBase.attend:
+      out = cached_attention(q, k.astype(cached_key.value.dtype),
+                             v.astype(cached_value.value.dtype), cached_key.value,
+                             cached_value.value, start)
     for cached, new in ((cached_key, k), (cached_value, v)):
+      new = jnp.transpose(new, (0, 2, 3, 1)).astype(cached.value.dtype)
       cached.value = jax.lax.dynamic_update_slice_in_dim(
-          cached.value, jnp.transpose(new, (0, 2, 3, 1)).astype(cached.value.dtype), start,
-          axis=3)
+          cached.value, new if out is None else after_reads(new, out), start, axis=3)
     if out is not None:
       return out
     return self.attend(q, jnp.transpose(cached_key.value, (0, 3, 1, 2)),
