@@ -1,11 +1,12 @@
-"""Int8 weight quantization of a trained model: evaluation loss/accuracy before and after.
+"""Int8 and bfloat16 weights of a trained model: evaluation loss/accuracy before and after.
 
 Loads the latest checkpoint of a training workdir, quantizes every Dense
 kernel (one scale per output channel) and the embedding table (one scale per
-row) to int8 (`terraflax.quantization`), and evaluates both versions on the
-same evaluation batches of the workdir's own data set. Prints a markdown
-table: weight bytes, eval loss, accuracy (and bits per byte for byte-level
-data), and the change.
+row) to int8 (`terraflax.quantization`), casts every matrix to bfloat16
+(`cast_weights`), and evaluates the three versions on the same evaluation
+batches of the workdir's own data set. Prints a markdown table: weight
+bytes, eval loss, accuracy (and bits per byte for byte-level data), and the
+change of each against float32.
 
   python -m terraflax.train --config=configs/transformer_lm.py --workdir=runs/transformer_lm
   python benchmarks/quantization.py --workdir=runs/transformer_lm [--eval_batches 32]
@@ -53,10 +54,14 @@ def main():
       batch_size=config.train.batch_size, n_batches=args.eval_batches)]
   step = evaluation.make_eval_step(model, task)
   float_metrics = evaluate(jax.jit(step), params, batches)
-  with qz.int8_inference():
+  bf16_params = qz.cast_weights(params)
+  with qz.LowPrecisionInference():
     int8_metrics = evaluate(jax.jit(step), qparams, batches)
+    bf16_metrics = evaluate(jax.jit(step), bf16_params, batches)
 
-  rows = [('float32', qz.nbytes(params), float_metrics), ('int8', qz.nbytes(qparams), int8_metrics)]
+  rows = [('float32', qz.nbytes(params), float_metrics),
+          ('bfloat16', qz.nbytes(bf16_params), bf16_metrics),
+          ('int8', qz.nbytes(qparams), int8_metrics)]
   bpb = data.info.byte_level
   n_examples = len(batches) * config.train.batch_size
   print(f'{config.model.name} from {args.workdir}: {len(batches)} eval batches '
@@ -66,10 +71,11 @@ def main():
   for name, size, m in rows:
     print(f'| {name} | {size:,} | {m["eval/loss"]:.4f} | {m["eval/accuracy"]:.4f} |'
           + (f' {m["eval/loss"] / math.log(2):.4f} |' if bpb else ''))
-  d_loss = int8_metrics['eval/loss'] - float_metrics['eval/loss']
-  d_acc = int8_metrics['eval/accuracy'] - float_metrics['eval/accuracy']
-  print(f'| change | {qz.nbytes(qparams) / qz.nbytes(params):.2f}x | {d_loss:+.4f} | '
-        f'{d_acc:+.4f} |' + (f' {d_loss / math.log(2):+.4f} |' if bpb else ''))
+  for name, size, metrics in rows[1:]:
+    d_loss = metrics['eval/loss'] - float_metrics['eval/loss']
+    d_acc = metrics['eval/accuracy'] - float_metrics['eval/accuracy']
+    print(f'| change ({name}) | {size / qz.nbytes(params):.2f}x | {d_loss:+.4f} | {d_acc:+.4f} |'
+          + (f' {d_loss / math.log(2):+.4f} |' if bpb else ''))
 
 
 if __name__ == '__main__':

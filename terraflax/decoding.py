@@ -33,6 +33,7 @@ import numpy as np
 
 from terraflax import compiler
 from terraflax import errors
+from terraflax import quantization
 from terraflax import rng as rng_lib
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.combinators import scan as scan_lib
@@ -577,7 +578,7 @@ def sample_text(spec: spec_lib.ModelSpec, params, prompt: str, *, max_new_tokens
 
 
 def main(argv):
-  """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT --max_new_tokens=N`."""
+  """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT --max_new_tokens=N [--weights=int8]`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -592,10 +593,13 @@ def main(argv):
   tokenizer = workdir_tokenizer(f.workdir, config)
   check_length(len(prompt_ids(f.prompt, tokenizer)), f.max_new_tokens,
                config.model.get('max_len'))
-  print(generate_text(
-      spec.build('predict'), params, f.prompt, max_new_tokens=f.max_new_tokens,
-      tokenizer=tokenizer, temperature=f.temperature,
-      top_k=f.top_k, top_p=f.top_p, seed=f.seed), flush=True)
+  model = spec.build('predict')
+  context, params = quantization.prepare_for_decoding(model, params, weights=f.weights)
+  with context:
+    text = generate_text(model, params, f.prompt, max_new_tokens=f.max_new_tokens,
+                         tokenizer=tokenizer, temperature=f.temperature, top_k=f.top_k,
+                         top_p=f.top_p, seed=f.seed)
+  print(text, flush=True)
 
 
 def _define_flags():
@@ -615,6 +619,9 @@ def _define_flags():
                            message='--top_p must be in (0, 1] (the probability mass kept).')
   flags.DEFINE_integer('seed', 0, 'Seed of the sampling noise.')
   flags.DEFINE_integer('step', None, 'Checkpoint step to load (default: the latest).')
+  flags.DEFINE_enum('weights', 'f32', quantization.WEIGHTS,
+                    'Weights to decode with: f32 as trained, bf16 (matrices stored in bfloat16) '
+                    'or int8 (per-channel scales); bf16 and int8 read fewer bytes per token.')
   flags.mark_flag_as_required('workdir')
 
 

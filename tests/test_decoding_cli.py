@@ -12,6 +12,7 @@ import numpy as np
 from absl.testing import absltest
 
 from terraflax import decoding
+from terraflax import quantization
 from terraflax.train import checkpoint
 from terraflax.train.trainer import train_and_evaluate
 
@@ -64,6 +65,17 @@ class DecodingCliTest(absltest.TestCase):
     expected = (b'def ' + bytes(int(t) for t in tokens)).decode('utf-8', errors='replace')
     self.assertEqual(printed, expected)
     self.assertTrue(printed.startswith('def '))
+
+    # --weights=int8 decodes what the same int8 weights decode in process.
+    result = run_cli(f'--workdir={workdir}/run', '--prompt=def ', '--max_new_tokens=6',
+                     '--temperature=0', '--weights=int8')
+    self.assertEqual(result.returncode, 0, result.stderr)
+    context, qparams = quantization.prepare_for_decoding(model, params, weights='int8')
+    with context:
+      tokens = np.asarray(decoding.autoregressive_sample(
+          model, qparams, prompt, 6, temperature=0.0)).reshape(-1)
+    expected = (b'def ' + bytes(int(t) for t in tokens)).decode('utf-8', errors='replace')
+    self.assertEqual(result.stdout.rstrip('\n'), expected)
 
   def test_workdir_without_checkpoint_is_a_clear_error(self):
     result = run_cli(f'--workdir={tempfile.mkdtemp()}', '--prompt=x')

@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / 'notebooks'
 EXPECTED = ('01_combinators', '02_reformer_long_sequences', '03_terraformer_decoding',
-            '04_train_finetune_decode')
+            '04_train_finetune_decode', '05_probing')
 CELL_TIMEOUT_S = 300  # Generous: the machine running the suite may be shared.
 
 
@@ -47,7 +47,7 @@ def kernel_env(out_dir):
 
 class StoredNotebooksTest(absltest.TestCase):
 
-  def test_the_four_notebooks_exist(self):
+  def test_the_notebooks_exist(self):
     found = sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))
     self.assertEqual(found, sorted(EXPECTED))
 

@@ -1,5 +1,6 @@
-"""Int8 weight quantization: the rounding bound, a quantized Dense within its documented
-tolerance of the float one, and a whole LM (eval and predict) on int8 weights."""
+"""Int8 and bfloat16 weights: the rounding bound, a quantized Dense within its documented
+tolerance of the float one, a whole LM (eval and predict) on int8 weights, and decoding on
+int8/bf16 weights equal to the eval forward pass on the same weights, token by token."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,11 @@ from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
 import terraflax.models as tm
+from terraflax import decoding
+from terraflax import kernels
 from terraflax import quantization as qz
+from terraflax.kernels import lowp_cpu
+from tests import contracts
 
 KEY = jax.random.key(0)
 LM = dict(vocab_size=13, d_model=16, d_ff=24, n_layers=2, n_heads=2, dropout=0.0, max_len=16)
@@ -95,6 +100,103 @@ class QuantizedLMTest(absltest.TestCase):
     np.testing.assert_allclose(stepped, quantized, rtol=1e-5, atol=1e-5)
     reference = apply({'params': qz.dequantize_params(qparams)}, x)
     np.testing.assert_allclose(quantized, reference, rtol=1e-5, atol=1e-5)
+
+
+# Widths with whole 32-column blocks of the native kernel and a tail (vocab 40, d_ff 72).
+LM_WIDE = dict(vocab_size=40, d_model=32, d_ff=72, n_layers=2, n_heads=2, dropout=0.0,
+               max_len=16)
+
+
+class LowPrecisionDecodingTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.x = jnp.asarray(np.random.default_rng(2).integers(1, 40, (2, 9)), jnp.int32)
+    cls.params = tm.TransformerLM(mode='eval', **LM_WIDE).init(KEY, cls.x)['params']
+
+  @parameterized.parameters('int8', 'bf16')
+  def test_decoding_equals_eval_on_the_same_weights(self, weights):
+    eval_model = tm.TransformerLM(mode='eval', **LM_WIDE)
+    predict = tm.TransformerLM(mode='predict', **LM_WIDE)
+    context, params = qz.prepare_for_decoding(predict, self.params, weights=weights)
+    shifted = jnp.pad(self.x, ((0, 0), (1, 0)))[:, :-1]
+    with context:
+      full = jax.jit(eval_model.apply)({'params': params}, self.x)  # shifts right itself
+      stepped = contracts.predict_one_at_a_time(predict, params, shifted)
+      text = jax.jit(eval_model.apply).lower({'params': params}, self.x).as_text()
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+    if lowp_cpu.available() and kernels.native_allowed():  # The weights were read as stored.
+      target = lowp_cpu.INT8 if weights == 'int8' else lowp_cpu.BF16
+      # Six Dense layers in the scanned block (q, k, v, output, two feed-forward) + the head.
+      self.assertEqual(text.count(target), 7)
+    # Against the float32 model: the low-precision one is close, not equal.
+    reference = eval_model.apply({'params': self.params}, self.x)
+    self.assertLess(float(jnp.abs(full - reference).max()), 0.05 * float(jnp.abs(reference).max()))
+    self.assertGreater(float(jnp.abs(full - reference).max()), 0.0)
+
+  @parameterized.parameters((tm.ReformerLM, 'bf16'), (tm.TerraformerLM, 'int8'))
+  def test_other_lms_decode_as_they_evaluate(self, make, weights):
+    # LSH's predict memory holds its chunk neighbourhood; SparseFF blocks of 32 units.
+    size = dict(LM_WIDE, max_len=128, d_ff=64)
+    x = self.x[:1]
+    eval_model, predict = make(mode='eval', **size), make(mode='predict', **size)
+    params = eval_model.init(KEY, x)['params']
+    context, params = qz.prepare_for_decoding(predict, params, weights=weights)
+    with context:
+      full = eval_model.apply({'params': params}, x,
+                              rngs={'hash': jax.random.key(1), 'sparse': jax.random.key(2)})
+      shifted = jnp.pad(x, ((0, 0), (1, 0)))[:, :-1]
+      stepped = contracts.predict_one_at_a_time(predict, params, shifted)
+    np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+
+  def test_greedy_sampling_follows_the_eval_argmax(self):
+    predict = tm.TransformerLM(mode='predict', **LM_WIDE)
+    eval_model = tm.TransformerLM(mode='eval', **LM_WIDE)
+    context, params = qz.prepare_for_decoding(predict, self.params, weights='int8')
+    prompt = self.x[:, :3]
+    with context:
+      tokens = decoding.autoregressive_sample(predict, params, prompt, 5, temperature=0.0)
+      # Eval shifts right itself: its logits at position t follow tokens < t.
+      logits = eval_model.apply({'params': params}, jnp.concatenate([prompt, tokens], axis=1))
+    # Each generated token is the eval pass's argmax after the tokens before it.
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits[:, 3:], -1))
+
+  def test_slots_vmapped_over_one_int8_step_read_the_weights_once(self):
+    # The server's shape: one decode step vmapped over slots, each slot its own (1, 1) token
+    # and cache; the weights are shared, so each product takes every slot's row at once.
+    predict = tm.TransformerLM(mode='predict', **LM_WIDE)
+    context, params = qz.prepare_for_decoding(predict, self.params, weights='int8')
+    tokens = self.x[:, :1].reshape(2, 1, 1)  # (slots, b=1, 1)
+    caches = jax.vmap(lambda t: predict.init(KEY, t)['cache'])(tokens)
+
+    def step(cache, token):
+      return predict.apply({'params': params, 'cache': cache}, token, mutable=['cache'])[0]
+
+    with context:
+      slots = jax.jit(jax.vmap(step))
+      together = slots(caches, tokens)
+      alone = [jax.jit(step)(jax.tree_util.tree_map(lambda c: c[i], caches), tokens[i])
+               for i in range(2)]
+      text = slots.lower(caches, tokens).as_text()
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-6, atol=1e-6)
+    if lowp_cpu.available() and kernels.native_allowed():
+      calls = [line for line in text.splitlines() if lowp_cpu.INT8 in line]
+      # One product per Dense whose x holds both slots' rows, not one call per slot.
+      self.assertLen(calls, 7)
+      self.assertTrue(all(': (tensor<2x' in line for line in calls), calls[0])
+
+  def test_cast_weights_and_prepare_errors(self):
+    cast = qz.cast_weights(self.params)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+      self.assertEqual(leaf.dtype, jnp.bfloat16 if leaf.ndim >= 2 else jnp.float32, path)
+    self.assertLess(qz.nbytes(cast), 0.55 * qz.nbytes(nn.meta.unbox(self.params)))
+    context, same = qz.prepare_for_decoding(None, self.params, weights='f32')
+    with context:
+      pass
+    self.assertEqual(qz.nbytes(same), qz.nbytes(nn.meta.unbox(self.params)))
+    with self.assertRaisesRegex(ValueError, r"weights must be one of \('f32', 'bf16', 'int8'\)"):
+      qz.prepare_for_decoding(None, self.params, weights='int4')
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 
 from terraflax.combinators.base import (
-    Layer, LayerError, apply_layer, as_return, check_inputs, flatten_layers,
+    Layer, LayerError, apply_layer, as_outputs, as_return, check_inputs, flatten_layers,
     label_of, layer_path, n_in_of, n_out_of, name_children)
 
 
@@ -299,7 +299,8 @@ class Fn(_FnFields):
 
   def __call__(self, *inputs):
     check_inputs(self, inputs)
-    return self.f(*inputs)
+    # Checked here too, not only by the combinator around it: an Fn called on its own.
+    return as_return(as_outputs(self, self.f(*inputs)))
 
 
 def Dup():  # pylint: disable=invalid-name

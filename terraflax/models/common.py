@@ -38,7 +38,7 @@ def check_hyperparameters(model: str, mode: str, **values):
   """Clear errors for a bad `mode`, a dropout outside [0, 1) and non-positive sizes.
 
   Sizes named in `_MAY_BE_NONE` may be None. Checks d_model % n_heads when
-  both are given.
+  both are given (unless the per-head widths d_qk and d_v are both given).
   """
   check_mode(mode, f'{model} mode')
   for name, value in values.items():
@@ -50,7 +50,9 @@ def check_hyperparameters(model: str, mode: str, **values):
       continue
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f'{model} {name} must be a positive int, got {value!r}.')
-  if 'd_model' in values and 'n_heads' in values and values['d_model'] % values['n_heads']:
+  widths_given = values.get('d_qk') is not None and values.get('d_v') is not None
+  if ('d_model' in values and 'n_heads' in values and values['d_model'] % values['n_heads']
+      and not widths_given):
     raise ValueError(f'{model} d_model={values["d_model"]} must be divisible by '
                      f'n_heads={values["n_heads"]}.')
 
@@ -81,10 +83,11 @@ def masked_mean(x, mask):
 
 
 def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None,  # pylint: disable=invalid-name
-          packed=False):
+          packed=False, positions='sinusoidal'):
   """[ids] -> [x]: int (b, l) -> (b, l, d_model); a list, 1 -> 1.
 
-  Token embedding plus sinusoidal positions, with dropout. With
+  Token embedding plus positions (`positions`: 'sinusoidal' or 'learned', the
+  kinds of `tl.PositionalEncoding`), with dropout. With
   `d_embedding`, tokens embed to d_embedding and a Dense projects to d_model.
   `packed=True`: [ids, segment_ids, positions] -> [x, segment_ids], 3 -> 2,
   each token's encoding that of its position within its document (the same
@@ -97,7 +100,8 @@ def Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding=None, 
         tl.Embedding(vocab_size, d_embedding, dtype=dtype, axes=('vocab', None)),
         tl.Dense(d_model, dtype=dtype, axes=(None, 'embed')),  # The factorised projection.
     ]
-  layers.append(tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode, packed=packed))
+  layers.append(tl.PositionalEncoding(max_len=max_len, kind=positions, dropout=dropout, mode=mode,
+                                      packed=packed))
   return layers
 
 

@@ -15,6 +15,12 @@ The command line writes a workdir that `python -m terraflax.decoding` samples
 from (`config.json` plus an orbax checkpoint of the parameters at step 0):
 
   python -m terraflax.models.convert --from_hf=DIR --to=WORKDIR [--byte_offset=2]
+  python -m terraflax.models.convert --from_trax=DIR_OR_FILE --to=WORKDIR \\
+      [--trax_model=ReformerLM] [--trax_config=config.gin|'{...}'] [--tokenizer=FILE]
+
+Trax checkpoints (training.Loop's, Layer.save_to_file's) are read by
+`terraflax.models.convert_trax` (`from_trax`, re-exported here); their
+optimizer slots are dropped.
 
 A tokenizer in DIR (`spiece.model`, HF's name for a SentencePiece model, or
 `tokenizer.json`; `hf_tokenizer(DIR)`) is copied into the workdir
@@ -44,6 +50,8 @@ import numpy as np
 
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention as attn
+from terraflax.models.convert_trax import (  # pylint: disable=unused-import
+    TraxConversionError, from_trax)
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -509,14 +517,16 @@ def byte_lm_params(kwargs: dict, params, byte_offset: int):
 
 def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None = None,
                   seq_len: int | None = None,
-                  tokenizer: tokenizer_lib.Tokenizer | None = None) -> str:
+                  tokenizer: tokenizer_lib.Tokenizer | None = None,
+                  name: str = 'ReformerLM', source: str = 'Hugging Face') -> str:
   """Writes `config.json` and an orbax checkpoint (step 0, `params` only) for decoding.
 
   With `byte_offset`, the model is wrapped as a byte-level LM (`ByteLM`) whose
   token ids are bytes + offset (2 for google/reformer-enwik8), so that the
   decoding CLI reads and writes text; with a `tokenizer` (`hf_tokenizer`) its
   file is stored as the workdir's (prompts are text it encodes); otherwise
-  prompts are token ids.
+  prompts are token ids. `name` is the factory of `kwargs` (byte-level
+  wrapping is for ReformerLM only); `source` goes into config.json.
   """
   if tokenizer is not None and byte_offset is not None:
     raise ConversionError('write_workdir: a byte-level model (byte_offset) takes no tokenizer.')
@@ -528,16 +538,20 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
       workdir_lib.checkpoint_dir(workdir)):
     raise ConversionError(f'{workdir_lib.checkpoint_dir(workdir)} already holds checkpoints; '
                           'choose an empty --to directory.')
-  model = {'name': 'ReformerLM', **kwargs}
+  model = {'name': name, **kwargs}
+  if byte_offset is not None and name != 'ReformerLM':
+    raise ConversionError(f'write_workdir: byte_offset wraps a ReformerLM, not a {name}.')
   if byte_offset is not None:
     model = {'name': 'terraflax.models.convert:ByteLM', 'byte_offset': byte_offset, **kwargs}
     params = byte_lm_params(kwargs, params, byte_offset)
-  seq_len = seq_len or min(kwargs['max_len'], 2 * max(
-      spec.chunk_len for spec in attn.specs_from(kwargs['attention'])))
+  chunks = [getattr(spec, 'chunk_len', None) for spec in attn.specs_from(
+      kwargs.get('attention', attn.Full()))]
+  seq_len = seq_len or min(kwargs['max_len'], 2 * max(c for c in chunks if c) if any(chunks)
+                           else kwargs['max_len'])
   config = {'model': model,
             'data': {'name': 'bytes' if byte_offset is not None else 'tokens',
                      'seq_len': seq_len},
-            'source': 'converted from Hugging Face by terraflax.models.convert'}
+            'source': f'converted from {source} by terraflax.models.convert'}
   config['model'] = {k: list(v) if isinstance(v, tuple) else v for k, v in config['model'].items()}
   if tokenizer is not None:
     tokenizer.save_to(workdir)
@@ -546,12 +560,44 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
   return workdir
 
 
+def _tokenizer_file(path: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
+  """The tokenizer file given with --tokenizer (SentencePiece .model or tokenizer.json)."""
+  try:
+    tokenizer = tokenizer_lib.load(path)
+    tokenizer_lib.check_vocab(tokenizer, vocab_size, field='the model\'s vocab_size')
+  except tokenizer_lib.TokenizerError as e:
+    raise ConversionError(f'--tokenizer={path}: {e}') from None
+  return tokenizer
+
+
+def _main_trax(f):
+  """--from_trax: a Trax checkpoint -> a workdir; returns (what was read, model config, params)."""
+  model_config, params = from_trax(f.from_trax, model=f.trax_model, config=f.trax_config)
+  name = model_config.pop('name')
+  tokenizer = _tokenizer_file(f.tokenizer, model_config['vocab_size']) if f.tokenizer else None
+  write_workdir(f.to, model_config, params, tokenizer=tokenizer, name=name, source='Trax')
+  return name, tokenizer, params
+
+
 def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
+  if f.from_trax:
+    if f.byte_offset is not None or f.num_buckets:
+      raise ConversionError('--byte_offset and --num_buckets apply to --from_hf only.')
+    name, tokenizer, params = _main_trax(f)
+    n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    reads = ('token ids' if tokenizer is None
+             else f'text ({os.path.basename(tokenizer.path)}, {tokenizer.vocab_size} ids)')
+    print(f'Converted {f.from_trax} (Trax) to a terraflax {name} ({n:,} parameters; optimizer '
+          f'slots dropped) in {f.to}, reading {reads}; decode with: python -m '
+          f'terraflax.decoding --workdir={f.to} --prompt=...')
+    return
+  if f.trax_model or f.trax_config or f.tokenizer:
+    raise ConversionError('--trax_model, --trax_config and --tokenizer apply to --from_trax only.')
   try:
     buckets = None
     if f.num_buckets:
@@ -587,10 +633,23 @@ def _define_flags():
                        f'decoding (default min(max_len, {DEFAULT_PREDICT_MEM_LEN})).')
   flags.DEFINE_string('num_buckets', None, 'LSH buckets ("n" or "n1,n2") for configs whose '
                       'num_buckets is null (HF then picks it from the input length).')
-  flags.mark_flags_as_required(['from_hf', 'to'])
+  flags.DEFINE_string('from_trax', None, 'A Trax checkpoint: a training.Loop output dir '
+                      '(model.pkl.gz + model.weights.npy.gz) or a .pkl.gz file (Loop\'s or '
+                      'Layer.save_to_file\'s). Optimizer slots are dropped.')
+  flags.DEFINE_string('trax_model', None, 'The Trax model factory (TransformerLM, ReformerLM) '
+                      'when the configuration does not name one.')
+  flags.DEFINE_string('trax_config', None, 'The Trax model\'s configuration: a gin file, or '
+                      'its keyword arguments as JSON (\'{"d_model": 512, ...}\'); default: '
+                      'config.gin next to the checkpoint.')
+  flags.DEFINE_string('tokenizer', None, 'A tokenizer file for a --from_trax model\'s '
+                      'vocabulary (SentencePiece .model or tokenizer.json): the workdir then '
+                      'reads and writes text.')
+  flags.mark_flags_as_mutual_exclusive(['from_hf', 'from_trax'], required=True)
+  flags.mark_flags_as_required(['to'])
 
 
 if __name__ == '__main__':
   from terraflax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  cli.run(main, name='terraflax.models.convert', user_errors=(ConversionError,))
+  cli.run(main, name='terraflax.models.convert',
+          user_errors=(ConversionError, TraxConversionError))

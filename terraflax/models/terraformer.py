@@ -38,6 +38,7 @@ from typing import Any
 import terraflax.combinators as cb
 import terraflax.layers as tl
 from terraflax.combinators.base import label_of
+from terraflax.layers.positional import POSITIONAL_KINDS
 from terraflax.layers.sparse_reversible import AdvanceSlot, ReplayedHalfResidual, StartRecord
 from terraflax.models import attention as attn
 from terraflax.models.common import (
@@ -205,7 +206,8 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   ff_sparsity: int | None = 32, ff_d_lowrank: int = 64,
                   ff_temperature: float = 0.1, ff_quant_prob: float = 0.3,
                   reversible: bool = True, merge_streams: str = 'concat',
-                  ff_chunk_len: int | None = None, packed: bool = False):
+                  ff_chunk_len: int | None = None, packed: bool = False,
+                  positions: str = 'sinusoidal'):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1 (rows of
@@ -240,7 +242,12 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     reversible: reversible backward pass (True) or plain autodiff (False).
     merge_streams: 'concat' (output sees 2 * d_model) or 'mean'.
     ff_chunk_len: run the feed-forward branches this many positions at a time.
+    positions: 'sinusoidal' (a fixed table) or 'learned' (a trained (max_len,
+      d_model) parameter, e.g. a converted Trax model's table).
   """
+  if positions not in POSITIONAL_KINDS:
+    raise ValueError(f'TerraformerLM positions must be one of {POSITIONAL_KINDS}, got '
+                     f'{positions!r}.')
   _check_terraformer('TerraformerLM', mode=mode, ff_sparsity=ff_sparsity,
                      ff_d_lowrank=ff_d_lowrank, ff_temperature=ff_temperature,
                      ff_quant_prob=ff_quant_prob, reversible=reversible,
@@ -265,7 +272,8 @@ def TerraformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     ]
   return cb.Serial(
       tl.ShiftRight(mode=mode, packed=packed),
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, packed=packed),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, packed=packed,
+            positions=positions),
       _two_streams(block, n_layers=n_layers, n_repeats=n_layers // len(pattern),
                    reversible=reversible, merge_streams=merge_streams, d_ff=d_ff,
                    ff_sparsity=ff_sparsity),  # stack: x(, segment_ids)

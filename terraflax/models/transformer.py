@@ -34,6 +34,7 @@ from typing import Any
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from terraflax.layers.positional import POSITIONAL_KINDS
 from terraflax.models import attention as attn
 from terraflax.models.common import (
     DropSegments, Embed, FeedForwardResidual, Float32, PaddingMask, Stack, check_d_embedding,
@@ -57,34 +58,37 @@ def upgrade_full_attention(model):
 
 
 def _attention_residual(spec, *, d_model, causal, n_heads, dropout, max_len, mode, dtype,
-                        packed=False):
+                        packed=False, d_qk=None, d_v=None):
   """Residual(LayerNorm, SelfAttention(spec), Dropout): 1 -> 1, or 2 -> 2 for encoder 'full'.
 
-  Per-head widths are d_model // n_heads ('full' layers derive them themselves).
+  Per-head widths are d_qk / d_v, by default d_model // n_heads ('full' layers
+  derive them themselves).
   """
   (spec,) = attn.specs_from(spec, where='attention')
   d_head = d_model // n_heads if isinstance(spec, (attn.LSH, attn.Local)) else None
   return cb.Residual(
       tl.LayerNorm(),
-      attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=causal,
+      attn.SelfAttention(spec, n_heads=n_heads, d_qk=d_qk or d_head, d_v=d_v or d_head,
+                         causal=causal,
                          mode=mode, dtype=dtype, dropout=dropout, max_len=max_len,
                          packed=packed),
       tl.Dropout(dropout, mode=mode))
 
 
 def DecoderBlock(*, d_model, d_ff, n_heads, dropout, max_len, mode, dtype=None,  # pylint: disable=invalid-name
-                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False):
+                 attention: Any = attn.Full(), ff_chunk_len=None, packed=False, d_qk=None,
+                 d_v=None):
   """[x] -> [x]: (b, l, d) -> (b, l, d); a list of layers, 1 -> 1.
 
   packed=True: [x, segment_ids] -> [x, segment_ids]; 2 -> 2.
 
-  Pre-norm causal self-attention (the layer of the `attention` spec) and
-  feed-forward residual blocks.
+  Pre-norm causal self-attention (the layer of the `attention` spec; per-head
+  widths d_qk / d_v, default d_model // n_heads) and feed-forward residual blocks.
   """
   return [
       _attention_residual(attention, d_model=d_model, causal=True, n_heads=n_heads,
                           dropout=dropout, max_len=max_len, mode=mode, dtype=dtype,
-                          packed=packed),
+                          packed=packed, d_qk=d_qk, d_v=d_v),
       FeedForwardResidual(d_model, d_ff, dropout, mode, dtype, ff_chunk_len),
   ]
 
@@ -156,7 +160,8 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
                   max_len: int = 2048, mode: str = 'train', dtype=None,
                   attention: Any = attn.Full(), ff_chunk_len: int | None = None,
                   share_layers: bool = False, d_embedding: int | None = None,
-                  packed: bool = False):
+                  packed: bool = False, positions: str = 'sinusoidal', d_qk: int | None = None,
+                  d_v: int | None = None):
   """[tokens] -> [logits]: int (b, l) -> float32 (b, l, vocab_size); 1 -> 1.
 
   packed=True: [tokens, segment_ids, positions] -> [logits], 3 -> 1: rows of
@@ -191,19 +196,29 @@ def TransformerLM(*, vocab_size: int, d_model: int = 512, d_ff: int = 2048,  # p
     d_embedding: ALBERT's factorised embeddings: embed to d_embedding
       (<= d_model) and project to d_model; the output is factorised the same
       way (LayerNorm, Dense(d_embedding), Dense(vocab_size)).
+    positions: 'sinusoidal' (a fixed table) or 'learned' (a trained (max_len,
+      d_model) parameter, e.g. a converted Trax model's table).
+    d_qk, d_v: per-head widths of queries/keys and values (default
+      d_model // n_heads; both given: n_heads need not divide d_model, e.g. a
+      model with heads pruned by `terraflax.prune`).
   """
+  if positions not in POSITIONAL_KINDS:
+    raise ValueError(f'TransformerLM positions must be one of {POSITIONAL_KINDS}, got '
+                     f'{positions!r}.')
   check_hyperparameters('TransformerLM', mode, vocab_size=vocab_size, d_model=d_model, d_ff=d_ff,
                         n_layers=n_layers, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                        ff_chunk_len=ff_chunk_len, d_embedding=d_embedding)
+                        ff_chunk_len=ff_chunk_len, d_embedding=d_embedding, d_qk=d_qk, d_v=d_v)
   check_d_embedding('TransformerLM', d_embedding, d_model)
   pattern = attn.pattern(attention, n_layers, where='TransformerLM attention')
   dtype = compute_dtype(dtype)
   block = _unit(lambda spec: DecoderBlock(
       d_model=d_model, d_ff=d_ff, n_heads=n_heads, dropout=dropout, max_len=max_len, mode=mode,
-      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed), pattern)
+      dtype=dtype, attention=spec, ff_chunk_len=ff_chunk_len, packed=packed, d_qk=d_qk,
+      d_v=d_v), pattern)
   return cb.Serial(
       tl.ShiftRight(mode=mode, packed=packed),  # stack: ids(, segment_ids, positions)
-      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed),
+      Embed(vocab_size, d_model, max_len, dropout, mode, dtype, d_embedding, packed=packed,
+            positions=positions),
       cb.Repeat(block, n_layers // len(pattern), share_params=share_layers),
       tl.LayerNorm(),
       tl.Dense(d_embedding, dtype=dtype, axes=('embed', None)) if d_embedding is not None else None,

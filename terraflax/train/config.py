@@ -38,6 +38,7 @@ from terraflax.data import sources as data_sources
 from terraflax.models import spec as spec_lib
 from terraflax.train import data as data_lib
 from terraflax.train import optimizers
+from terraflax.train import pruning as pruning_lib
 from terraflax.train import sharding as sharding_lib
 
 _REQUIRED = object()
@@ -159,6 +160,19 @@ SCHEMA: dict[str, Field] = {
     # A regex searched in each parameter path ('Repeat_3/.../prefix_key'): only matching
     # parameters are trained, the others stay frozen ('' : train everything).
     'optimizer.trainable': Field(str, '', _regex, 'a valid regular expression'),
+    # Magnitude pruning (`pruning.py`): masks in the optimizer state, pruned weights exactly 0.
+    'pruning.method': _one_of(*pruning_lib.METHODS),  # 'none' or 'magnitude'.
+    'pruning.scope': _one_of(*pruning_lib.SCOPES),  # One threshold for all, or per parameter.
+    'pruning.sparsity': Field((int, float), 0.5, _fraction, 'in [0, 1)'),  # Final sparsity.
+    # The schedule's first and last train steps (equal: one-shot), steps between mask updates,
+    # and its exponent (3: Zhu & Gupta's cubic).
+    'pruning.start_step': Field(int, 0, _non_negative, 'a non-negative int'),
+    'pruning.end_step': Field(int, 0, _non_negative, 'a non-negative int'),
+    'pruning.frequency': Field(int, 100, _positive, 'a positive int'),
+    'pruning.power': Field(int, 3, _positive, 'a positive int'),
+    # A regex searched in each parameter path: which ones are pruned (default: the dense
+    # kernels of attention and feed-forward blocks; not embeddings, norms or biases).
+    'pruning.params': Field(str, pruning_lib.DEFAULT_PARAMS, _regex, 'a valid regular expression'),
     # Knowledge distillation from a trained teacher (a workdir; '' : no teacher).
     'distill.teacher_workdir': Field(str, ''),
     'distill.temperature': Field((int, float), 2.0, _positive, 'a positive number'),
@@ -191,7 +205,7 @@ SCHEMA: dict[str, Field] = {
     'sample.temperature': Field((int, float), 1.0, _non_negative, 'a non-negative number'),
 }
 SECTIONS = ('seed', 'init_from', 'model', 'data', 'train', 'optimizer', 'distill', 'sharding',
-            'distributed', 'sample', 'eval')
+            'distributed', 'sample', 'eval', 'pruning')
 _KIND_NAMES = {int: 'int', float: 'float', str: 'str', bool: 'bool', tuple: 'tuple', list: 'list'}
 
 
@@ -300,9 +314,35 @@ def check_combinations(config, n_devices: int, n_processes: int = 1) -> None:
     raise ConfigError(f'config.model.vocab_size={vocab} is smaller than '
                       f'data.tokenizer_vocab_size={d.tokenizer_vocab_size} (the tokenizer '
                       "data.tokenizer='train' makes); make them equal.")
+  check_pruning(config.pruning, t.steps)
   if d.name == 'listops' and d.max_len == 0:
     raise ConfigError('config.data.max_len must be set (> 0) for listops: the longest '
                       'expression in tokens.')
+
+
+def check_pruning(p, train_steps: int) -> None:
+  """`config.pruning`'s schedule: start <= end <= train.steps, a sparsity to reach."""
+  if p.method == 'none':
+    return
+  if p.end_step < p.start_step:
+    raise ConfigError(f'config.pruning.end_step={p.end_step} must be >= pruning.start_step='
+                      f'{p.start_step} (equal: one-shot pruning).')
+  if p.end_step > train_steps:
+    raise ConfigError(f'config.pruning.end_step={p.end_step} must be <= train.steps='
+                      f'{train_steps}, or the target sparsity is never reached.')
+  if p.sparsity <= 0:
+    raise ConfigError(f'config.pruning.sparsity must be in (0, 1) with pruning.method='
+                      f"{p.method!r}, got {p.sparsity!r}; use method='none' for no pruning.")
+
+
+def check_pruned_params(p, params) -> None:
+  """`config.pruning.params` must select at least one parameter when pruning."""
+  if p.method == 'none':
+    return
+  if not any(jax.tree_util.tree_leaves(pruning_lib.selected(params, p.params))):
+    paths = param_paths(params)
+    raise ConfigError(f'config.pruning.params={p.params!r} matches no parameter path; paths '
+                      f'look like {", ".join(repr(x) for x in paths[:3])}, ...')
 
 
 # ----------------------------------------------------------------------------- model
@@ -433,6 +473,7 @@ def validate_config(config, *, n_devices: int | None = None, n_processes: int | 
                                                      if n_devices is None else n_devices),
         sharding_lib.axis_rules(config.sharding), config.model)
   check_trainable(config.optimizer.trainable, nn.meta.unbox(variables['params']))
+  check_pruned_params(config.pruning, nn.meta.unbox(variables['params']))
   for field, workdir in (('init_from', config.init_from),
                          ('distill.teacher_workdir', config.distill.teacher_workdir)):
     if workdir and not os.path.isdir(os.path.join(os.path.expanduser(workdir), 'checkpoints')):

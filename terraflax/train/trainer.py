@@ -23,6 +23,8 @@ Transfer and partial training, for any model:
                          their gradients are not computed (prefix tuning's
                          step: 1.29x faster, 25% fewer flops)
   distill.*              learn from a teacher's softened logits (`distill.py`)
+  pruning.*              magnitude pruning, one-shot or gradual, masks in the
+                         optimizer state (`pruning.py`); train/sparsity logged
 The parameter counts (total, trained) are printed and written to
 `WORKDIR/parameters.json`.
 """
@@ -51,6 +53,7 @@ from terraflax.train import guard as guard_lib
 from terraflax.train import metrics as metrics_lib
 from terraflax.train import optimizers
 from terraflax.train import preemption
+from terraflax.train import pruning as pruning_lib
 from terraflax.train import sharding as sharding_lib
 from terraflax.train import state as state_lib
 from terraflax.train import steps as steps_lib
@@ -115,7 +118,12 @@ def _refuse_changed_resume(config, workdir: str) -> None:
   if not (workdir_lib.has_checkpoints(workdir)
           and os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))):
     return
-  conflicts = workdir_lib.resume_conflicts(workdir_lib.read_config(workdir), config)
+  stored = workdir_lib.read_config(workdir)
+  try:  # Fields added since the run began (e.g. pruning.*) take their defaults.
+    stored = config_lib.check_fields(stored)
+  except config_lib.ConfigError:
+    pass  # Compared as stored: the conflicts list says what differs.
+  conflicts = workdir_lib.resume_conflicts(stored, config)
   if conflicts:
     raise config_lib.ConfigError(
         f'{workdir} holds a run with other settings ({"; ".join(conflicts)}); resuming may '
@@ -222,6 +230,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   if jax.process_index() == 0:
     held.enter_context(workdir_lib.WorkdirLock(workdir))
   tx, schedule = optimizers.make_optimizer(config.optimizer, t.steps)
+  tx = pruning_lib.add_pruning(tx, config.pruning, experiment.abstract_variables['params'])
   teacher, teacher_params = None, None
   if config.distill.teacher_workdir:
     teacher, teacher_params = distill_lib.load_teacher(experiment)
@@ -358,11 +367,14 @@ def _report_memory(run: _Run) -> None:
 
 def _train_scalars(run: _Run, step: int, timer: _Timer) -> dict[str, float]:
   """train/loss, train/accuracy, train/grad_norm, lr, tokens_per_sec and train/mfu since the
-  last log; resets the pending sums."""
+  last log (and train/sparsity when pruning); resets the pending sums."""
   _check_health(run, step)
   sums = jax.device_get(run.pending)
   run.pending = jax.device_put(steps_lib.zero_pending(), sharding_lib.replicated(run.mesh))
   scalars = normalise(sums, 'train')
+  pruned = pruning_lib.find_state(run.state.opt_state)
+  if pruned is not None:
+    scalars['train/sparsity'] = pruning_lib.sparsity(run.state.params, pruned.masks)
   scalars['train/grad_norm'] = float(sums['grad_norm_sum']) / max(int(sums['steps']), 1)
   scalars['lr'] = float(run.schedule(step - 1))
   seconds_per_step = timer.lap()

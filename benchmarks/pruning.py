@@ -1,0 +1,213 @@
+"""Pruning configs/transformer_lm.py: eval loss / bits per byte against sparsity, decode speed.
+
+  python benchmarks/pruning.py [--quick] [--root runs/pruning] [--json out.json] [--plot x.png]
+
+1. Trains the dense model (configs/transformer_lm.py) once, then fine-tunes
+   from it for the same number of steps:
+   - dense (sparsity 0; the fair baseline: as many extra steps),
+   - unstructured: global magnitude pruning (configs/pruning.py) to 50, 75, 90%
+     of the attention and feed-forward kernels on a cubic schedule over the
+     first half of the fine-tuning,
+   - structured: `terraflax.prune` keeps 50, 25, 10% of the feed-forward
+     hidden units and heads (at least one head), then fine-tunes the smaller model.
+2. Evaluates each on the same evaluation batches (eval/loss, eval/bits_per_byte).
+3. Times batch-1 greedy decoding of the dense and the structurally pruned
+   models (`decoding.autoregressive_sample`, compiled once, best of 10 rounds
+   that interleave the models) and
+   compares the speed-up with the parameter ratio.
+
+--quick: a short dense run and fine-tuning (minutes on 2 CPU cores; the
+figures are indicative). Prints a markdown table; --json and --plot write the
+rows and a PNG (loss against sparsity).
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from terraflax import decoding
+from terraflax import prune
+from terraflax import workdir as workdir_lib
+from terraflax.models import spec as spec_lib
+from terraflax.train import config as config_lib
+from terraflax.train import metrics as metrics_lib
+from terraflax.train import pruning
+from terraflax.train import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPARSITIES = (0.5, 0.75, 0.9)
+
+
+def base_config(args):
+  config = config_lib.load_sibling(os.path.join(ROOT, 'configs', 'x.py'), 'transformer_lm')
+  config.train.steps = args.dense_steps
+  config.train.log_every = config.train.eval_every = config.train.checkpoint_every = max(
+      args.dense_steps // 2, 1)
+  config.train.eval_batches = args.eval_batches
+  config.sample.max_new_tokens = 0
+  return config
+
+
+def finetune_config(args, init_from, model=None, sparsity=0.0):
+  config = base_config(args)
+  config.init_from = init_from
+  if model is not None:
+    config.model = model
+  config.train.steps = args.finetune_steps
+  config.train.log_every = config.train.eval_every = config.train.checkpoint_every = (
+      args.finetune_steps)
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = min(20, args.finetune_steps // 4)
+  if sparsity:
+    config.pruning = ml_collections.ConfigDict({
+        'method': 'magnitude', 'scope': 'global', 'sparsity': sparsity, 'start_step': 1,
+        'end_step': max(args.finetune_steps // 2, 1),
+        'frequency': max(args.finetune_steps // 20, 1)})
+  return config
+
+
+def train(config, workdir):
+  """Trains (or finds already trained) `workdir`; its last eval metrics."""
+  done = os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and any(
+      m['step'] == config.train.steps and 'eval/loss' in m
+      for m in metrics_lib.read_metrics(workdir))
+  if not done:
+    with contextlib.redirect_stdout(io.StringIO()):
+      trainer.train_and_evaluate(config, workdir)
+  records = [m for m in metrics_lib.read_metrics(workdir) if 'eval/loss' in m]
+  return records[-1]
+
+
+def decoder(workdir, n_tokens):
+  """A function running greedy batch-1 decoding of `n_tokens` with a workdir's model."""
+  _, spec, params = spec_lib.load_workdir(workdir)
+  model = spec.build('predict')
+  prompt = jnp.array([[ord('d'), ord('e'), ord('f')]], jnp.int32)
+
+  def run():
+    return jax.block_until_ready(decoding.autoregressive_sample(
+        model, params, prompt, max_new_tokens=n_tokens, temperature=0.0))
+
+  run()  # Compiles.
+  return run
+
+
+def decode_speeds(workdirs, n_tokens, rounds):
+  """{workdir: tokens/s}: the best of `rounds` timings, the models interleaved in each round
+  (so a busy machine's slow spells hit all of them)."""
+  runs = {w: decoder(w, n_tokens) for w in workdirs}
+  best = {w: float('inf') for w in workdirs}
+  for _ in range(rounds):
+    for w, run in runs.items():
+      began = time.perf_counter()
+      run()
+      best[w] = min(best[w], time.perf_counter() - began)
+  return {w: n_tokens / t for w, t in best.items()}
+
+
+def count(workdir):
+  """(all parameters, those of the pruned kinds: attention and feed-forward kernels)."""
+  _, _, params = spec_lib.load_workdir(workdir)
+  chosen = jax.tree_util.tree_leaves(pruning.selected(params, pruning.DEFAULT_PARAMS))
+  leaves = jax.tree_util.tree_leaves(params)
+  return (int(sum(x.size for x in leaves)),
+          int(sum(x.size for x, on in zip(leaves, chosen) if on)))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--quick', action='store_true', help='short runs (indicative figures)')
+  parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'pruning'),
+                      help='where the workdirs go (reused when present)')
+  parser.add_argument('--json', default='',
+                      help='write the rows here (benchmarks/pruning_quick.json: --quick)')
+  parser.add_argument('--plot', default='', help='write a PNG of loss against sparsity here')
+  args = parser.parse_args()
+  args.dense_steps = 200 if args.quick else 1000
+  args.finetune_steps = 100 if args.quick else 500
+  args.eval_batches = 8 if args.quick else 32
+  n_tokens = 64 if args.quick else 200
+  root = os.path.join(args.root, 'quick' if args.quick else 'full')
+
+  dense_dir = os.path.join(root, 'dense')
+  train(base_config(args), dense_dir)
+  rows = []
+  tuned = os.path.join(root, 'dense_finetuned')
+  m = train(finetune_config(args, dense_dir), tuned)
+  dense_params, prunable = count(tuned)
+  rows.append({'kind': 'dense', 'sparsity': 0.0, 'loss': m['eval/loss'],
+               'bpb': m['eval/bits_per_byte'], 'params': dense_params, 'workdir': tuned})
+  for s in SPARSITIES:
+    workdir = os.path.join(root, f'unstructured_{int(s * 100)}')
+    m = train(finetune_config(args, dense_dir, sparsity=s), workdir)
+    rows.append({'kind': 'unstructured', 'sparsity': s, 'loss': m['eval/loss'],
+                 'bpb': m['eval/bits_per_byte'], 'params': dense_params,
+                 'sparsity_reached': m.get('train/sparsity')})
+  for s in SPARSITIES:
+    keep = 1.0 - s
+    small = os.path.join(root, f'structured_{int(s * 100)}_pruned')
+    if not os.path.exists(os.path.join(small, prune.PRUNING_FILE)):
+      prune.prune_workdir(dense_dir, small, ff_keep=keep, heads_keep=keep)
+    with open(os.path.join(small, prune.PRUNING_FILE), encoding='utf-8') as f:
+      report = json.load(f)
+    small_model = workdir_lib.read_config(small).model
+    workdir = os.path.join(root, f'structured_{int(s * 100)}')
+    m = train(finetune_config(args, small, model=small_model), workdir)
+    params, _ = count(workdir)
+    rows.append({'kind': 'structured', 'sparsity': (dense_params - params) / prunable,
+                 'loss': m['eval/loss'], 'bpb': m['eval/bits_per_byte'], 'params': params,
+                 'workdir': workdir, 'd_ff': report['d_ff'][1], 'n_heads': report['n_heads'][1]})
+  speeds = decode_speeds([r['workdir'] for r in rows if 'workdir' in r], n_tokens, rounds=10)
+  for r in rows:
+    if 'workdir' in r:
+      r['tokens_per_sec'] = speeds[r['workdir']]
+  dense_speed = rows[0]['tokens_per_sec']
+
+  dense_loss = rows[0]['loss']
+  print(f'\nconfigs/transformer_lm.py: dense {args.dense_steps} steps, then '
+        f'{args.finetune_steps} fine-tuning steps each; eval on {args.eval_batches} batches; '
+        f'decode: batch 1, {n_tokens} greedy tokens, best of 10 interleaved rounds, '
+        f'{jax.devices()[0].device_kind}.\n')
+  print('| pruning | sparsity | eval loss | vs dense | bits/byte | parameters | decode tok/s | '
+        'speed-up | params ratio |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    speed = r.get('tokens_per_sec')
+    ratio = dense_params / r['params']
+    cells = [r['kind'] + (f" (d_ff {r['d_ff']}, {r['n_heads']} heads)" if 'd_ff' in r else ''),
+             f"{r['sparsity']:.1%}", f"{r['loss']:.4f}", f"{r['loss'] / dense_loss - 1:+.1%}",
+             f"{r['bpb']:.3f}", f"{r['params']:,}",
+             f'{speed:,.0f}' if speed else '-',
+             f'{speed / dense_speed:.2f}x' if speed else '-',
+             f'{ratio:.2f}x' if r['kind'] != 'unstructured' else '-']
+    print('| ' + ' | '.join(cells) + ' |')
+  if args.json:
+    with open(args.json, 'w', encoding='utf-8') as f:
+      json.dump([{k: v for k, v in r.items() if k != 'workdir'} for r in rows], f, indent=1)
+  if args.plot:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, marker in (('unstructured', 'o'), ('structured', 's')):
+      pts = [rows[0]] + [r for r in rows if r['kind'] == kind]
+      ax.plot([100 * r['sparsity'] for r in pts], [r['bpb'] for r in pts], marker=marker,
+              label=kind)
+    ax.set_xlabel('weights removed from attention + feed-forward (%)')
+    ax.set_ylabel('eval bits per byte')
+    ax.set_title('Pruning configs/transformer_lm.py (after fine-tuning)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == '__main__':
+  main()

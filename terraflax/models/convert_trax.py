@@ -1,0 +1,771 @@
+"""Trax 1.4.1 checkpoints -> terraflax model configs and parameters.
+
+  model_config, params = from_trax('/path/to/loop_output_dir')
+  model = TransformerLM(**{k: v for k, v in model_config.items() if k != 'name'}, mode='eval')
+
+reads what Trax writes:
+
+  - a `trax.supervised.training.Loop` checkpoint: `model.pkl.gz` (a gzipped
+    pickle: step, state, input signature) with its weights in
+    `model.weights.npy.gz` (gzipped `np.save` arrays, one per weight); the
+    optimizer slots (`model.opt_slots*.npy.gz`) are NOT read: a converted
+    model is for evaluation, decoding or fine-tuning from fresh slots;
+  - a file written by `Layer.save_to_file` (the weights inside the pickle).
+
+Trax's pickles name Trax classes (the input signature's `ShapeDtype`); they
+are read without Trax, as opaque placeholders. The weights are a flat list in
+the order of Trax's layer tree, which the checkpoint does not describe: the
+model's configuration does. It comes from `config=` (a dict of the Trax
+factory's keyword arguments, or a gin file) or from `config.gin` next to the
+checkpoint (what gin-driven Trax runs write), and `model=` names the factory
+when the gin file binds several. The converter builds the layer tree that the
+configuration describes and walks it, taking one weight per parameter in
+Trax's order and checking its shape; a checkpoint with fewer or more weights
+than the tree, or one of another shape, is a `TraxConversionError` naming
+the layer and both shapes.
+
+Models (Trax name -> terraflax factory):
+
+  TransformerLM  -> TransformerLM(positions='learned'): Trax's positional
+                    table is a weight (trained with the rest), so it is kept.
+  ReformerLM     -> ReformerLM (reversible, axial or learned positions,
+                    attention_type a list cycled over layers of
+                    efficient_attention's SelfAttention, full (chunk_len=None)
+                    or local, and LSHSelfAttention, as `LSH(convention='hf')`:
+                    Hugging Face's layers reproduce Trax's arithmetic).
+  ReformerLM(ff_sparsity=N)
+                 -> TerraformerLM(ff_sparsity=N, positions='learned'): the
+                    Terraformer's SparseFF (one active unit in each block of
+                    N, a low-rank controller; eval picks the argmax in both)
+                    in the same reversible layout, with full, LSH or sparse
+                    QKV attention (MultiplicativeConvCausalAttention ->
+                    SparseQKV(output_layer='none')) and Trax's
+                    PositionalEncoding (pos_type None). Trax's SparseFF has
+                    no first-layer bias: bias_in is zero.
+
+Not converted (a clear error): encoder-decoders (Trax's Transformer,
+ConfigurableTerraformer), ConfigurableTransformerLM, the sparse-QKV options
+share_qk / output_layer_type / v_concat_type, ff_use_sru, SelfAttention's
+share_qk and bias options, other pos_types.
+
+Randomness: Trax's LSH layers draw their rotations per example and head from
+a per-layer state; terraflax draws them from the 'hash' stream. To reproduce
+one Trax forward pass, pass the rotations it drew (`lsh_rotations` of
+`terraflax.models.convert`, batch 1). Dropout is off in eval mode in both.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import io
+import json
+import math
+import os
+import pickle
+import re
+from typing import Any
+
+import numpy as np
+
+from terraflax import errors
+from terraflax.models import attention as attn
+
+CHECKPOINT_FILE = 'model.pkl.gz'
+GIN_FILE = 'config.gin'
+
+# Trax's defaults of the keyword arguments the converter reads (trax 1.4.1 signatures).
+TRAX_DEFAULTS = {
+    'TransformerLM': dict(d_model=512, d_ff=2048, n_layers=6, n_heads=8, max_len=2048,
+                          dropout=0.1, ff_activation='Relu'),
+    'ReformerLM': dict(d_model=512, d_ff=2048, d_attention_key=64, d_attention_value=64,
+                       n_layers=6, n_heads=8, dropout=0.1, max_len=2048,
+                       attention_type='SelfAttention', pos_type=None, pos_axial_shape=(),
+                       pos_d_axial_embs=None, ff_activation='FastGelu', ff_use_sru=0,
+                       ff_chunk_size=0, ff_sparsity=0, loss_sparsity=0,
+                       attention_chunk_size=0),
+}
+ATTENTION_DEFAULTS = {  # efficient_attention's layers, as ReformerLM builds them.
+    'SelfAttention': dict(share_qk=False, chunk_len=None, n_chunks_before=0, n_chunks_after=0,
+                          bias=False, predict_mem_len=None),
+    'LSHSelfAttention': dict(chunk_len=128, n_chunks_before=1, n_chunks_after=0, n_hashes=1,
+                             n_buckets=None, predict_mem_len=2048, bias=False),
+    # trax.layers.research.sparsity: the Terraformer's sparse QKV.
+    'MultiplicativeConvCausalAttention': dict(sparsity=None, length_kernel_size=3,
+                                              share_qk=False, output_layer_type='none',
+                                              v_concat_type='none'),
+}
+# Trax activation layers -> terraflax ff_activation names.
+ACTIVATIONS = {'Relu': 'relu', 'FastGelu': 'fast_gelu', 'Gelu': 'gelu'}
+# Keyword arguments whose non-default values change the weights or the function in ways the
+# converter does not reproduce: name -> the only value it accepts.
+UNSUPPORTED = {
+    'ReformerLM': dict(ff_use_sru=0, loss_sparsity=0),
+}
+
+
+class TraxConversionError(errors.UserError, ValueError):
+  """A Trax checkpoint or configuration that cannot be converted (names the file/field)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Opaque:
+  """Stands in for a Trax class named in a pickle (ShapeDtype, ...); keeps its state."""
+
+  def __init__(self, *args, **kwargs):
+    self.args, self.kwargs = args, kwargs
+
+  def __setstate__(self, state):
+    self.state = state
+
+
+class _Unpickler(pickle.Unpickler):
+  """Unpickles Trax's checkpoint dicts without Trax: Trax/TF classes become `_Opaque`."""
+
+  def find_class(self, module, name):
+    if module.split('.')[0] in ('trax', 'tensorflow', 'gin'):
+      return type(name, (_Opaque,), {})
+    return super().find_class(module, name)
+
+
+def _load_pickle(file: str) -> Any:
+  try:
+    with gzip.open(file, 'rb') as f:
+      return _Unpickler(f).load()
+  except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError,
+          TypeError, ValueError) as e:
+    raise TraxConversionError(
+        f'{file} is not a Trax checkpoint (expected a gzipped pickle as written by '
+        f'training.Loop.save_checkpoint or Layer.save_to_file): {type(e).__name__}: {e}'
+    ) from None
+
+
+def _load_arrays(file: str, compresslevel: int) -> list[np.ndarray]:
+  """The arrays `np_to_file` wrote: consecutive `np.save` records in one gzip stream."""
+  del compresslevel  # gzip reads any level.
+  if not os.path.isfile(file):
+    raise TraxConversionError(f'{file} is missing: the checkpoint keeps its weights there '
+                              '(training.Loop writes it next to model.pkl.gz).')
+  arrays = []
+  try:
+    with gzip.open(file, 'rb') as f:
+      data = io.BytesIO(f.read())
+    while data.tell() < len(data.getbuffer()):
+      arrays.append(np.load(data, allow_pickle=False))
+  except (OSError, EOFError, ValueError) as e:
+    raise TraxConversionError(f'{file} cannot be read as Trax weights (truncated or corrupt?): '
+                              f'{e}') from None
+  return arrays
+
+
+def checkpoint_file(path: str) -> str:
+  """The pickle to read: `path` itself, or `DIR/model.pkl.gz` for a Loop output dir."""
+  if os.path.isdir(path):
+    file = os.path.join(path, CHECKPOINT_FILE)
+    if not os.path.isfile(file):
+      found = sorted(f for f in os.listdir(path) if f.endswith('.pkl.gz'))
+      hint = f' (found {", ".join(found)}: pass one as the path)' if found else ''
+      raise TraxConversionError(f'{path} holds no {CHECKPOINT_FILE}{hint}: expected a '
+                                'training.Loop output dir or a .pkl.gz checkpoint file.')
+    return file
+  if not os.path.isfile(path):
+    raise TraxConversionError(f'{path} does not exist (expected a training.Loop output dir or '
+                              'a .pkl.gz checkpoint file).')
+  return path
+
+
+def read_weights(path: str) -> list[np.ndarray]:
+  """The flat weight list of a Trax checkpoint (a Loop dir/pickle or a save_to_file file)."""
+  file = checkpoint_file(path)
+  content = _load_pickle(file)
+  if not isinstance(content, dict) or 'flat_weights' not in content:
+    keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+    raise TraxConversionError(f'{file} is not a Trax checkpoint: expected a dict with '
+                              f"'flat_weights' (training.Loop / Layer.save_to_file), got {keys}.")
+  flat = content['flat_weights']
+  if isinstance(flat, int) and not isinstance(flat, bool):  # Loop: weights in their own file.
+    base = file[:-len('.pkl.gz')] if file.endswith('.pkl.gz') else file
+    flat = _load_arrays(base + '.weights.npy.gz', flat)
+  if not isinstance(flat, (list, tuple)):
+    raise TraxConversionError(f"{file}: 'flat_weights' is a {type(flat).__name__}, expected a "
+                              'list of arrays.')
+  weights = []
+  for i, w in enumerate(flat):
+    w = np.asarray(w)
+    if w.dtype == np.uint16:  # Loop bit-casts bfloat16 weights to uint16.
+      w = (w.astype(np.uint32) << 16).view(np.float32)
+    if not np.issubdtype(w.dtype, np.floating):
+      raise TraxConversionError(f'{file}: weight #{i} has dtype {w.dtype}; expected floats.')
+    weights.append(w.astype(np.float32))
+  return weights
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+_BINDING = re.compile(
+    r'^(?:(?P<scope>[\w./]+)/)?(?P<name>[\w.]+)\.(?P<param>\w+)\s*=\s*(?P<value>.*)$', re.S)
+
+
+def _gin_value(text: str, where: str, macros: dict[str, Any]) -> Any:
+  """A gin literal; `@name` / `@scope/name` references become the strings '@name',
+  `%macro` the macro's value."""
+  def macro(m):
+    if m.group(1) not in macros:
+      raise TraxConversionError(f'{where}: %{m.group(1)} is not a macro defined above it.')
+    return repr(macros[m.group(1)])
+  quoted = re.sub(r'@([\w./]+)(\(\))?', lambda m: repr('@' + m.group(1)), text)
+  quoted = re.sub(r'%([\w.]+)', macro, quoted)
+  try:
+    return ast.literal_eval(quoted)
+  except (ValueError, SyntaxError):
+    raise TraxConversionError(f'{where}: cannot read the gin value {text.strip()!r} (the '
+                              'converter reads literals, @references and %macros).') from None
+
+
+def read_gin(file: str) -> dict[tuple[str, str], dict[str, Any]]:
+  """Gin bindings {(scope, configurable): {param: value}} of a gin file (literals only).
+
+  Reads what gin's operative configs hold: `[scope/]Name.param = value`
+  (values may span lines), `name = value` macros used as `%name`, comments;
+  `import` and `include` lines are skipped.
+  """
+  try:
+    with open(file, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise TraxConversionError(f'{file} cannot be read: {e}') from None
+  bindings: dict[tuple[str, str], dict[str, Any]] = {}
+  macros: dict[str, Any] = {}
+  statement, first = '', 0
+  for number, line in enumerate(lines, 1):
+    line = line.split('#', 1)[0].rstrip() if '#' in line and "'" not in line else line.rstrip()
+    if not statement:
+      first = number
+    statement = f'{statement} {line.strip()}' if statement else line.strip()
+    if not statement or statement.count('(') + statement.count('[') > (
+        statement.count(')') + statement.count(']')):
+      continue  # Empty, or a value continued on the next line.
+    if statement.startswith(('import ', 'from ', 'include ')):
+      statement = ''
+      continue
+    where = f'{file}:{first}'
+    match = _BINDING.match(statement)
+    if match is None:
+      macro = re.match(r'^(\w+)\s*=\s*(.*)$', statement, re.S)
+      if macro is None:
+        raise TraxConversionError(f'{where}: {statement!r} is not a gin binding '
+                                  '(configurable.param = value).')
+      macros[macro[1]] = _gin_value(macro[2], where, macros)
+      statement = ''
+      continue
+    name = match['name'].split('.')[-1]
+    bindings.setdefault((match['scope'] or '', name), {})[match['param']] = _gin_value(
+        match['value'], where, macros)
+    statement = ''
+  return bindings
+
+
+def _reference(value: Any) -> tuple[str, str] | None:
+  """'@scope/trax.layers.Name' -> (scope, 'Name'); None if not a reference."""
+  if not isinstance(value, str) or not value.startswith('@'):
+    return None
+  scope, _, name = value[1:].rpartition('/')
+  return scope, name.split('.')[-1]
+
+
+def _model_name(bindings, model: str | None, source: str) -> str:
+  names = sorted({name for (scope, name) in bindings if not scope and name in TRAX_DEFAULTS})
+  if model is not None:
+    if model not in TRAX_DEFAULTS:
+      raise TraxConversionError(f'unknown Trax model {model!r}: the converter knows '
+                                f'{", ".join(sorted(TRAX_DEFAULTS))}.')
+    return model
+  if len(names) != 1:
+    raise TraxConversionError(
+        f'{source} binds {"none" if not names else " and ".join(names)} of the Trax models the '
+        f'converter knows ({", ".join(sorted(TRAX_DEFAULTS))}); name one with --trax_model.')
+  return names[0]
+
+
+def _layer_config(value: Any, bindings, where: str) -> dict:
+  """An attention type (a gin reference or a dict {'type': Name, ...}) -> {'type', **kwargs}."""
+  if isinstance(value, dict):
+    layer = dict(value)
+    kind = str(layer.pop('type', '')).split('.')[-1]
+  else:
+    ref = _reference(value) if not (isinstance(value, str) and '@' not in value) else ('', value)
+    if ref is None:
+      raise TraxConversionError(f'{where}: {value!r} is not an attention layer (expected a gin '
+                                "reference like @LSHSelfAttention or {'type': 'SelfAttention', "
+                                '...}).')
+    scope, kind = ref
+    kind = kind.split('.')[-1]
+    layer = dict(bindings.get(('', kind), {}))
+    if scope:
+      layer.update(bindings.get((scope, kind), {}))
+  if kind not in ATTENTION_DEFAULTS:
+    raise TraxConversionError(f'{where}: attention type {kind!r} is not supported; the converter '
+                              f'knows {", ".join(ATTENTION_DEFAULTS)} (trax.layers).')
+  return {'type': kind, **ATTENTION_DEFAULTS[kind], **layer}
+
+
+def trax_config(path: str, *, model: str | None = None, config: Any = None) -> tuple[str, dict]:
+  """(Trax model name, its keyword arguments with Trax's defaults filled in).
+
+  `config`: a dict of keyword arguments, a JSON string of one, or a gin file;
+  None reads `config.gin` next to the checkpoint.
+  """
+  if config is None or (isinstance(config, str) and not config.lstrip().startswith('{')):
+    gin_file = config
+    if gin_file is None:
+      folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+      gin_file = os.path.join(folder, GIN_FILE)
+      if not os.path.isfile(gin_file):
+        raise TraxConversionError(
+            f'no model configuration: {gin_file} does not exist; pass the Trax model\'s gin '
+            'file or its keyword arguments (--trax_config=\'{"d_model": 512, ...}\') and '
+            '--trax_model.')
+    bindings = read_gin(gin_file)
+    name = _model_name(bindings, model, gin_file)
+    kwargs = dict(bindings.get(('', name), {}))
+    source = gin_file
+  else:
+    if isinstance(config, str):
+      try:
+        config = json.loads(config)
+      except ValueError as e:
+        raise TraxConversionError(f'--trax_config is not a JSON object: {e}') from None
+    if not isinstance(config, dict):
+      raise TraxConversionError(f'the Trax config must be a dict of keyword arguments, got '
+                                f'{type(config).__name__}.')
+    if model is None:
+      raise TraxConversionError('a keyword-argument config needs the model name (--trax_model, '
+                                f'one of {", ".join(sorted(TRAX_DEFAULTS))}).')
+    name, bindings, kwargs, source = _model_name({}, model, ''), {}, dict(config), 'the config'
+  if 'vocab_size' not in kwargs:
+    raise TraxConversionError(f'{source} has no {name}.vocab_size (Trax has no default for it).')
+  unknown = sorted(set(kwargs) - set(TRAX_DEFAULTS[name]) - {'vocab_size', 'mode'})
+  ignored = {'dropout_shared_axes', 'pos_start_from_zero_prob', 'pos_max_offset_to_add',
+             'loss_sparsity_type', 'loss_d_lowrank', 'loss_sparsity_prob'}
+  unknown = [k for k in unknown if k not in ignored]
+  if unknown:
+    raise TraxConversionError(f'{source}: {name} argument(s) {", ".join(unknown)} are not read by '
+                              f'the converter; it reads {", ".join(sorted(TRAX_DEFAULTS[name]))}.')
+  kwargs = {**TRAX_DEFAULTS[name], **kwargs}
+  for key in ('ff_activation',):
+    value = kwargs[key]
+    ref = _reference(value)
+    kwargs[key] = ref[1] if ref else str(value).split('.')[-1]
+  for key, allowed in UNSUPPORTED.get(name, {}).items():
+    if kwargs.get(key, allowed) != allowed:
+      raise TraxConversionError(f'{source}: {name}.{key}={kwargs[key]!r} is not supported (only '
+                                f'{allowed!r} converts).')
+  if name == 'ReformerLM':
+    types = kwargs['attention_type']
+    types = list(types) if isinstance(types, (list, tuple)) else [types]
+    kwargs['attention_type'] = [_layer_config(t, bindings, f'{source}: attention_type[{i}]')
+                                for i, t in enumerate(types)]
+  kwargs['_source'] = source
+  return name, kwargs
+
+
+# ----------------------------------------------------------------------------- the walk
+
+
+class _Walk:
+  """Takes Trax's flat weights in layer order, checking each one's shape."""
+
+  def __init__(self, weights: list[np.ndarray], file: str, name: str):
+    self.weights, self.file, self.name, self.next = weights, file, name, 0
+
+  def take(self, what: str, *shapes: tuple[int, ...]) -> np.ndarray:
+    """The next weight (`what` in the layer tree), which must have one of `shapes`."""
+    if self.next >= len(self.weights):
+      raise TraxConversionError(
+          f'{self.file} has {len(self.weights)} weights, but the {self.name} configuration '
+          f'needs more: {what} {shapes[0]} would be #{self.next} (does the configuration, e.g. '
+          'n_layers, match the checkpoint?).')
+    w = self.weights[self.next]
+    if tuple(w.shape) not in [tuple(s) for s in shapes]:
+      raise TraxConversionError(
+          f'{self.file}: weight #{self.next} has shape {tuple(w.shape)}, but the {self.name} '
+          f'configuration puts {what} {shapes[0]} there (does the configuration match the '
+          'checkpoint?).')
+    self.next += 1
+    return w
+
+  def finish(self):
+    if self.next != len(self.weights):
+      raise TraxConversionError(
+          f'{self.file} has {len(self.weights)} weights, but the {self.name} configuration '
+          f'describes {self.next} (does the configuration, e.g. n_layers, match the '
+          'checkpoint?).')
+
+
+def _norm(walk, what, d):
+  return {'scale': walk.take(f'{what} LayerNorm scale', (d,)),
+          'bias': walk.take(f'{what} LayerNorm bias', (d,))}
+
+
+def _dense(walk, what, d_in, d_out):
+  return {'kernel': walk.take(f'{what} Dense kernel', (d_in, d_out)),
+          'bias': walk.take(f'{what} Dense bias', (d_out,))}
+
+
+def _stack(trees):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+
+
+def _child(tree: dict, prefix: str) -> str:
+  names = [k for k in tree if k.startswith(prefix + '_')]
+  if len(names) != 1:
+    raise TraxConversionError(f'internal: expected one {prefix}_* in {sorted(tree)}.')
+  return names[0]
+
+
+def _abstract_params(model) -> dict:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  rngs = {s: jax.random.key(0) for s in ('params', 'hash', 'dropout')}
+  return nn.meta.unbox(jax.eval_shape(model.init, rngs, jnp.zeros((1, 1), jnp.int32))['params'])
+
+
+def _check_tree(params, abstract):
+  import jax  # pylint: disable=import-outside-toplevel
+  got, want = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(abstract)
+  if got != want:
+    raise TraxConversionError(f'internal: converted tree {got} differs from the model\'s {want}.')
+  for (path, x), a in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                          jax.tree_util.tree_leaves(abstract)):
+    if x.shape != a.shape:
+      raise TraxConversionError(f'internal: {jax.tree_util.keystr(path)} has shape {x.shape}, '
+                                f'the model wants {a.shape}.')
+
+
+def _positive(kwargs, name, source, model):
+  value = kwargs[name]
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise TraxConversionError(f'{source}: {model}.{name}={value!r} must be a positive int.')
+  return value
+
+
+# --- TransformerLM
+
+
+def _transformer_lm(kwargs: dict, walk: _Walk):
+  from terraflax.models.transformer import TransformerLM  # pylint: disable=import-outside-toplevel
+  source = kwargs['_source']
+  v, d, f, n, h, max_len = (_positive(kwargs, k, source, 'TransformerLM') for k in (
+      'vocab_size', 'd_model', 'd_ff', 'n_layers', 'n_heads', 'max_len'))
+  if kwargs['ff_activation'] != 'Relu':
+    raise TraxConversionError(f'{source}: TransformerLM.ff_activation='
+                              f'{kwargs["ff_activation"]!r} is not supported (only Relu, '
+                              "Trax's default).")
+  if d % h:
+    raise TraxConversionError(f'{source}: TransformerLM.d_model={d} is not divisible by '
+                              f'n_heads={h}.')
+  tf_kwargs = dict(vocab_size=v, d_model=d, d_ff=f, n_layers=n, n_heads=h,
+                   dropout=float(kwargs['dropout']), max_len=max_len, positions='learned')
+  k = d // h
+  # Trax: ShiftRight, Embedding, Dropout, PositionalEncoding, n x [Residual(LayerNorm,
+  # CausalAttention(q, k, v: Dense; o: Dense), Dropout), Residual(LayerNorm, Dense(d_ff),
+  # Relu, Dropout, Dense(d_model), Dropout)], LayerNorm, Dense(vocab).
+  embedding = walk.take('Embedding', (v, d))
+  table = walk.take('PositionalEncoding table', (max_len, d), (1, max_len, d)).reshape(max_len, d)
+  blocks = []
+  for i in range(n):
+    b = f'block {i}'
+    norm = _norm(walk, f'{b} attention', d)
+    attention = {}
+    for role in ('query', 'key', 'value'):
+      p = _dense(walk, f'{b} attention {role}', d, d)
+      attention[role] = {'kernel': p['kernel'], 'bias': p['bias']}
+    attention['output'] = _dense(walk, f'{b} attention output', d, d)
+    ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+          'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
+          'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
+    blocks.append((norm, attention, ff))
+  final_norm = _norm(walk, 'final', d)
+  head = _dense(walk, 'output', d, v)
+  walk.finish()
+  del k
+  model = TransformerLM(**tf_kwargs, mode='eval')
+  abstract = _abstract_params(model)
+  repeat = _child(abstract, 'Repeat')
+  attention_name = _child(abstract[repeat]['Serial_0']['Residual_0'], 'CausalAttention')
+  params = {
+      _child(abstract, 'Embedding'): {'embedding': embedding},
+      _child(abstract, 'PositionalEncoding'): {'pos_embedding': table},
+      repeat: {'Serial_0': {
+          'Residual_0': {'LayerNorm_0': _stack([b[0] for b in blocks]),
+                         attention_name: _stack([b[1] for b in blocks])},
+          'Residual_1': {'FeedForward_0': _stack([b[2] for b in blocks])}}},
+      _child(abstract, 'LayerNorm'): final_norm,
+      _child(abstract, 'Dense'): head,
+  }
+  _check_tree(params, abstract)
+  return 'TransformerLM', tf_kwargs, params
+
+
+# --- ReformerLM
+
+
+def _attention_spec(layer: dict, where: str, max_len: int):
+  """A Trax efficient-attention layer config -> a terraflax attention spec."""
+  if layer.get('bias'):
+    raise TraxConversionError(f'{where}: {layer["type"]}(bias=True) is not supported.')
+  if layer['type'] == 'MultiplicativeConvCausalAttention':
+    for key, only in (('share_qk', False), ('output_layer_type', 'none'),
+                      ('v_concat_type', 'none')):
+      if layer[key] != only:
+        raise TraxConversionError(f'{where}: MultiplicativeConvCausalAttention({key}='
+                                  f'{layer[key]!r}) is not supported (only {only!r}).')
+    return attn.SparseQKV(n_modules=layer['sparsity'], length_kernel_size=layer[
+        'length_kernel_size'], module_kernel_size=3, output_layer='none')
+  if layer['type'] == 'SelfAttention':
+    if layer.get('share_qk'):
+      raise TraxConversionError(f'{where}: SelfAttention(share_qk=True) is not supported.')
+    if layer['chunk_len'] is None:
+      return attn.Full()
+    return attn.Local(chunk_len=layer['chunk_len'], n_chunks_before=layer['n_chunks_before'],
+                      n_chunks_after=layer['n_chunks_after'])
+  buckets = layer['n_buckets']
+  if isinstance(buckets, (list, tuple)):
+    buckets = buckets[0] if len(buckets) == 1 else tuple(buckets)
+  return attn.LSH(n_hashes=layer['n_hashes'], chunk_len=layer['chunk_len'], n_buckets=buckets,
+                  n_chunks_before=layer['n_chunks_before'],
+                  n_chunks_after=layer['n_chunks_after'],
+                  predict_mem_len=min(layer['predict_mem_len'] or max_len, max_len),
+                  convention='hf')
+
+
+def _sparse_ff(kwargs: dict, source: str, d_ff: int) -> dict:
+  """TerraformerLM's SparseFF kwargs of ReformerLM's ff_sparsity (Trax's '1inN'), or {}.
+
+  ff_sparsity: an int N (N units per block, controller rank d_ff // N), a list
+  [N, d_lowrank] or [N, d_lowrank, temperature, quant_prob], or their string.
+  """
+  value = kwargs.get('ff_sparsity') or 0
+  if not value:
+    return {}
+  if isinstance(value, str):
+    value = [float(x) if '.' in x else int(x) for x in value.split()]
+  temperature, quant_prob = 0.1, 0.3
+  if isinstance(value, (list, tuple)) and len(value) == 2:
+    n_elements, d_lowrank = value
+  elif isinstance(value, (list, tuple)) and len(value) == 4:
+    n_elements, d_lowrank, temperature, quant_prob = value
+  elif isinstance(value, int) and not isinstance(value, bool):
+    n_elements, d_lowrank = value, d_ff // value
+  else:
+    raise TraxConversionError(f'{source}: ff_sparsity={value!r} is not supported; expected an '
+                              'int N or [N, d_lowrank(, temperature, quant_prob)].')
+  if not isinstance(n_elements, int) or n_elements < 1 or d_ff % n_elements or d_lowrank < 1:
+    raise TraxConversionError(f'{source}: ff_sparsity={value!r}: the block size must divide '
+                              f'd_ff={d_ff} and the controller rank be positive.')
+  return dict(ff_sparsity=n_elements, ff_d_lowrank=int(d_lowrank),
+              ff_temperature=float(temperature), ff_quant_prob=float(quant_prob))
+
+
+def _sparse_ff_weights(walk: _Walk, what: str, d: int, d_ff: int, sparse: dict) -> dict:
+  """Trax SparseFF weights -> terraflax SparseFF parameters.
+
+  Trax: controller (m1 (d, r), m2 (r, k, e), mb (k, e)), main (w1 (d, k, e),
+  w2 (e, k, d), b2 (d,)); unit k * e_size + e in both. Trax's first layer
+  has no bias (terraflax's bias_in is zero).
+  """
+  e = sparse['ff_sparsity']
+  k, r = d_ff // e, sparse['ff_d_lowrank']
+  m1 = walk.take(f'{what} controller m1', (d, r))
+  m2 = walk.take(f'{what} controller m2', (r, k, e))
+  mb = walk.take(f'{what} controller bias', (k, e))
+  w1 = walk.take(f'{what} w1', (d, k, e))
+  w2 = walk.take(f'{what} w2', (e, k, d))
+  b2 = walk.take(f'{what} b2', (d,))
+  return {'controller_lowrank': {'kernel': m1},
+          'controller_logits': {'kernel': m2.reshape(r, d_ff), 'bias': mb.reshape(d_ff)},
+          'kernel_in': w1.reshape(d, d_ff).T.copy(), 'bias_in': np.zeros((d_ff,), np.float32),
+          'kernel_out': w2.transpose(1, 0, 2).reshape(d_ff, d), 'bias_out': b2}
+
+
+def _sparse_ff_half(walk: _Walk, b: str, d: int, d_ff: int, sparse: dict) -> dict:
+  return {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+          'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, d_ff, sparse)}
+
+
+def _sparse_qkv_weights(walk: _Walk, what: str, d: int, n_heads: int, spec) -> dict:
+  """Trax MultiplicativeConvCausalAttention weights -> terraflax's.
+
+  Trax: FactoredDense (gating (S, d), projection (d, M), bias (d,)), then the
+  query, key (kernel (lk, 3, M, M), bias (M,)) and value (kernel (lk, 1, M,
+  M), bias) convolutions over (length, modules); no output layer.
+  """
+  s = spec.n_modules or n_heads
+  m, lk = d // s, spec.length_kernel_size
+  if d % s:
+    raise TraxConversionError(f'{what}: sparsity={s} does not divide d_model={d}.')
+  params = {'multiplicative': {'gating': walk.take(f'{what} gating', (s, d)).T.copy(),
+                               'kernel': walk.take(f'{what} projection', (d, m)),
+                               'bias': walk.take(f'{what} bias', (d,))}}
+  for role, width in (('query', 3), ('key', 3), ('value', 1)):
+    params[f'{role}_conv'] = {'kernel': walk.take(f'{what} {role} conv kernel', (lk, width, m, m)),
+                              'bias': walk.take(f'{what} {role} conv bias', (m,))}
+  return params
+
+
+def _reformer_lm(kwargs: dict, walk: _Walk):
+  from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
+  from terraflax.models.terraformer import TerraformerLM  # pylint: disable=import-outside-toplevel
+  source, name = kwargs['_source'], 'ReformerLM'
+  v, d, f, n, h, k, dv, max_len = (_positive(kwargs, key, source, name) for key in (
+      'vocab_size', 'd_model', 'd_ff', 'n_layers', 'n_heads', 'd_attention_key',
+      'd_attention_value', 'max_len'))
+  activation = ACTIVATIONS.get(kwargs['ff_activation'])
+  if activation is None:
+    raise TraxConversionError(f'{source}: {name}.ff_activation={kwargs["ff_activation"]!r} is '
+                              f'not supported; expected one of {", ".join(ACTIVATIONS)}.')
+  types = kwargs['attention_type']
+  if n % len(types):
+    raise TraxConversionError(f'{source}: {name}.n_layers={n} is not a multiple of the '
+                              f'{len(types)} attention types.')
+  pos_type, axial_shape = kwargs['pos_type'], tuple(kwargs['pos_axial_shape'] or ())
+  if not pos_type:
+    positions = 'learned'
+  elif pos_type in ('sin-cos', 'fixed-base', 'infinite', 'infinite-affine', 'time-bin', 'no'):
+    raise TraxConversionError(f'{source}: {name}.pos_type={pos_type!r} is not supported; '
+                              "expected None (Trax's PositionalEncoding) or axial.")
+  else:
+    dims = tuple(kwargs['pos_d_axial_embs'] or ())
+    if not axial_shape or len(dims) != len(axial_shape) or sum(dims) != d:
+      raise TraxConversionError(f'{source}: {name}.pos_axial_shape={axial_shape!r} and '
+                                f'pos_d_axial_embs={dims!r} must be lists of the same length, '
+                                f'the widths summing to d_model={d}.')
+    max_len = math.prod(axial_shape)  # Trax's axial layer covers exactly these positions.
+    positions = {'kind': 'axial', 'shape': list(axial_shape), 'd_embs': list(dims)}
+  specs = [_attention_spec(t, f'{source}: attention_type[{i}]', max_len)
+           for i, t in enumerate(types)]
+  tf_kwargs = dict(vocab_size=v, d_model=d, d_ff=f, n_layers=n, n_heads=h, d_qk=k, d_v=dv,
+                   dropout=float(kwargs['dropout']), max_len=max_len,
+                   attention=attn.to_config(specs), positions=positions,
+                   ff_activation=activation, ff_chunk_len=kwargs['ff_chunk_size'] or None)
+  sparse = _sparse_ff(kwargs, source, f)
+  if any(isinstance(spec, attn.SparseQKV) for spec in specs) and not sparse:
+    raise TraxConversionError(f'{source}: {name} with MultiplicativeConvCausalAttention converts '
+                              'with ff_sparsity only (to a TerraformerLM).')
+  if sparse:  # The Terraformer's SparseFF: a TerraformerLM (same reversible layout).
+    if positions != 'learned':
+      raise TraxConversionError(f'{source}: {name}.ff_sparsity with pos_type={pos_type!r} is not '
+                                "supported (TerraformerLM converts with Trax's PositionalEncoding, "
+                                'pos_type None).')
+    if any(isinstance(spec, attn.Local) for spec in specs):
+      raise TraxConversionError(f'{source}: {name}.ff_sparsity with local attention is not '
+                                'supported (full or LSH attention convert).')
+    name = 'TerraformerLM'
+    del tf_kwargs['ff_activation']  # Trax's SparseFF is a ReLU whatever ff_activation says.
+    tf_kwargs.update(sparse)
+
+  # Trax: ShiftRight, Embedding, Dropout, positions, Dup, ReversibleSerial(n x [
+  # ReversibleHalfResidual(LayerNorm, attention), ReversibleSwap, ReversibleHalfResidual(
+  # LayerNorm, Dense(d_ff), activation, Dropout, Dense(d_model), Dropout), ReversibleSwap]),
+  # Concatenate, LayerNorm(2 d_model), Dropout, Dense(vocab).
+  embedding = walk.take('Embedding', (v, d))
+  if positions == 'learned':
+    pos = {'pos_embedding': walk.take('PositionalEncoding table', (max_len, d),
+                                      (1, max_len, d)).reshape(max_len, d)}
+  else:
+    pos = {}
+    for i, (size, dim) in enumerate(zip(axial_shape, positions['d_embs'])):
+      shape = [1] * (len(axial_shape) + 1) + [dim]
+      shape[i + 1] = size
+      pos[f'axial_{i}'] = walk.take(f'AxialPositionalEncoding axis {i}',
+                                    tuple(shape)).reshape(size, dim)
+  layers = []
+  for i in range(n):
+    b, spec = f'block {i}', specs[i % len(specs)]
+    norm = _norm(walk, f'{b} attention', d)
+    if isinstance(spec, attn.SparseQKV):
+      layers.append((norm, _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec),
+                     _sparse_ff_half(walk, b, d, f, sparse)))
+      continue
+    if isinstance(spec, attn.LSH):
+      qk = walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k))
+      attention = {'qk': qk.transpose(1, 0, 2)}
+    else:
+      q = walk.take(f'{b} SelfAttention w_q', (h, d, k))
+      kk = walk.take(f'{b} SelfAttention w_k', (h, d, k))
+      attention = {'query': q.transpose(1, 0, 2), 'key': kk.transpose(1, 0, 2)}
+    attention['value'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_v',
+                                   (h, d, dv)).transpose(1, 0, 2)
+    attention['output'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_o', (h, dv, d))
+    if isinstance(spec, attn.Full):  # CausalAttention's Dense kernels: (d, h*k), (h*v, d).
+      attention = {role: {'kernel': w.reshape(d, -1) if role != 'output' else w.reshape(-1, d)}
+                   for role, w in attention.items()}
+    if isinstance(spec, attn.Full) and sparse:  # TerraformerLM's CausalAttention has biases.
+      attention = {role: {'kernel': p['kernel'], 'bias': np.zeros(p['kernel'].shape[-1:],
+                                                                  np.float32)}
+                   for role, p in attention.items()}
+    if sparse:
+      ff = _sparse_ff_half(walk, b, d, f, sparse)
+    else:
+      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+            'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
+            'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
+    layers.append((norm, attention, ff))
+  final_norm = _norm(walk, 'final (2 d_model)', 2 * d)
+  head = _dense(walk, 'output', 2 * d, v)
+  walk.finish()
+
+  model = (TerraformerLM if sparse else ReformerLM)(**tf_kwargs, mode='eval')
+  abstract = _abstract_params(model)
+  serial = _child(abstract, 'ReversibleSerial')
+  period = len(specs)
+  # The reversible serial's children with parameters, in order: attention half, ff half, ...
+  halves = sorted(abstract[serial], key=lambda key: int(key.rsplit('_', 1)[1]))
+  blocks = {}
+  for j, spec in enumerate(specs):
+    per_layer = layers[j::period]
+    attn_key, ff_key = halves[2 * j], halves[2 * j + 1]
+    attn_name = _child(abstract[serial][attn_key],
+                       'LSHSelfAttention' if isinstance(spec, attn.LSH) else
+                       'LocalSelfAttention' if isinstance(spec, attn.Local) else
+                       'MultiplicativeConvCausalAttention' if isinstance(spec, attn.SparseQKV)
+                       else 'CausalAttention')
+    blocks[attn_key] = {'LayerNorm_0': _stack([x[0] for x in per_layer]),
+                        attn_name: _stack([x[1] for x in per_layer])}
+    blocks[ff_key] = {'SparseFeedForward_0' if sparse else 'FeedForward_0':
+                      _stack([x[2] for x in per_layer])}
+  params = {
+      _child(abstract, 'Embedding'): {'embedding': embedding},
+      _child(abstract, 'PositionalEncoding' if positions == 'learned'
+             else 'AxialPositionalEncoding'): pos,
+      serial: blocks,
+      _child(abstract, 'LayerNorm'): final_norm,
+      _child(abstract, 'Dense'): head,
+  }
+  _check_tree(params, abstract)
+  return name, tf_kwargs, params
+
+
+_CONVERTERS = {'TransformerLM': _transformer_lm, 'ReformerLM': _reformer_lm}
+
+
+def from_trax(path: str, *, model: str | None = None, config: Any = None):
+  """(terraflax model config {'name': factory, **kwargs}, params) of a Trax checkpoint.
+
+  `path`: a training.Loop output dir (its model.pkl.gz) or a .pkl.gz file
+  (Loop's or Layer.save_to_file's). `model`: the Trax factory's name
+  ('TransformerLM', 'ReformerLM'), needed when `config` does not say.
+  `config`: the Trax factory's keyword arguments (a dict or a JSON string) or
+  a gin file; None reads config.gin next to the checkpoint. The optimizer
+  slots are dropped. The model config is plain JSON (attention specs as dicts).
+  """
+  file = checkpoint_file(path)  # A missing checkpoint is reported before a missing config.
+  name, kwargs = trax_config(path, model=model, config=config)
+  weights = read_weights(path)
+  name, tf_kwargs, params = _CONVERTERS[name](kwargs, _Walk(weights, file, name))
+  return {'name': name, **tf_kwargs}, params
