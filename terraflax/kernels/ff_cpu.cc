@@ -198,15 +198,33 @@ void stream_columns(int64_t m, const float* x, int64_t ldx, const float* w, int6
   }
 }
 
-// out (m x n) += x (m x k) w (k x n), the columns split between threads.
+// out (m x n) += x (m x k) w (k x n) over threads: each takes a range of columns
+// when a thread's share of a row is at least a page (4 KiB), else a range of
+// rows of w (whole rows, one contiguous stream per thread) into its own
+// partial sum, added to out at the end.
 void stream_product(ffi::ThreadPool& pool, int64_t m, const float* x, const float* w, int64_t k,
                     int64_t n, float* out) {
   const int64_t vecs = n / kLanes;
-  const int parts = int(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), vecs / 4)));
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads == 1 || n / threads >= 1024 || k < 4 * threads) {
+    const int parts = int(std::max<int64_t>(1, std::min<int64_t>(threads, vecs / 4)));
+    parallel_for(pool, parts, [&](int part) {
+      stream_columns(m, x, k, w, k, n, out, vecs * part / parts * kLanes,
+                     vecs * (part + 1) / parts * kLanes);
+    });
+    return;
+  }
+  const int parts = int(threads);
+  std::vector<float> partial(size_t(parts - 1) * m * n, 0.0f);
   parallel_for(pool, parts, [&](int part) {
-    stream_columns(m, x, k, w, k, n, out, vecs * part / parts * kLanes,
-                   vecs * (part + 1) / parts * kLanes);
+    const int64_t k0 = k * part / parts, k1 = k * (part + 1) / parts;
+    float* o = part == 0 ? out : partial.data() + size_t(part - 1) * m * n;
+    stream_columns(m, x + k0, k, w + k0 * n, k1 - k0, n, o, 0, n);
   });
+  for (int part = 1; part < parts; ++part) {
+    const float* p = partial.data() + size_t(part - 1) * m * n;
+    for (int64_t i = 0; i < m * n; i += kLanes) store(out + i, load(out + i) + load(p + i));
+  }
 }
 
 // The forward pass for at most kSmallRows rows (see stream_columns).
