@@ -11,7 +11,10 @@ called as `model(inputs, token)`.
 The whole loop is one jitted `lax.while_loop` (one model step per token, the
 key/value cache updated in place, no host work per token), which stops as
 soon as every row is finished. It is compiled once per model, shapes and
-static options.
+static options. Inside it each stacked layer's weights and caches are
+separate buffers (`split_layers`), so no step copies a layer's weights out
+of the stacked arrays. `init_cache` and `decode_step` are the loop's pieces
+for callers with their own loop (`stacked_depths` splits for them).
 
 Prompts are right-padded (b, lp) int arrays with `prompt_lengths` (b,);
 rows of different lengths decode together: while a row is inside its prompt

@@ -434,7 +434,10 @@ class ReversibleSerial(_ReversibleSerialFields):
     return self.n_in
 
   def stacked_copies(self) -> tuple[int, bool] | None:
-    """(n_repeats, True) when the blocks' variables are stacked, else None (`scan.stacked_copies`)."""
+    """(n_repeats, True) when the blocks' variables are stacked, else None.
+
+    See `scan.stacked_copies`.
+    """
     return None if self.n_repeats is None else (self.n_repeats, True)
 
   def _runs_forward_only(self) -> bool:

@@ -192,7 +192,8 @@ void stream_columns(int64_t m, const float* x, int64_t ldx, const float* w, int6
       for (int64_t i = 0; i < m; ++i) {
         const float a = x[i * ldx + kk];
         float* o = out + i * n;
-        for (int64_t j = b0; j < b1; j += kLanes) store(o + j, load(o + j) + a * load(w + kk * n + j));
+        for (int64_t j = b0; j < b1; j += kLanes)
+          store(o + j, load(o + j) + a * load(w + kk * n + j));
       }
     }
   }
