@@ -11,7 +11,10 @@ called as `model(inputs, token)`.
 The whole loop is one jitted `lax.while_loop` (one model step per token, the
 key/value cache updated in place, no host work per token), which stops as
 soon as every row is finished. It is compiled once per model, shapes and
-static options.
+static options. Inside it each stacked layer's weights and caches are
+separate buffers (`split_layers`), so no step copies a layer's weights out
+of the stacked arrays. `init_cache` and `decode_step` are the loop's pieces
+for callers with their own loop (`stacked_depths` splits for them).
 
 Prompts are right-padded (b, lp) int arrays with `prompt_lengths` (b,);
 rows of different lengths decode together: while a row is inside its prompt
@@ -26,6 +29,7 @@ import functools
 import sys
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,7 @@ from terraflax import errors
 from terraflax import quantization
 from terraflax import rng as rng_lib
 from terraflax import tokenizer as tokenizer_lib
+from terraflax.combinators import scan as scan_lib
 from terraflax.models import spec as spec_lib
 
 _NEG_INF = -jnp.inf
@@ -85,24 +90,114 @@ def _model_args(inputs, tokens):
   return (tokens,) if inputs is None else (inputs, tokens)
 
 
-def _init_cache(model, batch_size, inputs, rng):
-  """The model's predict-mode cache for `batch_size` rows (parameters discarded)."""
+def init_cache(model, batch_size: int, inputs=None, rng=None):
+  """The model's predict-mode cache for `batch_size` rows (parameters discarded).
+
+  `inputs`: a seq2seq model's encoder inputs (b, li); `rng`: a key for layers
+  that draw randomness at init (LSH rotations; default key 0).
+  """
+  return _init(model, batch_size, inputs, jax.random.key(0) if rng is None else rng)[0]
+
+
+def _init(model, batch_size, inputs, rng):
+  """(cache, stacks): the predict-mode cache, and (path, n, params stacked) per stack of copies."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  variables = model.init(rng_lib.stream_keys(rng), *_model_args(inputs, tokens))
+  stacks = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      copies = scan_lib.stacked_copies(context.module)
+      if copies is not None:
+        stacks.append((tuple(context.module.path), *copies))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = model.init(rng_lib.stream_keys(rng), *_model_args(inputs, tokens))
   if 'cache' not in variables:
     raise ValueError('The model keeps no cache: build it with mode=\'predict\' '
                      '(e.g. TransformerLM(..., mode=\'predict\')).')
-  return variables['cache']
+  return variables['cache'], tuple(sorted(set(stacks), key=lambda s: len(s[0])))
 
 
-def _step(model, params, cache, tokens, inputs, rng):
-  """One decoding step: tokens (B,) -> float32 logits (B, v) and the new cache."""
+def decode_step(model, params, cache, tokens, inputs=None, rng=None):
+  """One decoding step: tokens (B,) -> (float32 logits (B, v), the new cache).
+
+  `cache` from `init_cache` (or the previous step); `inputs` a seq2seq
+  model's encoder inputs; `rng` a key for layers that draw randomness in
+  predict mode (default key 0).
+  """
+  rng = jax.random.key(0) if rng is None else rng
   logits, state = model.apply({'params': params, 'cache': cache},
                               *_model_args(inputs, tokens[:, None]),
                               rngs=rng_lib.noise_keys(rng), mutable=['cache'])
   if logits.ndim != 3 or logits.shape[1] != 1:
     raise ValueError(f'A decoding step must return logits (b, 1, v), got {tuple(logits.shape)}.')
   return logits[:, 0].astype(jnp.float32), state['cache']
+
+
+# Kept for callers of the former private names.
+_init_cache = init_cache
+_step = decode_step
+
+
+# ----------------------------------------------------------------------------
+# Stacked layers inside the decoding loop.
+#
+# A `Repeat` keeps its copies' weights and caches stacked on a leading axis. In
+# predict mode its copies are unrolled and read their slices at static offsets,
+# but XLA:CPU copies such a slice of a loop-carried array on every iteration:
+# the weights were read three times per token (slice, write, dot) and the
+# stacked caches sliced and concatenated back. The loop therefore carries
+# every copy's slice as its own buffer (`split_layers`) and each step joins
+# them (`join_layers`); XLA folds slice(concatenate(pieces)) back to the
+# piece, so each copy's dot reads its weights in place and its cache is
+# updated in place. The values are unchanged: join(split(x)) == x.
+
+def layer_depths(tree, stacks, collection: str):
+  """A tree like `tree` holding n for a leaf stacked over n copies, else 0.
+
+  `stacks` from `_init`: (module path, n, params stacked); the outermost
+  stack whose path prefixes a leaf's decides (`collection` 'params' skips
+  stacks of shared parameters).
+  """
+  def depth(path, leaf):
+    keys = tuple(getattr(k, 'key', getattr(k, 'name', k)) for k in path)
+    for root, n, stacks_params in stacks:
+      if keys[:len(root)] == root and (collection != 'params' or stacks_params):
+        return n if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == n and n > 1 else 0
+    return 0
+  return jax.tree_util.tree_map_with_path(depth, tree)
+
+
+def stacked_depths(model, params, batch_size: int = 1, inputs=None):
+  """(parameter depths, cache depths): `layer_depths` of `params` and of the model's cache.
+
+  For callers that run `decode_step` in their own jitted function (a server
+  step): split the parameters once outside it (`split_layers(params,
+  depths)`, one copy) and `join_layers` them inside, so each layer's dot reads
+  its own buffer; joining inside the function costs nothing, joining outside
+  would copy every weight per call.
+  """
+  found = {}
+
+  def cache_of(inputs):
+    cache, found['stacks'] = _init(model, batch_size, inputs, jax.random.key(0))
+    return cache
+
+  cache = jax.eval_shape(cache_of, inputs)
+  return (layer_depths(params, found['stacks'], 'params'),
+          layer_depths(cache, found['stacks'], 'cache'))
+
+
+def split_layers(tree, depths):
+  """Each leaf of depth n > 0 -> a tuple of its n slices x[i]; others kept."""
+  return jax.tree_util.tree_map(
+      lambda n, x: tuple(x[i] for i in range(n)) if n else x, depths, tree)
+
+
+def join_layers(pieces, depths):
+  """The inverse of `split_layers`: the slices stacked back on axis 0."""
+  return jax.tree_util.tree_map(lambda n, x: jnp.stack(x) if n else x, depths, pieces)
 
 
 def _forced_tokens(prompt, position):
@@ -205,7 +300,10 @@ def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, 
   b, lp = prompt.shape
   total = lp + max_new_tokens
   init_rng, rng = jax.random.split(rng)
-  cache = _init_cache(model, b, inputs, init_rng)
+  cache, stacks = _init(model, b, inputs, init_rng)
+  param_depths = layer_depths(params, stacks, 'params')
+  cache_depths = layer_depths(cache, stacks, 'cache')
+  pieces = split_layers(params, param_depths)
 
   def cond(state):
     position, _, _, done, _ = state
@@ -214,7 +312,9 @@ def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, 
   def body(state):
     position, tokens, sequence, done, cache = state
     step_rng = jax.random.fold_in(rng, position)
-    logits, cache = _step(model, params, cache, tokens, inputs, step_rng)
+    logits, cache = decode_step(model, join_layers(pieces, param_depths),
+                                join_layers(cache, cache_depths), tokens, inputs, step_rng)
+    cache = split_layers(cache, cache_depths)
     sampled = sample_logits(logits, jax.random.fold_in(step_rng, 1), temperature=temperature,
                             top_k=top_k, top_p=top_p)
     in_prompt = position < lengths
@@ -226,7 +326,8 @@ def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, 
     return position + 1, token, sequence, done | ended, cache
 
   state = (jnp.zeros((), jnp.int32), jnp.zeros((b,), jnp.int32),
-           jnp.full((b, total), pad_id, jnp.int32), jnp.zeros((b,), jnp.bool_), cache)
+           jnp.full((b, total), pad_id, jnp.int32), jnp.zeros((b,), jnp.bool_),
+           split_layers(cache, cache_depths))
   _, _, sequence, _, _ = jax.lax.while_loop(cond, body, state)
   return _take_generated(sequence, lengths, max_new_tokens)
 
@@ -256,7 +357,7 @@ def _cache_batch_axes(model, batch_size, inputs_spec):
     if inputs_spec is not None:
       inputs = jax.ShapeDtypeStruct((b,) + inputs_spec[0], jnp.dtype(inputs_spec[1]))
     shapes.append(jax.eval_shape(
-        lambda inputs, b=b: _init_cache(model, b, inputs, jax.random.key(0)), inputs))
+        lambda inputs, b=b: init_cache(model, b, inputs, jax.random.key(0)), inputs))
 
   def axis(a, b):
     differ = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
@@ -327,7 +428,10 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
   b, lp = prompt.shape
   n, steps = beam_size, max_new_tokens
   init_rng, rng = jax.random.split(rng)
-  cache = _init_cache(model, b * n, inputs, init_rng)
+  cache, stacks = _init(model, b * n, inputs, init_rng)
+  param_depths = layer_depths(params, stacks, 'params')
+  cache_depths = layer_depths(cache, stacks, 'cache')
+  pieces = split_layers(params, param_depths)
   rows = jnp.arange(b)[:, None]
   worst_penalty = length_penalty(float(steps), alpha)
 
@@ -336,8 +440,10 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
 
   def body(state):
     position = state['position']
-    logits, cache = _step(model, params, state['cache'], state['last'].reshape(b * n), inputs,
-                          jax.random.fold_in(rng, position))
+    logits, cache = decode_step(model, join_layers(pieces, param_depths),
+                                join_layers(state['cache'], cache_depths),
+                                state['last'].reshape(b * n), inputs,
+                                jax.random.fold_in(rng, position))
     log_probs = jax.nn.log_softmax(logits).reshape(b, n, -1)
     vocab = log_probs.shape[-1]
     in_prompt = position < lengths  # (b,)
@@ -369,7 +475,8 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
     # The live hypotheses: the best n candidates that did not end.
     live_scores, live = jax.lax.top_k(jnp.where(is_eos, _NEG_INF, scores), n)
     new_parent = parent[rows, live]
-    cache = reorder_cache(cache, axes, (rows * n + new_parent).reshape(b * n))
+    cache = split_layers(reorder_cache(cache, axes, (rows * n + new_parent).reshape(b * n)),
+                         cache_depths)
     # A row is done when no live hypothesis can beat its worst finished one.
     reachable = jnp.max(live_scores, axis=1) / worst_penalty
     done = state['done'] | (~in_prompt & ((fin_scores[:, -1] >= reachable) | last_step[:, 0]))
@@ -383,7 +490,7 @@ def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, be
                live_log_prob=live_log_prob,
                fin_tokens=jnp.full((b, n, steps), pad_id, jnp.int32),
                fin_scores=jnp.full((b, n), _NEG_INF), done=jnp.zeros((b,), jnp.bool_),
-               cache=cache)
+               cache=split_layers(cache, cache_depths))
   state = jax.lax.while_loop(cond, body, state)
   return state['fin_tokens'], state['fin_scores']
 

@@ -2,6 +2,7 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +118,56 @@ class SamplingTest(absltest.TestCase):
       decoding.autoregressive_sample(s.eval_model, s.params, s.prompt, 2, temperature=0.0)
     with self.assertRaisesRegex(ValueError, 'max_new_tokens must be a positive int'):
       decoding.autoregressive_sample(s.predict_model, s.params, s.prompt, 0, temperature=0.0)
+
+
+class LoopLayoutTest(absltest.TestCase):
+  """The decoding loop's per-layer buffers (decoding.layer_depths, split_layers, join_layers)."""
+
+  def depths(self, model):
+    cache, stacks = decoding._init(model, 2, None, KEY)  # pylint: disable=protected-access
+    params = nn.meta.unbox(fake_params(model, jnp.zeros((1, 1), jnp.int32)))
+    return (params, cache, decoding.layer_depths(params, stacks, 'params'),
+            decoding.layer_depths(cache, stacks, 'cache'))
+
+  def test_stacked_leaves_found_and_split_join_is_identity(self):
+    params, cache, param_depths, cache_depths = self.depths(Setup.predict_model)
+    blocks = param_depths['Repeat_3']['Serial_0']
+    self.assertEqual(blocks['Residual_0']['CausalAttention_1']['query']['kernel'], 2)
+    self.assertEqual(blocks['Residual_1']['FeedForward_0']['Dense_4']['kernel'], 2)
+    self.assertEqual(param_depths['Embedding_1']['embedding'], 0)  # not stacked
+    attention = cache_depths['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']
+    self.assertEqual(attention, {'cached_key': 2, 'cached_value': 2, 'position': 2})
+    self.assertEqual(cache_depths['PositionalEncoding_2']['position'], 0)
+    for tree, depths in ((params, param_depths), (cache, cache_depths)):
+      pieces = decoding.split_layers(tree, depths)
+      kernel = pieces['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']
+      self.assertLen(jax.tree_util.tree_leaves(kernel), 2 * len(jax.tree_util.tree_leaves(
+          tree['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1'])))
+      joined = decoding.join_layers(pieces, depths)
+      jax.tree_util.tree_map(np.testing.assert_array_equal, joined, tree)
+
+  def test_stacked_depths_outside_the_loop(self):
+    params, _, param_depths, cache_depths = self.depths(Setup.predict_model)
+    self.assertEqual(decoding.stacked_depths(Setup.predict_model, params, batch_size=2),
+                     (param_depths, cache_depths))
+
+  def test_shared_parameters_are_not_split(self):
+    model = tm.TransformerLM(mode='predict', share_layers=True, **LM)
+    _, _, param_depths, cache_depths = self.depths(model)
+    self.assertEqual(set(jax.tree_util.tree_leaves(param_depths)), {0})
+    self.assertIn(2, jax.tree_util.tree_leaves(cache_depths))
+
+  def test_shared_parameters_decode_like_eval(self):
+    model = tm.TransformerLM(mode='predict', share_layers=True, **LM)
+    eval_model = tm.TransformerLM(mode='eval', share_layers=True, **LM)
+    params = fake_params(eval_model, jnp.zeros((1, 16), jnp.int32))
+    prompt = jnp.array([[5, 1, 6]], jnp.int32)
+    tokens = decoding.autoregressive_sample(model, params, prompt, 4, temperature=0.0)
+    sequence = list(np.asarray(prompt[0]))
+    for _ in range(4):
+      logits = eval_model.apply({'params': params}, jnp.asarray([sequence], jnp.int32))
+      sequence.append(int(jnp.argmax(logits[0, -1])))
+    self.assertEqual(np.asarray(tokens[0]).tolist(), sequence[3:])
 
 
 class BeamSearchTest(absltest.TestCase):

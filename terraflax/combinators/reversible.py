@@ -433,6 +433,13 @@ class ReversibleSerial(_ReversibleSerialFields):
   def n_out(self):
     return self.n_in
 
+  def stacked_copies(self) -> tuple[int, bool] | None:
+    """(n_repeats, True) when the blocks' variables are stacked, else None.
+
+    See `scan.stacked_copies`.
+    """
+    return None if self.n_repeats is None else (self.n_repeats, True)
+
   def _runs_forward_only(self) -> bool:
     # The pure (custom VJP) path carries parameters only: any other collection passed in
     # or written (caches, sown values) needs the flax forward.

@@ -40,12 +40,27 @@ def predict_unroll(module: nn.Module, n: int) -> int:
   In predict mode (the `cache` collection mutable, not initialising) the
   stack runs once per token inside the decoding loop. Scanned, every token
   would dynamic-slice (copy) each block's stacked weights; fully unrolled,
-  the blocks index their weights at static offsets, which XLA hoists out of
-  the decoding loop. Training and init stay scanned (flat compile time).
+  the blocks index their weights at static offsets. XLA:CPU still copied
+  such slices of loop-carried arrays every token, so `terraflax.decoding`
+  carries each block's slice as its own buffer (`split_layers`) and the
+  static slices fold away. Training and init stay scanned (flat compile
+  time).
   """
   if module.is_initializing() or not module.is_mutable_collection('cache'):
     return 1
   return n
+
+
+def stacked_copies(module: nn.Module) -> tuple[int, bool] | None:
+  """(n, params stacked) when `module` holds n stacked copies' variables, else None.
+
+  A `Repeat` (or a `ReversibleSerial` with `n_repeats`) keeps every variable
+  of its copies under its own path with a leading axis of size n (parameters
+  too, unless shared). The decoding loop reads this to hold each copy's
+  slice as its own buffer (`terraflax.decoding.stacked_depths`).
+  """
+  stacked = getattr(module, 'stacked_copies', None)
+  return stacked() if callable(stacked) else None
 
 
 def _one_layer(layer: Any) -> Any:
@@ -100,6 +115,10 @@ class Repeat(_RepeatFields):
   @property
   def n_out(self):
     return n_out_of(self.layer)
+
+  def stacked_copies(self) -> tuple[int, bool]:
+    """(n, params stacked): see `stacked_copies`."""
+    return self.n, not self.share_params
 
   @nn.compact
   def __call__(self, *inputs):

@@ -45,10 +45,11 @@ import jax.numpy as jnp
 from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, as_return, check_inputs, check_mode, label_of, n_in_of,
     n_out_of, name_children)
-from terraflax.layers.attention_core import dot_product_attention, padding_mask
+from terraflax.layers.attention_core import (
+    cached_attention, dot_product_attention, padding_mask)
 from terraflax.layers.core import (
-    HEAD_AXES, Dense, SegmentsPassThrough, advance_position, check_packed, checked_segments,
-    constrain)
+    HEAD_AXES, Dense, SegmentsPassThrough, advance_position, after_reads, check_packed,
+    checked_segments, constrain)
 
 
 class _AttentionBase(Layer):
@@ -203,10 +204,19 @@ class CausalAttention(SegmentsPassThrough, _AttentionBase):
       raise ValueError(f'{type(self).__name__}: the cache holds batch '
                        f'{cached_key.value.shape[0]} but the input has batch {b}; init with the '
                        'decoding batch size.')
+    out = None
+    # Dropout is off outside 'train'; a subclass that extends `attend` (prefix tuning's
+    # extra keys) keeps the generic path.
+    if not self.sow_weights and type(self).attend is _AttentionBase.attend:
+      out = cached_attention(q, k.astype(cached_key.value.dtype),
+                             v.astype(cached_value.value.dtype), cached_key.value,
+                             cached_value.value, start)
     for cached, new in ((cached_key, k), (cached_value, v)):
+      new = jnp.transpose(new, (0, 2, 3, 1)).astype(cached.value.dtype)
       cached.value = jax.lax.dynamic_update_slice_in_dim(
-          cached.value, jnp.transpose(new, (0, 2, 3, 1)).astype(cached.value.dtype), start,
-          axis=3)
+          cached.value, new if out is None else after_reads(new, out), start, axis=3)
+    if out is not None:
+      return out
     return self.attend(q, jnp.transpose(cached_key.value, (0, 3, 1, 2)),
                        jnp.transpose(cached_value.value, (0, 3, 1, 2)), causal=True,
                        q_positions=start + jnp.arange(length, dtype=jnp.int32),

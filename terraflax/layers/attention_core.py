@@ -136,6 +136,44 @@ def _attend(q, k, v, mask, q_positions, k_positions, causal, scale, dropout_rate
   return AttentionOutput(out, logsumexp[..., 0], weights if return_weights else None)
 
 
+def cached_attention(q, k, v, cached_keys, cached_values, start, *, scale=None):
+  """Causal attention of this call's queries over the cache before the call and its own keys.
+
+  q, k (b, l, h, dk), v (b, l, h, dv): this call's projections at positions
+  start .. start + l - 1; cached_keys (b, h, dk, L), cached_values
+  (b, h, dv, L): the predict-mode cache before this call (`CausalAttention`'s
+  layout; key m holds position m, valid below `start`). -> (b, l, h, dv) in
+  v's dtype: each query attends to the cached keys before `start` and to
+  this call's keys up to its own position, one float32 softmax over both (the
+  arithmetic of `dot_product_attention(..., causal=True)` over the updated
+  cache). Reading the cache as it was, in its stored layout, lets XLA update
+  it in place after the read: through the updated cache XLA:CPU fused the
+  update into the attention's read as well as into the new cache, copying
+  the cache twice per step.
+  """
+  scale = jnp.float32(1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+  length = q.shape[1]
+  old = jnp.einsum('bqhd,bhdm->bhqm', q, cached_keys, preferred_element_type=jnp.float32) * scale
+  new = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  old_allowed = jnp.broadcast_to(
+      (jnp.arange(cached_keys.shape[-1], dtype=jnp.int32) < start)[None, None, None, :], old.shape)
+  new_allowed = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None],
+                                 new.shape)
+  old = jnp.where(old_allowed, old, _MASKED)
+  new = jnp.where(new_allowed, new, _MASKED)
+  peak = jax.lax.stop_gradient(jnp.maximum(jnp.max(old, axis=-1, keepdims=True),
+                                           jnp.max(new, axis=-1, keepdims=True)))
+  old = jnp.where(old_allowed, jnp.exp(old - peak), 0.0)
+  new = jnp.where(new_allowed, jnp.exp(new - peak), 0.0)
+  total = jnp.sum(old, axis=-1, keepdims=True) + jnp.sum(new, axis=-1, keepdims=True)
+  total = jnp.where(total > 0, total, 1.0)
+  out = (jnp.einsum('bhqm,bhvm->bqhv', (old / total).astype(v.dtype), cached_values,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum('bhqk,bkhv->bqhv', (new / total).astype(v.dtype), v,
+                      preferred_element_type=jnp.float32))
+  return out.astype(v.dtype)
+
+
 def dot_product_attention(q, k, v, *, mask=None, causal=False, q_positions=None,
                           k_positions=None, scale=None, dropout_rate=0.0, dropout_rng=None,
                           chunk_len=None, return_weights=False, return_details=False,

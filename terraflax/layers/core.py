@@ -85,6 +85,20 @@ def advance_position(module: nn.Module, length: int):
   return start
 
 
+def after_reads(update, *results):
+  """`update` made to depend on `results`: update + 0 * sum(results), its exact value.
+
+  For a predict-mode cache written in place after the step has read it: XLA
+  writes a loop-carried buffer in place only when every read of the old
+  value is ordered before the write, else it copies the buffer (twice, per
+  step). A data dependency on what the reads computed is that order (XLA:CPU
+  drops optimization barriers before it places copies). A NaN or inf in
+  `results` would reach the cache, as it reaches the outputs anyway.
+  """
+  zero = sum(jnp.sum(r.astype(jnp.float32)) for r in results) * 0.0
+  return update + zero.astype(update.dtype)
+
+
 def chunk_padded(owner: str, x, chunk_len: int, mode: str):
   """(b, l, d) -> (b, L, d), L the next multiple of chunk_len, zeros after l.
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from terraflax.layers.core import after_reads
 from terraflax.layers.lsh_core import MASKED_LOGIT, SELF_LOGIT, normalise
 
 
@@ -42,18 +43,29 @@ def ring_attend(memory: RingMemory, q, v, q_buckets, start, *, recent: int):
     keys_, values_, buckets_, slot_pos_ = memory
     q_t, v_t, bucket_t, t = inputs  # (b, h, k), (b, h, dv), (b, h, n), ()
     slot = t % m
-    keys_ = lax.dynamic_update_slice_in_dim(keys_, normalise(q_t)[:, :, None], slot, axis=2)
-    values_ = lax.dynamic_update_slice_in_dim(values_, v_t[:, :, None], slot, axis=2)
-    buckets_ = lax.dynamic_update_slice_in_dim(buckets_, bucket_t[..., None], slot, axis=3)
-    slot_pos_ = lax.dynamic_update_slice_in_dim(slot_pos_, t[None], slot, axis=0)
+    # Attend over the memory as it was, less the slot about to be overwritten, and over the
+    # new position itself (SELF_LOGIT); writing afterwards lets XLA update the memory in
+    # place (read after the write, the update was fused into its readers: copies per token;
+    # `after_reads` orders the writes after the reads).
     dots = jnp.einsum('bhk,bhmk->bhm', q_t, keys_)
     shares = jnp.any(buckets_ == bucket_t[..., None], axis=2)  # (b, h, m)
-    near = (slot_pos_ >= 0) & (t - slot_pos_ < recent)
-    visible = (slot_pos_ >= 0)[None, None] & (shares | near[None, None])
-    logits = jnp.where((slot_pos_ == t)[None, None], SELF_LOGIT,
-                       jnp.where(visible, dots, MASKED_LOGIT))
-    probs = jax.nn.softmax(logits, axis=-1)
-    o_t = jnp.einsum('bhm,bhmd->bhd', probs, values_)
+    kept = (slot_pos_ >= 0) & (jnp.arange(m, dtype=jnp.int32) != slot)
+    near = kept & (t - slot_pos_ < recent)
+    visible = kept[None, None] & (shares | near[None, None])
+    logits = jnp.where(visible, dots, MASKED_LOGIT)
+    peak = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), SELF_LOGIT)
+    weights = jnp.exp(logits - peak)
+    self_weight = jnp.exp(SELF_LOGIT - peak)  # (b, h, 1)
+    total = jnp.sum(weights, axis=-1, keepdims=True) + self_weight
+    o_t = (jnp.einsum('bhm,bhmd->bhd', weights, values_) + self_weight * v_t) / total
+    keys_ = lax.dynamic_update_slice_in_dim(
+        keys_, after_reads(normalise(q_t)[:, :, None], o_t), slot, axis=2)
+    values_ = lax.dynamic_update_slice_in_dim(values_, after_reads(v_t[:, :, None], o_t), slot,
+                                              axis=2)
+    buckets_ = lax.dynamic_update_slice_in_dim(buckets_, after_reads(bucket_t[..., None], o_t),
+                                               slot, axis=3)
+    slot_pos_ = lax.dynamic_update_slice_in_dim(slot_pos_, after_reads(t[None], o_t), slot,
+                                                axis=0)
     return RingMemory(keys_, values_, buckets_, slot_pos_), o_t
 
   length = q.shape[1]

@@ -46,7 +46,10 @@ class KernelTest(parameterized.TestCase):
   @parameterized.product(
       activation=('relu', 'fast_gelu'), save_hidden=(True, False),
       # rows (not a multiple of the 96-row blocks, nor split evenly), widths
-      shape=((250, 32, 80, 48), (7, 16, 64, 16), (3, 5, 48, 16, 32)))
+      shape=((250, 32, 80, 48), (7, 16, 64, 16), (3, 5, 48, 16, 32),
+             # the small-row path (<= 8 rows, decoding): one row over column blocks wider
+             # than a thread's share, and 8 rows over blocks that do not divide d_ff
+             (1, 32, 8256, 48), (2, 4, 48, 1104, 32)))
   def test_value_and_gradient_match_float64(self, activation, save_hidden, shape):
     *lead, d_in, d_ff, d_out = shape
     x = jax.random.normal(jax.random.key(1), (*lead, d_in)) * 2

@@ -9,6 +9,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.combinators as cb
 import terraflax.layers as tl
+from terraflax.layers.attention_core import cached_attention
 from tests import contracts
 
 KEY = jax.random.key(0)
@@ -115,6 +116,22 @@ class DotProductAttentionTest(parameterized.TestCase):
     np.testing.assert_allclose(result.out, out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.weights, weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.logsumexp, lse, rtol=1e-5, atol=1e-5)
+
+  @parameterized.parameters((0, 1), (3, 1), (4, 3), (0, 5))
+  def test_cached_attention_equals_float64_reference(self, start, length):
+    # The cache before the call holds positions < start (later slots hold stale junk that
+    # must be ignored); the call's own keys sit at start.. and attend causally.
+    max_len = 9
+    q, k, v = random_qkv(lq=length, lk=length, seed=1)
+    b, _, h, d = q.shape
+    cached_k = normal((b, h, d, max_len), seed=2)
+    cached_v = normal((b, h, v.shape[-1], max_len), seed=3)
+    out = cached_attention(q, k, v, cached_k, cached_v, jnp.int32(start))
+    full_k = jnp.transpose(cached_k, (0, 3, 1, 2)).at[:, start:start + length].set(k)
+    full_v = jnp.transpose(cached_v, (0, 3, 1, 2)).at[:, start:start + length].set(v)
+    allowed = causal_allowed(b, h, length, max_len, q_positions=start + np.arange(length))
+    expected, _, _ = reference_attention(q, full_k, full_v, allowed)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
   def test_cross_lengths_positions_and_scale(self):
     q, k, v = random_qkv(lq=3, lk=9)

@@ -1,0 +1,214 @@
+"""Decoding against the memory-bandwidth floor (issue 22).
+
+Batch-1 decoding of a dense model reads every weight once per token, so its
+floor is (parameter bytes) / (memory read bandwidth). This measures the
+bandwidth in the same run (the best of 10 jitted `x.sum()` over 256 MiB,
+taken again before every row) and decodes with
+`terraflax.decoding.autoregressive_sample` (greedy, prompt of 1 token,
+`--tokens` new tokens, `max_len` 128, dropout 0):
+
+  ms/token   median wall time of `--repeats` calls (after a first,
+             compiling call) / new tokens
+  floor      parameter bytes / bandwidth; share = floor / (ms/token)
+  read       the parameter bytes a decoding step actually reads: all of
+             them for dense models; a Terraformer's SparseFF reads only
+             the chosen unit of each block (at most batch / block of its
+             `kernel_in`, `kernel_out`, `bias_in` rows), so it has a second
+             floor, read / bandwidth, and its share of it. Caches (keys and
+             values, at most max_len positions) are not counted.
+
+Models (vocabulary 256, 8 heads): `transformer-DxFxL` (TransformerLM with
+d_model D, d_ff F, L layers; the issue's three sizes by default),
+`reformer-DxFxL` (ReformerLM: LSH attention, 4 hashes, chunk 64, reversible)
+and `terraformer-DxFxL` (TerraformerLM with its defaults: sparse QKV,
+SparseFF with blocks of 32). Weights: `f32`, and `bf16` / `int8` through
+`terraflax.quantization.prepare_for_decoding` (rows are skipped with a note
+when this checkout has no such function).
+
+  python benchmarks/decode_roofline.py [--models transformer-512x2048x6,...]
+      [--weights f32,bf16,int8] [--batches 1,8] [--tokens 64] [--repeats 3]
+      [--json benchmarks/decode_roofline.json]
+  # quick: --models transformer-512x2048x6 --batches 1 --weights f32
+
+Prints a markdown table and writes the rows as JSON (default: next to this
+file). Timings on a machine shared with other work are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import terraflax.models as tm  # noqa: E402
+from terraflax import decoding  # noqa: E402
+from terraflax.models.attention import LSH  # noqa: E402
+
+DEFAULT_MODELS = ('transformer-1024x16384x6', 'transformer-1024x4096x12', 'transformer-512x2048x6',
+                  'reformer-512x2048x6', 'terraformer-512x2048x6', 'terraformer-1024x16384x6')
+KINDS = ('transformer', 'reformer', 'terraformer')
+MAX_LEN = 128
+VOCAB = 256
+BANDWIDTH_BYTES = 256 * 2**20
+SPARSE_ROWS = ('kernel_in', 'kernel_out', 'bias_in')  # SparseFF's per-unit rows
+
+
+def parse_model(name: str):
+  """'transformer-1024x4096x12' -> ('transformer', 1024, 4096, 12), with a clear error."""
+  kind, _, size = name.partition('-')
+  try:
+    d_model, d_ff, n_layers = (int(v) for v in size.split('x'))
+  except ValueError:
+    d_model = None
+  if kind not in KINDS or d_model is None:
+    raise SystemExit(f'--models: {name!r} is not KIND-DxFxL with KIND one of {KINDS} '
+                     '(e.g. transformer-512x2048x6).')
+  return kind, d_model, d_ff, n_layers
+
+
+def build(kind: str, d_model: int, d_ff: int, n_layers: int, mode: str):
+  size = dict(vocab_size=VOCAB, d_model=d_model, d_ff=d_ff, n_layers=n_layers, n_heads=8,
+              dropout=0.0, max_len=MAX_LEN, mode=mode)
+  if kind == 'transformer':
+    return tm.TransformerLM(**size)
+  if kind == 'reformer':
+    return tm.ReformerLM(**size, attention=LSH(n_hashes=4, chunk_len=64), reversible=True)
+  return tm.TerraformerLM(**size)
+
+
+def measure_bandwidth() -> float:
+  """Bytes/s of the best of 10 jitted sums over 256 MiB of float32."""
+  x = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
+  total = jax.jit(lambda x: x.sum())
+  total(x).block_until_ready()
+  best = float('inf')
+  for _ in range(10):
+    start = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  del x
+  return BANDWIDTH_BYTES / best
+
+
+def nbytes(tree) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def bytes_read(params, batch: int, block: int | None) -> int:
+  """Parameter bytes one decoding step reads (SparseFF: the chosen rows only)."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    size = np.dtype(leaf.dtype).itemsize * int(np.prod(leaf.shape))
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if block and any(name.startswith(SPARSE_ROWS) for name in names[-2:]):
+      size = int(size * min(1.0, batch / block))
+    total += size
+  return total
+
+
+def low_precision(model, params, weights: str):
+  """(context, params) for the weights kind, or None with the reason."""
+  if weights == 'f32':
+    return contextlib.nullcontext(), params, None
+  try:
+    from terraflax import quantization  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    return None, None, f'no terraflax.quantization ({e})'
+  prepare = getattr(quantization, 'prepare_for_decoding', None)
+  if prepare is None:
+    return None, None, 'terraflax.quantization has no prepare_for_decoding'
+  context, params = prepare(model, params, weights=weights)
+  return context, params, None
+
+
+def time_decoding(model, params, context, batch: int, tokens: int, repeats: int):
+  """(first call s, median s) of greedy decoding `tokens` tokens after a 1-token prompt."""
+  prompt = jnp.ones((batch, 1), jnp.int32)
+
+  def run():
+    with context:
+      out = decoding.autoregressive_sample(model, params, prompt, tokens, temperature=0.0)
+    return jax.block_until_ready(out)
+
+  start = time.perf_counter()
+  run()
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return first, statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--models', default=','.join(DEFAULT_MODELS))
+  parser.add_argument('--weights', default='f32,bf16,int8')
+  parser.add_argument('--batches', default='1,8')
+  parser.add_argument('--tokens', type=int, default=64)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--json', default=os.path.join(HERE, 'decode_roofline.json'))
+  args = parser.parse_args()
+  models = [parse_model(m) for m in args.models.split(',') if m]
+  weights_kinds = [w for w in args.weights.split(',') if w]
+  for w in weights_kinds:
+    if w not in ('f32', 'bf16', 'int8'):
+      raise SystemExit(f'--weights: {w!r} is not one of f32, bf16, int8.')
+  batches = [int(b) for b in args.batches.split(',') if b]
+  print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs; greedy, '
+        f'prompt 1, {args.tokens} new tokens, max_len {MAX_LEN}, median of {args.repeats}',
+        flush=True)
+  print('| model | weights | batch | param MB | read MB | GB/s | ms/token | floor ms | share '
+        '| read floor ms | share of read floor | first call s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+  rows = []
+  for kind, d_model, d_ff, n_layers in models:
+    name = f'{kind}-{d_model}x{d_ff}x{n_layers}'
+    model = build(kind, d_model, d_ff, n_layers, 'predict')
+    params32 = nn.meta.unbox(build(kind, d_model, d_ff, n_layers, 'eval').init(
+        jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    block = 32 if kind == 'terraformer' else None
+    for weights in weights_kinds:
+      context, params, why_not = low_precision(model, params32, weights)
+      if why_not:
+        print(f'| {name} | {weights} | - | skipped: {why_not} |', flush=True)
+        continue
+      for batch in batches:
+        bandwidth = measure_bandwidth()
+        first, median = time_decoding(model, params, context, batch, args.tokens, args.repeats)
+        ms = median / args.tokens * 1e3
+        param_bytes, read = nbytes(params), bytes_read(params, batch, block)
+        floor, read_floor = param_bytes / bandwidth * 1e3, read / bandwidth * 1e3
+        row = dict(model=name, weights=weights, batch=batch, param_bytes=param_bytes,
+                   bytes_read=read, bandwidth_gb_s=bandwidth / 1e9, ms_per_token=ms,
+                   floor_ms=floor, share=floor / ms, read_floor_ms=read_floor,
+                   read_share=read_floor / ms, first_call_s=first, tokens=args.tokens)
+        rows.append(row)
+        print(f'| {name} | {weights} | {batch} | {param_bytes / 1e6:.1f} | {read / 1e6:.1f} | '
+              f'{bandwidth / 1e9:.1f} | {ms:.2f} | {floor:.2f} | {floor / ms:.0%} | '
+              f'{read_floor:.2f} | {read_floor / ms:.0%} | {first:.1f} |', flush=True)
+      del params
+  with open(args.json, 'w') as f:
+    json.dump(dict(jax=jax.__version__, cpus=os.cpu_count(), max_len=MAX_LEN, vocab=VOCAB,
+                   rows=rows), f, indent=1)
+  print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()
