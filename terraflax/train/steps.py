@@ -25,6 +25,8 @@ import optax
 from terraflax import compiler
 from terraflax import rng as rng_lib
 from terraflax.layers.distillation import distillation_sum
+from terraflax.layers.metrics import chunked_lm_sums
+from terraflax.models.common import split_lm_head
 from terraflax.models import spec as spec_lib
 from terraflax.train import distill as distill_lib
 from terraflax.train import optimizers
@@ -55,7 +57,7 @@ def cast_for_compute(params, dtype):
 
 def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
                     teacher: distill_lib.Teacher | None = None, trainable: str = '',
-                    compute_dtype=None):
+                    compute_dtype=None, loss_chunk_len: int = 0):
   """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
 
   `task` says how the model is called (`spec.model_inputs`): model(inputs),
@@ -68,7 +70,23 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
   parameters' norm. (`tx` must freeze the same ones; `optimizers.make_optimizer`
   does.) `compute_dtype` (the model's `dtype`, e.g. bfloat16) casts the
   parameter matrices before the model reads them (`cast_for_compute`).
+
+  `loss_chunk_len` > 0 (`train.loss_chunk_len`): a language model whose
+  head `models.common.split_lm_head` finds (ReformerLM, TransformerLM, ...)
+  computes its head and loss that many positions at a time
+  (`layers.metrics.chunked_lm_sums`), so the (b, l, vocab) logits never
+  exist whole, forward or backward; the loss and gradients are the full
+  path's up to float32 rounding. 0, or a model without such a head, or a
+  teacher: the whole logits (the model's `apply`).
   """
+  split = split_lm_head(model) if loss_chunk_len and teacher is None and task == 'lm' else None
+
+  def chunked_sums(params, inputs, batch, rngs):
+    body, head = split
+    hidden = body.apply({'params': params}, *inputs, rngs=rngs)
+    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+    return chunked_lm_sums(lambda *xs: head.apply({'params': params}, *xs, rngs=rngs), hidden,
+                           batch['targets'], batch['weights'], chunk_len=loss_chunk_len)
 
   def loss_fn(params, batch, key, teacher_params):
     if trainable:
@@ -77,6 +95,9 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
           lambda p, label: p if label == 'trained' else jax.lax.stop_gradient(p), params, labels)
     inputs = spec_lib.model_inputs(batch, task)
     params = cast_for_compute(params, compute_dtype)
+    if split is not None:
+      sums = chunked_sums(params, inputs, batch, rng_lib.noise_keys(key))
+      return sums['loss_sum'], sums
     logits = model.apply({'params': params}, *inputs, rngs=rng_lib.noise_keys(key))
     sums = batch_sums(logits, batch)
     if teacher is None:
