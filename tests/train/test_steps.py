@@ -113,3 +113,41 @@ class ChunkedLossStepTest(absltest.TestCase):
     _, whole = jax.jit(steps.make_train_step(model, tx))(state, batch)
     _, chunked = jax.jit(steps.make_train_step(model, tx, loss_chunk_len=2))(state, batch)
     np.testing.assert_allclose(chunked['loss_sum'], whole['loss_sum'], rtol=1e-6)
+
+
+def step_temp_bytes(length: int, loss_chunk_len: int, *, vocab: int, d_model: int) -> int:
+  """Compiled temp memory of a tiny ReformerLM's train step (Adam) at `length`; compile only."""
+  model = tm.ReformerLM(vocab_size=vocab, d_model=d_model, d_ff=2 * d_model, n_layers=1,
+                        n_heads=2, dropout=0.0, max_len=length,
+                        attention=LSH(n_hashes=2, chunk_len=16))
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  batch = {'inputs': tokens, 'targets': tokens,
+           'weights': jax.ShapeDtypeStruct((1, length), jnp.float32)}
+  tx = optax.adam(1e-3)
+  params = jax.eval_shape(lambda key: model.init(rng_lib.stream_keys(key),
+                                                 jnp.zeros((1, 64), jnp.int32))['params'],
+                          jax.random.key(0))
+  state = state_lib.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+      opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  step = jax.jit(steps.make_train_step(model, tx, loss_chunk_len=loss_chunk_len),
+                 donate_argnums=(0,))
+  return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+class StepMemoryTest(absltest.TestCase):
+  """Compiled temp memory per token of the train step: linear in the length, and bounded."""
+
+  def test_temp_memory_per_token_is_bounded_and_linear(self):
+    vocab, d_model = 512, 32
+    # Per token: 20 float32 rows of d_model (residual streams, their cotangents, q/v and
+    # attention outputs of one block) plus one row of logits (a chunk's at most). The whole
+    # logits path holds several (l, vocab) rows and must exceed it (the bound can fail).
+    bound = 4 * (20 * d_model + vocab)
+    small = step_temp_bytes(2048, 256, vocab=vocab, d_model=d_model)
+    large = step_temp_bytes(4096, 256, vocab=vocab, d_model=d_model)
+    whole = step_temp_bytes(2048, 0, vocab=vocab, d_model=d_model)
+    self.assertLess(small / 2048, bound)
+    self.assertLess(large / 4096, bound)
+    self.assertLess(large / small, 2.25)  # ~linear (hash buckets grow with the length)
+    self.assertGreater(whole / 2048, bound)
