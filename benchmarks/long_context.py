@@ -10,8 +10,9 @@ ReLU feed-forward, dropout 0, Adam at 1e-3. The step is the trainer's own
 and loss in chunks; 0: the whole logits, the old path).
 
 Per row (a length and a depth), in its own subprocess: XLA's compiled temp
-memory (`memory_analysis()`, compile only, allocates little) and temp bytes
-per token; with a real step (see below), the peak RSS of the process
+memory (`memory_analysis()`, compile only, allocates little), temp bytes
+per token and the native LSH kernels' scratch (`kernels.lsh_cpu.scratch_bytes`, XLA
+sees none of it; one workspace per core); with a real step (see below), the peak RSS
 (`getrusage` maxrss: the arrays, XLA's temp buffers and the native kernels'
 scratch, which XLA does not see), the step time, tokens/s and whether the
 loss and the gradients are finite.
@@ -139,6 +140,7 @@ def worker(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from terraflax import rng as rng_lib  # pylint: disable=import-outside-toplevel
+  from terraflax.kernels import lsh_cpu  # pylint: disable=import-outside-toplevel
   from terraflax.train.state import TrainState  # pylint: disable=import-outside-toplevel
 
   length, n_layers, real = (int(v) for v in args.worker.split(','))
@@ -154,9 +156,13 @@ def worker(args) -> dict:
   compiled = compiled_step(model, tx, abstract, batch, args.loss_chunk_len)
   compile_s = time.perf_counter() - start
   temp = compiled.memory_analysis().temp_size_in_bytes
+  scratch = lsh_cpu.scratch_bytes(
+      n_hashes=4, padded_length=length, chunk_len=64, d_qk=64, d_v=64, n_chunks_before=1,
+      n_chunks_after=0, n_threads=os.cpu_count() or 1)
   row = {'length': length, 'n_layers': n_layers, 'loss_chunk_len': args.loss_chunk_len,
          'ff_chunk_len': args.ff_chunk_len, 'compile_seconds': compile_s,
-         'temp_gib': temp / GIB, 'temp_kib_per_token': temp / length / KIB}
+         'temp_gib': temp / GIB, 'temp_kib_per_token': temp / length / KIB,
+         'kernel_scratch_mib': scratch / 2 ** 20}
   if not real:
     return row
   state, data = initial_state(model, length, tx), random_batch(length)
@@ -232,16 +238,18 @@ def fmt(value, spec):
 
 
 def table(rows) -> str:
-  lines = ['| tokens | layers | compiled temp GiB | temp KB/token | peak RSS GiB | step s | '
-           'tokens/s | finite |', '|---:|---:|---:|---:|---:|---:|---:|:---:|']
+  lines = ['| tokens | layers | compiled temp GiB | temp KB/token | LSH kernel scratch MiB | '
+           'peak RSS GiB | step s | tokens/s | finite |',
+           '|---:|---:|---:|---:|---:|---:|---:|---:|:---:|']
   for r in rows:
     if 'error' in r:
-      lines.append(f"| {r['length']:,} | {r['n_layers']} | {r['error']} | | | | | |")
+      lines.append(f"| {r['length']:,} | {r['n_layers']} | {r['error']} | | | | | | |")
       continue
     finite = '' if 'finite' not in r else ('yes' if r['finite'] else 'NO')
     lines.append(
         f"| {r['length']:,} | {r['n_layers']} | {r['temp_gib']:.2f} | "
-        f"{r['temp_kib_per_token']:.2f} | {fmt(r.get('peak_rss_gib'), '.2f')} | "
+        f"{r['temp_kib_per_token']:.2f} | {r['kernel_scratch_mib']:.0f} | "
+        f"{fmt(r.get('peak_rss_gib'), '.2f')} | "
         f"{fmt(r.get('step_seconds'), '.1f')} | {fmt(r.get('tokens_per_sec'), ',.0f')} | "
         f'{finite} |')
   return '\n'.join(lines)
