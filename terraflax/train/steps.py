@@ -26,8 +26,8 @@ from terraflax import compiler
 from terraflax import rng as rng_lib
 from terraflax.layers.distillation import distillation_sum
 from terraflax.layers.metrics import chunked_lm_sums
-from terraflax.models.common import split_lm_head
 from terraflax.models import spec as spec_lib
+from terraflax.models.common import split_lm_head
 from terraflax.train import distill as distill_lib
 from terraflax.train import optimizers
 from terraflax.train.evaluation import SUM_KEYS, batch_sums
