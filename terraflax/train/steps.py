@@ -55,6 +55,16 @@ def cast_for_compute(params, dtype):
   return jax.tree_util.tree_map(cast, params)
 
 
+def head_in_chunks(split, params, inputs, batch, rngs, chunk_len: int) -> dict[str, jax.Array]:
+  """`batch_sums` of a model split as (body, head) by `split_lm_head`, the head and loss run
+  `chunk_len` positions at a time (`chunked_lm_sums`)."""
+  body, head = split
+  hidden = body.apply({'params': params}, *inputs, rngs=rngs)
+  hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+  return chunked_lm_sums(lambda *xs: head.apply({'params': params}, *xs, rngs=rngs), hidden,
+                         batch['targets'], batch['weights'], chunk_len=chunk_len)
+
+
 def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
                     teacher: distill_lib.Teacher | None = None, trainable: str = '',
                     compute_dtype=None, loss_chunk_len: int = 0):
@@ -71,22 +81,11 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
   does.) `compute_dtype` (the model's `dtype`, e.g. bfloat16) casts the
   parameter matrices before the model reads them (`cast_for_compute`).
 
-  `loss_chunk_len` > 0 (`train.loss_chunk_len`): a language model whose
-  head `models.common.split_lm_head` finds (ReformerLM, TransformerLM, ...)
-  computes its head and loss that many positions at a time
-  (`layers.metrics.chunked_lm_sums`), so the (b, l, vocab) logits never
-  exist whole, forward or backward; the loss and gradients are the full
-  path's up to float32 rounding. 0, or a model without such a head, or a
-  teacher: the whole logits (the model's `apply`).
+  `loss_chunk_len` > 0: an LM with a head `split_lm_head` finds runs head and
+  loss that many positions at a time (`head_in_chunks`: no whole (b, l, v)
+  logits; float32-close to the whole logits, which 0 or a teacher keep).
   """
   split = split_lm_head(model) if loss_chunk_len and teacher is None and task == 'lm' else None
-
-  def chunked_sums(params, inputs, batch, rngs):
-    body, head = split
-    hidden = body.apply({'params': params}, *inputs, rngs=rngs)
-    hidden = hidden if isinstance(hidden, tuple) else (hidden,)
-    return chunked_lm_sums(lambda *xs: head.apply({'params': params}, *xs, rngs=rngs), hidden,
-                           batch['targets'], batch['weights'], chunk_len=loss_chunk_len)
 
   def loss_fn(params, batch, key, teacher_params):
     if trainable:
@@ -96,7 +95,8 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
     inputs = spec_lib.model_inputs(batch, task)
     params = cast_for_compute(params, compute_dtype)
     if split is not None:
-      sums = chunked_sums(params, inputs, batch, rng_lib.noise_keys(key))
+      sums = head_in_chunks(split, params, inputs, batch, rng_lib.noise_keys(key),
+                            loss_chunk_len)
       return sums['loss_sum'], sums
     logits = model.apply({'params': params}, *inputs, rngs=rng_lib.noise_keys(key))
     sums = batch_sums(logits, batch)
