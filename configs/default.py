@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.steps = 1000  # Optimizer updates in total.
   config.train.batch_size = 8  # Global batch (split over data-parallel devices and processes).
   config.train.grad_accum_steps = 1  # Micro-batches per update (batch_size must divide by it).
+  config.train.loss_chunk_len = 0  # LM head + loss this many positions at a time (0: whole).
   config.train.log_every = 100  # Steps between metrics.jsonl lines and progress lines.
   config.train.eval_every = 250  # Steps between evaluations (and at the last step).
   config.train.eval_batches = 32  # Evaluation batches per evaluation (-1: the whole eval split).

@@ -60,6 +60,30 @@ def unsupported(*, d_qk: int, d_v: int, padded_length: int, chunk_len: int,
   return None
 
 
+def scratch_bytes(*, n_hashes: int, padded_length: int, chunk_len: int, d_qk: int, d_v: int,
+                  n_chunks_before: int, n_chunks_after: int, n_threads: int,
+                  backward: bool = True) -> int:
+  """Bytes of the kernels' own scratch (which XLA's memory analysis does not see), at most.
+
+  Each thread of XLA's CPU pool keeps one workspace (grown to the largest call,
+  kept between calls; lsh_cpu.cc `Workspace`): per position the chunk of every
+  round (4 n_hashes bytes), in the backward pass the row term (4 bytes) and
+  a flag per chunk; per window of `width` chunks the gathered rows, logits
+  and their gradients. So 20 bytes per position and thread at 4 hashes: 21
+  MiB per thread at 1M tokens, against ~12 KB per token of XLA's buffers.
+  """
+  c, width = chunk_len, n_chunks_before + 1 + n_chunks_after
+  n_chunks = padded_length // c
+  window = width * c * (3 * d_qk + d_v + 3 + max(n_hashes - 1, 1)) + 2 * c * width * c
+  window += c * (d_v + 2) + n_hashes
+  per_position = n_hashes
+  if backward:
+    window += width * c * (d_qk * 2 + d_v * 3)
+    per_position += 1
+  total = 4 * (window + per_position * padded_length) + (n_chunks if backward else 0)
+  return n_threads * total
+
+
 def available() -> bool:
   """Whether the kernel library is built and registered (builds it on the first call)."""
   return kernels.load('lsh_cpu', (FORWARD, BACKWARD))

@@ -36,6 +36,7 @@ from terraflax.layers.lsh_attention import LSHSelfAttention as LSHSelfAttention
 from terraflax.layers.metrics import Accuracy as Accuracy
 from terraflax.layers.metrics import CrossEntropyLoss as CrossEntropyLoss
 from terraflax.layers.metrics import accuracy_sum as accuracy_sum
+from terraflax.layers.metrics import chunked_lm_sums as chunked_lm_sums
 from terraflax.layers.metrics import cross_entropy_sum as cross_entropy_sum
 from terraflax.layers.patches import ClassToken as ClassToken
 from terraflax.layers.patches import PatchEmbedding as PatchEmbedding

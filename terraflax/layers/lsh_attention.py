@@ -108,14 +108,42 @@ def lsh_attend_packed(qv, buckets, *, d_qk: int, length: int, chunk_len: int,
                        rounds_joined=rounds_joined, segment_ids=segment_ids, **options)
 
 
-def _hash_heads(q, rotations, n_buckets):
+# Positions hashed at a time: the rotated vectors of one piece, (b, h, n, r, piece) float32,
+# are the largest buffer of the hashing (r grows with the length under Trax's bucket rule:
+# 12 KB per position at 1M tokens, 4 heads and 4 rounds, if made whole).
+HASH_PIECE_LEN = 8192
+
+
+def piece_len(length: int, max_len: int) -> int:
+  """The largest divisor of `length` that is <= `max_len` (`length` itself if it fits)."""
+  if length <= max_len:
+    return length
+  for n_pieces in range(-(-length // max_len), length + 1):
+    if length % n_pieces == 0:
+      return length // n_pieces
+  return 1
+
+
+def _hash_heads(q, rotations, n_buckets, max_piece_len: int = HASH_PIECE_LEN):
   """Bucket ids of q (b, L, h, k) under per-head rotations (b, h, k, n, r): int32 (b, h, n, L).
 
   The rotated vectors come out as (b, h, n, r, L), positions minor, so the
   argmax over the r columns is elementwise work on rows of L (fast on CPU).
+  Long inputs are hashed `piece_len(L, max_piece_len)` positions at a time
+  (a `lax.map`), so only one piece's rotated vectors exist; the ids are
+  those of hashing the whole input at once.
   """
-  rotated = jnp.einsum('bhknr,blhk->bhnrl', rotations, q, precision=lax.Precision.HIGHEST)
-  return lsh_hashing.buckets_of_rotated(rotated, n_buckets, axis=3)
+  def hash_piece(piece):  # (b, p, h, k) -> (b, h, n, p)
+    rotated = jnp.einsum('bhknr,blhk->bhnrl', rotations, piece, precision=lax.Precision.HIGHEST)
+    return lsh_hashing.buckets_of_rotated(rotated, n_buckets, axis=3)
+
+  b, big_l, h, k = q.shape
+  p = piece_len(big_l, max_piece_len)
+  if p == big_l:
+    return hash_piece(q)
+  pieces = jnp.moveaxis(q.reshape(b, big_l // p, p, h, k), 1, 0)  # (L/p, b, p, h, k)
+  ids = lax.map(hash_piece, pieces)  # (L/p, b, h, n, p)
+  return jnp.moveaxis(ids, 0, 3).reshape(ids.shape[1:4] + (big_l,))
 
 
 class LSHSelfAttention(SegmentsPassThrough, Layer, kw_only=True):

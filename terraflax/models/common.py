@@ -8,6 +8,7 @@
   Embed(...)                                    [ids] -> [x], token embedding + positions
   mixing_kinds / Stack                          per-layer kinds and their scanned runs
   deprecated_arguments(...)                     old keyword names of a factory, for one release
+  split_lm_head(model)                          (body, head): a Serial cut before its LM head
 """
 
 from __future__ import annotations
@@ -203,3 +204,41 @@ def no_new_and_old(model: str, kwargs: Mapping[str, Any], new: str, old: Mapping
   if new in kwargs:
     raise TypeError(f'{model} got {new}= and the deprecated {", ".join(sorted(old))}; pass '
                     f'only {new}=.')
+
+
+# Labels of the `Fn` layers that work on each position alone (an LM head may hold them).
+_POSITION_WISE_FNS = ('Float32', 'MergeStreams')
+
+
+def _position_wise(layer) -> bool:
+  """Whether `layer` computes each position from that position alone, with the same
+  randomness when run on a slice of the positions (dropout shared along the length)."""
+  if isinstance(layer, (tl.LayerNorm, tl.Dense, cb.Select)):
+    return True
+  if isinstance(layer, tl.Dropout):
+    return layer.mode != 'train' or layer.rate == 0.0 or 1 in tuple(layer.shared_axes)
+  return isinstance(layer, cb.Fn) and layer.label in _POSITION_WISE_FNS
+
+
+def split_lm_head(model):
+  """(body, head) of a language model, or None when it has no position-wise head.
+
+  `model` a `Serial` ending in position-wise layers with a Dense among them
+  (ReformerLM: MergeStreams, LayerNorm, Dropout, Dense, Float32): `body` is a
+  `Serial` of the layers before that tail, `head` a `Serial` of the tail,
+  both holding the model's own layer instances, so `apply` with the model's
+  variables and rngs runs the same parameters (same paths) and draws the same
+  randomness. body: [inputs...] -> [hidden states (b, l, ...)...]; head:
+  the hidden states -> [logits] (b, l, v), and any slice of the positions of
+  the hidden states gives those positions' logits (`layers.metrics.
+  chunked_lm_sums` runs it in chunks).
+  """
+  if not isinstance(model, cb.Serial) or model.label is not None:
+    return None
+  layers = tuple(model.layers)
+  cut = len(layers)
+  while cut > 0 and _position_wise(layers[cut - 1]):
+    cut -= 1
+  if cut == 0 or not any(isinstance(layer, tl.Dense) for layer in layers[cut:]):
+    return None
+  return cb.Serial(*layers[:cut]), cb.Serial(*layers[cut:])

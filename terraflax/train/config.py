@@ -131,6 +131,9 @@ SCHEMA: dict[str, Field] = {
     'train.steps': Field(int, _REQUIRED, _positive, 'a positive int'),
     'train.batch_size': Field(int, _REQUIRED, _positive, 'a positive int'),
     'train.grad_accum_steps': Field(int, 1, _positive, 'a positive int'),
+    # An LM's head and loss run this many positions at a time, never holding the whole
+    # (batch, length, vocab) logits (long contexts; steps.make_train_step); 0: all at once.
+    'train.loss_chunk_len': Field(int, 0, _non_negative, 'a non-negative int (0: whole logits)'),
     'train.log_every': Field(int, 100, _positive, 'a positive int'),
     'train.eval_every': Field(int, 1000, _positive, 'a positive int'),
     'train.eval_batches': Field(int, 10, lambda v: v > 0 or v == -1, 'a positive int or -1 (all)'),

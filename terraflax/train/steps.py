@@ -25,7 +25,9 @@ import optax
 from terraflax import compiler
 from terraflax import rng as rng_lib
 from terraflax.layers.distillation import distillation_sum
+from terraflax.layers.metrics import chunked_lm_sums
 from terraflax.models import spec as spec_lib
+from terraflax.models.common import split_lm_head
 from terraflax.train import distill as distill_lib
 from terraflax.train import optimizers
 from terraflax.train.evaluation import SUM_KEYS, batch_sums
@@ -53,9 +55,19 @@ def cast_for_compute(params, dtype):
   return jax.tree_util.tree_map(cast, params)
 
 
+def head_in_chunks(split, params, inputs, batch, rngs, chunk_len: int) -> dict[str, jax.Array]:
+  """`batch_sums` of a model split as (body, head) by `split_lm_head`, the head and loss run
+  `chunk_len` positions at a time (`chunked_lm_sums`)."""
+  body, head = split
+  hidden = body.apply({'params': params}, *inputs, rngs=rngs)
+  hidden = hidden if isinstance(hidden, tuple) else (hidden,)
+  return chunked_lm_sums(lambda *xs: head.apply({'params': params}, *xs, rngs=rngs), hidden,
+                         batch['targets'], batch['weights'], chunk_len=chunk_len)
+
+
 def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
                     teacher: distill_lib.Teacher | None = None, trainable: str = '',
-                    compute_dtype=None):
+                    compute_dtype=None, loss_chunk_len: int = 0):
   """`train_step(state, batch) -> (state, metrics)` for `model` in 'train' mode.
 
   `task` says how the model is called (`spec.model_inputs`): model(inputs),
@@ -68,7 +80,12 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
   parameters' norm. (`tx` must freeze the same ones; `optimizers.make_optimizer`
   does.) `compute_dtype` (the model's `dtype`, e.g. bfloat16) casts the
   parameter matrices before the model reads them (`cast_for_compute`).
+
+  `loss_chunk_len` > 0: an LM with a head `split_lm_head` finds runs head and
+  loss that many positions at a time (`head_in_chunks`: no whole (b, l, v)
+  logits; float32-close to the whole logits, which 0 or a teacher keep).
   """
+  split = split_lm_head(model) if loss_chunk_len and teacher is None and task == 'lm' else None
 
   def loss_fn(params, batch, key, teacher_params):
     if trainable:
@@ -77,6 +94,10 @@ def make_train_step(model, tx, *, grad_accum_steps: int = 1, task: str = 'lm',
           lambda p, label: p if label == 'trained' else jax.lax.stop_gradient(p), params, labels)
     inputs = spec_lib.model_inputs(batch, task)
     params = cast_for_compute(params, compute_dtype)
+    if split is not None:
+      sums = head_in_chunks(split, params, inputs, batch, rng_lib.noise_keys(key),
+                            loss_chunk_len)
+      return sums['loss_sum'], sums
     logits = model.apply({'params': params}, *inputs, rngs=rng_lib.noise_keys(key))
     sums = batch_sums(logits, batch)
     if teacher is None:

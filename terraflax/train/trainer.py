@@ -260,7 +260,7 @@ def _set_up(config, workdir: str, held: contextlib.ExitStack) -> _Run:
   train_step = steps_lib.make_train_step(
       experiment.spec.build('train'), tx, grad_accum_steps=t.grad_accum_steps,
       task=experiment.spec.task, teacher=teacher, trainable=config.optimizer.trainable,
-      compute_dtype=experiment.spec.kwargs.get('dtype'))
+      compute_dtype=experiment.spec.kwargs.get('dtype'), loss_chunk_len=t.loss_chunk_len)
   eval_step = jit_eval_step(experiment.spec.build('eval'), experiment.spec.task, replicated,
                             by_position=bool(t.eval_position_buckets))
   return _Run(experiment=experiment, workdir=workdir, mesh=mesh,

@@ -197,3 +197,17 @@ class PackedKernelTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class ScratchBytesTest(absltest.TestCase):
+
+  def test_scratch_is_twenty_bytes_per_position_and_thread_at_four_hashes(self):
+    # By hand: per position the chunk of each of 4 rounds and the backward row term (5 int32 /
+    # float32 = 20 bytes), plus the window buffers of 2 chunks of 64 (under 1 MiB).
+    size = dict(n_hashes=4, padded_length=1 << 20, chunk_len=64, d_qk=64, d_v=64,
+                n_chunks_before=1, n_chunks_after=0)
+    one = lsh_cpu.scratch_bytes(**size, n_threads=1)
+    self.assertBetween(one, 20 * 2 ** 20, 21 * 2 ** 20)
+    self.assertEqual(lsh_cpu.scratch_bytes(**size, n_threads=16), 16 * one)
+    forward = lsh_cpu.scratch_bytes(**size, n_threads=1, backward=False)
+    self.assertBetween(forward, 16 * 2 ** 20, 17 * 2 ** 20)

@@ -17,7 +17,7 @@ from absl.testing import absltest, parameterized
 import terraflax.layers as tl
 from tests import contracts
 from terraflax.layers import lsh_core, lsh_hashing
-from terraflax.layers.lsh_attention import _hash_heads, lsh_attend
+from terraflax.layers.lsh_attention import _hash_heads, lsh_attend, piece_len
 
 KEY = jax.random.key(0)
 
@@ -194,6 +194,23 @@ class HashingTest(parameterized.TestCase):
     for b in range(2):
       for h in range(3):
         np.testing.assert_array_equal(got[b, h], bucket_ids(q[b, :, h], rotations[b, h], (4, 6)))
+
+  @parameterized.parameters((4, 24), (7, 24), (1, 24), (24, 24))
+  def test_hash_in_pieces_equals_numpy_argmax(self, max_piece_len, length):
+    # Pieces of 4 (6 of them), of 6 (the largest divisor <= 7), of 1, and one whole piece.
+    q = jax.random.normal(KEY, (2, length, 3, 5))
+    rotations = lsh_hashing.draw_rotations(jax.random.key(1), (2, 3), 5, 2, (4, 6))
+    got = np.asarray(jax.jit(_hash_heads, static_argnums=(2, 3))(q, rotations, (4, 6),
+                                                                 max_piece_len))
+    for b in range(2):
+      for h in range(3):
+        np.testing.assert_array_equal(got[b, h], bucket_ids(q[b, :, h], rotations[b, h], (4, 6)))
+
+  def test_piece_len_divides_the_length(self):
+    self.assertEqual(piece_len(24, 7), 6)
+    self.assertEqual(piece_len(24, 100), 24)
+    self.assertEqual(piece_len(13, 4), 1)  # a prime: one position at a time
+    self.assertEqual(piece_len(1 << 20, 8192), 8192)
 
   def test_default_n_buckets_follows_trax_rule(self):
     # 2 * length // chunk_len, factorised above 128 into (2^ceil(log2 sqrt n), ...).

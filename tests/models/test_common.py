@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+import terraflax.combinators as cb
+import terraflax.layers as tl
 import terraflax.models as tm
 from terraflax.models import attention
 from terraflax.models.attention import LSH, Full, Local, SparseQKV
+from terraflax.models.common import split_lm_head
 
 RNGS = {'params': jax.random.key(0), 'hash': jax.random.key(1), 'sparse': jax.random.key(2),
         'dropout': jax.random.key(3)}
@@ -139,3 +142,24 @@ class DeprecatedArgumentsTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class SplitLmHeadTest(absltest.TestCase):
+
+  def test_body_then_head_is_the_model(self):
+    model = tm.ReformerLM(**dict(SMALL, dropout=0.1), n_layers=2,
+                          attention=LSH(n_hashes=2, chunk_len=4))
+    tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 11)
+    params = model.init(RNGS, tokens)['params']
+    body, head = split_lm_head(model)
+    self.assertEqual([type(layer).__name__ for layer in head.layers][:2], ['Fn', 'LayerNorm'])
+    hidden = body.apply({'params': params}, tokens, rngs=RNGS)
+    self.assertLen(hidden, 2)  # the two residual streams
+    got = head.apply({'params': params}, *hidden, rngs=RNGS)
+    np.testing.assert_allclose(got, model.apply({'params': params}, tokens, rngs=RNGS),
+                               rtol=1e-6, atol=1e-6)
+
+  def test_no_head_without_a_final_dense(self):
+    model = tm.ReformerLM(**SMALL, n_layers=2, attention=LSH(n_hashes=2, chunk_len=4))
+    self.assertIsNone(split_lm_head(cb.Serial(*model.layers[:-3])))
+    self.assertIsNone(split_lm_head(tl.Dense(3)))
