@@ -1,8 +1,22 @@
 """Shared contract helpers for the tests (STYLE.md: eval == predict, ...)."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  """`python -m module args...` on the CPU from the repository root (text output, no check)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def predict_one_at_a_time(model, params, xs, key=None):

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 
@@ -15,6 +14,7 @@ from terraflax import decoding
 from terraflax import quantization
 from terraflax.train import checkpoint
 from terraflax.train.trainer import train_and_evaluate
+from tests.contracts import run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,11 +37,6 @@ def tiny_transformer_config(workdir_data: str):
   return config
 
 
-def run_cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, '-m', 'terraflax.decoding', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
-
 
 class DecodingCliTest(absltest.TestCase):
 
@@ -51,7 +46,7 @@ class DecodingCliTest(absltest.TestCase):
     corpus.write_bytes(pathlib.Path(__file__).read_bytes() * 3)
     train_and_evaluate(tiny_transformer_config(str(corpus)), os.path.join(workdir, 'run'))
 
-    result = run_cli(f'--workdir={workdir}/run', '--prompt=def ', '--max_new_tokens=6',
+    result = run_module('terraflax.decoding', f'--workdir={workdir}/run', '--prompt=def ', '--max_new_tokens=6',
                      '--temperature=0')
     self.assertEqual(result.returncode, 0, result.stderr)
     printed = result.stdout.rstrip('\n')
@@ -67,7 +62,7 @@ class DecodingCliTest(absltest.TestCase):
     self.assertTrue(printed.startswith('def '))
 
     # --weights=int8 decodes what the same int8 weights decode in process.
-    result = run_cli(f'--workdir={workdir}/run', '--prompt=def ', '--max_new_tokens=6',
+    result = run_module('terraflax.decoding', f'--workdir={workdir}/run', '--prompt=def ', '--max_new_tokens=6',
                      '--temperature=0', '--weights=int8')
     self.assertEqual(result.returncode, 0, result.stderr)
     context, qparams = quantization.prepare_for_decoding(model, params, weights='int8')
@@ -78,7 +73,7 @@ class DecodingCliTest(absltest.TestCase):
     self.assertEqual(result.stdout.rstrip('\n'), expected)
 
   def test_workdir_without_checkpoint_is_a_clear_error(self):
-    result = run_cli(f'--workdir={tempfile.mkdtemp()}', '--prompt=x')
+    result = run_module('terraflax.decoding', f'--workdir={tempfile.mkdtemp()}', '--prompt=x')
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('terraflax.decoding:', result.stderr)
     self.assertNotIn('Traceback', result.stderr)

@@ -4,7 +4,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 from unittest import mock
@@ -23,6 +22,7 @@ from terraflax import tokenizer as tokenizer_lib
 from terraflax import workdir as workdir_lib
 from terraflax.models import spec as spec_lib
 from terraflax.train.trainer import train_and_evaluate
+from tests.contracts import run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Mixed text: ASCII, Latin-1, CJK, an emoji (4 UTF-8 bytes), tabs, newlines, runs of spaces.
@@ -277,11 +277,6 @@ class TrainErrorTest(TrainedTokenizers):
     self.assertFalse(os.path.exists(out))
 
 
-def run(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
-
 
 class CommandLineTest(absltest.TestCase):
 
@@ -289,7 +284,7 @@ class CommandLineTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       write(f'{tmp}/docs/a.txt', corpus_text()[:20000])
       write(f'{tmp}/docs/sub/b.md', MIXED)
-      result = run('terraflax.tokenizer', 'train', f'--input={tmp}/docs/*.txt',
+      result = run_module('terraflax.tokenizer', 'train', f'--input={tmp}/docs/*.txt',
                    f'--input={tmp}/docs/sub', '--vocab_size=300', '--kind=bpe',
                    f'--out={tmp}/tok.json')
       self.assertEqual(result.returncode, 0, result.stderr)
@@ -304,7 +299,7 @@ class CommandLineTest(absltest.TestCase):
           ([f'--input={tmp}/docs', '--vocab_size=300', f'--out={tmp}/x'],
            'terraflax.tokenizer: expected the command `train`, got none'),
       ]:
-        result = run('terraflax.tokenizer', *args)
+        result = run_module('terraflax.tokenizer', *args)
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
         self.assertTrue(result.stderr.startswith(message), result.stderr)
@@ -341,7 +336,7 @@ class DecodingWithTokenizerTest(absltest.TestCase):
       tok = tokenizer_lib.train(corpus, vocab_size=200, kind='spm', out=f'{tmp}/t.model')
       tok.save_to(workdir)
       prompt, n = 'The model', 5
-      result = run('terraflax.decoding', f'--workdir={workdir}', f'--prompt={prompt}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}', f'--prompt={prompt}',
                    f'--max_new_tokens={n}', '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr)
       # Reference: the prompt encoded by sentencepiece itself, greedy ids from the

@@ -12,8 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -26,6 +24,7 @@ from terraflax import export
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention, convert
 from terraflax.models.reformer import ReformerLM
+from tests.contracts import run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -124,11 +123,6 @@ class ByteLMTest(absltest.TestCase):
       convert.ByteLM(byte_offset=8, **kwargs)
 
 
-def run(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
-
 
 class CommandLineTest(absltest.TestCase):
 
@@ -136,11 +130,11 @@ class CommandLineTest(absltest.TestCase):
     path, arrays = fixture('local')
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run('terraflax.models.convert', f'--from_hf={path}', f'--to={workdir}')
+      result = run_module('terraflax.models.convert', f'--from_hf={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       self.assertIn('Converted', result.stdout)
       prompt = [int(t) for t in arrays['input_ids'][0, 1:6]]
-      result = run('terraflax.decoding', f'--workdir={workdir}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}',
                    f'--prompt={" ".join(map(str, prompt))}', '--max_new_tokens=6',
                    '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
@@ -176,13 +170,13 @@ class SentencePieceFixtureTest(absltest.TestCase):
     prompt, greedy = str(arrays['prompt']), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir, artifact = os.path.join(tmp, 'wd'), os.path.join(tmp, 'artifact')
-      result = run('terraflax.models.convert', f'--from_hf={path}', f'--to={workdir}')
+      result = run_module('terraflax.models.convert', f'--from_hf={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       self.assertIn('spiece.model, 96 ids', result.stdout)
       with open(os.path.join(workdir, 'tokenizer.model'), 'rb') as f, open(
           os.path.join(path, 'spiece.model'), 'rb') as g:
         self.assertEqual(f.read(), g.read())
-      result = run('terraflax.decoding', f'--workdir={workdir}', f'--prompt={prompt}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}', f'--prompt={prompt}',
                    f'--max_new_tokens={len(greedy)}', '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       # The reference: HF's greedy ids (full forward passes in torch) decoded by the
@@ -192,7 +186,7 @@ class SentencePieceFixtureTest(absltest.TestCase):
       self.assertTrue(want.startswith(prompt))
       self.assertEqual(result.stdout.rstrip('\n'), want)
       # The exported decode step carries the tokenizer: same text, jax + sentencepiece only.
-      result = run('terraflax.export', f'--workdir={workdir}', f'--out={artifact}')
+      result = run_module('terraflax.export', f'--workdir={workdir}', f'--out={artifact}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       served = export.Exported(artifact)
       self.assertEqual(served.tokenizer, 'spm')
@@ -300,7 +294,7 @@ class ErrorTest(absltest.TestCase):
 
   def test_cli_reports_errors_cleanly(self):
     os.remove(os.path.join(self.path, 'model.safetensors'))
-    result = run('terraflax.models.convert', f'--from_hf={self.path}',
+    result = run_module('terraflax.models.convert', f'--from_hf={self.path}',
                  f'--to={os.path.join(self.tmp, "wd")}')
     self.assertNotEqual(result.returncode, 0)
     self.assertIn('model.safetensors is missing', result.stderr)

@@ -12,8 +12,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import jax
@@ -26,6 +24,7 @@ from terraflax.models import attention, convert, convert_trax
 from terraflax.models.reformer import ReformerLM
 from terraflax.models.terraformer import TerraformerLM
 from terraflax.models.transformer import TransformerLM
+from tests.contracts import run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -177,11 +176,6 @@ hashed/LSHSelfAttention.n_buckets = [2, 4]
         convert_trax.read_gin(gin)
 
 
-def run(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, '-m', *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
-
 
 class CommandLineTest(absltest.TestCase):
 
@@ -193,12 +187,12 @@ class CommandLineTest(absltest.TestCase):
     self.assertEqual(tok.encode(text), prompt)  # The fixture's prompt is text's ids.
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}',
+      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}',
                    f'--tokenizer={SPM}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       self.assertIn('terraflax TransformerLM', result.stdout)
       self.assertIn('optimizer slots dropped', result.stdout)
-      result = run('terraflax.decoding', f'--workdir={workdir}', f'--prompt={text}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}', f'--prompt={text}',
                    f'--max_new_tokens={len(greedy)}', '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     # Reference: Trax's greedy ids (full eval-mode forward passes in Trax) as text.
@@ -209,9 +203,9 @@ class CommandLineTest(absltest.TestCase):
     prompt, greedy = arrays['prompt'].tolist(), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
+      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-      result = run('terraflax.decoding', f'--workdir={workdir}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}',
                    f'--prompt={" ".join(map(str, prompt))}', f'--max_new_tokens={len(greedy)}',
                    '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
@@ -233,10 +227,10 @@ class CommandLineTest(absltest.TestCase):
     prompt, greedy = arrays['prompt'].tolist(), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
+      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
       self.assertIn(f'terraflax {terraflax_model}', result.stdout)
-      result = run('terraflax.decoding', f'--workdir={workdir}',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}',
                    f'--prompt={" ".join(map(str, prompt))}', f'--max_new_tokens={len(greedy)}',
                    '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
@@ -247,9 +241,9 @@ class CommandLineTest(absltest.TestCase):
     path, _ = fixture('reformer_lsh')
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
+      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-      result = run('terraflax.decoding', f'--workdir={workdir}', '--prompt=3 4 5',
+      result = run_module('terraflax.decoding', f'--workdir={workdir}', '--prompt=3 4 5',
                    '--max_new_tokens=4', '--temperature=0')
       self.assertEqual(result.returncode, 0, result.stderr[-2000:])
     tokens = [int(t) for t in result.stdout.strip().splitlines()[-1].split()]
@@ -261,7 +255,7 @@ class CommandLineTest(absltest.TestCase):
       junk = os.path.join(tmp, 'model.pkl.gz')
       with open(junk, 'wb') as f:
         f.write(b'not a checkpoint')
-      result = run('terraflax.models.convert', f'--from_trax={junk}', f'--to={tmp}/wd',
+      result = run_module('terraflax.models.convert', f'--from_trax={junk}', f'--to={tmp}/wd',
                    '--trax_model=TransformerLM', '--trax_config={"vocab_size": 8}')
     self.assertEqual(result.returncode, 1)
     self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
