@@ -1,7 +1,7 @@
 """What a server decodes: a base workdir, its prefix-tuned workdirs, and one decoding step.
 
   load(workdir, prefixes={'NAME': WORKDIR, ...}) -> Served
-  DecodeStep(served)(state, batch) -> (tokens (s,), state)      one token for each of s slots
+  DecodeStep(served, n_slots, steps=k)(cache, batch) -> (outputs, cache)   k tokens for each of s slots
 
 Prefix workdirs are prefix-tuning runs (`attention.n_prefix > 0`,
 `optimizer.trainable='prefix_'`) on the base workdir's model: their
@@ -218,21 +218,38 @@ def request_key(seed: int):
 # The step.
 
 class DecodeStep:
-  """One token for every slot: `(cache, batch) -> (tokens (s,), cache)`, jitted once.
+  """`steps` decoding steps for every slot in one device call, jitted once.
+
+    step(cache, batch) -> ({'tokens': (k, s), 'generated': (k, s) bool,
+                            'next_tokens': (s,), 'positions': (s,)}, cache)
 
   `batch` (numpy, one entry per slot): reset (s,) bool (start a new request:
-  the slot's cache is reset first), tokens (s,) int32 (this step's input:
-  the token at the previous position, 0 at position 0), positions (s,) int32,
-  seeds (s,) uint32, temperature/top_k/top_p (s,), active (s,) bool (the
-  slot holds a request), use_prefix (s,) bool, prefix_row (s,) int32. The
-  step is compiled once; with and without prefix, each model runs only in
-  steps where a busy slot needs it (`lax.switch`: base only, prefixed only,
-  both and each slot keeps its own).
+  the slot's cache is reset first), tokens (s,) int32 (the first step's
+  input: the token at the previous position, 0 at position 0), positions
+  (s,) int32, prompt (s, P) int32 and prompt_len (s,) (the prompt ids, padded),
+  ends (s,) int32 (the position at which the slot stops: prompt length +
+  max_tokens), seeds (s,) uint32, temperature/top_k/top_p (s,), active (s,)
+  bool (the slot holds a request), use_prefix (s,) bool, prefix_row (s,)
+  int32.
+
+  A `lax.scan` over k = `steps` steps carries the caches, each slot's input
+  token, position and whether it is still live: a step at a position inside
+  the prompt forces the prompt's next token (as `terraflax.decoding` does),
+  later steps feed back the sampled token; a slot stops (is no longer live)
+  once it reaches `ends` or samples `eos_id`. `tokens[j, i]` is slot i's
+  token of step j, a generated one where `generated[j, i]`; `next_tokens` and
+  `positions` are where each slot stands after the call. The host checks stop
+  strings after the call and drops tokens past one. Each step runs the base
+  model, the prefixed one, both (each slot keeps its own result) or neither,
+  by which kinds of live slots it holds (`lax.switch`).
   """
 
-  def __init__(self, served: Served, n_slots: int):
+  def __init__(self, served: Served, n_slots: int, *, steps: int = 8):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+      raise ServeError(f'--steps_per_call must be a positive int, got {steps!r}.')
     self.served = served
     self.n_slots = n_slots
+    self.steps = steps
     model = served.base_model if served.prefix_model is None else served.prefix_model
     self.init_cache = jax.jit(functools.partial(_batch1_cache, model))()
     if served.prefix_model is not None:
@@ -243,6 +260,12 @@ class DecodeStep:
         raise ServeError('the prefix model keeps a different decoding cache than the base model; '
                          'this server cannot share slots between them.')
     self._jitted = None
+
+  def prompt_width(self, longest: int) -> int:
+    """P, the prompt buffer's width: model.max_len, else a power of two >= `longest` (>= 16)."""
+    if self.served.max_len is not None:
+      return self.served.max_len
+    return max(16, 1 << max(0, longest - 1).bit_length())
 
   def empty_cache(self):
     """The slots' cache: the batch-1 cache stacked n_slots times (leading axis)."""
@@ -255,8 +278,10 @@ class DecodeStep:
     if self._jitted is None:
       served = self.served
       plain_model = None if NO_PREFIX in served.prefixes else served.base_model
+      eos = -1 if served.eos_id is None else int(served.eos_id)
       self._jitted = compiler.jit(functools.partial(
-          _step, plain_model=plain_model, prefix_model=served.prefix_model), donate_argnums=(2,))
+          _steps, plain_model=plain_model, prefix_model=served.prefix_model, n_steps=self.steps,
+          eos_id=eos), donate_argnums=(2,))
     return self._jitted(self.served.base_params, self.served.stacked, cache, self.init_cache,
                         {k: jnp.asarray(v) for k, v in batch.items()})
 
@@ -273,7 +298,9 @@ def _apply_one(model, params, cache, token, key):
   return logits[0, 0].astype(jnp.float32), state['cache']
 
 
-def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix_model):
+def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix_model,
+           n_steps, eos_id):
+  """`n_steps` decoding steps of every slot (see `DecodeStep`)."""
   def expand(mask, x):
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
@@ -281,40 +308,65 @@ def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix
   cache = jax.lax.cond(jnp.any(reset), lambda c: jax.tree_util.tree_map(
       lambda c, i: jnp.where(expand(reset, c), i[None], c), c, init_cache), lambda c: c, cache)
   keys = jax.vmap(request_key)(batch['seeds'])
-  step_keys = jax.vmap(jax.random.fold_in)(keys, batch['positions'])
-
-  def plain():
-    return jax.vmap(functools.partial(_apply_one, plain_model, base_params))(
-        cache, batch['tokens'], step_keys)
-
-  def prefixed():
-    def one(prefix, c, token, key):
-      return _apply_one(prefix_model, prefix_lib.merge_prefix(base_params, prefix), c, token, key)
+  use = batch['use_prefix']
+  prompt, prompt_len, ends = batch['prompt'], batch['prompt_len'], batch['ends']
+  any_sampling = jnp.any(batch['temperature'] > 0)
+  if stacked is not None:
     rows = jax.tree_util.tree_map(lambda s: s[batch['prefix_row']], stacked)
-    return jax.vmap(one)(rows, cache, batch['tokens'], step_keys)
 
-  with kernels.xla_only():  # Native kernels would run once per slot under vmap.
-    if prefix_model is None:
-      logits, cache = plain()
-    elif plain_model is None:
-      logits, cache = prefixed()
-    else:  # Each model runs only in steps where some busy slot needs it.
-      use, active = batch['use_prefix'], batch['active']
+  def one_step(carry, _):
+    cache, tokens, positions, live = carry
+    step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
 
-      def both():
-        logits, cache_plain = plain()
-        logits_prefixed, cache_prefixed = prefixed()
-        return (jnp.where(use[:, None], logits_prefixed, logits),
-                jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
-                                       cache_plain, cache_prefixed))
+    def plain(cache):
+      return jax.vmap(functools.partial(_apply_one, plain_model, base_params))(
+          cache, tokens, step_keys)
 
-      needs_plain, needs_prefixed = jnp.any(active & ~use), jnp.any(active & use)
-      which = jnp.where(needs_plain & needs_prefixed, 2, jnp.where(needs_prefixed, 1, 0))
-      logits, cache = jax.lax.switch(which, [plain, prefixed, both])
-  sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
-  tokens = jax.lax.cond(  # All greedy (the common case): no sorting.
-      jnp.any(batch['temperature'] > 0),
-      lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
-                          batch['top_p']),
-      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  return tokens, cache
+    def prefixed(cache):
+      def one(prefix, c, token, key):
+        return _apply_one(prefix_model, prefix_lib.merge_prefix(base_params, prefix), c, token,
+                          key)
+      return jax.vmap(one)(rows, cache, tokens, step_keys)
+
+    def both(cache):
+      logits, cache_plain = plain(cache)
+      logits_prefixed, cache_prefixed = prefixed(cache)
+      return (jnp.where(use[:, None], logits_prefixed, logits),
+              jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
+                                     cache_plain, cache_prefixed))
+
+    def neither(cache):  # No live slot: nothing runs.
+      return jnp.zeros(logits_like.shape, logits_like.dtype), cache
+
+    needs_plain, needs_prefixed = jnp.any(live & ~use), jnp.any(live & use)
+    with kernels.xla_only():  # Native kernels would run once per slot under vmap.
+      logits_like = jax.eval_shape(plain if plain_model is not None else prefixed, cache)[0]
+      if prefix_model is None:
+        logits, cache = jax.lax.cond(needs_plain, plain, neither, cache)
+      elif plain_model is None:
+        logits, cache = jax.lax.cond(needs_prefixed, prefixed, neither, cache)
+      else:
+        which = jnp.where(needs_plain & needs_prefixed, 2,
+                          jnp.where(needs_prefixed, 1, jnp.where(needs_plain, 0, 3)))
+        logits, cache = jax.lax.switch(which, [plain, prefixed, both, neither], cache)
+    sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
+    sampled = jax.lax.cond(  # All greedy (the common case): no sorting.
+        any_sampling,
+        lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
+                            batch['top_p']),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    in_prompt = positions < prompt_len
+    forced = jnp.take_along_axis(
+        prompt, jnp.clip(positions, 0, prompt.shape[1] - 1)[:, None], axis=1)[:, 0]
+    token = jnp.where(in_prompt, forced, sampled)
+    generated = live & ~in_prompt
+    done = generated & ((positions + 1 >= ends) | (sampled == eos_id))
+    carry = (cache, jnp.where(live, token, tokens), jnp.where(live, positions + 1, positions),
+             live & ~done)
+    return carry, (token, generated)
+
+  live = batch['active'] & (batch['positions'] < ends)
+  (cache, tokens, positions, _), (out, generated) = jax.lax.scan(
+      one_step, (cache, batch['tokens'], batch['positions'], live), None, length=n_steps)
+  return {'tokens': out, 'generated': generated, 'next_tokens': tokens,
+          'positions': positions}, cache
