@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         serve_cpu = time.process_time() - cpu
     finally:
       engine.stop()
-    steps, calls = engine.metrics()['steps'], engine.metrics()['calls']
+    final = engine.metrics()
+    steps, calls = final['steps'], final['calls']
     failed = [r for r in responses if r.status_code != 200]
     if failed:
       print(f'{len(failed)} of {len(bodies)} requests failed, e.g. {failed[0].status_code} '
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
   sequential_tokens = sum(_generated(out, served.eos_id) for out in outputs)
   finish = np.cumsum(times)  # Completion times when all requests arrive at once.
   print(f'\nterraflax.serve load test: {args.requests} concurrent greedy requests over '
-        f'{args.prefixes} prefixes, {args.slots} slots, {args.steps_per_call} steps per call; TransformerLM d_model {args.d_model}, '
+        f'{args.prefixes} prefixes, {args.slots} slots, {args.steps_per_call} steps per call; '
+        f'TransformerLM d_model {args.d_model}, '
         f'd_ff {args.d_ff}, {args.n_layers} layers, jax {jax.__version__}, '
         f'{jax.devices()[0].platform}\n')
   print('| decoding | wall s | CPU s | requests/s | tokens/s | p50 latency s | p99 latency s |')
@@ -220,9 +222,13 @@ def main(argv=None) -> int:
         f'({percentile(times, 50):.3f} own) | {percentile(finish, 99):.2f} '
         f'({percentile(times, 99):.3f} own) |')
   print(f'\nThe server ran {steps} decode steps of {args.slots} slots in {calls} device calls: '
-        f'{wall / steps * 1e3:.1f} ms per step (HTTP included), {wall / served_tokens * 1e3:.2f} ms per generated token; one '
+        f'{wall / steps * 1e3:.1f} ms per step (HTTP included), '
+        f'{wall / served_tokens * 1e3:.2f} ms per generated token; one '
         f'at a time: {total / sequential_tokens * 1e3:.2f} ms per generated token (prompt tokens '
         'are fed one per step in both).')
+  print(f'The decode thread spent {final["call_seconds"]:.2f} s in device calls (the jitted '
+        f'steps and their one transfer) and {final["host_seconds"]:.2f} s in bookkeeping and '
+        'events (batch preparation not included).')
   print(f'\n{same} of {len(bodies)} served completions equal the one-at-a-time tokens; '
         f'{time.perf_counter() - began:.0f} s in all.')
   if time.perf_counter() - began > args.timeout_s:

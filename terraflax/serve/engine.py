@@ -89,6 +89,7 @@ class Engine:
     self._thread = None
     self._running = False
     self._counts = collections.Counter()
+    self._seconds = collections.Counter()  # Decode thread: in device calls, in bookkeeping.
     self._recent = collections.deque()  # (time, tokens generated in that step)
     self._started_at = time.monotonic()
 
@@ -143,6 +144,8 @@ class Engine:
           'tokens': self._counts['tokens'],
           'steps': self._counts['steps'],
           'calls': self._counts['calls'],
+          'call_seconds': round(self._seconds['device'], 3),
+          'host_seconds': round(self._seconds['host'], 3),
           'tokens_per_sec': sum(n for _, n in self._recent) / window,
           'queue_length': len(self._queue),
           'active_slots': sum(job is not None for job in self._slots),
@@ -171,8 +174,10 @@ class Engine:
         joined = [job is not None and job.position == 0 for job in self._slots]
         batch = self._batch(joined)
       try:
+        began = time.perf_counter()
         out, self._cache = self.step(self._cache, batch)
         out = jax.device_get(out)  # The call's one device -> host transfer.
+        stepped = time.perf_counter()
         with self._lock:
           self._counts['steps'] += self.step_count
           self._counts['calls'] += 1
@@ -188,6 +193,8 @@ class Engine:
                 break
           self._recent.append((time.monotonic(), generated))
           self._forget_old()
+          self._seconds['device'] += stepped - began
+          self._seconds['host'] += time.perf_counter() - stepped
       except Exception as e:  # pylint: disable=broad-except  # A failed step must not stop serving.
         traceback.print_exc()
         self._fail_all(f'decoding failed: {type(e).__name__}: {e}')

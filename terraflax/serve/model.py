@@ -1,7 +1,7 @@
 """What a server decodes: a base workdir, its prefix-tuned workdirs, and one decoding step.
 
   load(workdir, prefixes={'NAME': WORKDIR, ...}) -> Served
-  DecodeStep(served, n_slots, steps=k)(cache, batch) -> (outputs, cache)   k tokens for each of s slots
+  DecodeStep(served, n_slots, steps=k)(cache, batch) -> (outputs, cache)   k tokens per slot
 
 Prefix workdirs are prefix-tuning runs (`attention.n_prefix > 0`,
 `optimizer.trainable='prefix_'`) on the base workdir's model: their
@@ -9,9 +9,10 @@ non-prefix parameters must equal the base's, so one copy of the base weights
 serves every prefix. The prefix parameters of all prefixes are stacked along a
 new leading axis (p, ...); each slot gathers its own row.
 
-The step is a `jax.vmap` over slots of a batch-1 predict-mode step
+A step is a `jax.vmap` over slots of a batch-1 predict-mode step
 (`model.apply(..., mutable=['cache'])`): every slot carries its own cache and
-so its own position, and no layer needs to know about slots. The base weights
+so its own position, and no layer needs to know about slots. One device call
+runs k steps (`lax.scan`), so the host round trip is paid once per k tokens. The base weights
 are shared (not mapped), the gathered prefix rows are mapped. A model without
 a prefix and one with it keep the same cache (the prefix is prepended at
 attention time), so slots without a prefix and slots with one share a cache
