@@ -240,9 +240,10 @@ class DecodeStep:
   once it reaches `ends` or samples `eos_id`. `tokens[j, i]` is slot i's
   token of step j, a generated one where `generated[j, i]`; `next_tokens` and
   `positions` are where each slot stands after the call. The host checks stop
-  strings after the call and drops tokens past one. Each step runs the base
-  model, the prefixed one, both (each slot keeps its own result) or neither,
-  by which kinds of live slots it holds (`lax.switch`).
+  strings after the call and drops tokens past one. A call runs the base
+  model, the prefixed one, or both (each slot keeps its own result), by which
+  kinds of live slots it starts with (one `lax.switch` around the scan: a
+  conditional inside it would pass every cache through it each step).
   """
 
   def __init__(self, served: Served, n_slots: int, *, steps: int = 8):
@@ -315,7 +316,7 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
   if stacked is not None:
     rows = jax.tree_util.tree_map(lambda s: s[batch['prefix_row']], stacked)
 
-  def one_step(carry, _):
+  def one_step(kind, carry, _):
     cache, tokens, positions, live = carry
     step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
 
@@ -336,20 +337,8 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
               jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
                                      cache_plain, cache_prefixed))
 
-    def neither(cache):  # No live slot: nothing runs.
-      return jnp.zeros(logits_like.shape, logits_like.dtype), cache
-
-    needs_plain, needs_prefixed = jnp.any(live & ~use), jnp.any(live & use)
     with kernels.xla_only():  # Native kernels would run once per slot under vmap.
-      logits_like = jax.eval_shape(plain if plain_model is not None else prefixed, cache)[0]
-      if prefix_model is None:
-        logits, cache = jax.lax.cond(needs_plain, plain, neither, cache)
-      elif plain_model is None:
-        logits, cache = jax.lax.cond(needs_prefixed, prefixed, neither, cache)
-      else:
-        which = jnp.where(needs_plain & needs_prefixed, 2,
-                          jnp.where(needs_prefixed, 1, jnp.where(needs_plain, 0, 3)))
-        logits, cache = jax.lax.switch(which, [plain, prefixed, both, neither], cache)
+      logits, cache = {'plain': plain, 'prefixed': prefixed, 'both': both}[kind](cache)
     sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
     sampled = jax.lax.cond(  # All greedy (the common case): no sorting.
         any_sampling,
@@ -367,7 +356,23 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
     return carry, (token, generated)
 
   live = batch['active'] & (batch['positions'] < ends)
-  (cache, tokens, positions, _), (out, generated) = jax.lax.scan(
-      one_step, (cache, batch['tokens'], batch['positions'], live), None, length=n_steps)
+  carry = (cache, batch['tokens'], batch['positions'], live)
+
+  def run(kind):
+    def scan(carry):
+      return jax.lax.scan(functools.partial(one_step, kind), carry, None, length=n_steps)
+    return scan
+
+  # Which model(s) run is chosen once per call, by the slots live at its start (a conditional
+  # per step would pass every cache through it).
+  if prefix_model is None:
+    result = run('plain')(carry)
+  elif plain_model is None:
+    result = run('prefixed')(carry)
+  else:
+    needs_plain, needs_prefixed = jnp.any(live & ~use), jnp.any(live & use)
+    which = jnp.where(needs_plain & needs_prefixed, 2, jnp.where(needs_prefixed, 1, 0))
+    result = jax.lax.switch(which, [run('plain'), run('prefixed'), run('both')], carry)
+  (cache, tokens, positions, _), (out, generated) = result
   return {'tokens': out, 'generated': generated, 'next_tokens': tokens,
           'positions': positions}, cache
