@@ -261,6 +261,7 @@ class DecodeStep:
               lambda a, b: a.shape != b.shape, plain, self.init_cache)))):
         raise ServeError('the prefix model keeps a different decoding cache than the base model; '
                          'this server cannot share slots between them.')
+    self.slot_axes = _slot_axes(model)
     self._jitted = None
 
   def prompt_width(self, longest: int) -> int:
@@ -272,9 +273,11 @@ class DecodeStep:
   def empty_cache(self):
     """The slots' cache: the batch-1 cache stacked n_slots times (leading axis)."""
     # Placed (committed) like the step's outputs, so the second step does not compile again.
-    return jax.device_put(jax.tree_util.tree_map(
-        lambda c: jnp.broadcast_to(c[None], (self.n_slots,) + c.shape), self.init_cache),
-        jax.devices()[0])
+    def stack(c, axis):
+      c = jnp.expand_dims(c, axis)
+      return jnp.broadcast_to(c, c.shape[:axis] + (self.n_slots,) + c.shape[axis + 1:])
+    return jax.device_put(jax.tree_util.tree_map(stack, self.init_cache, self.slot_axes),
+                          jax.devices()[0])
 
   def __call__(self, cache, batch: dict):
     if self._jitted is None:
@@ -283,14 +286,30 @@ class DecodeStep:
       eos = -1 if served.eos_id is None else int(served.eos_id)
       self._jitted = compiler.jit(functools.partial(
           _steps, plain_model=plain_model, prefix_model=served.prefix_model, n_steps=self.steps,
-          eos_id=eos), donate_argnums=(2,))
+          eos_id=eos, slot_axes=self.slot_axes), donate_argnums=(2,))
     return self._jitted(self.served.base_params, self.served.stacked, cache, self.init_cache,
                         {k: jnp.asarray(v) for k, v in batch.items()})
 
 
-def _batch1_cache(model):
-  """A fresh predict-mode cache for one row."""
-  return decoding._init_cache(model, 1, None, jax.random.key(0))  # pylint: disable=protected-access
+def _batch1_cache(model, batch: int = 1):
+  """A fresh predict-mode cache for `batch` rows (one by default)."""
+  return decoding._init_cache(model, batch, None, jax.random.key(0))  # pylint: disable=protected-access
+
+
+def _slot_axes(model):
+  """Per cache leaf, the axis the slots are stacked on: the leaf's batch axis (found by
+  comparing the shapes of a batch-1 and a batch-2 cache), 0 for leaves without one.
+
+  A layer-stacked (scanned) cache leaf (layers, b, ...) gets its slots at axis 1, so the
+  stack's scan over layers slices it without a transposed copy of the whole cache.
+  """
+  one = jax.eval_shape(functools.partial(_batch1_cache, model, 1))
+  two = jax.eval_shape(functools.partial(_batch1_cache, model, 2))
+
+  def axis(a, b):
+    changed = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    return changed[0] if len(changed) == 1 else 0
+  return jax.tree_util.tree_map(axis, one, two)
 
 
 def _apply_one(model, params, cache, token, key):
@@ -301,14 +320,17 @@ def _apply_one(model, params, cache, token, key):
 
 
 def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix_model,
-           n_steps, eos_id):
+           n_steps, eos_id, slot_axes):
   """`n_steps` decoding steps of every slot (see `DecodeStep`)."""
-  def expand(mask, x):
-    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+  def select(mask, a, b, axis):  # Per slot: b where mask, else a; slots on `axis` of a, b.
+    shape = [1] * a.ndim
+    shape[axis] = mask.shape[0]
+    return jnp.where(mask.reshape(shape), b, a)
 
   reset = batch['reset']
   cache = jax.lax.cond(jnp.any(reset), lambda c: jax.tree_util.tree_map(
-      lambda c, i: jnp.where(expand(reset, c), i[None], c), c, init_cache), lambda c: c, cache)
+      lambda c, i, axis: select(reset, c, jnp.expand_dims(i, axis), axis), c, init_cache,
+      slot_axes), lambda c: c, cache)
   keys = jax.vmap(request_key)(batch['seeds'])
   use = batch['use_prefix']
   prompt, prompt_len, ends = batch['prompt'], batch['prompt_len'], batch['ends']
@@ -321,21 +343,23 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
     step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
 
     def plain(cache):
-      return jax.vmap(functools.partial(_apply_one, plain_model, base_params))(
-          cache, tokens, step_keys)
+      return jax.vmap(functools.partial(_apply_one, plain_model, base_params),
+                      in_axes=(slot_axes, 0, 0), out_axes=(0, slot_axes))(
+                          cache, tokens, step_keys)
 
     def prefixed(cache):
       def one(prefix, c, token, key):
         return _apply_one(prefix_model, prefix_lib.merge_prefix(base_params, prefix), c, token,
                           key)
-      return jax.vmap(one)(rows, cache, tokens, step_keys)
+      return jax.vmap(one, in_axes=(0, slot_axes, 0, 0), out_axes=(0, slot_axes))(
+          rows, cache, tokens, step_keys)
 
     def both(cache):
       logits, cache_plain = plain(cache)
       logits_prefixed, cache_prefixed = prefixed(cache)
       return (jnp.where(use[:, None], logits_prefixed, logits),
-              jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
-                                     cache_plain, cache_prefixed))
+              jax.tree_util.tree_map(functools.partial(select, use), cache_plain,
+                                     cache_prefixed, slot_axes))
 
     with kernels.xla_only():  # Native kernels would run once per slot under vmap.
       logits, cache = {'plain': plain, 'prefixed': prefixed, 'both': both}[kind](cache)
