@@ -11,7 +11,8 @@ new leading axis (p, ...); each slot gathers its own row.
 
 A step is a `jax.vmap` over slots of a batch-1 predict-mode step
 (`model.apply(..., mutable=['cache'])`): every slot carries its own cache and
-so its own position, and no layer needs to know about slots. One device call
+so its own position, and no layer needs to know about slots (the slots sit on
+each cache leaf's batch axis: `_slot_axes`). One device call
 runs k steps (`lax.scan`), so the host round trip is paid once per k tokens. The base weights
 are shared (not mapped), the gathered prefix rows are mapped. A model without
 a prefix and one with it keep the same cache (the prefix is prepended at
