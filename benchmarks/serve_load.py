@@ -1,6 +1,7 @@
 """Load test of `terraflax.serve`: concurrent requests over several prefixes vs one at a time.
 
-  python benchmarks/serve_load.py [--requests 64] [--prefixes 4] [--slots 16] [--timeout_s 600]
+  python benchmarks/serve_load.py [--requests 64] [--prefixes 4] [--slots 16] [--steps_per_call 8]
+      [--timeout_s 600] [--d_model 128 --d_ff 512 --n_layers 2]
 
 Writes a base TransformerLM workdir (configs/transformer_lm.py shapes, random
 weights: speed does not depend on them) and `--prefixes` prefix workdirs
@@ -169,6 +170,7 @@ def main(argv=None) -> int:
   parser.add_argument('--requests', type=int, default=64)
   parser.add_argument('--prefixes', type=int, default=4)
   parser.add_argument('--slots', type=int, default=16)
+  parser.add_argument('--steps_per_call', type=int, default=8)
   parser.add_argument('--timeout_s', type=float, default=600.0)
   parser.add_argument('--d_model', type=int, default=128)
   parser.add_argument('--d_ff', type=int, default=512)
@@ -179,7 +181,8 @@ def main(argv=None) -> int:
     base, prefixes = make_workdirs(root, n_prefixes=args.prefixes, n_prefix=16,
                                    d_model=args.d_model, d_ff=args.d_ff, n_layers=args.n_layers)
     served = model_lib.load(base, prefixes)
-    engine = engine_lib.Engine(served, n_slots=args.slots, max_queue=args.requests)
+    engine = engine_lib.Engine(served, n_slots=args.slots, max_queue=args.requests,
+                               steps_per_call=args.steps_per_call)
     engine.warmup()
     engine.start()
     bodies = make_requests(args.requests, list(prefixes) or [None])
@@ -190,7 +193,8 @@ def main(argv=None) -> int:
         serve_cpu = time.process_time() - cpu
     finally:
       engine.stop()
-    steps = engine.metrics()['steps']
+    final = engine.metrics()
+    steps, calls = final['steps'], final['calls']
     failed = [r for r in responses if r.status_code != 200]
     if failed:
       print(f'{len(failed)} of {len(bodies)} requests failed, e.g. {failed[0].status_code} '
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
   sequential_tokens = sum(_generated(out, served.eos_id) for out in outputs)
   finish = np.cumsum(times)  # Completion times when all requests arrive at once.
   print(f'\nterraflax.serve load test: {args.requests} concurrent greedy requests over '
-        f'{args.prefixes} prefixes, {args.slots} slots; TransformerLM d_model {args.d_model}, '
+        f'{args.prefixes} prefixes, {args.slots} slots, {args.steps_per_call} steps per call; '
+        f'TransformerLM d_model {args.d_model}, '
         f'd_ff {args.d_ff}, {args.n_layers} layers, jax {jax.__version__}, '
         f'{jax.devices()[0].platform}\n')
   print('| decoding | wall s | CPU s | requests/s | tokens/s | p50 latency s | p99 latency s |')
@@ -216,10 +221,14 @@ def main(argv=None) -> int:
         f'{len(bodies) / total:.2f} | {sequential_tokens / total:.0f} | {percentile(finish, 50):.2f} '
         f'({percentile(times, 50):.3f} own) | {percentile(finish, 99):.2f} '
         f'({percentile(times, 99):.3f} own) |')
-  print(f'\nThe server ran {steps} decode steps of {args.slots} slots: {wall / steps * 1e3:.1f} ms '
-        f'per step (HTTP included), {wall / served_tokens * 1e3:.2f} ms per generated token; one '
+  print(f'\nThe server ran {steps} decode steps of {args.slots} slots in {calls} device calls: '
+        f'{wall / steps * 1e3:.1f} ms per step (HTTP included), '
+        f'{wall / served_tokens * 1e3:.2f} ms per generated token; one '
         f'at a time: {total / sequential_tokens * 1e3:.2f} ms per generated token (prompt tokens '
         'are fed one per step in both).')
+  print(f'The decode thread spent {final["call_seconds"]:.2f} s in device calls (the jitted '
+        f'steps and their one transfer) and {final["host_seconds"]:.2f} s in bookkeeping and '
+        'events (batch preparation not included).')
   print(f'\n{same} of {len(bodies)} served completions equal the one-at-a-time tokens; '
         f'{time.perf_counter() - began:.0f} s in all.')
   if time.perf_counter() - began > args.timeout_s:

@@ -140,6 +140,32 @@ class ServeTest(absltest.TestCase):
     self.assertGreaterEqual(m['completed'], 10)
     self.assertEqual((m['active_slots'], m['queue_length']), (0, 0))
 
+  def test_steps_per_call_do_not_change_the_tokens(self):
+    # 1 step per call, and 3 (calls end mid-prompt and mid-completion; requests finish
+    # inside a call and new ones join at the next): each equals decoding alone.
+    bodies = [('import os', 5, None), ('def', 7, 'p0'), ('class A(B):', 4, 'p1'), ('x', 9, 'p0')]
+    for steps in (1, 3):
+      engine = engine_lib.Engine(self.served, n_slots=2, steps_per_call=steps)
+      engine.start()
+      try:
+        done = [[] for _ in bodies]
+        jobs = [engine_lib.Job(ids=list(prompt.encode()), max_tokens=n, prefix=prefix,
+                               emit=lambda e, out=out: out.append(e) if e['type'] == 'done' else 0)
+                for (prompt, n, prefix), out in zip(bodies, done)]
+        for job in jobs:
+          engine.submit(job)
+        deadline = time.monotonic() + 120
+        while not all(done):
+          self.assertLess(time.monotonic(), deadline, engine.metrics())
+          time.sleep(0.02)
+        m = engine.metrics()
+      finally:
+        engine.stop()
+      for (prompt, n, prefix), out in zip(bodies, done):
+        self.assertEqual(out[0]['tokens'], self.reference(prompt, n, prefix, temperature=0.0),
+                         (steps, prompt))
+      self.assertEqual(m['steps'], steps * m['calls'])
+
   def test_seeded_sampling_equals_decoding(self):
     sampling = {'temperature': 0.9, 'top_k': 50, 'top_p': 0.95}
     out = self.complete(prompt='for i in', max_tokens=10, prefix='p1', seed=7, **sampling)
@@ -222,7 +248,7 @@ class ServeTest(absltest.TestCase):
     step = self.engine.step
 
     def slow_step(*args):
-      time.sleep(0.05)  # Long requests take seconds: the client leaves mid-way.
+      time.sleep(0.3)  # Long requests take seconds (a call is several steps): the client leaves.
       return step(*args)
 
     self.engine.step = slow_step

@@ -8,8 +8,10 @@ Each layer is its base attention layer (`CausalAttention`, `Attention`) with
 and `prefix_value` (n_prefix, h, d_v), put in front of the keys and values
 that the layer projects from its input. Every query may attend to them: they
 sit at position -1, before any token, so the causal mask lets them through. In
-`'predict'` mode the key/value cache still holds only the tokens; the prefix
-is prepended at attention time, so decoding works unchanged. With
+`'predict'` mode the key/value cache still holds only the tokens; the layer
+attends to the cache and to the prefix separately and merges the two softmaxes
+by their log-sum-exps (the cache is never copied behind the prefix), so
+decoding works unchanged. With
 `packed=True` (the base layers' packed signatures) every document of a
 packed row attends to the whole prefix and to its own tokens.
 
@@ -25,11 +27,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
 from terraflax.layers.attention import Attention, CausalAttention
+from terraflax.layers.attention_core import dot_product_attention
 from terraflax.layers.core import param_with_axes
 
 PREFIX_PARAMS = ('prefix_key', 'prefix_value')
@@ -57,6 +63,11 @@ def _attend_with_prefix(layer, attend, q, k, v, *, causal=False, mask=None, q_po
   prefix_value = param_with_axes(layer, 'prefix_value', axes, init,
                                  (layer.n_prefix, h, v.shape[-1]))
 
+  if (layer.mode == 'predict' and mask is None and q_segment_ids is None
+      and not layer.sow_weights):
+    return _merged_with_prefix(layer, q, k, v, prefix_key, prefix_value, causal=causal,
+                               q_positions=q_positions, k_positions=k_positions, **kwargs)
+
   def prepend(prefix, x):
     prefix = jnp.broadcast_to(prefix[None].astype(x.dtype), (b,) + prefix.shape)
     return jnp.concatenate([prefix, x], axis=1)
@@ -80,6 +91,31 @@ def _attend_with_prefix(layer, attend, q, k, v, *, causal=False, mask=None, q_po
     mask = same if mask is None else jnp.logical_and(mask, same)
   return attend(q, k, v, causal=causal, mask=mask, q_positions=q_positions,
                 k_positions=k_positions, **kwargs)
+
+
+def _merged_with_prefix(layer, q, k, v, prefix_key, prefix_value, **kwargs):
+  """Predict mode: attention over (k, v) and over the prefix, merged by their log-sum-exps.
+
+  Equals attention over [prefix; k] and [prefix; v] without building them, so a
+  decoding step reads the key/value cache in place instead of copying it
+  behind the prefix. q (b, lq, h, d_qk), k (b, lk, h, d_qk), v (b, lk, h, d_v)
+  -> (b, lq, h, d_v). Predict mode has no dropout; the prefix is visible to
+  every query.
+  """
+  tokens = dot_product_attention(q, k, v, chunk_len=layer.chunk_len, return_details=True,
+                                 **kwargs)
+  scale = jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+  logits = jnp.einsum('bqhd,phd->bhqp', q, prefix_key.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * scale
+  prefix_lse = jax.nn.logsumexp(logits, axis=-1)  # (b, h, lq)
+  prefix_out = jnp.einsum('bhqp,phd->bqhd', jnp.exp(logits - prefix_lse[..., None]),
+                          prefix_value.astype(jnp.float32))
+  peak = jnp.maximum(tokens.logsumexp, prefix_lse)
+  w_tokens = jnp.exp(tokens.logsumexp - peak)  # 0 where no token is visible.
+  w_prefix = jnp.exp(prefix_lse - peak)
+  to_out = lambda w: jnp.transpose(w / (w_tokens + w_prefix), (0, 2, 1))[..., None]
+  out = to_out(w_tokens) * tokens.out.astype(jnp.float32) + to_out(w_prefix) * prefix_out
+  return out.astype(v.dtype)
 
 
 class PrefixCausalAttention(CausalAttention):

@@ -19,6 +19,8 @@ flags.DEFINE_string('workdir', None, 'A trained language-model workdir (checkpoi
 flags.DEFINE_multi_string('prefix', [], 'NAME=WORKDIR: a prefix-tuning run on the same base '
                           '(repeatable); requests pick it with "prefix": NAME.')
 flags.DEFINE_integer('slots', 8, 'Requests decoded together (the decode batch).', lower_bound=1)
+flags.DEFINE_integer('steps_per_call', 8, 'Decoding steps run on the device per host round '
+                     'trip (new requests join between calls).', lower_bound=1)
 flags.DEFINE_integer('max_queue', 1024, 'Requests waiting for a slot before new ones get 503.',
                      lower_bound=1)
 flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on.')
@@ -44,7 +46,8 @@ def main(argv):
   del argv
   f = flags.FLAGS
   served = model_lib.load(f.workdir, parse_prefixes(f.prefix), step=f.step)
-  engine = engine_lib.Engine(served, n_slots=f.slots, max_queue=f.max_queue)
+  engine = engine_lib.Engine(served, n_slots=f.slots, max_queue=f.max_queue,
+                              steps_per_call=f.steps_per_call)
   engine.warmup()
   engine.start()
   names = ', '.join(served.prefix_names) or 'none'

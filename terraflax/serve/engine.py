@@ -4,11 +4,14 @@
   job = Job(ids=[...], max_tokens=16, ...); engine.submit(job)   # events arrive via job.emit
   engine.cancel(job); engine.metrics(); engine.stop()
 
-Each step feeds every busy slot one token (`model.DecodeStep`): a request's
-prompt tokens are fed one per step (forced, as `terraflax.decoding` does), then
-its sampled tokens. A submitted request waits in the queue until a slot is
-free, and joins at the next step (its slot's cache is reset in that step); a
-finished or cancelled one frees its slot. Events are dicts handed to
+Each device call runs `steps_per_call` steps of every busy slot on the device
+(`model.DecodeStep`, a `lax.scan`): a request's prompt tokens are fed one per
+step (forced from a prompt buffer on the device, as `terraflax.decoding` does),
+then its sampled tokens; a slot stops on the device at `max_tokens` or the
+end-of-sequence id. The host reads the call's tokens once, checks stop strings
+and emits the call's tokens together. A submitted request waits in the queue
+until a slot is free, and joins at the next call (its slot's cache is reset
+in that call); a finished or cancelled one frees its slot. Events are dicts handed to
 `job.emit` from the decode thread:
 
   {'type': 'token', 'token': id, 'text': new text}     per generated token
@@ -30,6 +33,7 @@ import time
 import traceback
 from typing import Callable
 
+import jax
 import numpy as np
 
 from terraflax import errors
@@ -66,13 +70,16 @@ class QueueFull(errors.UserError):
 class Engine:
   """The decode loop over `n_slots` slots; thread-safe `submit`, `cancel`, `metrics`."""
 
-  def __init__(self, served: model_lib.Served, *, n_slots: int = 8, max_queue: int = 1024):
+  def __init__(self, served: model_lib.Served, *, n_slots: int = 8, max_queue: int = 1024,
+               steps_per_call: int = 8):
     if not isinstance(n_slots, int) or n_slots < 1:
       raise model_lib.ServeError(f'--slots must be a positive int, got {n_slots!r}.')
     self.served = served
     self.n_slots = n_slots
     self.max_queue = max_queue
-    self.step = model_lib.DecodeStep(served, n_slots)
+    self.step = model_lib.DecodeStep(served, n_slots, steps=steps_per_call)
+    self.step_count = steps_per_call
+    self._prompt_width = self.step.prompt_width
     self._empty_cache = self.step.empty_cache
     self._cache = self._empty_cache()
     self._slots: list[Job | None] = [None] * n_slots
@@ -82,6 +89,7 @@ class Engine:
     self._thread = None
     self._running = False
     self._counts = collections.Counter()
+    self._seconds = collections.Counter()  # Decode thread: in device calls, in bookkeeping.
     self._recent = collections.deque()  # (time, tokens generated in that step)
     self._started_at = time.monotonic()
 
@@ -135,6 +143,9 @@ class Engine:
           'failed': self._counts['failed'],
           'tokens': self._counts['tokens'],
           'steps': self._counts['steps'],
+          'calls': self._counts['calls'],
+          'call_seconds': round(self._seconds['device'], 3),
+          'host_seconds': round(self._seconds['host'], 3),
           'tokens_per_sec': sum(n for _, n in self._recent) / window,
           'queue_length': len(self._queue),
           'active_slots': sum(job is not None for job in self._slots),
@@ -163,14 +174,27 @@ class Engine:
         joined = [job is not None and job.position == 0 for job in self._slots]
         batch = self._batch(joined)
       try:
-        tokens, self._cache = self.step(self._cache, batch)
-        tokens = np.asarray(tokens)
+        began = time.perf_counter()
+        out, self._cache = self.step(self._cache, batch)
+        out = jax.device_get(out)  # The call's one device -> host transfer.
+        stepped = time.perf_counter()
         with self._lock:
-          self._counts['steps'] += 1
-          generated = sum(self._advance(i, job, int(tokens[i]))
-                          for i, job in enumerate(self._slots) if job is not None)
+          self._counts['steps'] += self.step_count
+          self._counts['calls'] += 1
+          self._inputs = np.array(out['next_tokens'], np.int32)
+          generated = 0
+          for i, job in enumerate(self._slots):
+            if job is None:
+              continue
+            job.position = int(out['positions'][i])
+            for j in np.flatnonzero(out['generated'][:, i]):
+              generated += self._advance(i, job, int(out['tokens'][j, i]))
+              if job.finished:  # Tokens past a stop string are dropped.
+                break
           self._recent.append((time.monotonic(), generated))
           self._forget_old()
+          self._seconds['device'] += stepped - began
+          self._seconds['host'] += time.perf_counter() - stepped
       except Exception as e:  # pylint: disable=broad-except  # A failed step must not stop serving.
         traceback.print_exc()
         self._fail_all(f'decoding failed: {type(e).__name__}: {e}')
@@ -192,19 +216,24 @@ class Engine:
 
   def _batch(self, joined) -> dict:
     s = self.n_slots
+    jobs = [(i, job) for i, job in enumerate(self._slots) if job is not None]
+    width = self._prompt_width(max((len(job.ids) for _, job in jobs), default=1))
     batch = {'reset': np.asarray(joined, bool), 'tokens': self._inputs.copy(),
-             'positions': np.zeros(s, np.int32), 'seeds': np.zeros(s, np.uint32),
+             'positions': np.zeros(s, np.int32), 'prompt': np.zeros((s, width), np.int32),
+             'prompt_len': np.zeros(s, np.int32), 'ends': np.zeros(s, np.int32),
+             'seeds': np.zeros(s, np.uint32),
              'temperature': np.zeros(s, np.float32), 'top_k': np.zeros(s, np.int32),
              'top_p': np.ones(s, np.float32), 'active': np.zeros(s, bool),
              'use_prefix': np.zeros(s, bool),
              'prefix_row': np.zeros(s, np.int32)}
-    for i, job in enumerate(self._slots):
-      if job is None:
-        continue
+    for i, job in jobs:
       if job.position == 0:
         batch['tokens'][i] = 0  # What ShiftRight puts before the first token.
       batch['active'][i] = True
       batch['positions'][i] = job.position
+      batch['prompt'][i, :len(job.ids)] = job.ids
+      batch['prompt_len'][i] = len(job.ids)
+      batch['ends'][i] = len(job.ids) + job.max_tokens
       batch['seeds'][i] = job.seed
       batch['temperature'][i] = job.temperature
       batch['top_k'][i] = job.top_k
@@ -213,13 +242,7 @@ class Engine:
     return batch
 
   def _advance(self, i: int, job: Job, sampled: int) -> int:
-    """Takes slot i's token for `job.position`; returns 1 if it was generated (lock held)."""
-    position = job.position
-    job.position += 1
-    if position < len(job.ids):  # Still in the prompt: the token is forced.
-      self._inputs[i] = job.ids[position]
-      return 0
-    self._inputs[i] = sampled
+    """Takes slot i's generated token `sampled`; returns 1 (lock held)."""
     job.generated.append(sampled)
     self._counts['tokens'] += 1
     reason = None

@@ -1,7 +1,7 @@
 """What a server decodes: a base workdir, its prefix-tuned workdirs, and one decoding step.
 
   load(workdir, prefixes={'NAME': WORKDIR, ...}) -> Served
-  DecodeStep(served)(state, batch) -> (tokens (s,), state)      one token for each of s slots
+  DecodeStep(served, n_slots, steps=k)(cache, batch) -> (outputs, cache)   k tokens per slot
 
 Prefix workdirs are prefix-tuning runs (`attention.n_prefix > 0`,
 `optimizer.trainable='prefix_'`) on the base workdir's model: their
@@ -9,9 +9,11 @@ non-prefix parameters must equal the base's, so one copy of the base weights
 serves every prefix. The prefix parameters of all prefixes are stacked along a
 new leading axis (p, ...); each slot gathers its own row.
 
-The step is a `jax.vmap` over slots of a batch-1 predict-mode step
+A step is a `jax.vmap` over slots of a batch-1 predict-mode step
 (`model.apply(..., mutable=['cache'])`): every slot carries its own cache and
-so its own position, and no layer needs to know about slots. The base weights
+so its own position, and no layer needs to know about slots (the slots sit on
+each cache leaf's batch axis: `_slot_axes`). One device call
+runs k steps (`lax.scan`), so the host round trip is paid once per k tokens. The base weights
 are shared (not mapped), the gathered prefix rows are mapped. A model without
 a prefix and one with it keep the same cache (the prefix is prepended at
 attention time), so slots without a prefix and slots with one share a cache
@@ -218,21 +220,39 @@ def request_key(seed: int):
 # The step.
 
 class DecodeStep:
-  """One token for every slot: `(cache, batch) -> (tokens (s,), cache)`, jitted once.
+  """`steps` decoding steps for every slot in one device call, jitted once.
+
+    step(cache, batch) -> ({'tokens': (k, s), 'generated': (k, s) bool,
+                            'next_tokens': (s,), 'positions': (s,)}, cache)
 
   `batch` (numpy, one entry per slot): reset (s,) bool (start a new request:
-  the slot's cache is reset first), tokens (s,) int32 (this step's input:
-  the token at the previous position, 0 at position 0), positions (s,) int32,
-  seeds (s,) uint32, temperature/top_k/top_p (s,), active (s,) bool (the
-  slot holds a request), use_prefix (s,) bool, prefix_row (s,) int32. The
-  step is compiled once; with and without prefix, each model runs only in
-  steps where a busy slot needs it (`lax.switch`: base only, prefixed only,
-  both and each slot keeps its own).
+  the slot's cache is reset first), tokens (s,) int32 (the first step's
+  input: the token at the previous position, 0 at position 0), positions
+  (s,) int32, prompt (s, P) int32 and prompt_len (s,) (the prompt ids, padded),
+  ends (s,) int32 (the position at which the slot stops: prompt length +
+  max_tokens), seeds (s,) uint32, temperature/top_k/top_p (s,), active (s,)
+  bool (the slot holds a request), use_prefix (s,) bool, prefix_row (s,)
+  int32.
+
+  A `lax.scan` over k = `steps` steps carries the caches, each slot's input
+  token, position and whether it is still live: a step at a position inside
+  the prompt forces the prompt's next token (as `terraflax.decoding` does),
+  later steps feed back the sampled token; a slot stops (is no longer live)
+  once it reaches `ends` or samples `eos_id`. `tokens[j, i]` is slot i's
+  token of step j, a generated one where `generated[j, i]`; `next_tokens` and
+  `positions` are where each slot stands after the call. The host checks stop
+  strings after the call and drops tokens past one. A call runs the base
+  model, the prefixed one, or both (each slot keeps its own result), by which
+  kinds of live slots it starts with (one `lax.switch` around the scan: a
+  conditional inside it would pass every cache through it each step).
   """
 
-  def __init__(self, served: Served, n_slots: int):
+  def __init__(self, served: Served, n_slots: int, *, steps: int = 8):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+      raise ServeError(f'--steps_per_call must be a positive int, got {steps!r}.')
     self.served = served
     self.n_slots = n_slots
+    self.steps = steps
     model = served.base_model if served.prefix_model is None else served.prefix_model
     self.init_cache = jax.jit(functools.partial(_batch1_cache, model))()
     if served.prefix_model is not None:
@@ -242,28 +262,55 @@ class DecodeStep:
               lambda a, b: a.shape != b.shape, plain, self.init_cache)))):
         raise ServeError('the prefix model keeps a different decoding cache than the base model; '
                          'this server cannot share slots between them.')
+    self.slot_axes = _slot_axes(model)
     self._jitted = None
+
+  def prompt_width(self, longest: int) -> int:
+    """P, the prompt buffer's width: model.max_len, else a power of two >= `longest` (>= 16)."""
+    if self.served.max_len is not None:
+      return self.served.max_len
+    return max(16, 1 << max(0, longest - 1).bit_length())
 
   def empty_cache(self):
     """The slots' cache: the batch-1 cache stacked n_slots times (leading axis)."""
     # Placed (committed) like the step's outputs, so the second step does not compile again.
-    return jax.device_put(jax.tree_util.tree_map(
-        lambda c: jnp.broadcast_to(c[None], (self.n_slots,) + c.shape), self.init_cache),
-        jax.devices()[0])
+    def stack(c, axis):
+      c = jnp.expand_dims(c, axis)
+      return jnp.broadcast_to(c, c.shape[:axis] + (self.n_slots,) + c.shape[axis + 1:])
+    return jax.device_put(jax.tree_util.tree_map(stack, self.init_cache, self.slot_axes),
+                          jax.devices()[0])
 
   def __call__(self, cache, batch: dict):
     if self._jitted is None:
       served = self.served
       plain_model = None if NO_PREFIX in served.prefixes else served.base_model
+      eos = -1 if served.eos_id is None else int(served.eos_id)
       self._jitted = compiler.jit(functools.partial(
-          _step, plain_model=plain_model, prefix_model=served.prefix_model), donate_argnums=(2,))
+          _steps, plain_model=plain_model, prefix_model=served.prefix_model, n_steps=self.steps,
+          eos_id=eos, slot_axes=self.slot_axes), donate_argnums=(2,))
     return self._jitted(self.served.base_params, self.served.stacked, cache, self.init_cache,
                         {k: jnp.asarray(v) for k, v in batch.items()})
 
 
-def _batch1_cache(model):
-  """A fresh predict-mode cache for one row."""
-  return decoding._init_cache(model, 1, None, jax.random.key(0))  # pylint: disable=protected-access
+def _batch1_cache(model, batch: int = 1):
+  """A fresh predict-mode cache for `batch` rows (one by default)."""
+  return decoding._init_cache(model, batch, None, jax.random.key(0))  # pylint: disable=protected-access
+
+
+def _slot_axes(model):
+  """Per cache leaf, the axis the slots are stacked on: the leaf's batch axis (found by
+  comparing the shapes of a batch-1 and a batch-2 cache), 0 for leaves without one.
+
+  A layer-stacked (scanned) cache leaf (layers, b, ...) gets its slots at axis 1, so the
+  stack's scan over layers slices it without a transposed copy of the whole cache.
+  """
+  one = jax.eval_shape(functools.partial(_batch1_cache, model, 1))
+  two = jax.eval_shape(functools.partial(_batch1_cache, model, 2))
+
+  def axis(a, b):
+    changed = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    return changed[0] if len(changed) == 1 else 0
+  return jax.tree_util.tree_map(axis, one, two)
 
 
 def _apply_one(model, params, cache, token, key):
@@ -273,48 +320,84 @@ def _apply_one(model, params, cache, token, key):
   return logits[0, 0].astype(jnp.float32), state['cache']
 
 
-def _step(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix_model):
-  def expand(mask, x):
-    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefix_model,
+           n_steps, eos_id, slot_axes):
+  """`n_steps` decoding steps of every slot (see `DecodeStep`)."""
+  def select(mask, a, b, axis):  # Per slot: b where mask, else a; slots on `axis` of a, b.
+    shape = [1] * a.ndim
+    shape[axis] = mask.shape[0]
+    return jnp.where(mask.reshape(shape), b, a)
 
   reset = batch['reset']
   cache = jax.lax.cond(jnp.any(reset), lambda c: jax.tree_util.tree_map(
-      lambda c, i: jnp.where(expand(reset, c), i[None], c), c, init_cache), lambda c: c, cache)
+      lambda c, i, axis: select(reset, c, jnp.expand_dims(i, axis), axis), c, init_cache,
+      slot_axes), lambda c: c, cache)
   keys = jax.vmap(request_key)(batch['seeds'])
-  step_keys = jax.vmap(jax.random.fold_in)(keys, batch['positions'])
-
-  def plain():
-    return jax.vmap(functools.partial(_apply_one, plain_model, base_params))(
-        cache, batch['tokens'], step_keys)
-
-  def prefixed():
-    def one(prefix, c, token, key):
-      return _apply_one(prefix_model, prefix_lib.merge_prefix(base_params, prefix), c, token, key)
+  use = batch['use_prefix']
+  prompt, prompt_len, ends = batch['prompt'], batch['prompt_len'], batch['ends']
+  any_sampling = jnp.any(batch['temperature'] > 0)
+  if stacked is not None:
     rows = jax.tree_util.tree_map(lambda s: s[batch['prefix_row']], stacked)
-    return jax.vmap(one)(rows, cache, batch['tokens'], step_keys)
 
-  with kernels.xla_only():  # Native kernels would run once per slot under vmap.
-    if prefix_model is None:
-      logits, cache = plain()
-    elif plain_model is None:
-      logits, cache = prefixed()
-    else:  # Each model runs only in steps where some busy slot needs it.
-      use, active = batch['use_prefix'], batch['active']
+  def one_step(kind, carry, _):
+    cache, tokens, positions, live = carry
+    step_keys = jax.vmap(jax.random.fold_in)(keys, positions)
 
-      def both():
-        logits, cache_plain = plain()
-        logits_prefixed, cache_prefixed = prefixed()
-        return (jnp.where(use[:, None], logits_prefixed, logits),
-                jax.tree_util.tree_map(lambda a, b: jnp.where(expand(use, a), b, a),
-                                       cache_plain, cache_prefixed))
+    def plain(cache):
+      return jax.vmap(functools.partial(_apply_one, plain_model, base_params),
+                      in_axes=(slot_axes, 0, 0), out_axes=(0, slot_axes))(
+                          cache, tokens, step_keys)
 
-      needs_plain, needs_prefixed = jnp.any(active & ~use), jnp.any(active & use)
-      which = jnp.where(needs_plain & needs_prefixed, 2, jnp.where(needs_prefixed, 1, 0))
-      logits, cache = jax.lax.switch(which, [plain, prefixed, both])
-  sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
-  tokens = jax.lax.cond(  # All greedy (the common case): no sorting.
-      jnp.any(batch['temperature'] > 0),
-      lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
-                          batch['top_p']),
-      lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  return tokens, cache
+    def prefixed(cache):
+      def one(prefix, c, token, key):
+        return _apply_one(prefix_model, prefix_lib.merge_prefix(base_params, prefix), c, token,
+                          key)
+      return jax.vmap(one, in_axes=(0, slot_axes, 0, 0), out_axes=(0, slot_axes))(
+          rows, cache, tokens, step_keys)
+
+    def both(cache):
+      logits, cache_plain = plain(cache)
+      logits_prefixed, cache_prefixed = prefixed(cache)
+      return (jnp.where(use[:, None], logits_prefixed, logits),
+              jax.tree_util.tree_map(functools.partial(select, use), cache_plain,
+                                     cache_prefixed, slot_axes))
+
+    with kernels.xla_only():  # Native kernels would run once per slot under vmap.
+      logits, cache = {'plain': plain, 'prefixed': prefixed, 'both': both}[kind](cache)
+    sample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(step_keys)
+    sampled = jax.lax.cond(  # All greedy (the common case): no sorting.
+        any_sampling,
+        lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
+                            batch['top_p']),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    in_prompt = positions < prompt_len
+    forced = jnp.take_along_axis(
+        prompt, jnp.clip(positions, 0, prompt.shape[1] - 1)[:, None], axis=1)[:, 0]
+    token = jnp.where(in_prompt, forced, sampled)
+    generated = live & ~in_prompt
+    done = generated & ((positions + 1 >= ends) | (sampled == eos_id))
+    carry = (cache, jnp.where(live, token, tokens), jnp.where(live, positions + 1, positions),
+             live & ~done)
+    return carry, (token, generated)
+
+  live = batch['active'] & (batch['positions'] < ends)
+  carry = (cache, batch['tokens'], batch['positions'], live)
+
+  def run(kind):
+    def scan(carry):
+      return jax.lax.scan(functools.partial(one_step, kind), carry, None, length=n_steps)
+    return scan
+
+  # Which model(s) run is chosen once per call, by the slots live at its start (a conditional
+  # per step would pass every cache through it).
+  if prefix_model is None:
+    result = run('plain')(carry)
+  elif plain_model is None:
+    result = run('prefixed')(carry)
+  else:
+    needs_plain, needs_prefixed = jnp.any(live & ~use), jnp.any(live & use)
+    which = jnp.where(needs_plain & needs_prefixed, 2, jnp.where(needs_prefixed, 1, 0))
+    result = jax.lax.switch(which, [run('plain'), run('prefixed'), run('both')], carry)
+  (cache, tokens, positions, _), (out, generated) = result
+  return {'tokens': out, 'generated': generated, 'next_tokens': tokens,
+          'positions': positions}, cache
