@@ -19,6 +19,11 @@ def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def relative_error(got, want) -> float:
+  """max |got - want| / max |want|: a parity figure for logits against a peer library's."""
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 def predict_one_at_a_time(model, params, xs, key=None):
   """A predict-mode `model` fed xs[:, t:t + 1] for every t, cache threaded: outputs on axis 1.
 

@@ -24,7 +24,7 @@ from terraflax import export
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention, convert
 from terraflax.models.reformer import ReformerLM
-from tests.contracts import run_module
+from tests.contracts import relative_error, run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -65,9 +65,6 @@ def converted_logits(name, *, rotations=True, lsh_changes=None):
                                 rngs={'hash': jax.random.key(0)})
   return np.asarray(logits, np.float64), hf_reference(path, arrays)
 
-
-def relative_error(got, want):
-  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 class ParityTest(absltest.TestCase):

@@ -24,7 +24,7 @@ from terraflax.models import attention, convert, convert_trax
 from terraflax.models.reformer import ReformerLM
 from terraflax.models.terraformer import TerraformerLM
 from terraflax.models.transformer import TransformerLM
-from tests.contracts import run_module
+from tests.contracts import relative_error, run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -57,9 +57,6 @@ def converted_logits(name, *, rotations=True, lsh_changes=None):
                                 rngs={'hash': jax.random.key(0), 'sparse': jax.random.key(0)})
   return np.asarray(logits, np.float64), arrays['logits'].astype(np.float64)
 
-
-def relative_error(got, want):
-  return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 class ParityTest(absltest.TestCase):
