@@ -51,14 +51,31 @@ Models (Trax name -> terraflax factory):
                     output_layer='none'); ff_sparsity N -> TransformerLM(
                     ff_sparsity=N): Residual(LayerNorm, SparseFF).
 
-Not converted (a clear error): encoder-decoders (Trax's Transformer,
-ConfigurableTerraformer: its decoder runs over the encoder and decoder
-sequences concatenated, `ConcatWithPadding`, with two causal self-attention
-layers per block and no encoder-decoder attention, which terraflax's
-Terraformer does not compute), ConfigurableTransformerLM's pos_types other
-than None, ff_use_sru, loss_sparsity and ff_sparsity_type other than
-'1inN', the sparse-QKV options share_qk / output_layer_type /
-v_concat_type, SelfAttention's share_qk and bias options, other pos_types.
+  ConfigurableTerraformer (trax.models.research.terraformer, the Terraformer
+                    paper's encoder-decoder)
+                 -> ConcatTerraformer: a reversible encoder (full SelfAttention
+                    over the inputs, padding masked), then one reversible
+                    decoder over the encoder's real vectors and the shifted
+                    targets concatenated per example (ConcatWithPadding), with
+                    n_decoder_attention_layers causal self-attention halves
+                    per block: SelfAttention / CausalAttention -> Full()
+                    (Trax's SelfAttention has no biases: zero biases),
+                    MultiplicativeConvCausalAttention -> SparseQKV(
+                    output_layer='none'); ff_sparsity N -> ff_sparsity=N in
+                    the encoder and decoder; pos_type 'fixed-base' (Trax's
+                    default) -> positions='fixed_base', None -> 'learned' (a
+                    table per side); output_vocab_size None: one embedding.
+                    Decode with `python -m terraflax.decoding --inputs=...`.
+
+Not converted (a clear error): Trax's Transformer (encoder-decoder
+attention), ConfigurableTransformerLM's pos_types other than None,
+ff_use_sru, loss_sparsity and ff_sparsity_type other than '1inN', the
+sparse-QKV options share_qk / output_layer_type / v_concat_type,
+SelfAttention's share_qk and bias options, other pos_types;
+ConfigurableTerraformer's local/LSH attention, reversible_encoder,
+n_layers_forget, half_before_layer / double_after_layer, center_layernorm
+False, use_two_swaps_per_encoder_block False, attention_chunk_size and
+input_vocab_size None (pre-embedded inputs).
 
 Randomness: Trax's LSH layers draw their rotations per example and head from
 a per-layer state; terraflax draws them from the 'hash' stream. To reproduce
@@ -103,7 +120,27 @@ TRAX_DEFAULTS = {
         ff_sparsity_type='1inN', loss_sparsity=0, attention_chunk_size=0,
         attention_type='CausalAttention', pos_type=None, pos_axial_shape=None,
         pos_d_axial_embs=None),
+    # trax.models.research.terraformer: the encoder-decoder over the concatenated sequence.
+    'ConfigurableTerraformer': dict(
+        output_vocab_size=None, d_model=512, d_ff=2048, d_attention_key=None,
+        d_attention_value=None, n_encoder_layers=6, n_decoder_layers=6, n_heads=8, dropout=0.1,
+        max_len=2048, encoder_attention_type='SelfAttention',
+        encoder_decoder_attention_type='SelfAttention', pos_type='fixed-base',
+        pos_axial_shape=(), pos_d_axial_embs=None, ff_activation='Relu', ff_use_sru=0,
+        ff_chunk_size=0, ff_dropout=None, ff_sparsity=0, loss_sparsity=0,
+        attention_chunk_size=0, n_layers_forget=0, forget_dense=True,
+        n_decoder_attention_layers=2, use_bfloat16=False, reversible_encoder=False,
+        use_two_swaps_per_encoder_block=True, center_layernorm=True, half_before_layer=None,
+        double_after_layer=None),
 }
+# trax.layers.FixedBasePositionalEncoding's defaults (what ConfigurableTerraformer builds).
+FIXED_BASES, FIXED_BASE_DIGITS = (11, 13, 14, 15), 8
+# The keyword argument that holds each model's (input) vocabulary size: Trax has no default.
+VOCAB_ARGUMENT = {'ConfigurableTerraformer': 'input_vocab_size'}
+# Each model's attention-type arguments (a layer or a list cycled over the layers).
+ATTENTION_ARGUMENTS = {
+    'ReformerLM': ('attention_type',), 'ConfigurableTransformerLM': ('attention_type',),
+    'ConfigurableTerraformer': ('encoder_attention_type', 'encoder_decoder_attention_type')}
 ATTENTION_DEFAULTS = {  # efficient_attention's layers, as ReformerLM builds them.
     # trax.layers.CausalAttention (ConfigurableTransformerLM's default): Dense q, k, v, o.
     'CausalAttention': dict(),
@@ -124,16 +161,16 @@ UNSUPPORTED = {
     'ReformerLM': dict(ff_use_sru=0, loss_sparsity=0),
     'ConfigurableTransformerLM': dict(ff_use_sru=0, loss_sparsity=0, ff_sparsity_type='1inN',
                                       pos_type=None, loss_sparsity_prob=None),
+    'ConfigurableTerraformer': dict(
+        ff_use_sru=0, loss_sparsity=0, loss_sparsity_prob=None, attention_chunk_size=0,
+        n_layers_forget=0, reversible_encoder=False, use_two_swaps_per_encoder_block=True,
+        center_layernorm=True, half_before_layer=None, double_after_layer=None),
 }
 
 
 # Trax models the converter knows of but does not convert: name -> why (the error says it).
-NOT_CONVERTED = {
-    'ConfigurableTerraformer': 'its decoder attends over the encoder and decoder sequences '
-                               'concatenated (ConcatWithPadding, two causal self-attention '
-                               'layers per block, _XYAvg merges), not through the '
-                               "encoder-decoder attention of terraflax's Terraformer",
-}
+# (None at present: ConfigurableTerraformer, once here, converts to a ConcatTerraformer.)
+NOT_CONVERTED: dict[str, str] = {}
 
 
 class TraxConversionError(errors.UserError, ValueError):
@@ -383,9 +420,10 @@ def trax_config(path: str, *, model: str | None = None, config: Any = None) -> t
       raise TraxConversionError('a keyword-argument config needs the model name (--trax_model, '
                                 f'one of {", ".join(sorted(TRAX_DEFAULTS))}).')
     name, bindings, kwargs, source = _model_name({}, model, ''), {}, dict(config), 'the config'
-  if 'vocab_size' not in kwargs:
-    raise TraxConversionError(f'{source} has no {name}.vocab_size (Trax has no default for it).')
-  unknown = sorted(set(kwargs) - set(TRAX_DEFAULTS[name]) - {'vocab_size', 'mode'})
+  vocab = VOCAB_ARGUMENT.get(name, 'vocab_size')
+  if vocab not in kwargs:
+    raise TraxConversionError(f'{source} has no {name}.{vocab} (Trax has no default for it).')
+  unknown = sorted(set(kwargs) - set(TRAX_DEFAULTS[name]) - {vocab, 'mode'})
   ignored = {'dropout_shared_axes', 'pos_start_from_zero_prob', 'pos_max_offset_to_add',
              'loss_sparsity_type', 'loss_d_lowrank', 'loss_sparsity_prob'}
   unknown = [k for k in unknown if k not in ignored]
@@ -401,11 +439,11 @@ def trax_config(path: str, *, model: str | None = None, config: Any = None) -> t
     if kwargs.get(key, allowed) != allowed:
       raise TraxConversionError(f'{source}: {name}.{key}={kwargs[key]!r} is not supported (only '
                                 f'{allowed!r} converts).')
-  if name in ('ReformerLM', 'ConfigurableTransformerLM'):
-    types = kwargs['attention_type']
+  for key in ATTENTION_ARGUMENTS.get(name, ()):
+    types = kwargs[key]
     types = list(types) if isinstance(types, (list, tuple)) else [types]
-    kwargs['attention_type'] = [_layer_config(t, bindings, f'{source}: attention_type[{i}]')
-                                for i, t in enumerate(types)]
+    kwargs[key] = [_layer_config(t, bindings, f'{source}: {key}[{i}]')
+                   for i, t in enumerate(types)]
   kwargs['_source'] = source
   return name, kwargs
 
@@ -465,12 +503,13 @@ def _child(tree: dict, prefix: str) -> str:
   return names[0]
 
 
-def _abstract_params(model) -> dict:
+def _abstract_params(model, n_inputs: int = 1) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   rngs = {s: jax.random.key(0) for s in ('params', 'hash', 'dropout')}
-  return nn.meta.unbox(jax.eval_shape(model.init, rngs, jnp.zeros((1, 1), jnp.int32))['params'])
+  inputs = [jnp.ones((1, 1), jnp.int32)] * n_inputs
+  return nn.meta.unbox(jax.eval_shape(model.init, rngs, *inputs)['params'])
 
 
 def _check_tree(params, abstract):
@@ -524,10 +563,7 @@ def _transformer_lm(kwargs: dict, walk: _Walk):
       p = _dense(walk, f'{b} attention {role}', d, d)
       attention[role] = {'kernel': p['kernel'], 'bias': p['bias']}
     attention['output'] = _dense(walk, f'{b} attention output', d, d)
-    ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-          'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-          'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
-    blocks.append((norm, attention, ff))
+    blocks.append((norm, attention, _ff_weights(walk, b, d, f, {})))
   final_norm = _norm(walk, 'final', d)
   head = _dense(walk, 'output', d, v)
   walk.finish()
@@ -660,6 +696,48 @@ def _sparse_qkv_weights(walk: _Walk, what: str, d: int, n_heads: int, spec) -> d
   return params
 
 
+def _attention_weights(walk: _Walk, b: str, layer_type: str, spec, *, d: int, h: int, k: int,
+                       dv: int, biases: bool = False) -> dict:
+  """One Trax attention layer's weights -> the terraflax attention layer's parameters.
+
+  SelfAttention / LSHSelfAttention (efficient_attention): per-head w_q, w_k
+  (LSH: one shared w_qk) (h, d, k), w_v (h, d, dv), w_o (h, dv, d), no
+  biases; as `Full` the CausalAttention's Dense kernels (d, h*k) / (h*dv, d),
+  with zero biases when `biases` (the terraflax layer has them).
+  CausalAttention (trax.layers): Dense q, k, v, o (d, d) with biases.
+  MultiplicativeConvCausalAttention: `_sparse_qkv_weights`.
+  """
+  if isinstance(spec, attn.SparseQKV):
+    return _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec)
+  if layer_type == 'CausalAttention':
+    return {role: _dense(walk, f'{b} CausalAttention {role}', d, d)
+            for role in ('query', 'key', 'value', 'output')}
+  if isinstance(spec, attn.LSH):
+    attention = {'qk': walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k)).transpose(1, 0, 2)}
+  else:
+    attention = {'query': walk.take(f'{b} SelfAttention w_q', (h, d, k)).transpose(1, 0, 2),
+                 'key': walk.take(f'{b} SelfAttention w_k', (h, d, k)).transpose(1, 0, 2)}
+  attention['value'] = walk.take(f'{b} {layer_type} w_v', (h, d, dv)).transpose(1, 0, 2)
+  attention['output'] = walk.take(f'{b} {layer_type} w_o', (h, dv, d))
+  if isinstance(spec, attn.Full):  # CausalAttention's Dense kernels: (d, h*k), (h*v, d).
+    attention = {role: {'kernel': w.reshape(d, -1) if role != 'output' else w.reshape(-1, d)}
+                 for role, w in attention.items()}
+    if biases:
+      for p in attention.values():
+        p['bias'] = np.zeros(p['kernel'].shape[-1:], np.float32)
+  return attention
+
+
+def _ff_weights(walk: _Walk, b: str, d: int, d_ff: int, sparse: dict) -> dict:
+  """A pre-norm feed-forward's weights: LayerNorm then SparseFF (`sparse`), or
+  LayerNorm, Dense(d_ff), Dense(d) (terraflax's FeedForward children)."""
+  if sparse:
+    return _sparse_ff_half(walk, b, d, d_ff, sparse)
+  return {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+          'Dense_1': _dense(walk, f'{b} feed-forward first', d, d_ff),
+          'Dense_4': _dense(walk, f'{b} feed-forward second', d_ff, d)}
+
+
 def _reformer_lm(kwargs: dict, walk: _Walk):
   from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
   from terraflax.models.terraformer import TerraformerLM  # pylint: disable=import-outside-toplevel
@@ -730,34 +808,9 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
   for i in range(n):
     b, spec = f'block {i}', specs[i % len(specs)]
     norm = _norm(walk, f'{b} attention', d)
-    if isinstance(spec, attn.SparseQKV):
-      layers.append((norm, _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec),
-                     _sparse_ff_half(walk, b, d, f, sparse)))
-      continue
-    if isinstance(spec, attn.LSH):
-      qk = walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k))
-      attention = {'qk': qk.transpose(1, 0, 2)}
-    else:
-      q = walk.take(f'{b} SelfAttention w_q', (h, d, k))
-      kk = walk.take(f'{b} SelfAttention w_k', (h, d, k))
-      attention = {'query': q.transpose(1, 0, 2), 'key': kk.transpose(1, 0, 2)}
-    attention['value'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_v',
-                                   (h, d, dv)).transpose(1, 0, 2)
-    attention['output'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_o', (h, dv, d))
-    if isinstance(spec, attn.Full):  # CausalAttention's Dense kernels: (d, h*k), (h*v, d).
-      attention = {role: {'kernel': w.reshape(d, -1) if role != 'output' else w.reshape(-1, d)}
-                   for role, w in attention.items()}
-    if isinstance(spec, attn.Full) and sparse:  # TerraformerLM's CausalAttention has biases.
-      attention = {role: {'kernel': p['kernel'], 'bias': np.zeros(p['kernel'].shape[-1:],
-                                                                  np.float32)}
-                   for role, p in attention.items()}
-    if sparse:
-      ff = _sparse_ff_half(walk, b, d, f, sparse)
-    else:
-      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-            'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-            'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
-    layers.append((norm, attention, ff))
+    attention = _attention_weights(walk, b, types[i % len(types)]['type'], spec, d=d, h=h, k=k,
+                                   dv=dv, biases=bool(sparse))
+    layers.append((norm, attention, _ff_weights(walk, b, d, f, sparse)))
   final_norm = _norm(walk, 'final (2 d_model)', 2 * d)
   head = _dense(walk, 'output', 2 * d, v)
   walk.finish()
@@ -842,19 +895,9 @@ def _configurable_lm(kwargs: dict, walk: _Walk):
   for i in range(n):
     b = f'block {i}'
     norm = _norm(walk, f'{b} attention', d)
-    if isinstance(spec, attn.SparseQKV):
-      attention = _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec)
-    else:
-      attention = {role: _dense(walk, f'{b} CausalAttention {role}', d, d)
-                   for role in ('query', 'key', 'value', 'output')}
-    if sparse:
-      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-            'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, f, sparse)}
-    else:
-      ff = {'FeedForward_0': {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-                              'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-                              'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}}
-    blocks.append((norm, attention, ff))
+    attention = _attention_weights(walk, b, layer['type'], spec, d=d, h=h, k=d // h, dv=d // h)
+    ff = _ff_weights(walk, b, d, f, sparse)
+    blocks.append((norm, attention, ff if sparse else {'FeedForward_0': ff}))
   final_norm = _norm(walk, 'final', d)
   head = _dense(walk, 'output', d, v)
   walk.finish()
@@ -878,8 +921,226 @@ def _configurable_lm(kwargs: dict, walk: _Walk):
   return 'TransformerLM', tf_kwargs, params
 
 
+# --- ConfigurableTerraformer
+
+
+def _terraformer_weights(kwargs: dict, walk: _Walk) -> tuple[dict, dict]:
+  """(sizes, Trax's weights as a tree) of a ConfigurableTerraformer checkpoint.
+
+  Trax's layer order (pos_type None, reversible_encoder False):
+    Embedding(input_vocab), PositionalEncoding (encoder side),
+    [Embedding(output_vocab) when output_vocab_size is set, else shared],
+    PositionalEncoding (decoder side),
+    n_encoder_layers x [LayerNorm, attention (d_model // n_heads per head),
+      feed-forward (LayerNorm, Dense, Dense | LayerNorm, SparseFF)],
+    Dense(d_model), LayerNorm (after the encoder's two streams are averaged),
+    n_decoder_layers x [n_decoder_attention_layers x [LayerNorm, causal
+      attention over the concatenated sequence], feed-forward],
+    LayerNorm, Dense(output_vocab).
+  """
+  source, name = kwargs['_source'], 'ConfigurableTerraformer'
+  v, d, f, n_enc, n_dec, h, max_len, n_attn = (_positive(kwargs, key, source, name) for key in (
+      'input_vocab_size', 'd_model', 'd_ff', 'n_encoder_layers', 'n_decoder_layers', 'n_heads',
+      'max_len', 'n_decoder_attention_layers'))
+  v_out = kwargs['output_vocab_size']
+  if v_out is not None:
+    v_out = _positive(kwargs, 'output_vocab_size', source, name)
+  if d % (2 * h):
+    raise TraxConversionError(f'{source}: {name}.n_heads={h} must divide d_model / 2 = {d / 2} '
+                              '(as Trax requires).')
+  k = kwargs['d_attention_key'] or d // h
+  dv = kwargs['d_attention_value'] or d // h
+  sparse = _sparse_ff(kwargs, source, f)
+  if not sparse and kwargs['ff_activation'] != 'Relu':
+    raise TraxConversionError(f'{source}: {name}.ff_activation={kwargs["ff_activation"]!r} is '
+                              "not supported (only Relu, Trax's default).")
+  where = f'{source}: {name}.encoder_attention_type'
+  encoder_types = kwargs['encoder_attention_type']
+  if len(encoder_types) != 1 or encoder_types[0]['type'] != 'SelfAttention' or (
+      encoder_types[0]['chunk_len'] is not None):
+    raise TraxConversionError(f'{where} must be one full SelfAttention (chunk_len None), got '
+                              f'{[t["type"] for t in encoder_types]}.')
+  encoder_spec = _attention_spec(encoder_types[0], where, max_len)
+  types = kwargs['encoder_decoder_attention_type']
+  if n_dec % len(types):
+    raise TraxConversionError(f'{source}: {name}.n_decoder_layers={n_dec} is not a multiple of '
+                              f'the {len(types)} encoder_decoder_attention_type layers.')
+  specs = []
+  for i, layer in enumerate(types):
+    where = f'{source}: {name}.encoder_decoder_attention_type[{i}]'
+    if layer['type'] == 'CausalAttention':
+      specs.append(attn.Full())
+    elif layer['type'] in ('SelfAttention', 'MultiplicativeConvCausalAttention') and (
+        layer.get('chunk_len') is None):
+      specs.append(_attention_spec(layer, where, max_len))
+    else:
+      raise TraxConversionError(f'{where}={layer["type"]!r} is not supported; expected '
+                                'CausalAttention, SelfAttention (chunk_len None) or '
+                                'MultiplicativeConvCausalAttention.')
+  sizes = dict(input_vocab_size=v, output_vocab_size=v_out, d_model=d, d_ff=f,
+               n_encoder_layers=n_enc, n_decoder_layers=n_dec, n_heads=h, d_qk=k, d_v=dv,
+               max_len=max_len, n_decoder_attention_layers=n_attn, sparse=sparse,
+               encoder_spec=encoder_spec, specs=specs, types=[t['type'] for t in types])
+
+  pos_type = kwargs['pos_type']
+  if pos_type not in (None, 'fixed-base'):
+    raise TraxConversionError(f'{source}: {name}.pos_type={pos_type!r} is not supported; '
+                              "expected 'fixed-base' (Trax's default) or None.")
+  if pos_type == 'fixed-base' and d % FIXED_BASE_DIGITS:
+    raise TraxConversionError(f"{source}: {name}.pos_type='fixed-base' needs d_model a multiple "
+                              f'of {FIXED_BASE_DIGITS}, got {d}.')
+  sizes['positions'] = 'learned' if pos_type is None else 'fixed_base'
+
+  def table(what):
+    if pos_type is None:
+      return {'pos_embedding': walk.take(f'{what} PositionalEncoding table', (max_len, d),
+                                         (1, max_len, d)).reshape(max_len, d)}
+    # FixedBasePositionalEncoding: per base, per digit a (1, d / digits) vector; start_vec.
+    w = d // FIXED_BASE_DIGITS
+    digits = [[walk.take(f'{what} FixedBasePositionalEncoding base {base} digit {i}', (1, w))
+               for i in range(FIXED_BASE_DIGITS)] for base in FIXED_BASES]
+    return {'base_weights': np.asarray(digits, np.float32).reshape(
+                len(FIXED_BASES), FIXED_BASE_DIGITS, w),
+            'start_vec': walk.take(f'{what} FixedBasePositionalEncoding start_vec',
+                                   (1, 1, d)).reshape(d)}
+
+  tree = {'in_embedding': walk.take('input Embedding', (v, d)),
+          'in_positions': table('encoder')}
+  tree['out_embedding'] = None if v_out is None else walk.take('output Embedding', (v_out, d))
+  tree['out_positions'] = table('decoder')
+  tree['encoder'] = []
+  for i in range(n_enc):
+    b = f'encoder block {i}'
+    tree['encoder'].append({
+        'norm': _norm(walk, f'{b} attention', d),
+        'attention': _attention_weights(walk, b, 'SelfAttention', encoder_spec, d=d, h=h,
+                                        k=d // h, dv=d // h, biases=True),
+        'ff': _ff_weights(walk, b, d, f, sparse)})
+  tree['encoder_dense'] = _dense(walk, 'encoder output', d, d)
+  tree['encoder_norm'] = _norm(walk, 'encoder output', d)
+  tree['decoder'] = []
+  for i in range(n_dec):
+    b, j = f'decoder block {i}', i % len(specs)
+    halves = []
+    for a in range(n_attn):
+      halves.append({'norm': _norm(walk, f'{b} attention {a}', d),
+                     'attention': _attention_weights(walk, f'{b} attention {a}', types[j]['type'],
+                                                     specs[j], d=d, h=h, k=k, dv=dv,
+                                                     biases=True)})
+    tree['decoder'].append({'attention': halves, 'ff': _ff_weights(walk, b, d, f, sparse)})
+  tree['final_norm'] = _norm(walk, 'final', d)
+  tree['head'] = _dense(walk, 'output', d, v if v_out is None else v_out)
+  walk.finish()
+  return sizes, tree
+
+
+def _paths(tree: dict, prefix: str, path: tuple = ()) -> list[tuple]:
+  """Paths (key tuples) of the subtrees named `prefix_N` in `tree`, depth first."""
+  found = []
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      found += ([path + (key,)] if key.rsplit('_', 1)[0] == prefix
+                else _paths(value, prefix, path + (key,)))
+  return found
+
+
+def _put(tree: dict, path: tuple, value: Any):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _halves(serial: dict) -> list[str]:
+  """A ReversibleSerial's children with parameters, in the order they run."""
+  return sorted(serial, key=lambda key: int(key.rsplit('_', 1)[1]))
+
+
+def _configurable_terraformer(kwargs: dict, walk: _Walk):
+  """trax.models.research.terraformer.ConfigurableTerraformer -> ConcatTerraformer.
+
+  Trax's SelfAttention (no biases) -> Full() with zero biases; CausalAttention
+  -> Full(); MultiplicativeConvCausalAttention -> SparseQKV(output_layer=
+  'none'); ff_sparsity N -> ff_sparsity=N; pos_type None -> positions=
+  'learned', 'fixed-base' -> 'fixed_base'.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from terraflax.models.concat_terraformer import ConcatTerraformer
+  sizes, tree = _terraformer_weights(kwargs, walk)
+  sparse, specs = sizes['sparse'], sizes['specs']
+  tf_kwargs = dict(vocab_size=sizes['input_vocab_size'], d_model=sizes['d_model'],
+                   d_ff=sizes['d_ff'], n_encoder_layers=sizes['n_encoder_layers'],
+                   n_decoder_layers=sizes['n_decoder_layers'], n_heads=sizes['n_heads'],
+                   d_qk=sizes['d_qk'], d_v=sizes['d_v'], dropout=float(kwargs['dropout']),
+                   max_len=sizes['max_len'], attention=attn.to_config(specs),
+                   n_decoder_attention_layers=sizes['n_decoder_attention_layers'],
+                   positions=sizes['positions'], ff_chunk_len=kwargs['ff_chunk_size'] or None)
+  if sizes['output_vocab_size'] is not None:
+    tf_kwargs['output_vocab_size'] = sizes['output_vocab_size']
+  if sparse:
+    tf_kwargs.update(sparse)
+  model = ConcatTerraformer(**tf_kwargs, mode='eval')
+  abstract = _abstract_params(model, n_inputs=2)
+
+  params: dict = {}
+  embeddings = _paths(abstract, 'Embedding')
+  shared = sizes['output_vocab_size'] is None
+  if len(embeddings) != (1 if shared else 2):
+    raise TraxConversionError(f'internal: {len(embeddings)} embeddings in the ConcatTerraformer, '
+                              f'expected {1 if shared else 2}.')
+  concat = _child(abstract, 'ConcatDecoder')
+  encoder = (concat, _child(abstract[concat], 'Encoder'))
+  decoder = (concat, _child(abstract[concat], 'Decoder'))
+  for path in embeddings:
+    side = 'in' if shared or path[:2] == encoder else 'out'
+    _put(params, path + ('embedding',), tree[f'{side}_embedding'])
+  positional = ('PositionalEncoding' if sizes['positions'] == 'learned'
+                else 'FixedBasePositionalEncoding')
+  for path in _paths(abstract, positional):
+    _put(params, path, tree['in_positions' if path[:2] == encoder else 'out_positions'])
+
+  def halves(serial_path, blocks, period):
+    """Each half of a scanned ReversibleSerial <- its blocks' weights, stacked per period."""
+    serial = _get(abstract, serial_path)
+    names = _halves(serial)
+    per_block = len(names) // period
+    for n, name in enumerate(names):
+      j, part = divmod(n, per_block)
+      layers = blocks[j::period]
+      children = sorted(serial[name])
+      if part < per_block - 1:  # An attention half: LayerNorm and the attention layer.
+        norm = _child(serial[name], 'LayerNorm')
+        (layer,) = [c for c in children if c != norm]
+        _put(params, serial_path + (name, norm), _stack([x['halves'][part]['norm']
+                                                         for x in layers]))
+        _put(params, serial_path + (name, layer), _stack([x['halves'][part]['attention']
+                                                          for x in layers]))
+      else:  # The feed-forward half: one FeedForward / SparseFeedForward child.
+        (layer,) = children
+        _put(params, serial_path + (name, layer), _stack([x['ff'] for x in layers]))
+
+  enc = _get(abstract, encoder)
+  halves(encoder + (_child(enc, 'ReversibleSerial'),),
+         [{'halves': [x], 'ff': x['ff']} for x in tree['encoder']], 1)
+  _put(params, encoder + (_child(enc, 'Dense'),), tree['encoder_dense'])
+  _put(params, encoder + (_child(enc, 'LayerNorm'),), tree['encoder_norm'])
+  dec = _get(abstract, decoder)
+  halves(decoder + (_child(dec, 'ReversibleSerial'),),
+         [{'halves': x['attention'], 'ff': x['ff']} for x in tree['decoder']], len(specs))
+  _put(params, decoder + (_child(dec, 'LayerNorm'),), tree['final_norm'])
+  params[_child(abstract, 'Dense')] = tree['head']
+  _check_tree(params, abstract)
+  return 'ConcatTerraformer', tf_kwargs, params
+
+
 _CONVERTERS = {'TransformerLM': _transformer_lm, 'ReformerLM': _reformer_lm,
-               'ConfigurableTransformerLM': _configurable_lm}
+               'ConfigurableTransformerLM': _configurable_lm,
+               'ConfigurableTerraformer': _configurable_terraformer}
 
 
 def from_trax(path: str, *, model: str | None = None, config: Any = None):
@@ -887,8 +1148,8 @@ def from_trax(path: str, *, model: str | None = None, config: Any = None):
 
   `path`: a training.Loop output dir (its model.pkl.gz) or a .pkl.gz file
   (Loop's or Layer.save_to_file's). `model`: the Trax factory's name
-  ('TransformerLM', 'ReformerLM', 'ConfigurableTransformerLM'), needed when
-  `config` does not say.
+  ('TransformerLM', 'ReformerLM', 'ConfigurableTransformerLM',
+  'ConfigurableTerraformer'), needed when `config` does not say.
   `config`: the Trax factory's keyword arguments (a dict or a JSON string) or
   a gin file; None reads config.gin next to the checkpoint. The optimizer
   slots are dropped. The model config is plain JSON (attention specs as dicts).
