@@ -24,7 +24,7 @@ from absl.testing import absltest
 from terraflax import decoding
 from terraflax.models import attention, convert, convert_trax
 from terraflax.models.concat_terraformer import ConcatTerraformer
-from tests.contracts import relative_error
+from tests.contracts import relative_error, run_module
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -99,6 +99,28 @@ class DecodingTest(absltest.TestCase):
                                              temperature=0.0,
                                              inputs=jnp.asarray(arrays['input_ids']))
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+class CommandLineTest(absltest.TestCase):
+
+  def test_converts_with_one_command_and_decodes_trax_greedy_targets(self):
+    # The sparse fixture's row 2 (2 real input tokens); the dense fixture decodes in
+    # DecodingTest (two subprocesses per fixture are what make this test slow).
+    path, arrays = fixture('terraformer_encdec_sparse')
+    inputs = [int(t) for t in arrays['input_ids'][2] if t]
+    greedy = arrays['greedy_ids'][2].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = os.path.join(tmp, 'wd')
+      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
+      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+      self.assertIn('terraflax ConcatTerraformer', result.stdout)
+      self.assertIn('--inputs=', result.stdout)
+      result = run_module('terraflax.decoding', f'--workdir={workdir}',
+                          f'--inputs={" ".join(map(str, inputs))}',
+                          f'--max_new_tokens={len(greedy)}', '--temperature=0')
+      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    tokens = [int(t) for t in result.stdout.strip().splitlines()[-1].split()]
+    self.assertEqual(tokens, greedy)
 
 
 class ErrorTest(absltest.TestCase):
