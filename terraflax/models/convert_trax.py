@@ -563,10 +563,12 @@ def _configurable_lm(kwargs: dict, walk: _Walk):
 def _terraformer_weights(kwargs: dict, walk: _Walk) -> tuple[dict, dict]:
   """(sizes, Trax's weights as a tree) of a ConfigurableTerraformer checkpoint.
 
-  Trax's layer order (pos_type None, reversible_encoder False):
-    Embedding(input_vocab), PositionalEncoding (encoder side),
+  Trax's layer order (reversible_encoder False):
+    Embedding(input_vocab), positions (encoder side),
     [Embedding(output_vocab) when output_vocab_size is set, else shared],
-    PositionalEncoding (decoder side),
+    positions (decoder side): pos_type None a PositionalEncoding table
+      (max_len, d); 'fixed-base' per base (11, 13, 14, 15) per digit (8) a
+      (1, d / 8) vector, then start_vec (1, 1, d),
     n_encoder_layers x [LayerNorm, attention (d_model // n_heads per head),
       feed-forward (LayerNorm, Dense, Dense | LayerNorm, SparseFF)],
     Dense(d_model), LayerNorm (after the encoder's two streams are averaged),
@@ -605,6 +607,10 @@ def _terraformer_weights(kwargs: dict, walk: _Walk) -> tuple[dict, dict]:
   for i, layer in enumerate(types):
     where = f'{source}: {name}.encoder_decoder_attention_type[{i}]'
     if layer['type'] == 'CausalAttention':
+      if (k, dv) != (d // h, d // h):  # trax.layers.CausalAttention ignores them.
+        raise TraxConversionError(f'{where}=CausalAttention with d_attention_key={k} / '
+                                  f'd_attention_value={dv} is not supported (only d_model // '
+                                  f'n_heads = {d // h}, the widths CausalAttention uses).')
       specs.append(attn.Full())
     elif layer['type'] in ('SelfAttention', 'MultiplicativeConvCausalAttention') and (
         layer.get('chunk_len') is None):
@@ -616,7 +622,7 @@ def _terraformer_weights(kwargs: dict, walk: _Walk) -> tuple[dict, dict]:
   sizes = dict(input_vocab_size=v, output_vocab_size=v_out, d_model=d, d_ff=f,
                n_encoder_layers=n_enc, n_decoder_layers=n_dec, n_heads=h, d_qk=k, d_v=dv,
                max_len=max_len, n_decoder_attention_layers=n_attn, sparse=sparse,
-               encoder_spec=encoder_spec, specs=specs, types=[t['type'] for t in types])
+               specs=specs)
 
   pos_type = kwargs['pos_type']
   if pos_type not in (None, 'fixed-base'):

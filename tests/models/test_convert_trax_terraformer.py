@@ -7,9 +7,10 @@ inputs whose real (non-pad) lengths differ per example, targets, Trax's
 eval-mode logits and Trax's greedy targets (one eval forward pass per token).
   trax_terraformer_encdec: full SelfAttention, dense ReLU feed-forward, one
     shared embedding, learned positions (pos_type None), 2 + 2 layers.
-  trax_terraformer_encdec_sparse: MultiplicativeConvCausalAttention (sparse
-    QKV) in the decoder, SparseFF everywhere, output_vocab_size 40 (its own
-    embedding), Trax's default fixed-base positions, 1 + 2 layers.
+  trax_terraformer_encdec_sparse: decoder layers of MultiplicativeConvCausalAttention
+    (sparse QKV) and CausalAttention (Dense with biases) in turn, SparseFF
+    everywhere, output_vocab_size 40 (its own embedding), Trax's default
+    fixed-base positions, 1 + 2 layers.
 """
 
 import os
@@ -67,11 +68,11 @@ class ParityTest(absltest.TestCase):
 
   def test_sparse_encoder_decoder_reproduces_trax_logits(self):
     model_config, model, params, arrays = converted('terraformer_encdec_sparse')
-    (spec,) = attention.specs_from(model_config['attention'])
-    self.assertEqual((spec.kind, spec.output_layer, model_config['ff_sparsity'],
-                      model_config['ff_d_lowrank'], model_config['positions'],
-                      model_config['output_vocab_size']),
-                     ('sparse_qkv', 'none', 4, 8, 'fixed_base', 40))
+    sparse_qkv, full = attention.specs_from(model_config['attention'])
+    self.assertEqual((sparse_qkv.kind, sparse_qkv.output_layer, full.kind,
+                      model_config['ff_sparsity'], model_config['ff_d_lowrank'],
+                      model_config['positions'], model_config['output_vocab_size']),
+                     ('sparse_qkv', 'none', 'full', 4, 8, 'fixed_base', 40))
     got = logits_of(model, params, arrays['input_ids'], arrays['target_ids'])
     self.assertLess(relative_error(got, arrays['logits']), 1e-4)
 
@@ -146,6 +147,8 @@ class ErrorTest(absltest.TestCase):
         (dict(encoder_decoder_attention_type='LSHSelfAttention'),
          r"encoder_decoder_attention_type\[0\]='LSHSelfAttention' is not supported; expected "
          'CausalAttention, SelfAttention'),
+        (dict(encoder_decoder_attention_type='CausalAttention', d_attention_key=4),
+         r'=CausalAttention with d_attention_key=4 / d_attention_value=8 is not supported'),
         (dict(pos_type='sin-cos'),
          r"ConfigurableTerraformer.pos_type='sin-cos' is not supported; expected 'fixed-base'"),
         (dict(reversible_encoder=True),
@@ -187,7 +190,8 @@ class ErrorTest(absltest.TestCase):
       convert.from_trax(path, model='ConfigurableTerraformer', config=dict(
           input_vocab_size=48, d_model=16, d_ff=32, n_encoder_layers=1, n_decoder_layers=2,
           n_heads=2, max_len=32, ff_sparsity=4,
-          encoder_decoder_attention_type='MultiplicativeConvCausalAttention'))
+          encoder_decoder_attention_type=['MultiplicativeConvCausalAttention',
+                                          'CausalAttention']))
 
 
 if __name__ == '__main__':
