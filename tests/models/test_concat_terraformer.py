@@ -85,33 +85,18 @@ class ConcatTerraformerTest(parameterized.TestCase):
         SIZES, output_vocab_size=11)), inputs, targets[:, :] % 11))
     self.assertLen([p for p in separate if p.endswith('embedding')], 2)
 
-  def test_encoder_padding_does_not_change_the_logits(self):
-    # The concatenation drops each example's padding: an input alone, unpadded, gives the
-    # logits it gets in a padded batch; and the decoder does read the encoder.
-    kw = dict(SIZES, **SPARSE, positions='fixed_base')
-    inputs, targets = padded_inputs(), tokens((3, 5), seed=1)
-    model = tm.ConcatTerraformer(mode='eval', **kw)
-    params = fake_params(model, inputs, targets)
-    apply = jax.jit(model.apply)
-    batch = apply({'params': params}, inputs, targets)
-    for i, n in ((1, 4), (2, 1)):
-      alone = model.apply({'params': params}, inputs[i:i + 1, :n], targets[i:i + 1])
-      np.testing.assert_allclose(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-    changed = apply({'params': params}, inputs.at[1, 0].set(inputs[1, 0] % 12 + 1), targets)
-    self.assertGreater(float(jnp.abs(changed[1] - batch[1]).max()), 1e-3)
-    np.testing.assert_allclose(changed[0], batch[0], rtol=1e-6, atol=1e-6)
-
   @parameterized.named_parameters(
       ('full', dict(attention=Full()), False),
       ('sparse_qkv_sparse_ff_fixed_base', dict(SPARSE, positions='fixed_base'), True))
-  def test_predict_steps_equal_eval(self, options, greedy):
+  def test_predict_steps_equal_eval(self, options, more):
     kw = dict(SIZES, **options)
     inputs, targets = padded_inputs(), tokens((3, 6), seed=1)
     eval_model = tm.ConcatTerraformer(mode='eval', **kw)
     params = fake_params(eval_model, inputs, targets)
-    full = jax.jit(eval_model.apply)({'params': params}, inputs, targets)
+    apply = jax.jit(eval_model.apply)
+    full = apply({'params': params}, inputs, targets)
     predict = tm.ConcatTerraformer(mode='predict', **kw)
-    cache = predict.init(KEY, inputs, targets[:, :1])['cache']
+    cache = jax.jit(predict.init)(KEY, inputs, targets[:, :1])['cache']
     step = jax.jit(lambda c, t: predict.apply({'params': params, 'cache': c}, inputs, t,
                                               mutable=['cache']))
     shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
@@ -121,11 +106,20 @@ class ConcatTerraformerTest(parameterized.TestCase):
       cache = state['cache']
       outputs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, rtol=1e-5, atol=1e-5)
-    if greedy:  # Through `terraflax.decoding`: the tokens the eval pass ranks first.
-      generated = decoding.autoregressive_sample(predict, params, max_new_tokens=6,
-                                                 temperature=0.0, inputs=inputs)
-      teacher = jax.jit(eval_model.apply)({'params': params}, inputs, generated)
-      np.testing.assert_array_equal(jnp.argmax(teacher, axis=-1), generated)
+    if not more:
+      return
+    # Greedy decoding through `terraflax.decoding`: the tokens the eval pass ranks first.
+    generated = decoding.autoregressive_sample(predict, params, max_new_tokens=6,
+                                               temperature=0.0, inputs=inputs)
+    teacher = apply({'params': params}, inputs, generated)
+    np.testing.assert_array_equal(jnp.argmax(teacher, axis=-1), generated)
+    # The concatenation drops each example's padding: row 1 alone, unpadded, gets the logits
+    # it gets in the padded batch; and the decoder reads the encoder (row 1 only).
+    alone = jax.jit(eval_model.apply)({'params': params}, inputs[1:2, :4], targets[1:2])
+    np.testing.assert_allclose(full[1:2], alone, rtol=1e-5, atol=1e-5)
+    changed = apply({'params': params}, inputs.at[1, 0].set(inputs[1, 0] % 12 + 1), targets)
+    self.assertGreater(float(jnp.abs(changed[1] - full[1]).max()), 1e-3)
+    np.testing.assert_allclose(changed[0], full[0], rtol=1e-6, atol=1e-6)
 
   def test_bad_arguments_are_clear_errors(self):
     with self.assertRaisesRegex(ValueError, r"LSH\(\.\.\.\) does not decode \('predict' mode\)"):
