@@ -15,6 +15,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.decoding as decoding
 import terraflax.models as tm
+from terraflax.models import spec as spec_lib
 from terraflax.models.attention import LSH, Full, SparseQKV
 from terraflax.train import checkpoint
 from terraflax.train import trainer
@@ -145,6 +146,20 @@ class ConcatTerraformerTest(parameterized.TestCase):
 
 
 class ConcatTerraformerTrainingTest(absltest.TestCase):
+
+  def test_converted_workdir_data_name_makes_encoder_decoders_seq2seq(self):
+    def task(model_name, data_name):
+      config = ml_collections.ConfigDict({'model': dict(SIZES, name=model_name),
+                                          'data': {'name': data_name, 'seq_len': 8}})
+      if model_name == 'TransformerLM':
+        config.model = dict(vocab_size=13, d_model=16, d_ff=32, n_layers=1, n_heads=2,
+                            name='TransformerLM')
+      return spec_lib.ModelSpec.from_config(config).task
+
+    self.assertEqual(task('ConcatTerraformer', 'tokens'), 'seq2seq')  # not a data set
+    self.assertEqual(task('TransformerLM', 'tokens'), 'lm')
+    self.assertEqual(task('ConcatTerraformer', 'reverse'), 'seq2seq')
+    self.assertEqual(task('ConcatTerraformer', 'bytes'), 'lm')  # a data set's task wins
 
   def test_config_model_name_trains_on_reverse(self):
     config = tiny_lm_config(**{'train.steps': 2, 'train.log_every': 1, 'train.eval_every': 2,
