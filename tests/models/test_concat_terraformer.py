@@ -93,7 +93,7 @@ class ConcatTerraformerTest(parameterized.TestCase):
     kw = dict(SIZES, **options)
     inputs, targets = padded_inputs(), tokens((3, 6), seed=1)
     eval_model = tm.ConcatTerraformer(mode='eval', **kw)
-    params = fake_params(eval_model, inputs, targets)
+    params = fake_params(eval_model, inputs, targets, scale=2.0 if more else 0.5)
     apply = jax.jit(eval_model.apply)
     full = apply({'params': params}, inputs, targets)
     predict = tm.ConcatTerraformer(mode='predict', **kw)
@@ -112,6 +112,7 @@ class ConcatTerraformerTest(parameterized.TestCase):
     # Greedy decoding through `terraflax.decoding`: the tokens the eval pass ranks first.
     generated = decoding.autoregressive_sample(predict, params, max_new_tokens=6,
                                                temperature=0.0, inputs=inputs)
+    self.assertGreater(len(set(np.asarray(generated).ravel().tolist())), 1)  # Not one token.
     teacher = apply({'params': params}, inputs, generated)
     np.testing.assert_array_equal(jnp.argmax(teacher, axis=-1), generated)
     # The concatenation drops each example's padding: row 1 alone, unpadded, gets the logits
