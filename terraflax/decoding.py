@@ -5,8 +5,9 @@ Callers pass the model itself, built with `mode='predict'` (for example
 as in 'train'/'eval'). The model is called one token at a time: its input at
 position p is the token at p - 1 (pad id 0 at p = 0, what `ShiftRight` would
 insert), and its output is the (b, 1, v) logits for position p. A seq2seq
-model (`Transformer`) is decoded by passing its encoder `inputs`; it is then
-called as `model(inputs, token)`.
+model (`Transformer`, `Terraformer`, `ConcatTerraformer`) is decoded by passing its
+encoder `inputs`; it is then called as `model(inputs, token)` (on the command line:
+`--inputs=TEXT`).
 
 The whole loop is one jitted `lax.while_loop` (one model step per token, the
 key/value cache updated in place, no host work per token), which stops as

@@ -21,6 +21,9 @@ set's name, through `TASKS`, the one table of it:
   classification  model(inputs) -> (b, n_classes)
   seq2seq         model(inputs, targets) -> (b, l, v)
 
+A data set name outside `TASKS` (a converted checkpoint's 'tokens') is an LM, or seq2seq when
+config.model.name is an encoder-decoder factory (`SEQ2SEQ_FACTORIES`).
+
 The trainer, eval-only scoring, the checkpoint loader, distillation, decoding
 and export all build their models here; `load_workdir(workdir)` restores a
 training workdir's spec and parameters without importing `terraflax.train`.

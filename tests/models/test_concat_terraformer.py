@@ -15,6 +15,7 @@ from absl.testing import absltest, parameterized
 
 import terraflax.decoding as decoding
 import terraflax.models as tm
+from terraflax.models import spec as spec_lib
 from terraflax.models.attention import LSH, Full, SparseQKV
 from terraflax.train import checkpoint
 from terraflax.train import trainer
@@ -85,33 +86,18 @@ class ConcatTerraformerTest(parameterized.TestCase):
         SIZES, output_vocab_size=11)), inputs, targets[:, :] % 11))
     self.assertLen([p for p in separate if p.endswith('embedding')], 2)
 
-  def test_encoder_padding_does_not_change_the_logits(self):
-    # The concatenation drops each example's padding: an input alone, unpadded, gives the
-    # logits it gets in a padded batch; and the decoder does read the encoder.
-    kw = dict(SIZES, **SPARSE, positions='fixed_base')
-    inputs, targets = padded_inputs(), tokens((3, 5), seed=1)
-    model = tm.ConcatTerraformer(mode='eval', **kw)
-    params = fake_params(model, inputs, targets)
-    apply = jax.jit(model.apply)
-    batch = apply({'params': params}, inputs, targets)
-    for i, n in ((1, 4), (2, 1)):
-      alone = model.apply({'params': params}, inputs[i:i + 1, :n], targets[i:i + 1])
-      np.testing.assert_allclose(batch[i:i + 1], alone, rtol=1e-5, atol=1e-5)
-    changed = apply({'params': params}, inputs.at[1, 0].set(inputs[1, 0] % 12 + 1), targets)
-    self.assertGreater(float(jnp.abs(changed[1] - batch[1]).max()), 1e-3)
-    np.testing.assert_allclose(changed[0], batch[0], rtol=1e-6, atol=1e-6)
-
   @parameterized.named_parameters(
       ('full', dict(attention=Full()), False),
       ('sparse_qkv_sparse_ff_fixed_base', dict(SPARSE, positions='fixed_base'), True))
-  def test_predict_steps_equal_eval(self, options, greedy):
+  def test_predict_steps_equal_eval(self, options, more):
     kw = dict(SIZES, **options)
     inputs, targets = padded_inputs(), tokens((3, 6), seed=1)
     eval_model = tm.ConcatTerraformer(mode='eval', **kw)
-    params = fake_params(eval_model, inputs, targets)
-    full = jax.jit(eval_model.apply)({'params': params}, inputs, targets)
+    params = fake_params(eval_model, inputs, targets, scale=2.0 if more else 0.5)
+    apply = jax.jit(eval_model.apply)
+    full = apply({'params': params}, inputs, targets)
     predict = tm.ConcatTerraformer(mode='predict', **kw)
-    cache = predict.init(KEY, inputs, targets[:, :1])['cache']
+    cache = jax.jit(predict.init)(KEY, inputs, targets[:, :1])['cache']
     step = jax.jit(lambda c, t: predict.apply({'params': params, 'cache': c}, inputs, t,
                                               mutable=['cache']))
     shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
@@ -121,11 +107,21 @@ class ConcatTerraformerTest(parameterized.TestCase):
       cache = state['cache']
       outputs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, rtol=1e-5, atol=1e-5)
-    if greedy:  # Through `terraflax.decoding`: the tokens the eval pass ranks first.
-      generated = decoding.autoregressive_sample(predict, params, max_new_tokens=6,
-                                                 temperature=0.0, inputs=inputs)
-      teacher = jax.jit(eval_model.apply)({'params': params}, inputs, generated)
-      np.testing.assert_array_equal(jnp.argmax(teacher, axis=-1), generated)
+    if not more:
+      return
+    # Greedy decoding through `terraflax.decoding`: the tokens the eval pass ranks first.
+    generated = decoding.autoregressive_sample(predict, params, max_new_tokens=6,
+                                               temperature=0.0, inputs=inputs)
+    self.assertGreater(len(set(np.asarray(generated).ravel().tolist())), 1)  # Not one token.
+    teacher = apply({'params': params}, inputs, generated)
+    np.testing.assert_array_equal(jnp.argmax(teacher, axis=-1), generated)
+    # The concatenation drops each example's padding: row 1 alone, unpadded, gets the logits
+    # it gets in the padded batch; and the decoder reads the encoder (row 1 only).
+    alone = jax.jit(eval_model.apply)({'params': params}, inputs[1:2, :4], targets[1:2])
+    np.testing.assert_allclose(full[1:2], alone, rtol=1e-5, atol=1e-5)
+    changed = apply({'params': params}, inputs.at[1, 0].set(inputs[1, 0] % 12 + 1), targets)
+    self.assertGreater(float(jnp.abs(changed[1] - full[1]).max()), 1e-3)
+    np.testing.assert_allclose(changed[0], full[0], rtol=1e-6, atol=1e-6)
 
   def test_bad_arguments_are_clear_errors(self):
     with self.assertRaisesRegex(ValueError, r"LSH\(\.\.\.\) does not decode \('predict' mode\)"):
@@ -151,6 +147,20 @@ class ConcatTerraformerTest(parameterized.TestCase):
 
 
 class ConcatTerraformerTrainingTest(absltest.TestCase):
+
+  def test_converted_workdir_data_name_makes_encoder_decoders_seq2seq(self):
+    def task(model_name, data_name):
+      config = ml_collections.ConfigDict({'model': dict(SIZES, name=model_name),
+                                          'data': {'name': data_name, 'seq_len': 8}})
+      if model_name == 'TransformerLM':
+        config.model = dict(vocab_size=13, d_model=16, d_ff=32, n_layers=1, n_heads=2,
+                            name='TransformerLM')
+      return spec_lib.ModelSpec.from_config(config).task
+
+    self.assertEqual(task('ConcatTerraformer', 'tokens'), 'seq2seq')  # not a data set
+    self.assertEqual(task('TransformerLM', 'tokens'), 'lm')
+    self.assertEqual(task('ConcatTerraformer', 'reverse'), 'seq2seq')
+    self.assertEqual(task('ConcatTerraformer', 'bytes'), 'lm')  # a data set's task wins
 
   def test_config_model_name_trains_on_reverse(self):
     config = tiny_lm_config(**{'train.steps': 2, 'train.log_every': 1, 'train.eval_every': 2,
