@@ -5,8 +5,9 @@ Callers pass the model itself, built with `mode='predict'` (for example
 as in 'train'/'eval'). The model is called one token at a time: its input at
 position p is the token at p - 1 (pad id 0 at p = 0, what `ShiftRight` would
 insert), and its output is the (b, 1, v) logits for position p. A seq2seq
-model (`Transformer`) is decoded by passing its encoder `inputs`; it is then
-called as `model(inputs, token)`.
+model (`Transformer`, `Terraformer`, `ConcatTerraformer`) is decoded by passing its
+encoder `inputs`; it is then called as `model(inputs, token)` (on the command line:
+`--inputs=TEXT`).
 
 The whole loop is one jitted `lax.while_loop` (one model step per token, the
 key/value cache updated in place, no host work per token), which stops as
@@ -519,21 +520,31 @@ def check_length(prompt_len: int, max_new_tokens: int, max_len: int | None) -> N
 
 def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level: bool = False,
                   tokenizer: tokenizer_lib.Tokenizer | None = None, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                  inputs: str | None = None) -> str:
   """`prompt` followed by `max_new_tokens` sampled tokens, as text.
 
-  `model` is a predict-mode LM. With a `tokenizer` (the workdir's,
-  `workdir_tokenizer`) the prompt is encoded and the ids decoded by it;
-  byte-level models (`byte_level`, the 'bytes' tokenizer) read and write
-  UTF-8 text; others take the prompt as space-separated token ids and print ids.
+  `model` is a predict-mode LM, or with `inputs` (the encoder's input text) a
+  predict-mode seq2seq model (called `model(inputs, token)`), whose `prompt`
+  is the start of its target (often ''). With a `tokenizer` (the workdir's,
+  `workdir_tokenizer`) the prompt and inputs are encoded and the ids decoded
+  by it; byte-level models (`byte_level`, the 'bytes' tokenizer) read and
+  write UTF-8 text; others take the prompt as space-separated token ids and
+  print ids.
   """
   if tokenizer is None and byte_level:
     tokenizer = tokenizer_lib.load(tokenizer_lib.BYTES)
   ids = np.asarray(prompt_ids(prompt, tokenizer), np.int32)
+  encoder_ids = None
+  if inputs is not None:
+    encoder_ids = np.asarray(prompt_ids(inputs, tokenizer), np.int32)
+    if encoder_ids.size == 0:
+      raise DecodingError('--inputs is empty: a seq2seq model needs at least one input token.')
+    encoder_ids = jnp.asarray(encoder_ids[None, :])
   params = jax.device_put(params, jax.devices()[0])
   tokens = autoregressive_sample(
       model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
-      top_k=top_k, top_p=top_p, rng=jax.random.key(seed))
+      top_k=top_k, top_p=top_p, rng=jax.random.key(seed), inputs=encoder_ids)
   tokens = np.concatenate([ids, np.asarray(tokens).reshape(-1)])
   if tokenizer is not None:
     return tokenizer.decode(tokens)
@@ -580,8 +591,19 @@ def sample_text(spec: spec_lib.ModelSpec, params, prompt: str, *, max_new_tokens
                        seed=seed)
 
 
+def check_inputs(task: str, model_name: str, inputs: str | None) -> None:
+  """Raises `DecodingError` unless `--inputs` is given exactly for a seq2seq model."""
+  if task == 'seq2seq' and inputs is None:
+    raise DecodingError(f'the workdir holds a seq2seq model ({model_name}): pass the text its '
+                        'encoder reads with --inputs=TEXT (--prompt, if any, starts the output).')
+  if task != 'seq2seq' and inputs is not None:
+    raise DecodingError(f'--inputs is for seq2seq models (an encoder reads it), but the workdir '
+                        f'holds a language model ({model_name}); give the text to continue '
+                        'with --prompt.')
+
+
 def main(argv):
-  """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT --max_new_tokens=N [--weights=int8]`."""
+  """`python -m terraflax.decoding --workdir=DIR --prompt=TEXT [--inputs=TEXT] --max_new_tokens=N`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise ValueError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -590,18 +612,24 @@ def main(argv):
     config, spec, params = spec_lib.load_workdir(f.workdir, step=f.step)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f'terraflax.decoding: {e}')
-  if spec.task != 'lm':
+  if spec.task not in ('lm', 'seq2seq'):
     sys.exit(f'terraflax.decoding: {f.workdir} holds a {spec.task} model '
-             f'(data.name={config.data.name!r}); only language models decode.')
+             f'(data.name={config.data.name!r}); only language and seq2seq models decode.')
+  check_inputs(spec.task, spec.name, f.inputs)
   tokenizer = workdir_tokenizer(f.workdir, config)
-  check_length(len(prompt_ids(f.prompt, tokenizer)), f.max_new_tokens,
-               config.model.get('max_len'))
+  max_len = config.model.get('max_len')
+  check_length(len(prompt_ids(f.prompt, tokenizer)), f.max_new_tokens, max_len)
+  if f.inputs is not None and max_len is not None:
+    n_inputs = len(prompt_ids(f.inputs, tokenizer))
+    if n_inputs > max_len:
+      raise DecodingError(f'--inputs has {n_inputs} tokens, more than the model has positions '
+                          f'(config.model.max_len={max_len}); shorten it.')
   model = spec.build('predict')
   context, params = quantization.prepare_for_decoding(model, params, weights=f.weights)
   with context:
     text = generate_text(model, params, f.prompt, max_new_tokens=f.max_new_tokens,
                          tokenizer=tokenizer, temperature=f.temperature, top_k=f.top_k,
-                         top_p=f.top_p, seed=f.seed)
+                         top_p=f.top_p, seed=f.seed, inputs=f.inputs)
   print(text, flush=True)
 
 
@@ -611,6 +639,9 @@ def _define_flags():
   flags.DEFINE_string('prompt', '', 'Text to continue, encoded by the workdir\'s tokenizer '
                       '(WORKDIR/tokenizer.model|json, else UTF-8 bytes for byte-level models); '
                       'token ids separated by spaces for models that read ids.')
+  flags.DEFINE_string('inputs', None, 'A seq2seq model\'s encoder input (Transformer, Terraformer, '
+                      'ConcatTerraformer), encoded like --prompt; required for those models, '
+                      'an error for language models.')
   flags.DEFINE_integer('max_new_tokens', 100, 'Tokens to generate after the prompt.',
                        lower_bound=1)
   flags.DEFINE_float('temperature', 1.0, 'Softmax temperature; 0 is greedy.', lower_bound=0.0)

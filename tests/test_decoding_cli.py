@@ -5,6 +5,7 @@ import pathlib
 import sys
 import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +91,46 @@ class CheckLengthTest(absltest.TestCase):
                                 r'prompt \(100 tokens\) plus --max_new_tokens=5 needs 105 '
                                 r'positions.*config.model.max_len=64'):
       decoding.check_length(100, 5, 64)
+
+
+class Seq2SeqInputsTest(absltest.TestCase):
+  """--inputs: a seq2seq model's encoder text, required for it and refused for an LM."""
+
+  def test_inputs_only_for_seq2seq_models(self):
+    decoding.check_inputs('seq2seq', 'ConcatTerraformer', '3 4')
+    decoding.check_inputs('lm', 'TransformerLM', None)
+    with self.assertRaisesRegex(decoding.DecodingError,
+                                r'seq2seq model \(Terraformer\): pass .* --inputs=TEXT'):
+      decoding.check_inputs('seq2seq', 'Terraformer', None)
+    with self.assertRaisesRegex(decoding.DecodingError,
+                                r'--inputs is for seq2seq models .* language model '
+                                r'\(TransformerLM\)'):
+      decoding.check_inputs('lm', 'TransformerLM', 'x')
+
+  def test_concat_terraformer_workdir_decodes_its_inputs_greedily(self):
+    from terraflax.models import convert  # pylint: disable=import-outside-toplevel
+    import terraflax.models as tm  # pylint: disable=import-outside-toplevel
+    kwargs = dict(vocab_size=13, d_model=16, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                  n_heads=2, dropout=0.0, max_len=16, n_decoder_attention_layers=1)
+    inputs, targets = jnp.asarray([[3, 4, 5, 6]]), jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(tm.ConcatTerraformer(mode='eval', **kwargs).init,
+                            jax.random.key(0), inputs, targets)['params']
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                                    nn.meta.unbox(shapes))
+    workdir = convert.write_workdir(tempfile.mkdtemp(), kwargs, params, seq_len=8,
+                                    name='ConcatTerraformer', source='a test')
+    result = run_module('terraflax.decoding', f'--workdir={workdir}', '--inputs=3 4 5 6',
+                        '--max_new_tokens=5', '--temperature=0')
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    want = decoding.autoregressive_sample(tm.ConcatTerraformer(mode='predict', **kwargs),
+                                          params, max_new_tokens=5, temperature=0.0,
+                                          inputs=inputs)
+    self.assertEqual(result.stdout.split(), [str(int(t)) for t in np.asarray(want)[0]])
+    missing = run_module('terraflax.decoding', f'--workdir={workdir}', '--prompt=3')
+    self.assertNotEqual(missing.returncode, 0)
+    self.assertIn('seq2seq model (ConcatTerraformer): pass the text its encoder reads with '
+                  '--inputs=TEXT', missing.stderr)
 
 
 class PromptIdsTest(absltest.TestCase):

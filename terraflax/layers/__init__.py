@@ -13,6 +13,12 @@ from terraflax.layers.attention_core import AttentionOutput as AttentionOutput
 from terraflax.layers.attention_core import causal_mask as causal_mask
 from terraflax.layers.attention_core import dot_product_attention as dot_product_attention
 from terraflax.layers.attention_core import padding_mask as padding_mask
+from terraflax.layers.concat import ConcatCausalAttention as ConcatCausalAttention
+from terraflax.layers.concat import ConcatDecoder as ConcatDecoder
+from terraflax.layers.concat import ConcatSparseQKVAttention as ConcatSparseQKVAttention
+from terraflax.layers.concat import ConcatWithPadding as ConcatWithPadding
+from terraflax.layers.concat import (
+    StripFromConcatenateWithPadding as StripFromConcatenateWithPadding)
 from terraflax.layers.core import Dense as Dense
 from terraflax.layers.distillation import DistillationLoss as DistillationLoss
 from terraflax.layers.distillation import distillation_sum as distillation_sum
@@ -41,6 +47,8 @@ from terraflax.layers.metrics import cross_entropy_sum as cross_entropy_sum
 from terraflax.layers.patches import ClassToken as ClassToken
 from terraflax.layers.patches import PatchEmbedding as PatchEmbedding
 from terraflax.layers.positional import AxialPositionalEncoding as AxialPositionalEncoding
+from terraflax.layers.positional import (
+    FixedBasePositionalEncoding as FixedBasePositionalEncoding)
 from terraflax.layers.positional import PositionalEncoding as PositionalEncoding
 from terraflax.layers.prefix import PrefixAttention as PrefixAttention
 from terraflax.layers.prefix import PrefixCausalAttention as PrefixCausalAttention

@@ -158,3 +158,77 @@ class AxialPositionalEncoding(Layer):
       parts.append(jnp.take(table, (positions // stride) % size, axis=0))
     y = x + jnp.concatenate(parts, axis=-1).astype(x.dtype)
     return (y, packing[0]) if self.packed else y
+
+
+class FixedBasePositionalEncoding(Layer):
+  """[x] -> [x + fixed_base(x)]: (b, l, d) -> (b, l, d); n_in = n_out = 1.
+
+  Trax's `FixedBasePositionalEncoding` (the ConfigurableTerraformer's default
+  positions): position p is written in each base B of `bases` with
+  `n_digits` digits, and digit j of base B scales a trained vector
+  `base_weights[B, j]` of width d / n_digits; the n_digits scaled vectors
+  concatenate to width d, and the bases' results add up. The first position
+  also adds the trained `start_vec` (d,). Parameters: `base_weights`
+  (len(bases), n_digits, d / n_digits), `start_vec` (d,).
+
+  In 'train' mode, as in Trax: each example starts at a random position (0
+  with probability 1 / `start_from_zero_one_in`, else uniform in [0,
+  min(bases)**n_digits - l)) and drops the whole encoding with probability
+  1 / `base_dropout_one_in` (both from the 'dropout' stream). In 'predict'
+  mode the position advances by the input length per call (the `cache`
+  counter `position`) and `start_vec` is added at position 0 only.
+  """
+
+  bases: Sequence[int] = (11, 13, 14, 15)
+  n_digits: int = 8
+  start_from_zero_one_in: int = 2
+  base_dropout_one_in: int = 100
+  mode: str = 'train'
+
+  def __post_init__(self):
+    check_mode(self.mode, 'FixedBasePositionalEncoding mode')
+    if not self.bases or any(not isinstance(b, int) or b < 2 for b in self.bases):
+      raise ValueError(f'FixedBasePositionalEncoding bases must be ints >= 2, got '
+                       f'{tuple(self.bases)!r}.')
+    for field in ('n_digits', 'start_from_zero_one_in', 'base_dropout_one_in'):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f'FixedBasePositionalEncoding {field} must be a positive int, got '
+                         f'{value!r}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x):
+    batch, length, d = x.shape
+    if d % self.n_digits:
+      raise ValueError(f'FixedBasePositionalEncoding: the input width {d} must be a multiple of '
+                       f'n_digits={self.n_digits}.')
+    max_pos = min(self.bases) ** self.n_digits
+    if length >= max_pos:
+      raise ValueError(f'FixedBasePositionalEncoding covers {max_pos} positions, fewer than the '
+                       f'input length {length}.')
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1e-4, 1e-4)
+    base_weights = param_with_axes(self, 'base_weights', (None, None, None), init,
+                                   (len(self.bases), self.n_digits, d // self.n_digits))
+    start_vec = param_with_axes(self, 'start_vec', (None,), init, (d,))
+    start = advance_position(self, length)
+    positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    keep = jnp.ones((batch,), jnp.float32)
+    if self.mode == 'train':
+      nonzero, offset, dropped = jax.random.split(self.make_rng('dropout'), 3)
+      nonzero = jnp.minimum(1, jax.random.randint(nonzero, (batch,), 0,
+                                                  self.start_from_zero_one_in))
+      offset = jax.random.randint(offset, (batch,), 0, max_pos - length) * nonzero
+      positions = positions + offset[:, None]
+      keep = jnp.minimum(1, jax.random.randint(dropped, (batch,), 0, self.base_dropout_one_in))
+      keep = keep.astype(jnp.float32)
+    total = 0.0
+    for i, base in enumerate(self.bases):
+      digits, rest = [], positions
+      for j in range(self.n_digits):
+        digits.append((rest % base).astype(jnp.float32)[:, :, None] * base_weights[i, j][None, None])
+        rest = rest // base
+      total = total + jnp.concatenate(digits, axis=-1) * keep[:, None, None]
+    first = (start + jnp.arange(length)) == 0  # The sequence's first position (Trax: index 0
+    total = total + jnp.where(first[None, :, None], start_vec[None, None], 0.0)  # of a train/eval call).
+    return x + total.astype(x.dtype)

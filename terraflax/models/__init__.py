@@ -1,6 +1,7 @@
 """Model factories: CamelCase functions with keyword-only hyperparameters returning a layer."""
 
 from terraflax.models.bert import BertMLM as BertMLM
+from terraflax.models.concat_terraformer import ConcatTerraformer as ConcatTerraformer
 from terraflax.models.fnet import FNet as FNet
 from terraflax.models.reformer import Reformer as Reformer
 from terraflax.models.reformer import ReformerLM as ReformerLM

@@ -560,6 +560,10 @@ def write_workdir(workdir: str, kwargs: dict, params, *, byte_offset: int | None
   return workdir
 
 
+# Converted models that decode from encoder inputs (`python -m terraflax.decoding --inputs`).
+SEQ2SEQ = ('ConcatTerraformer',)
+
+
 def _tokenizer_file(path: str, vocab_size: int) -> tokenizer_lib.Tokenizer:
   """The tokenizer file given with --tokenizer (SentencePiece .model or tokenizer.json)."""
   try:
@@ -592,9 +596,10 @@ def main(argv):
     n = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
     reads = ('token ids' if tokenizer is None
              else f'text ({os.path.basename(tokenizer.path)}, {tokenizer.vocab_size} ids)')
+    given = '--inputs=...' if name in SEQ2SEQ else '--prompt=...'
     print(f'Converted {f.from_trax} (Trax) to a terraflax {name} ({n:,} parameters; optimizer '
           f'slots dropped) in {f.to}, reading {reads}; decode with: python -m '
-          f'terraflax.decoding --workdir={f.to} --prompt=...')
+          f'terraflax.decoding --workdir={f.to} {given}')
     return
   if f.trax_model or f.trax_config or f.tokenizer:
     raise ConversionError('--trax_model, --trax_config and --tokenizer apply to --from_trax only.')
@@ -637,7 +642,8 @@ def _define_flags():
                       '(model.pkl.gz + model.weights.npy.gz) or a .pkl.gz file (Loop\'s or '
                       'Layer.save_to_file\'s). Optimizer slots are dropped.')
   flags.DEFINE_string('trax_model', None, 'The Trax model factory (TransformerLM, ReformerLM, '
-                      'ConfigurableTransformerLM) when the configuration does not name one.')
+                      'ConfigurableTransformerLM, ConfigurableTerraformer) when the '
+                      'configuration does not name one.')
   flags.DEFINE_string('trax_config', None, 'The Trax model\'s configuration: a gin file, or '
                       'its keyword arguments as JSON (\'{"d_model": 512, ...}\'); default: '
                       'config.gin next to the checkpoint.')

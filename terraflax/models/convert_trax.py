@@ -3,26 +3,14 @@
   model_config, params = from_trax('/path/to/loop_output_dir')
   model = TransformerLM(**{k: v for k, v in model_config.items() if k != 'name'}, mode='eval')
 
-reads what Trax writes:
-
-  - a `trax.supervised.training.Loop` checkpoint: `model.pkl.gz` (a gzipped
-    pickle: step, state, input signature) with its weights in
-    `model.weights.npy.gz` (gzipped `np.save` arrays, one per weight); the
-    optimizer slots (`model.opt_slots*.npy.gz`) are NOT read: a converted
-    model is for evaluation, decoding or fine-tuning from fresh slots;
-  - a file written by `Layer.save_to_file` (the weights inside the pickle).
-
-Trax's pickles name Trax classes (the input signature's `ShapeDtype`); they
-are read without Trax, as opaque placeholders. The weights are a flat list in
-the order of Trax's layer tree, which the checkpoint does not describe: the
-model's configuration does. It comes from `config=` (a dict of the Trax
-factory's keyword arguments, or a gin file) or from `config.gin` next to the
-checkpoint (what gin-driven Trax runs write), and `model=` names the factory
-when the gin file binds several. The converter builds the layer tree that the
-configuration describes and walks it, taking one weight per parameter in
-Trax's order and checking its shape; a checkpoint with fewer or more weights
-than the tree, or one of another shape, is a `TraxConversionError` naming
-the layer and both shapes.
+reads what Trax writes (`terraflax.models.trax_checkpoint`: Loop checkpoints,
+`Layer.save_to_file` files, gin files; the optimizer slots are dropped). The
+weights are a flat list in the order of Trax's layer tree, which the
+checkpoint does not describe: the model's configuration does. The converter
+builds the layer tree that the configuration describes and walks it, taking
+one weight per parameter in Trax's order and checking its shape; a
+checkpoint with fewer or more weights than the tree, or one of another
+shape, is a `TraxConversionError` naming the layer and both shapes.
 
 Models (Trax name -> terraflax factory):
 
@@ -51,14 +39,31 @@ Models (Trax name -> terraflax factory):
                     output_layer='none'); ff_sparsity N -> TransformerLM(
                     ff_sparsity=N): Residual(LayerNorm, SparseFF).
 
-Not converted (a clear error): encoder-decoders (Trax's Transformer,
-ConfigurableTerraformer: its decoder runs over the encoder and decoder
-sequences concatenated, `ConcatWithPadding`, with two causal self-attention
-layers per block and no encoder-decoder attention, which terraflax's
-Terraformer does not compute), ConfigurableTransformerLM's pos_types other
-than None, ff_use_sru, loss_sparsity and ff_sparsity_type other than
-'1inN', the sparse-QKV options share_qk / output_layer_type /
-v_concat_type, SelfAttention's share_qk and bias options, other pos_types.
+  ConfigurableTerraformer (trax.models.research.terraformer, the Terraformer
+                    paper's encoder-decoder)
+                 -> ConcatTerraformer: a reversible encoder (full SelfAttention
+                    over the inputs, padding masked), then one reversible
+                    decoder over the encoder's real vectors and the shifted
+                    targets concatenated per example (ConcatWithPadding), with
+                    n_decoder_attention_layers causal self-attention halves
+                    per block: SelfAttention / CausalAttention -> Full()
+                    (Trax's SelfAttention has no biases: zero biases),
+                    MultiplicativeConvCausalAttention -> SparseQKV(
+                    output_layer='none'); ff_sparsity N -> ff_sparsity=N in
+                    the encoder and decoder; pos_type 'fixed-base' (Trax's
+                    default) -> positions='fixed_base', None -> 'learned' (a
+                    table per side); output_vocab_size None: one embedding.
+                    Decode with `python -m terraflax.decoding --inputs=...`.
+
+Not converted (a clear error): Trax's Transformer (encoder-decoder
+attention), ConfigurableTransformerLM's pos_types other than None,
+ff_use_sru, loss_sparsity and ff_sparsity_type other than '1inN', the
+sparse-QKV options share_qk / output_layer_type / v_concat_type,
+SelfAttention's share_qk and bias options, other pos_types;
+ConfigurableTerraformer's local/LSH attention, reversible_encoder,
+n_layers_forget, half_before_layer / double_after_layer, center_layernorm
+False, use_two_swaps_per_encoder_block False, attention_chunk_size and
+input_vocab_size None (pre-embedded inputs).
 
 Randomness: Trax's LSH layers draw their rotations per example and head from
 a per-layer state; terraflax draws them from the 'hash' stream. To reproduce
@@ -68,346 +73,15 @@ one Trax forward pass, pass the rotations it drew (`lsh_rotations` of
 
 from __future__ import annotations
 
-import ast
-import gzip
-import io
-import json
 import math
-import os
-import pickle
-import re
 from typing import Any
 
 import numpy as np
 
-from terraflax import errors
 from terraflax.models import attention as attn
-
-CHECKPOINT_FILE = 'model.pkl.gz'
-GIN_FILE = 'config.gin'
-
-# Trax's defaults of the keyword arguments the converter reads (trax 1.4.1 signatures).
-TRAX_DEFAULTS = {
-    'TransformerLM': dict(d_model=512, d_ff=2048, n_layers=6, n_heads=8, max_len=2048,
-                          dropout=0.1, ff_activation='Relu'),
-    'ReformerLM': dict(d_model=512, d_ff=2048, d_attention_key=64, d_attention_value=64,
-                       n_layers=6, n_heads=8, dropout=0.1, max_len=2048,
-                       attention_type='SelfAttention', pos_type=None, pos_axial_shape=(),
-                       pos_d_axial_embs=None, ff_activation='FastGelu', ff_use_sru=0,
-                       ff_chunk_size=0, ff_sparsity=0, loss_sparsity=0,
-                       attention_chunk_size=0),
-    # trax.models.research.configurable_transformer: one pre-norm residual stream.
-    'ConfigurableTransformerLM': dict(
-        d_model=512, d_ff=2048, n_layers=6, n_heads=8, max_len=2048, dropout=0.1,
-        ff_activation='Relu', ff_dropout=0.1, ff_chunk_size=0, ff_use_sru=0, ff_sparsity=0,
-        ff_sparsity_type='1inN', loss_sparsity=0, attention_chunk_size=0,
-        attention_type='CausalAttention', pos_type=None, pos_axial_shape=None,
-        pos_d_axial_embs=None),
-}
-ATTENTION_DEFAULTS = {  # efficient_attention's layers, as ReformerLM builds them.
-    # trax.layers.CausalAttention (ConfigurableTransformerLM's default): Dense q, k, v, o.
-    'CausalAttention': dict(),
-    'SelfAttention': dict(share_qk=False, chunk_len=None, n_chunks_before=0, n_chunks_after=0,
-                          bias=False, predict_mem_len=None),
-    'LSHSelfAttention': dict(chunk_len=128, n_chunks_before=1, n_chunks_after=0, n_hashes=1,
-                             n_buckets=None, predict_mem_len=2048, bias=False),
-    # trax.layers.research.sparsity: the Terraformer's sparse QKV.
-    'MultiplicativeConvCausalAttention': dict(sparsity=None, length_kernel_size=3,
-                                              share_qk=False, output_layer_type='none',
-                                              v_concat_type='none'),
-}
-# Trax activation layers -> terraflax ff_activation names.
-ACTIVATIONS = {'Relu': 'relu', 'FastGelu': 'fast_gelu', 'Gelu': 'gelu'}
-# Keyword arguments whose non-default values change the weights or the function in ways the
-# converter does not reproduce: name -> the only value it accepts.
-UNSUPPORTED = {
-    'ReformerLM': dict(ff_use_sru=0, loss_sparsity=0),
-    'ConfigurableTransformerLM': dict(ff_use_sru=0, loss_sparsity=0, ff_sparsity_type='1inN',
-                                      pos_type=None, loss_sparsity_prob=None),
-}
-
-
-# Trax models the converter knows of but does not convert: name -> why (the error says it).
-NOT_CONVERTED = {
-    'ConfigurableTerraformer': 'its decoder attends over the encoder and decoder sequences '
-                               'concatenated (ConcatWithPadding, two causal self-attention '
-                               'layers per block, _XYAvg merges), not through the '
-                               "encoder-decoder attention of terraflax's Terraformer",
-}
-
-
-class TraxConversionError(errors.UserError, ValueError):
-  """A Trax checkpoint or configuration that cannot be converted (names the file/field)."""
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-class _Opaque:
-  """Stands in for a Trax class named in a pickle (ShapeDtype, ...); keeps its state."""
-
-  def __init__(self, *args, **kwargs):
-    self.args, self.kwargs = args, kwargs
-
-  def __setstate__(self, state):
-    self.state = state
-
-
-class _Unpickler(pickle.Unpickler):
-  """Unpickles Trax's checkpoint dicts without Trax: Trax/TF classes become `_Opaque`."""
-
-  def find_class(self, module, name):
-    if module.split('.')[0] in ('trax', 'tensorflow', 'gin'):
-      return type(name, (_Opaque,), {})
-    return super().find_class(module, name)
-
-
-def _load_pickle(file: str) -> Any:
-  try:
-    with gzip.open(file, 'rb') as f:
-      return _Unpickler(f).load()
-  except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, IndexError,
-          TypeError, ValueError) as e:
-    raise TraxConversionError(
-        f'{file} is not a Trax checkpoint (expected a gzipped pickle as written by '
-        f'training.Loop.save_checkpoint or Layer.save_to_file): {type(e).__name__}: {e}'
-    ) from None
-
-
-def _load_arrays(file: str, compresslevel: int) -> list[np.ndarray]:
-  """The arrays `np_to_file` wrote: consecutive `np.save` records in one gzip stream."""
-  del compresslevel  # gzip reads any level.
-  if not os.path.isfile(file):
-    raise TraxConversionError(f'{file} is missing: the checkpoint keeps its weights there '
-                              '(training.Loop writes it next to model.pkl.gz).')
-  arrays = []
-  try:
-    with gzip.open(file, 'rb') as f:
-      data = io.BytesIO(f.read())
-    while data.tell() < len(data.getbuffer()):
-      arrays.append(np.load(data, allow_pickle=False))
-  except (OSError, EOFError, ValueError) as e:
-    raise TraxConversionError(f'{file} cannot be read as Trax weights (truncated or corrupt?): '
-                              f'{e}') from None
-  return arrays
-
-
-def checkpoint_file(path: str) -> str:
-  """The pickle to read: `path` itself, or `DIR/model.pkl.gz` for a Loop output dir."""
-  if os.path.isdir(path):
-    file = os.path.join(path, CHECKPOINT_FILE)
-    if not os.path.isfile(file):
-      found = sorted(f for f in os.listdir(path) if f.endswith('.pkl.gz'))
-      hint = f' (found {", ".join(found)}: pass one as the path)' if found else ''
-      raise TraxConversionError(f'{path} holds no {CHECKPOINT_FILE}{hint}: expected a '
-                                'training.Loop output dir or a .pkl.gz checkpoint file.')
-    return file
-  if not os.path.isfile(path):
-    raise TraxConversionError(f'{path} does not exist (expected a training.Loop output dir or '
-                              'a .pkl.gz checkpoint file).')
-  return path
-
-
-def read_weights(path: str) -> list[np.ndarray]:
-  """The flat weight list of a Trax checkpoint (a Loop dir/pickle or a save_to_file file)."""
-  file = checkpoint_file(path)
-  content = _load_pickle(file)
-  if not isinstance(content, dict) or 'flat_weights' not in content:
-    keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-    raise TraxConversionError(f'{file} is not a Trax checkpoint: expected a dict with '
-                              f"'flat_weights' (training.Loop / Layer.save_to_file), got {keys}.")
-  flat = content['flat_weights']
-  if isinstance(flat, int) and not isinstance(flat, bool):  # Loop: weights in their own file.
-    base = file[:-len('.pkl.gz')] if file.endswith('.pkl.gz') else file
-    flat = _load_arrays(base + '.weights.npy.gz', flat)
-  if not isinstance(flat, (list, tuple)):
-    raise TraxConversionError(f"{file}: 'flat_weights' is a {type(flat).__name__}, expected a "
-                              'list of arrays.')
-  weights = []
-  for i, w in enumerate(flat):
-    w = np.asarray(w)
-    if w.dtype == np.uint16:  # Loop bit-casts bfloat16 weights to uint16.
-      w = (w.astype(np.uint32) << 16).view(np.float32)
-    if not np.issubdtype(w.dtype, np.floating):
-      raise TraxConversionError(f'{file}: weight #{i} has dtype {w.dtype}; expected floats.')
-    weights.append(w.astype(np.float32))
-  return weights
-
-
-# ----------------------------------------------------------------------------- configuration
-
-
-_BINDING = re.compile(
-    r'^(?:(?P<scope>[\w./]+)/)?(?P<name>[\w.]+)\.(?P<param>\w+)\s*=\s*(?P<value>.*)$', re.S)
-
-
-def _gin_value(text: str, where: str, macros: dict[str, Any]) -> Any:
-  """A gin literal; `@name` / `@scope/name` references become the strings '@name',
-  `%macro` the macro's value."""
-  def macro(m):
-    if m.group(1) not in macros:
-      raise TraxConversionError(f'{where}: %{m.group(1)} is not a macro defined above it.')
-    return repr(macros[m.group(1)])
-  quoted = re.sub(r'@([\w./]+)(\(\))?', lambda m: repr('@' + m.group(1)), text)
-  quoted = re.sub(r'%([\w.]+)', macro, quoted)
-  try:
-    return ast.literal_eval(quoted)
-  except (ValueError, SyntaxError):
-    raise TraxConversionError(f'{where}: cannot read the gin value {text.strip()!r} (the '
-                              'converter reads literals, @references and %macros).') from None
-
-
-def read_gin(file: str) -> dict[tuple[str, str], dict[str, Any]]:
-  """Gin bindings {(scope, configurable): {param: value}} of a gin file (literals only).
-
-  Reads what gin's operative configs hold: `[scope/]Name.param = value`
-  (values may span lines), `name = value` macros used as `%name`, comments;
-  `import` and `include` lines are skipped.
-  """
-  try:
-    with open(file, encoding='utf-8') as f:
-      lines = f.read().splitlines()
-  except OSError as e:
-    raise TraxConversionError(f'{file} cannot be read: {e}') from None
-  bindings: dict[tuple[str, str], dict[str, Any]] = {}
-  macros: dict[str, Any] = {}
-  statement, first = '', 0
-  for number, line in enumerate(lines, 1):
-    line = line.split('#', 1)[0].rstrip() if '#' in line and "'" not in line else line.rstrip()
-    if not statement:
-      first = number
-    statement = f'{statement} {line.strip()}' if statement else line.strip()
-    if not statement or statement.count('(') + statement.count('[') > (
-        statement.count(')') + statement.count(']')):
-      continue  # Empty, or a value continued on the next line.
-    if statement.startswith(('import ', 'from ', 'include ')):
-      statement = ''
-      continue
-    where = f'{file}:{first}'
-    match = _BINDING.match(statement)
-    if match is None:
-      macro = re.match(r'^(\w+)\s*=\s*(.*)$', statement, re.S)
-      if macro is None:
-        raise TraxConversionError(f'{where}: {statement!r} is not a gin binding '
-                                  '(configurable.param = value).')
-      macros[macro[1]] = _gin_value(macro[2], where, macros)
-      statement = ''
-      continue
-    name = match['name'].split('.')[-1]
-    bindings.setdefault((match['scope'] or '', name), {})[match['param']] = _gin_value(
-        match['value'], where, macros)
-    statement = ''
-  return bindings
-
-
-def _reference(value: Any) -> tuple[str, str] | None:
-  """'@scope/trax.layers.Name' -> (scope, 'Name'); None if not a reference."""
-  if not isinstance(value, str) or not value.startswith('@'):
-    return None
-  scope, _, name = value[1:].rpartition('/')
-  return scope, name.split('.')[-1]
-
-
-def _model_name(bindings, model: str | None, source: str) -> str:
-  names = sorted({name for (scope, name) in bindings if not scope and name in TRAX_DEFAULTS})
-  other = sorted({name for (scope, name) in bindings if not scope and name in NOT_CONVERTED})
-  for name in ([model] if model is not None else [] if names else other):
-    if name in NOT_CONVERTED:
-      raise TraxConversionError(f'{source or "--trax_model"}: Trax\'s {name} is not converted: '
-                                f'{NOT_CONVERTED[name]}. The converter knows '
-                                f'{", ".join(sorted(TRAX_DEFAULTS))}.')
-  if model is not None:
-    if model not in TRAX_DEFAULTS:
-      raise TraxConversionError(f'unknown Trax model {model!r}: the converter knows '
-                                f'{", ".join(sorted(TRAX_DEFAULTS))}.')
-    return model
-  if len(names) != 1:
-    raise TraxConversionError(
-        f'{source} binds {"none" if not names else " and ".join(names)} of the Trax models the '
-        f'converter knows ({", ".join(sorted(TRAX_DEFAULTS))}); name one with --trax_model.')
-  return names[0]
-
-
-def _layer_config(value: Any, bindings, where: str) -> dict:
-  """An attention type (a gin reference or a dict {'type': Name, ...}) -> {'type', **kwargs}."""
-  if isinstance(value, dict):
-    layer = dict(value)
-    kind = str(layer.pop('type', '')).split('.')[-1]
-  else:
-    ref = _reference(value) if not (isinstance(value, str) and '@' not in value) else ('', value)
-    if ref is None:
-      raise TraxConversionError(f'{where}: {value!r} is not an attention layer (expected a gin '
-                                "reference like @LSHSelfAttention or {'type': 'SelfAttention', "
-                                '...}).')
-    scope, kind = ref
-    kind = kind.split('.')[-1]
-    layer = dict(bindings.get(('', kind), {}))
-    if scope:
-      layer.update(bindings.get((scope, kind), {}))
-  if kind not in ATTENTION_DEFAULTS:
-    raise TraxConversionError(f'{where}: attention type {kind!r} is not supported; the converter '
-                              f'knows {", ".join(ATTENTION_DEFAULTS)} (trax.layers).')
-  return {'type': kind, **ATTENTION_DEFAULTS[kind], **layer}
-
-
-def trax_config(path: str, *, model: str | None = None, config: Any = None) -> tuple[str, dict]:
-  """(Trax model name, its keyword arguments with Trax's defaults filled in).
-
-  `config`: a dict of keyword arguments, a JSON string of one, or a gin file;
-  None reads `config.gin` next to the checkpoint.
-  """
-  if config is None or (isinstance(config, str) and not config.lstrip().startswith('{')):
-    gin_file = config
-    if gin_file is None:
-      folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-      gin_file = os.path.join(folder, GIN_FILE)
-      if not os.path.isfile(gin_file):
-        raise TraxConversionError(
-            f'no model configuration: {gin_file} does not exist; pass the Trax model\'s gin '
-            'file or its keyword arguments (--trax_config=\'{"d_model": 512, ...}\') and '
-            '--trax_model.')
-    bindings = read_gin(gin_file)
-    name = _model_name(bindings, model, gin_file)
-    kwargs = dict(bindings.get(('', name), {}))
-    source = gin_file
-  else:
-    if isinstance(config, str):
-      try:
-        config = json.loads(config)
-      except ValueError as e:
-        raise TraxConversionError(f'--trax_config is not a JSON object: {e}') from None
-    if not isinstance(config, dict):
-      raise TraxConversionError(f'the Trax config must be a dict of keyword arguments, got '
-                                f'{type(config).__name__}.')
-    if model is None:
-      raise TraxConversionError('a keyword-argument config needs the model name (--trax_model, '
-                                f'one of {", ".join(sorted(TRAX_DEFAULTS))}).')
-    name, bindings, kwargs, source = _model_name({}, model, ''), {}, dict(config), 'the config'
-  if 'vocab_size' not in kwargs:
-    raise TraxConversionError(f'{source} has no {name}.vocab_size (Trax has no default for it).')
-  unknown = sorted(set(kwargs) - set(TRAX_DEFAULTS[name]) - {'vocab_size', 'mode'})
-  ignored = {'dropout_shared_axes', 'pos_start_from_zero_prob', 'pos_max_offset_to_add',
-             'loss_sparsity_type', 'loss_d_lowrank', 'loss_sparsity_prob'}
-  unknown = [k for k in unknown if k not in ignored]
-  if unknown:
-    raise TraxConversionError(f'{source}: {name} argument(s) {", ".join(unknown)} are not read by '
-                              f'the converter; it reads {", ".join(sorted(TRAX_DEFAULTS[name]))}.')
-  kwargs = {**TRAX_DEFAULTS[name], **kwargs}
-  for key in ('ff_activation',):
-    value = kwargs[key]
-    ref = _reference(value)
-    kwargs[key] = ref[1] if ref else str(value).split('.')[-1]
-  for key, allowed in UNSUPPORTED.get(name, {}).items():
-    if kwargs.get(key, allowed) != allowed:
-      raise TraxConversionError(f'{source}: {name}.{key}={kwargs[key]!r} is not supported (only '
-                                f'{allowed!r} converts).')
-  if name in ('ReformerLM', 'ConfigurableTransformerLM'):
-    types = kwargs['attention_type']
-    types = list(types) if isinstance(types, (list, tuple)) else [types]
-    kwargs['attention_type'] = [_layer_config(t, bindings, f'{source}: attention_type[{i}]')
-                                for i, t in enumerate(types)]
-  kwargs['_source'] = source
-  return name, kwargs
+from terraflax.models.trax_checkpoint import (  # pylint: disable=unused-import
+    ACTIVATIONS, FIXED_BASE_DIGITS, FIXED_BASES, NOT_CONVERTED, TRAX_DEFAULTS,
+    TraxConversionError, checkpoint_file, read_gin, read_weights, trax_config)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -465,12 +139,13 @@ def _child(tree: dict, prefix: str) -> str:
   return names[0]
 
 
-def _abstract_params(model) -> dict:
+def _abstract_params(model, n_inputs: int = 1) -> dict:
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   rngs = {s: jax.random.key(0) for s in ('params', 'hash', 'dropout')}
-  return nn.meta.unbox(jax.eval_shape(model.init, rngs, jnp.zeros((1, 1), jnp.int32))['params'])
+  inputs = [jnp.ones((1, 1), jnp.int32)] * n_inputs
+  return nn.meta.unbox(jax.eval_shape(model.init, rngs, *inputs)['params'])
 
 
 def _check_tree(params, abstract):
@@ -524,10 +199,7 @@ def _transformer_lm(kwargs: dict, walk: _Walk):
       p = _dense(walk, f'{b} attention {role}', d, d)
       attention[role] = {'kernel': p['kernel'], 'bias': p['bias']}
     attention['output'] = _dense(walk, f'{b} attention output', d, d)
-    ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-          'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-          'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
-    blocks.append((norm, attention, ff))
+    blocks.append((norm, attention, _ff_weights(walk, b, d, f, {})))
   final_norm = _norm(walk, 'final', d)
   head = _dense(walk, 'output', d, v)
   walk.finish()
@@ -660,6 +332,48 @@ def _sparse_qkv_weights(walk: _Walk, what: str, d: int, n_heads: int, spec) -> d
   return params
 
 
+def _attention_weights(walk: _Walk, b: str, layer_type: str, spec, *, d: int, h: int, k: int,
+                       dv: int, biases: bool = False) -> dict:
+  """One Trax attention layer's weights -> the terraflax attention layer's parameters.
+
+  SelfAttention / LSHSelfAttention (efficient_attention): per-head w_q, w_k
+  (LSH: one shared w_qk) (h, d, k), w_v (h, d, dv), w_o (h, dv, d), no
+  biases; as `Full` the CausalAttention's Dense kernels (d, h*k) / (h*dv, d),
+  with zero biases when `biases` (the terraflax layer has them).
+  CausalAttention (trax.layers): Dense q, k, v, o (d, d) with biases.
+  MultiplicativeConvCausalAttention: `_sparse_qkv_weights`.
+  """
+  if isinstance(spec, attn.SparseQKV):
+    return _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec)
+  if layer_type == 'CausalAttention':
+    return {role: _dense(walk, f'{b} CausalAttention {role}', d, d)
+            for role in ('query', 'key', 'value', 'output')}
+  if isinstance(spec, attn.LSH):
+    attention = {'qk': walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k)).transpose(1, 0, 2)}
+  else:
+    attention = {'query': walk.take(f'{b} SelfAttention w_q', (h, d, k)).transpose(1, 0, 2),
+                 'key': walk.take(f'{b} SelfAttention w_k', (h, d, k)).transpose(1, 0, 2)}
+  attention['value'] = walk.take(f'{b} {layer_type} w_v', (h, d, dv)).transpose(1, 0, 2)
+  attention['output'] = walk.take(f'{b} {layer_type} w_o', (h, dv, d))
+  if isinstance(spec, attn.Full):  # CausalAttention's Dense kernels: (d, h*k), (h*v, d).
+    attention = {role: {'kernel': w.reshape(d, -1) if role != 'output' else w.reshape(-1, d)}
+                 for role, w in attention.items()}
+    if biases:
+      for p in attention.values():
+        p['bias'] = np.zeros(p['kernel'].shape[-1:], np.float32)
+  return attention
+
+
+def _ff_weights(walk: _Walk, b: str, d: int, d_ff: int, sparse: dict) -> dict:
+  """A pre-norm feed-forward's weights: LayerNorm then SparseFF (`sparse`), or
+  LayerNorm, Dense(d_ff), Dense(d) (terraflax's FeedForward children)."""
+  if sparse:
+    return _sparse_ff_half(walk, b, d, d_ff, sparse)
+  return {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
+          'Dense_1': _dense(walk, f'{b} feed-forward first', d, d_ff),
+          'Dense_4': _dense(walk, f'{b} feed-forward second', d_ff, d)}
+
+
 def _reformer_lm(kwargs: dict, walk: _Walk):
   from terraflax.models.reformer import ReformerLM  # pylint: disable=import-outside-toplevel
   from terraflax.models.terraformer import TerraformerLM  # pylint: disable=import-outside-toplevel
@@ -730,34 +444,9 @@ def _reformer_lm(kwargs: dict, walk: _Walk):
   for i in range(n):
     b, spec = f'block {i}', specs[i % len(specs)]
     norm = _norm(walk, f'{b} attention', d)
-    if isinstance(spec, attn.SparseQKV):
-      layers.append((norm, _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec),
-                     _sparse_ff_half(walk, b, d, f, sparse)))
-      continue
-    if isinstance(spec, attn.LSH):
-      qk = walk.take(f'{b} LSHSelfAttention w_qk', (h, d, k))
-      attention = {'qk': qk.transpose(1, 0, 2)}
-    else:
-      q = walk.take(f'{b} SelfAttention w_q', (h, d, k))
-      kk = walk.take(f'{b} SelfAttention w_k', (h, d, k))
-      attention = {'query': q.transpose(1, 0, 2), 'key': kk.transpose(1, 0, 2)}
-    attention['value'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_v',
-                                   (h, d, dv)).transpose(1, 0, 2)
-    attention['output'] = walk.take(f'{b} {types[i % len(types)]["type"]} w_o', (h, dv, d))
-    if isinstance(spec, attn.Full):  # CausalAttention's Dense kernels: (d, h*k), (h*v, d).
-      attention = {role: {'kernel': w.reshape(d, -1) if role != 'output' else w.reshape(-1, d)}
-                   for role, w in attention.items()}
-    if isinstance(spec, attn.Full) and sparse:  # TerraformerLM's CausalAttention has biases.
-      attention = {role: {'kernel': p['kernel'], 'bias': np.zeros(p['kernel'].shape[-1:],
-                                                                  np.float32)}
-                   for role, p in attention.items()}
-    if sparse:
-      ff = _sparse_ff_half(walk, b, d, f, sparse)
-    else:
-      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-            'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-            'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}
-    layers.append((norm, attention, ff))
+    attention = _attention_weights(walk, b, types[i % len(types)]['type'], spec, d=d, h=h, k=k,
+                                   dv=dv, biases=bool(sparse))
+    layers.append((norm, attention, _ff_weights(walk, b, d, f, sparse)))
   final_norm = _norm(walk, 'final (2 d_model)', 2 * d)
   head = _dense(walk, 'output', 2 * d, v)
   walk.finish()
@@ -842,19 +531,9 @@ def _configurable_lm(kwargs: dict, walk: _Walk):
   for i in range(n):
     b = f'block {i}'
     norm = _norm(walk, f'{b} attention', d)
-    if isinstance(spec, attn.SparseQKV):
-      attention = _sparse_qkv_weights(walk, f'{b} sparse QKV', d, h, spec)
-    else:
-      attention = {role: _dense(walk, f'{b} CausalAttention {role}', d, d)
-                   for role in ('query', 'key', 'value', 'output')}
-    if sparse:
-      ff = {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-            'SparseFF_1': _sparse_ff_weights(walk, f'{b} SparseFF', d, f, sparse)}
-    else:
-      ff = {'FeedForward_0': {'LayerNorm_0': _norm(walk, f'{b} feed-forward', d),
-                              'Dense_1': _dense(walk, f'{b} feed-forward first', d, f),
-                              'Dense_4': _dense(walk, f'{b} feed-forward second', f, d)}}
-    blocks.append((norm, attention, ff))
+    attention = _attention_weights(walk, b, layer['type'], spec, d=d, h=h, k=d // h, dv=d // h)
+    ff = _ff_weights(walk, b, d, f, sparse)
+    blocks.append((norm, attention, ff if sparse else {'FeedForward_0': ff}))
   final_norm = _norm(walk, 'final', d)
   head = _dense(walk, 'output', d, v)
   walk.finish()
@@ -878,8 +557,232 @@ def _configurable_lm(kwargs: dict, walk: _Walk):
   return 'TransformerLM', tf_kwargs, params
 
 
+# --- ConfigurableTerraformer
+
+
+def _terraformer_weights(kwargs: dict, walk: _Walk) -> tuple[dict, dict]:
+  """(sizes, Trax's weights as a tree) of a ConfigurableTerraformer checkpoint.
+
+  Trax's layer order (reversible_encoder False):
+    Embedding(input_vocab), positions (encoder side),
+    [Embedding(output_vocab) when output_vocab_size is set, else shared],
+    positions (decoder side): pos_type None a PositionalEncoding table
+      (max_len, d); 'fixed-base' per base (11, 13, 14, 15) per digit (8) a
+      (1, d / 8) vector, then start_vec (1, 1, d),
+    n_encoder_layers x [LayerNorm, attention (d_model // n_heads per head),
+      feed-forward (LayerNorm, Dense, Dense | LayerNorm, SparseFF)],
+    Dense(d_model), LayerNorm (after the encoder's two streams are averaged),
+    n_decoder_layers x [n_decoder_attention_layers x [LayerNorm, causal
+      attention over the concatenated sequence], feed-forward],
+    LayerNorm, Dense(output_vocab).
+  """
+  source, name = kwargs['_source'], 'ConfigurableTerraformer'
+  v, d, f, n_enc, n_dec, h, max_len, n_attn = (_positive(kwargs, key, source, name) for key in (
+      'input_vocab_size', 'd_model', 'd_ff', 'n_encoder_layers', 'n_decoder_layers', 'n_heads',
+      'max_len', 'n_decoder_attention_layers'))
+  v_out = kwargs['output_vocab_size']
+  if v_out is not None:
+    v_out = _positive(kwargs, 'output_vocab_size', source, name)
+  if d % (2 * h):
+    raise TraxConversionError(f'{source}: {name}.n_heads={h} must divide d_model / 2 = {d / 2} '
+                              '(as Trax requires).')
+  k = kwargs['d_attention_key'] or d // h
+  dv = kwargs['d_attention_value'] or d // h
+  sparse = _sparse_ff(kwargs, source, f)
+  if not sparse and kwargs['ff_activation'] != 'Relu':
+    raise TraxConversionError(f'{source}: {name}.ff_activation={kwargs["ff_activation"]!r} is '
+                              "not supported (only Relu, Trax's default).")
+  where = f'{source}: {name}.encoder_attention_type'
+  encoder_types = kwargs['encoder_attention_type']
+  if len(encoder_types) != 1 or encoder_types[0]['type'] != 'SelfAttention' or (
+      encoder_types[0]['chunk_len'] is not None):
+    raise TraxConversionError(f'{where} must be one full SelfAttention (chunk_len None), got '
+                              f'{[t["type"] for t in encoder_types]}.')
+  encoder_spec = _attention_spec(encoder_types[0], where, max_len)
+  types = kwargs['encoder_decoder_attention_type']
+  if n_dec % len(types):
+    raise TraxConversionError(f'{source}: {name}.n_decoder_layers={n_dec} is not a multiple of '
+                              f'the {len(types)} encoder_decoder_attention_type layers.')
+  specs = []
+  for i, layer in enumerate(types):
+    where = f'{source}: {name}.encoder_decoder_attention_type[{i}]'
+    if layer['type'] == 'CausalAttention':
+      if (k, dv) != (d // h, d // h):  # trax.layers.CausalAttention ignores them.
+        raise TraxConversionError(f'{where}=CausalAttention with d_attention_key={k} / '
+                                  f'd_attention_value={dv} is not supported (only d_model // '
+                                  f'n_heads = {d // h}, the widths CausalAttention uses).')
+      specs.append(attn.Full())
+    elif layer['type'] in ('SelfAttention', 'MultiplicativeConvCausalAttention') and (
+        layer.get('chunk_len') is None):
+      specs.append(_attention_spec(layer, where, max_len))
+    else:
+      raise TraxConversionError(f'{where}={layer["type"]!r} is not supported; expected '
+                                'CausalAttention, SelfAttention (chunk_len None) or '
+                                'MultiplicativeConvCausalAttention.')
+  sizes = dict(input_vocab_size=v, output_vocab_size=v_out, d_model=d, d_ff=f,
+               n_encoder_layers=n_enc, n_decoder_layers=n_dec, n_heads=h, d_qk=k, d_v=dv,
+               max_len=max_len, n_decoder_attention_layers=n_attn, sparse=sparse,
+               specs=specs)
+
+  pos_type = kwargs['pos_type']
+  if pos_type not in (None, 'fixed-base'):
+    raise TraxConversionError(f'{source}: {name}.pos_type={pos_type!r} is not supported; '
+                              "expected 'fixed-base' (Trax's default) or None.")
+  if pos_type == 'fixed-base' and d % FIXED_BASE_DIGITS:
+    raise TraxConversionError(f"{source}: {name}.pos_type='fixed-base' needs d_model a multiple "
+                              f'of {FIXED_BASE_DIGITS}, got {d}.')
+  sizes['positions'] = 'learned' if pos_type is None else 'fixed_base'
+
+  def table(what):
+    if pos_type is None:
+      return {'pos_embedding': walk.take(f'{what} PositionalEncoding table', (max_len, d),
+                                         (1, max_len, d)).reshape(max_len, d)}
+    # FixedBasePositionalEncoding: per base, per digit a (1, d / digits) vector; start_vec.
+    w = d // FIXED_BASE_DIGITS
+    digits = [[walk.take(f'{what} FixedBasePositionalEncoding base {base} digit {i}', (1, w))
+               for i in range(FIXED_BASE_DIGITS)] for base in FIXED_BASES]
+    return {'base_weights': np.asarray(digits, np.float32).reshape(
+                len(FIXED_BASES), FIXED_BASE_DIGITS, w),
+            'start_vec': walk.take(f'{what} FixedBasePositionalEncoding start_vec',
+                                   (1, 1, d)).reshape(d)}
+
+  tree = {'in_embedding': walk.take('input Embedding', (v, d)),
+          'in_positions': table('encoder')}
+  tree['out_embedding'] = None if v_out is None else walk.take('output Embedding', (v_out, d))
+  tree['out_positions'] = table('decoder')
+  tree['encoder'] = []
+  for i in range(n_enc):
+    b = f'encoder block {i}'
+    tree['encoder'].append({
+        'norm': _norm(walk, f'{b} attention', d),
+        'attention': _attention_weights(walk, b, 'SelfAttention', encoder_spec, d=d, h=h,
+                                        k=d // h, dv=d // h, biases=True),
+        'ff': _ff_weights(walk, b, d, f, sparse)})
+  tree['encoder_dense'] = _dense(walk, 'encoder output', d, d)
+  tree['encoder_norm'] = _norm(walk, 'encoder output', d)
+  tree['decoder'] = []
+  for i in range(n_dec):
+    b, j = f'decoder block {i}', i % len(specs)
+    halves = []
+    for a in range(n_attn):
+      halves.append({'norm': _norm(walk, f'{b} attention {a}', d),
+                     'attention': _attention_weights(walk, f'{b} attention {a}', types[j]['type'],
+                                                     specs[j], d=d, h=h, k=k, dv=dv,
+                                                     biases=True)})
+    tree['decoder'].append({'attention': halves, 'ff': _ff_weights(walk, b, d, f, sparse)})
+  tree['final_norm'] = _norm(walk, 'final', d)
+  tree['head'] = _dense(walk, 'output', d, v if v_out is None else v_out)
+  walk.finish()
+  return sizes, tree
+
+
+def _paths(tree: dict, prefix: str, path: tuple = ()) -> list[tuple]:
+  """Paths (key tuples) of the subtrees named `prefix_N` in `tree`, depth first."""
+  found = []
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      found += ([path + (key,)] if key.rsplit('_', 1)[0] == prefix
+                else _paths(value, prefix, path + (key,)))
+  return found
+
+
+def _put(tree: dict, path: tuple, value: Any):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _halves(serial: dict) -> list[str]:
+  """A ReversibleSerial's children with parameters, in the order they run."""
+  return sorted(serial, key=lambda key: int(key.rsplit('_', 1)[1]))
+
+
+def _configurable_terraformer(kwargs: dict, walk: _Walk):
+  """trax.models.research.terraformer.ConfigurableTerraformer -> ConcatTerraformer.
+
+  Trax's SelfAttention (no biases) -> Full() with zero biases; CausalAttention
+  -> Full(); MultiplicativeConvCausalAttention -> SparseQKV(output_layer=
+  'none'); ff_sparsity N -> ff_sparsity=N; pos_type None -> positions=
+  'learned', 'fixed-base' -> 'fixed_base'.
+  """
+  # pylint: disable-next=import-outside-toplevel
+  from terraflax.models.concat_terraformer import ConcatTerraformer
+  sizes, tree = _terraformer_weights(kwargs, walk)
+  sparse, specs = sizes['sparse'], sizes['specs']
+  tf_kwargs = dict(vocab_size=sizes['input_vocab_size'], d_model=sizes['d_model'],
+                   d_ff=sizes['d_ff'], n_encoder_layers=sizes['n_encoder_layers'],
+                   n_decoder_layers=sizes['n_decoder_layers'], n_heads=sizes['n_heads'],
+                   d_qk=sizes['d_qk'], d_v=sizes['d_v'], dropout=float(kwargs['dropout']),
+                   max_len=sizes['max_len'], attention=attn.to_config(specs),
+                   n_decoder_attention_layers=sizes['n_decoder_attention_layers'],
+                   positions=sizes['positions'], ff_chunk_len=kwargs['ff_chunk_size'] or None)
+  if sizes['output_vocab_size'] is not None:
+    tf_kwargs['output_vocab_size'] = sizes['output_vocab_size']
+  if sparse:
+    tf_kwargs.update(sparse)
+  model = ConcatTerraformer(**tf_kwargs, mode='eval')
+  abstract = _abstract_params(model, n_inputs=2)
+
+  params: dict = {}
+  embeddings = _paths(abstract, 'Embedding')
+  shared = sizes['output_vocab_size'] is None
+  if len(embeddings) != (1 if shared else 2):
+    raise TraxConversionError(f'internal: {len(embeddings)} embeddings in the ConcatTerraformer, '
+                              f'expected {1 if shared else 2}.')
+  concat = _child(abstract, 'ConcatDecoder')
+  encoder = (concat, _child(abstract[concat], 'Encoder'))
+  decoder = (concat, _child(abstract[concat], 'Decoder'))
+  for path in embeddings:
+    side = 'in' if shared or path[:2] == encoder else 'out'
+    _put(params, path + ('embedding',), tree[f'{side}_embedding'])
+  positional = ('PositionalEncoding' if sizes['positions'] == 'learned'
+                else 'FixedBasePositionalEncoding')
+  for path in _paths(abstract, positional):
+    _put(params, path, tree['in_positions' if path[:2] == encoder else 'out_positions'])
+
+  def halves(serial_path, blocks, period):
+    """Each half of a scanned ReversibleSerial <- its blocks' weights, stacked per period."""
+    serial = _get(abstract, serial_path)
+    names = _halves(serial)
+    per_block = len(names) // period
+    for n, name in enumerate(names):
+      j, part = divmod(n, per_block)
+      layers = blocks[j::period]
+      children = sorted(serial[name])
+      if part < per_block - 1:  # An attention half: LayerNorm and the attention layer.
+        norm = _child(serial[name], 'LayerNorm')
+        (layer,) = [c for c in children if c != norm]
+        _put(params, serial_path + (name, norm), _stack([x['halves'][part]['norm']
+                                                         for x in layers]))
+        _put(params, serial_path + (name, layer), _stack([x['halves'][part]['attention']
+                                                          for x in layers]))
+      else:  # The feed-forward half: one FeedForward / SparseFeedForward child.
+        (layer,) = children
+        _put(params, serial_path + (name, layer), _stack([x['ff'] for x in layers]))
+
+  enc = _get(abstract, encoder)
+  halves(encoder + (_child(enc, 'ReversibleSerial'),),
+         [{'halves': [x], 'ff': x['ff']} for x in tree['encoder']], 1)
+  _put(params, encoder + (_child(enc, 'Dense'),), tree['encoder_dense'])
+  _put(params, encoder + (_child(enc, 'LayerNorm'),), tree['encoder_norm'])
+  dec = _get(abstract, decoder)
+  halves(decoder + (_child(dec, 'ReversibleSerial'),),
+         [{'halves': x['attention'], 'ff': x['ff']} for x in tree['decoder']], len(specs))
+  _put(params, decoder + (_child(dec, 'LayerNorm'),), tree['final_norm'])
+  params[_child(abstract, 'Dense')] = tree['head']
+  _check_tree(params, abstract)
+  return 'ConcatTerraformer', tf_kwargs, params
+
+
 _CONVERTERS = {'TransformerLM': _transformer_lm, 'ReformerLM': _reformer_lm,
-               'ConfigurableTransformerLM': _configurable_lm}
+               'ConfigurableTransformerLM': _configurable_lm,
+               'ConfigurableTerraformer': _configurable_terraformer}
 
 
 def from_trax(path: str, *, model: str | None = None, config: Any = None):
@@ -887,8 +790,8 @@ def from_trax(path: str, *, model: str | None = None, config: Any = None):
 
   `path`: a training.Loop output dir (its model.pkl.gz) or a .pkl.gz file
   (Loop's or Layer.save_to_file's). `model`: the Trax factory's name
-  ('TransformerLM', 'ReformerLM', 'ConfigurableTransformerLM'), needed when
-  `config` does not say.
+  ('TransformerLM', 'ReformerLM', 'ConfigurableTransformerLM',
+  'ConfigurableTerraformer'), needed when `config` does not say.
   `config`: the Trax factory's keyword arguments (a dict or a JSON string) or
   a gin file; None reads config.gin next to the checkpoint. The optimizer
   slots are dropped. The model config is plain JSON (attention specs as dicts).

@@ -21,6 +21,9 @@ set's name, through `TASKS`, the one table of it:
   classification  model(inputs) -> (b, n_classes)
   seq2seq         model(inputs, targets) -> (b, l, v)
 
+A data set name outside `TASKS` (a converted checkpoint's 'tokens') is an LM, or seq2seq when
+config.model.name is an encoder-decoder factory (`SEQ2SEQ_FACTORIES`).
+
 The trainer, eval-only scoring, the checkpoint loader, distillation, decoding
 and export all build their models here; `load_workdir(workdir)` restores a
 training workdir's spec and parameters without importing `terraflax.train`.
@@ -49,6 +52,9 @@ TASKS = {'bytes': 'lm', 'duplication': 'lm', 'listops': 'classification',
          'text_classification': 'classification', 'reverse': 'seq2seq', 'mlm': 'mlm',
          'byte_classification': 'classification', 'digits': 'classification', 'text': 'lm',
          'retrieval': 'lm'}
+# Encoder-decoder factories: called (inputs, targets) whatever the data set's name says when the
+# name is not in TASKS (a converted checkpoint's 'tokens').
+SEQ2SEQ_FACTORIES = frozenset({'Transformer', 'Reformer', 'Terraformer', 'ConcatTerraformer'})
 BYTE_LEVEL = frozenset({'bytes'})  # Data sets whose tokens are raw bytes (text in, text out).
 
 
@@ -190,7 +196,10 @@ class ModelSpec:
     if upgrade is not None:  # Deprecated keyword names of old config.json files.
       kwargs = upgrade(kwargs)
     data = config.get('data', None)
-    task = task_of(data.get('name', '') if data is not None else '')
+    data_name = data.get('name', '') if data is not None else ''
+    task = task_of(data_name)
+    if data_name not in TASKS and name in SEQ2SEQ_FACTORIES:
+      task = 'seq2seq'
     if data is not None and data.get('pack', False):
       kwargs = dict(kwargs, packed=True)
       parameters = factory_parameters(factory)

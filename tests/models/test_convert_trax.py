@@ -315,9 +315,12 @@ class ErrorTest(absltest.TestCase):
       gin = os.path.join(tmp, 'terraformer.gin')
       with open(gin, 'w') as f:
         f.write('ConfigurableTerraformer.input_vocab_size = 8\n')
+      # ConfigurableTerraformer converts (tests/models/test_convert_trax_terraformer.py), but
+      # not from this LM's checkpoint.
       with self.assertRaisesRegex(convert_trax.TraxConversionError,
-                                  "Trax's ConfigurableTerraformer is not converted: its decoder "
-                                  'attends over the encoder and decoder sequences concatenated'):
+                                  r'weight #0 has shape \(48, 16\), but the '
+                                  'ConfigurableTerraformer configuration puts input Embedding '
+                                  r'\(8, 512\) there'):
         convert.from_trax(path, config=gin)
 
   def test_a_structure_mismatch_names_the_weight(self):
