@@ -198,27 +198,30 @@ void parallel_for(ffi::ThreadPool& pool, int n_items, const F& f) {
 // instead breaks every row into pieces a thread reads with a stride.
 
 // out (m x n, leading dimension ldo) += x (m x k, leading dimension ldx)
-// w[k0:k1] (w: k x n, rows contiguous), four weight rows at a time.
+// w[k0:k1] (w: k x n, rows contiguous), eight weight rows at a time (one
+// load and store of the running sums per eight weight vectors; measured
+// ~1.1x four at a time on 64 MiB matrices), then the rest one at a time.
 inline void stream_rows(int64_t m, const float* x, int64_t ldx, const float* w, int64_t k0,
                         int64_t k1, int64_t n, float* out, int64_t ldo) {
+  constexpr int kStep = 8;
   // Column blocks only when the m running rows would not stay in L2 (512 KiB).
   const int64_t block = std::max<int64_t>(kLanes, std::min<int64_t>(n, (1 << 17) / m) /
                                                       kLanes * kLanes);
   for (int64_t c0 = 0; c0 < n; c0 += block) {
     const int64_t c1 = std::min(n, c0 + block);
     int64_t kk = k0;
-    for (; kk + 4 <= k1; kk += 4) {
+    for (; kk + kStep <= k1; kk += kStep) {
       const float* w0 = w + kk * n;
       for (int64_t i = 0; i < m; ++i) {
         const float* xi = x + i * ldx + kk;
-        const float a0 = xi[0], a1 = xi[1], a2 = xi[2], a3 = xi[3];
+        float a[kStep];
+#pragma GCC unroll 8
+        for (int r = 0; r < kStep; ++r) a[r] = xi[r];
         float* o = out + i * ldo;
         for (int64_t j = c0; j < c1; j += kLanes) {
           vf acc = load(o + j);
-          acc += a0 * load(w0 + j);
-          acc += a1 * load(w0 + n + j);
-          acc += a2 * load(w0 + 2 * n + j);
-          acc += a3 * load(w0 + 3 * n + j);
+#pragma GCC unroll 8
+          for (int r = 0; r < kStep; ++r) acc += a[r] * load(w0 + r * n + j);
           store(o + j, acc);
         }
       }
@@ -263,8 +266,8 @@ inline void stream_products(ffi::ThreadPool& pool, int64_t m, const StreamedProd
     float* mine = partial.data() + size_t(part - 1) * outputs;
     for (int i = 0; i < n_products; ++i) {
       const StreamedProduct& p = products[i];
-      const int64_t k0 = p.k * part / parts / 4 * 4;
-      const int64_t k1 = part == parts - 1 ? p.k : p.k * (part + 1) / parts / 4 * 4;
+      const int64_t k0 = p.k * part / parts / 8 * 8;
+      const int64_t k1 = part == parts - 1 ? p.k : p.k * (part + 1) / parts / 8 * 8;
       if (part == 0) {
         stream_rows(m, p.x, p.ldx, p.w, k0, k1, p.n, p.out, p.ldo);
       } else {

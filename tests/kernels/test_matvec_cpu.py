@@ -37,8 +37,8 @@ class KernelTest(parameterized.TestCase):
     self.assertTrue(matvec_cpu.available())
 
   @parameterized.parameters(
-      (1, 7, (16,)),              # depth below one 4-row step
-      (3, 130, (48, 16, 32)),     # three products, a depth tail of 2
+      (1, 7, (16,)),              # depth below one 8-row step
+      (3, 130, (48, 16, 32)),     # three products, a depth tail of 2 after 8-row steps
       (8, 64, (96,)),             # the most rows
       (1, 333, (512, 512, 256)),  # > 256 KiB of weights: split between threads, depth tail 1
       (2, 1024, (4096,)),         # one 16 MiB matrix over threads
