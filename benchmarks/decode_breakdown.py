@@ -15,7 +15,8 @@ round, so all see the same load):
   attention      the same through `matvec_cpu` (q/k/v in one call per layer)
   decode         `autoregressive_sample` marginal cost per token:
                  (T(--long) - T(--short)) / (--long - --short) new tokens,
-                 so the per-call work (splitting the stacked weights) drops out
+                 so the per-call work (splitting the stacked weights) drops out;
+                 with plain parameters and with `decoding.split_weights`
 
   python benchmarks/decode_breakdown.py [--models 512x2048x6,1024x16384x6] [--rounds 20]
 
@@ -131,8 +132,10 @@ def main():
     prompt = jnp.ones((1, 1), jnp.int32)
     calls = {'x.sum()': lambda: total(big)}
     calls.update({k: (lambda fn=fn, a=a: fn(*a)) for k, (fn, a, _) in timed.items()})
-    calls.update({f'decode {n}': (lambda n=n: decoding.autoregressive_sample(
-        model, params, prompt, n, temperature=0.0)) for n in (args.short, args.long)})
+    split = decoding.split_weights(model, params)
+    for kind, weights in (('plain', params), ('split', split)):
+      calls.update({f'decode {kind} {n}': (lambda n=n, w=weights: decoding.autoregressive_sample(
+          model, w, prompt, n, temperature=0.0)) for n in (args.short, args.long)})
     best = {}
     for _ in range(args.rounds + 1):  # the first round compiles
       for key, call in calls.items():
@@ -142,9 +145,10 @@ def main():
     bandwidth = BANDWIDTH_BYTES / best['x.sum()']
     weights = sum(a.nbytes for a in jax.tree_util.tree_leaves(params))
     rows = [(k, nb, best[k]) for k, (_, _, nb) in timed.items()]
-    rows.append(('decode (per token)', weights,
-                 (best[f'decode {args.long}'] - best[f'decode {args.short}'])
-                 / (args.long - args.short)))
+    for kind in ('plain', 'split'):
+      rows.append((f'decode per token, {kind} params', weights,
+                   (best[f'decode {kind} {args.long}'] - best[f'decode {kind} {args.short}'])
+                   / (args.long - args.short)))
     print(f'| {name} | x.sum() | {BANDWIDTH_BYTES / 1e6:.1f} | {best["x.sum()"] * 1e3:.2f} | '
           f'{bandwidth / 1e9:.1f} | 100% |')
     for key, nb, seconds in rows:
