@@ -167,7 +167,8 @@ def _streamed_dense(module: Dense, x):
 def _streamed_queries_keys_values(module: CausalAttention, x, d_qk, d_v, segment_ids=None):
   """CausalAttention.queries_keys_values as one streamed call, or None where it does not apply."""
   del segment_ids  # Position-wise projections.
-  if (module.is_initializing() or module.mode != 'predict' or module.dtype not in (None, jnp.float32)
+  if (module.is_initializing() or module.mode != 'predict'
+      or module.dtype not in (None, jnp.float32)
       or type(module).queries_keys_values is not CausalAttention.queries_keys_values):
     return None
   params = nn.meta.unbox(module.variables.get('params', {}))

@@ -230,7 +230,8 @@ inline void stream_rows(int64_t m, const float* x, int64_t ldx, const float* w, 
       for (int64_t i = 0; i < m; ++i) {
         const float a = x[i * ldx + kk];
         float* o = out + i * ldo;
-        for (int64_t j = c0; j < c1; j += kLanes) store(o + j, load(o + j) + a * load(w + kk * n + j));
+        const float* wk = w + kk * n;
+        for (int64_t j = c0; j < c1; j += kLanes) store(o + j, load(o + j) + a * load(wk + j));
       }
   }
 }
