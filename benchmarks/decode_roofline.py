@@ -5,7 +5,11 @@ floor is (parameter bytes) / (memory read bandwidth). This measures the
 bandwidth in the same run (the best of 10 jitted `x.sum()` over 256 MiB,
 taken again before every row) and decodes with
 `terraflax.decoding.autoregressive_sample` (greedy, prompt of 1 token,
-`--tokens` new tokens, `max_len` 128, dropout 0):
+`--tokens` new tokens, `max_len` 128, dropout 0), on weights prepared once
+before the timed calls: quantized (`--weights`) and split per layer
+(`decoding.split_weights`, as a caller decoding many times would; without
+it every call copies the stacked weights and its loop reads the copies
+slower: `--no-split` measures that):
 
   ms/token   median wall time of `--repeats` calls (after a first,
              compiling call) / new tokens
@@ -136,6 +140,12 @@ def low_precision(model, params, weights: str):
   return context, params, None
 
 
+def split(model, params):
+  """`decoding.split_weights(model, params)`, or params unchanged where this checkout lacks it."""
+  split_weights = getattr(decoding, 'split_weights', None)
+  return params if split_weights is None else split_weights(model, params)
+
+
 def time_decoding(model, params, context, batch: int, tokens: int, repeats: int):
   """(first call s, median s) of greedy decoding `tokens` tokens after a 1-token prompt."""
   prompt = jnp.ones((batch, 1), jnp.int32)
@@ -164,6 +174,8 @@ def main():
   parser.add_argument('--tokens', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--json', default=os.path.join(HERE, 'decode_roofline.json'))
+  parser.add_argument('--no-split', dest='split', action='store_false',
+                      help='pass the parameters as they are (split inside every call)')
   args = parser.parse_args()
   models = [parse_model(m) for m in args.models.split(',') if m]
   weights_kinds = [w for w in args.weights.split(',') if w]
@@ -189,21 +201,24 @@ def main():
       if why_not:
         print(f'| {name} | {weights} | - | skipped: {why_not} |', flush=True)
         continue
+      decode_params = split(model, params) if args.split else params
       for batch in batches:
         bandwidth = measure_bandwidth()
-        first, median = time_decoding(model, params, context, batch, args.tokens, args.repeats)
+        first, median = time_decoding(model, decode_params, context, batch, args.tokens,
+                                      args.repeats)
         ms = median / args.tokens * 1e3
         param_bytes, read = nbytes(params), bytes_read(params, batch, block)
         floor, read_floor = param_bytes / bandwidth * 1e3, read / bandwidth * 1e3
         row = dict(model=name, weights=weights, batch=batch, param_bytes=param_bytes,
                    bytes_read=read, bandwidth_gb_s=bandwidth / 1e9, ms_per_token=ms,
                    floor_ms=floor, share=floor / ms, read_floor_ms=read_floor,
-                   read_share=read_floor / ms, first_call_s=first, tokens=args.tokens)
+                   read_share=read_floor / ms, first_call_s=first, tokens=args.tokens,
+                   split_weights=args.split)
         rows.append(row)
         print(f'| {name} | {weights} | {batch} | {param_bytes / 1e6:.1f} | {read / 1e6:.1f} | '
               f'{bandwidth / 1e9:.1f} | {ms:.2f} | {floor:.2f} | {floor / ms:.0%} | '
               f'{read_floor:.2f} | {read_floor / ms:.0%} | {first:.1f} |', flush=True)
-      del params
+      del params, decode_params
   with open(args.json, 'w') as f:
     json.dump(dict(jax=jax.__version__, cpus=os.cpu_count(), max_len=MAX_LEN, vocab=VOCAB,
                    rows=rows), f, indent=1)

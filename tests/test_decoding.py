@@ -151,6 +151,26 @@ class LoopLayoutTest(absltest.TestCase):
     self.assertEqual(decoding.stacked_depths(Setup.predict_model, params, batch_size=2),
                      (param_depths, cache_depths))
 
+  def test_split_weights_decode_like_the_parameters(self):
+    s = Setup
+    split = decoding.split_weights(s.predict_model, s.params)
+    self.assertIsInstance(split, decoding.SplitWeights)
+    kernel = split.pieces['Repeat_3']['Serial_0']['Residual_0']['CausalAttention_1']['query']
+    self.assertLen(kernel['kernel'], 2)  # one buffer per layer
+    np.testing.assert_array_equal(kernel['kernel'][1], nn.meta.unbox(s.params)['Repeat_3'][
+        'Serial_0']['Residual_0']['CausalAttention_1']['query']['kernel'][1])
+    for params in (s.params, split):
+      out = decoding.autoregressive_sample(s.predict_model, params, s.prompt, 6,
+                                           temperature=0.0, prompt_lengths=s.lengths)
+      for row in range(3):
+        length = int(s.lengths[row])
+        np.testing.assert_array_equal(
+            out[row], reference_greedy(np.asarray(s.prompt[row, :length]), 6))
+    beams = [decoding.beam_search(s.predict_model, params, s.prompt[:1], 3, beam_size=2)
+             for params in (s.params, split)]
+    np.testing.assert_array_equal(beams[0][0], beams[1][0])
+    np.testing.assert_allclose(beams[0][1], beams[1][1], rtol=1e-6)
+
   def test_shared_parameters_are_not_split(self):
     model = tm.TransformerLM(mode='predict', share_layers=True, **LM)
     _, _, param_depths, cache_depths = self.depths(model)

@@ -1,8 +1,8 @@
 // The feed-forward block's core, act(x W1 + b1) W2 + b2, on the CPU as XLA
 // FFI handlers (Python side: terraflax/kernels/ff_cpu.py).
 //
-// Up to kSmallRows rows (decoding) each product streams the weights row by
-// row, its output columns split between threads (forward_small). More rows
+// Up to kSmallRows rows (decoding) each product streams the weights in memory
+// order, each thread a contiguous range of weight rows (forward_small). More rows
 // are split between threads and run in blocks of kBlockRows, so a
 // block's hidden activations (rows x d_ff) stay in cache between the two
 // products and the activation costs no trip to memory. The weights are
@@ -160,85 +160,23 @@ Workspace& thread_workspace() {
 }
 
 // Up to this many rows (decoding: one token per row) the products stream the
-// weights row by row instead: each thread takes a range of output columns and
-// reads every weight row's slice of them in order, four rows at a time.
+// weights instead (`stream_products`: each thread reads a contiguous range of
+// weight rows, in memory order).
 constexpr int64_t kSmallRows = 8;
 
-// out (m x n) += x (m x k, leading dimension ldx) w (k x n), columns [c0, c1).
-void stream_columns(int64_t m, const float* x, int64_t ldx, const float* w, int64_t k,
-                    int64_t n, float* out, int64_t c0, int64_t c1) {
-  // m rows of one column block stay in L1 (16 KiB) while the weights stream past.
-  const int64_t block = std::max<int64_t>(kLanes, 4096 / m / kLanes * kLanes);
-  for (int64_t b0 = c0; b0 < c1; b0 += block) {
-    const int64_t b1 = std::min(c1, b0 + block);
-    int64_t kk = 0;
-    for (; kk + 4 <= k; kk += 4) {
-      const float* w0 = w + kk * n;
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xi = x + i * ldx + kk;
-        const float a0 = xi[0], a1 = xi[1], a2 = xi[2], a3 = xi[3];
-        float* o = out + i * n;
-        for (int64_t j = b0; j < b1; j += kLanes) {
-          vf acc = load(o + j);
-          acc += a0 * load(w0 + j);
-          acc += a1 * load(w0 + n + j);
-          acc += a2 * load(w0 + 2 * n + j);
-          acc += a3 * load(w0 + 3 * n + j);
-          store(o + j, acc);
-        }
-      }
-    }
-    for (; kk < k; ++kk) {
-      for (int64_t i = 0; i < m; ++i) {
-        const float a = x[i * ldx + kk];
-        float* o = out + i * n;
-        for (int64_t j = b0; j < b1; j += kLanes)
-          store(o + j, load(o + j) + a * load(w + kk * n + j));
-      }
-    }
-  }
-}
-
-// out (m x n) += x (m x k) w (k x n) over threads: each takes a range of columns
-// when a thread's share of a row is at least a page (4 KiB), else a range of
-// rows of w (whole rows, one contiguous stream per thread) into its own
-// partial sum, added to out at the end.
-void stream_product(ffi::ThreadPool& pool, int64_t m, const float* x, const float* w, int64_t k,
-                    int64_t n, float* out) {
-  const int64_t vecs = n / kLanes;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || n / threads >= 1024 || k < 4 * threads) {
-    const int parts = int(std::max<int64_t>(1, std::min<int64_t>(threads, vecs / 4)));
-    parallel_for(pool, parts, [&](int part) {
-      stream_columns(m, x, k, w, k, n, out, vecs * part / parts * kLanes,
-                     vecs * (part + 1) / parts * kLanes);
-    });
-    return;
-  }
-  const int parts = int(threads);
-  std::vector<float> partial(size_t(parts - 1) * m * n, 0.0f);
-  parallel_for(pool, parts, [&](int part) {
-    const int64_t k0 = k * part / parts, k1 = k * (part + 1) / parts;
-    float* o = part == 0 ? out : partial.data() + size_t(part - 1) * m * n;
-    stream_columns(m, x + k0, k, w + k0 * n, k1 - k0, n, o, 0, n);
-  });
-  for (int part = 1; part < parts; ++part) {
-    const float* p = partial.data() + size_t(part - 1) * m * n;
-    for (int64_t i = 0; i < m * n; i += kLanes) store(out + i, load(out + i) + load(p + i));
-  }
-}
-
-// The forward pass for at most kSmallRows rows (see stream_columns).
+// The forward pass for at most kSmallRows rows (see stream_products).
 void forward_small(ffi::ThreadPool& pool, const Sizes& s, const float* xs, const float* w1,
                    const float* bias1, const float* w2, const float* bias2, float* ys, float* hs,
                    int64_t activation) {
   float* hidden = sized(thread_workspace().hidden, s.n_rows * s.f);
   fill_rows(hidden, s.n_rows, s.f, bias1);
-  stream_product(pool, s.n_rows, xs, w1, s.d, s.f, hidden);
+  const StreamedProduct first{xs, s.d, w1, s.d, s.f, hidden, s.f};
+  stream_products(pool, s.n_rows, &first, 1);
   if (hs) std::memcpy(hs, hidden, s.n_rows * s.f * sizeof(float));
   for (int64_t i = 0; i < s.n_rows; ++i) activate(activation, hidden + i * s.f, s.f);
   fill_rows(ys, s.n_rows, s.e, bias2);
-  stream_product(pool, s.n_rows, hidden, w2, s.f, s.e, ys);
+  const StreamedProduct second{hidden, s.f, w2, s.f, s.e, ys, s.e};
+  stream_products(pool, s.n_rows, &second, 1);
 }
 
 // y = act(x W1 + b1) W2 + b2, and h = x W1 + b1 when hs is not null.
