@@ -8,7 +8,8 @@
    - dense (sparsity 0; the fair baseline: as many extra steps),
    - unstructured: global magnitude pruning (configs/pruning.py) to 50, 75, 90%
      of the attention and feed-forward kernels on a cubic schedule over the
-     first half of the fine-tuning,
+     first 80% of the fine-tuning (over the first half: +2.2% eval loss at
+     50%; 80% leaves the surviving weights time to take over on the way),
    - structured: `terraflax.prune` removes 50, 75, 90% of the same kernels
      as hidden units and heads (`prune.keep_for_sparsity`), then fine-tunes the
      smaller model.
@@ -75,7 +76,7 @@ def finetune_config(args, init_from, model=None, sparsity=0.0):
   if sparsity:
     config.pruning = ml_collections.ConfigDict({
         'method': 'magnitude', 'scope': 'global', 'sparsity': sparsity, 'start_step': 1,
-        'end_step': max(args.finetune_steps // 2, 1),
+        'end_step': max(args.finetune_steps * 4 // 5, 1),
         'frequency': max(args.finetune_steps // 20, 1)})
   return config
 
