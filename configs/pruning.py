@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.pruning.scope = 'global'  # 'global' (one threshold) or 'per_layer'.
   config.pruning.sparsity = 0.5  # Final fraction of the pruned parameters set to 0.
   config.pruning.start_step = 1  # First step of the schedule (equal to end_step: one-shot).
-  config.pruning.end_step = 250  # Target sparsity from here on; the rest fine-tunes.
+  config.pruning.end_step = 400  # Target sparsity from here on; the rest fine-tunes.
   config.pruning.frequency = 25  # Steps between mask updates on the way.
   config.pruning.power = 3  # The schedule's exponent (3: cubic).
   config.pruning.params = pruning.DEFAULT_PARAMS  # Attention and feed-forward dense kernels.

@@ -2,14 +2,18 @@
 
   python -m terraflax.prune --workdir=IN --to=OUT --ff_keep=0.5 --heads_keep=0.5 \\
       [--importance=norm|taylor] [--step=N]
+  python -m terraflax.prune --workdir=IN --to=OUT --sparsity=0.9 [--ff_multiple=16]
 
 keeps the same number of units (round(ff_keep * d_ff)) in every feed-forward
 block and of heads (round(heads_keep * n_heads)) in every attention layer, so
 OUT's `config.json` stays uniform: `model.d_ff` and `model.n_heads` shrink and
-the per-head widths are kept as `model.d_qk` / `model.d_v`. OUT holds the
-smaller parameters (one checkpoint, step 0, as `terraflax.models.convert`
-writes), `pruning.json` (what was kept) and IN's tokenizer; it decodes with
-`python -m terraflax.decoding --workdir=OUT` and fine-tunes with
+the per-head widths are kept as `model.d_qk` / `model.d_v`. `--sparsity=S`
+instead removes the fraction S of the feed-forward and attention weights:
+heads in proportion (at least one), hidden units the rest
+(`keep_for_sparsity`). OUT holds the smaller parameters (one checkpoint,
+step 0, as `terraflax.models.convert` writes), `pruning.json` (what was kept,
+and the fraction of those weights removed) and IN's tokenizer; it decodes
+with `python -m terraflax.decoding --workdir=OUT` and fine-tunes with
 `--config.init_from=OUT` (and OUT's model fields).
 
 Importance of a unit / head, per layer (each layer of a scanned stack alone):
@@ -214,6 +218,33 @@ def n_kept(fraction: float, n: int, flag: str) -> int:
   return max(1, int(round(fraction * n)))
 
 
+def keep_for_sparsity(flat: dict[str, Any], *, d_ff: int, n_heads: int, sparsity: float,
+                      ff_multiple: int = 1) -> tuple[int, int]:
+  """(hidden units, heads) to keep in every layer so that `sparsity` of the
+  feed-forward and attention weights go.
+
+  Heads go in proportion (at least one stays); the hidden units then make up
+  the rest, so the target holds where the last head cannot go (4 heads at
+  90%: 1 head and fewer units than 10%). The units kept are a multiple of
+  `ff_multiple` (16: the native feed-forward kernel's lane width).
+  """
+  if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+    raise PruneError(f'--sparsity must be a fraction in [0, 1), got {sparsity!r}.')
+  if not isinstance(ff_multiple, int) or not 1 <= ff_multiple <= d_ff:
+    raise PruneError(f'--ff_multiple must be an int in [1, d_ff={d_ff}], got {ff_multiple!r}.')
+  groups = find_groups(flat, d_ff=d_ff, n_heads=n_heads)
+  per = {kind: sum(np.size(flat[path]) for g in groups if g.kind == kind for path in g.axes)
+         for kind in ('ff', 'heads')}
+  per_unit, per_head = per['ff'] / d_ff, per['heads'] / n_heads
+  if not per_unit:
+    raise PruneError('the model has no FeedForward block terraflax.prune can prune; '
+                     'use --ff_keep / --heads_keep instead of --sparsity.')
+  heads = max(1, round((1 - sparsity) * n_heads)) if per_head else n_heads
+  units = ((1 - sparsity) * (per['ff'] + per['heads']) - heads * per_head) / per_unit
+  units = max(ff_multiple, min(d_ff, ff_multiple * round(units / ff_multiple)))
+  return int(units), int(heads)
+
+
 def _flat(params) -> dict[str, Any]:
   return {'/'.join(str(getattr(k, 'key', k)) for k in path): x
           for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -273,13 +304,16 @@ def taylor_grads(config, spec: spec_lib.ModelSpec, params, *, n_batches: int = 4
 
 
 def prune_params(config, params, *, ff_keep: float = 1.0, heads_keep: float = 1.0,
+                 sparsity: float | None = None, ff_multiple: int = 1,
                  importance: str = 'norm', grads=None, zero: bool = False):
   """(model config, params, report) of the structurally pruned model of `config.model`.
 
   ff_keep / heads_keep: the fractions of hidden units / heads kept in every
-  layer. importance: 'norm' or 'taylor' (needs `grads`, the loss gradients,
-  see `taylor_grads`). zero=True keeps the full shapes and config and zeroes
-  the dropped units instead (`structured_masks`).
+  layer; or `sparsity`: the fraction of the feed-forward and attention
+  weights to remove (`keep_for_sparsity`, with `ff_multiple`). importance:
+  'norm' or 'taylor' (needs `grads`, the loss gradients, see
+  `taylor_grads`). zero=True keeps the full shapes and config and zeroes the
+  dropped units instead (`structured_masks`).
   """
   if importance not in IMPORTANCES:
     raise PruneError(f'--importance must be one of {IMPORTANCES}, got {importance!r}.')
@@ -289,8 +323,14 @@ def prune_params(config, params, *, ff_keep: float = 1.0, heads_keep: float = 1.
       raise PruneError(f'config.model (name={model.get("name")!r}) has no int {field}; '
                        'terraflax.prune needs d_ff and n_heads.')
   d_ff, n_heads = int(model.d_ff), int(model.n_heads)
-  k_ff, k_heads = n_kept(ff_keep, d_ff, 'ff_keep'), n_kept(heads_keep, n_heads, 'heads_keep')
   flat = _flat(params)
+  if sparsity is None:
+    k_ff, k_heads = n_kept(ff_keep, d_ff, 'ff_keep'), n_kept(heads_keep, n_heads, 'heads_keep')
+  elif ff_keep != 1.0 or heads_keep != 1.0:
+    raise PruneError('pass --sparsity or --ff_keep / --heads_keep, not both.')
+  else:
+    k_ff, k_heads = keep_for_sparsity(flat, d_ff=d_ff, n_heads=n_heads, sparsity=sparsity,
+                                      ff_multiple=ff_multiple)
   groups = find_groups(flat, d_ff=d_ff, n_heads=n_heads)
   if k_ff < d_ff and not any(g.kind == 'ff' for g in groups):
     raise PruneError(f'config.model (name={model.name!r}) has no FeedForward block '
@@ -305,7 +345,11 @@ def prune_params(config, params, *, ff_keep: float = 1.0, heads_keep: float = 1.
   new_flat = apply_plan(flat, kept_plan, zero=zero)
   new_model = model if zero else pruned_model_config(model, flat, ff_keep=k_ff,
                                                      heads_keep=k_heads)
+  pruned_paths = {path for g in groups for path in g.axes}
+  removed = 1 - (sum(np.size(new_flat[p]) for p in pruned_paths)
+                 / max(1, sum(np.size(flat[p]) for p in pruned_paths)))
   report = {'d_ff': [d_ff, k_ff], 'n_heads': [n_heads, k_heads], 'importance': importance,
+            'removed': removed,
             'params': [int(sum(np.size(x) for x in flat.values())),
                        int(sum(np.size(x) for x in new_flat.values()))],
             'kept': {g.prefix: k.tolist() for g, k in kept_plan}}
@@ -332,6 +376,7 @@ def check_shapes(config, params) -> None:
 
 
 def prune_workdir(workdir: str, to: str, *, ff_keep: float = 1.0, heads_keep: float = 1.0,
+                  sparsity: float | None = None, ff_multiple: int = 1,
                   importance: str = 'norm', step: int | None = None,
                   n_batches: int = 4) -> dict[str, Any]:
   """Writes the structurally pruned model of `workdir`'s checkpoint to `to`; returns the report."""
@@ -346,6 +391,7 @@ def prune_workdir(workdir: str, to: str, *, ff_keep: float = 1.0, heads_keep: fl
       raise
   grads = taylor_grads(config, spec, params, n_batches=n_batches) if importance == 'taylor' else None
   model, pruned, report = prune_params(config, params, ff_keep=ff_keep, heads_keep=heads_keep,
+                                       sparsity=sparsity, ff_multiple=ff_multiple,
                                        importance=importance, grads=grads)
   new_config = ml_collections.ConfigDict(config.to_dict())
   new_config.model = model
@@ -357,7 +403,8 @@ def prune_workdir(workdir: str, to: str, *, ff_keep: float = 1.0, heads_keep: fl
     tokenizer.save_to(to)
   workdir_lib.write_config(to, new_config)
   workdir_lib.save_params(to, 0, pruned)
-  report = dict(report, source=os.path.abspath(workdir), ff_keep=ff_keep, heads_keep=heads_keep)
+  report = dict(report, source=os.path.abspath(workdir), ff_keep=ff_keep, heads_keep=heads_keep,
+                sparsity=sparsity)
   with open(os.path.join(to, PRUNING_FILE), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
     f.write('\n')
@@ -370,11 +417,13 @@ def main(argv):
   del argv
   f = flags.FLAGS
   report = prune_workdir(f.workdir, f.to, ff_keep=f.ff_keep, heads_keep=f.heads_keep,
+                         sparsity=f.sparsity, ff_multiple=f.ff_multiple,
                          importance=f.importance, step=f.step, n_batches=f.batches)
   (before, after), (ff0, ff1), (h0, h1) = report['params'], report['d_ff'], report['n_heads']
   print(f'terraflax.prune: {f.workdir} -> {f.to}: d_ff {ff0} -> {ff1}, n_heads {h0} -> {h1}, '
-        f'{before:,} -> {after:,} parameters ({1 - after / before:.1%} removed, '
-        f'importance {report["importance"]}).', flush=True)
+        f'{before:,} -> {after:,} parameters ({1 - after / before:.1%} removed; '
+        f'{report["removed"]:.1%} of the feed-forward and attention weights), importance '
+        f'{report["importance"]}.', flush=True)
 
 
 def _define_flags():
@@ -383,6 +432,11 @@ def _define_flags():
   flags.DEFINE_string('to', None, 'The workdir to write the smaller model to.')
   flags.DEFINE_float('ff_keep', 1.0, 'Fraction of feed-forward hidden units kept in every block.')
   flags.DEFINE_float('heads_keep', 1.0, 'Fraction of attention heads kept in every layer.')
+  flags.DEFINE_float('sparsity', None, 'Instead of the keep fractions: the fraction of the '
+                     'feed-forward and attention weights to remove (heads in proportion, at '
+                     'least one; hidden units make up the rest).')
+  flags.DEFINE_integer('ff_multiple', 1, 'With --sparsity: keep a multiple of this many hidden '
+                       'units (16 suits the native feed-forward kernel).', lower_bound=1)
   flags.DEFINE_enum('importance', 'norm', list(IMPORTANCES),
                     'Which units go: lowest weight norm, or lowest |gradient x weight| (taylor).')
   flags.DEFINE_integer('batches', 4, "Evaluation batches for importance='taylor'.", lower_bound=1)

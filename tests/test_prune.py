@@ -103,6 +103,27 @@ class StructuredTest(parameterized.TestCase):
         head * width:(head + 1) * width])
     self.assertAlmostEqual(scores[attention][layer, head], abs(total), places=6)
 
+  def test_sparsity_removes_that_fraction_heads_first_then_units(self):
+    config = model_config('TransformerLM')
+    _, _, params = init(config)
+    flat = prune._flat(params)  # pylint: disable=protected-access
+    # Per layer, by hand: a hidden unit owns 16 + 1 + 16 = 33 weights (its column of the
+    # first Dense and bias, its row of the second); a head 4 x 16 x 4 + 3 x 4 = 268
+    # (its query/key/value/output slices and query/key/value biases); 1468 in all.
+    def keep(sparsity, **kwargs):
+      return prune.keep_for_sparsity(flat, d_ff=12, n_heads=4, sparsity=sparsity, **kwargs)
+    self.assertEqual(keep(0.5), (6, 2))  # 6 x 33 + 2 x 268 = 734 = 1468 / 2.
+    self.assertEqual(keep(0.75), (3, 1))  # 1 head, then (367 - 268) / 33 = 3 units.
+    self.assertEqual(keep(0.75, ff_multiple=4), (4, 1))
+    self.assertEqual(keep(0.9), (1, 1))  # The target is out of reach: one of each stays.
+    new_model, _, report = prune.prune_params(config, params, sparsity=0.75)
+    self.assertEqual((new_model.d_ff, new_model.n_heads), (3, 1))
+    self.assertAlmostEqual(report['removed'], 1 - (3 * 33 + 268) / 1468)
+    with self.assertRaisesRegex(prune.PruneError, 'not both'):
+      prune.prune_params(config, params, sparsity=0.5, ff_keep=0.5)
+    with self.assertRaisesRegex(prune.PruneError, r'--sparsity must be a fraction in \[0, 1\)'):
+      keep(1.0)
+
   def test_bad_fractions_name_the_flag(self):
     config = model_config('TransformerLM')
     _, _, params = init(config)
