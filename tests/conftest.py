@@ -1,9 +1,6 @@
-"""Suite-wide JAX settings: strict numerics, CPU, one compilation cache per run."""
+"""Suite-wide JAX settings: strict numerics, CPU."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The tests compile many tiny programs and run each once or twice: skipping XLA's backend
@@ -12,16 +9,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_backend_optimization_level=0').strip()
-# Many tests compile the same program again (a CLI subprocess reloading the model that a test
-# trained, a run resumed, the same tiny model in several files): JAX's compilation cache in a
-# directory made empty for this run (the first process to load this file makes it and removes it
-# at exit; pytest-xdist workers and test subprocesses inherit the variable) compiles each once.
-# Nothing survives the run, so a clean clone times the same as a warm one.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _CACHE = tempfile.mkdtemp(prefix='terraflax-test-jax-cache-')
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 
 import jax  # noqa: E402
 
