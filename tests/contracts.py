@@ -91,40 +91,46 @@ def assert_packed_equals_unpacked(packed_fn, alone_fn, params, documents, length
   documents' losses.
   """
   x, segment_ids, positions = pack_documents(documents, length)
-  packed_fn, alone_fn = jax.jit(packed_fn), jax.jit(alone_fn)
-  packed = packed_fn(params, x, segment_ids, positions)
-  weights = jax.random.normal(jax.random.key(seed), packed.shape[1:], jnp.float32)
-  start = 0
-  spans = []
+  out_shape = jax.eval_shape(packed_fn, params, x, segment_ids, positions).shape
+  weights = jax.random.normal(jax.random.key(seed), out_shape[1:], jnp.float32)
+  spans, start = [], 0
   for doc in documents:
-    alone = alone_fn(params, doc[None])
-    got = packed[:, start:start + doc.shape[0]]
-    if alone.shape != got.shape:
-      raise AssertionError(f'alone output {alone.shape} vs packed slice {got.shape}')
-    error = float(jnp.max(jnp.abs(alone.astype(jnp.float32) - got.astype(jnp.float32))))
-    assert error <= atol, (f'document at {start}..{start + doc.shape[0]}: packed differs from '
-                           f'alone by {error} > {atol}')
     spans.append((start, doc.shape[0]))
     start += doc.shape[0]
-  if not grads:
-    return
   real = segment_ids[0] > 0
   float_inputs = jnp.issubdtype(x.dtype, jnp.floating)
 
   def packed_loss(p, x):
-    out = packed_fn(p, x, segment_ids, positions).astype(jnp.float32)
+    out = packed_fn(p, x, segment_ids, positions)
     mask = real.reshape(real.shape + (1,) * (out.ndim - 2))
-    return jnp.sum(jnp.where(mask, out[0] * weights, 0.0))
+    return jnp.sum(jnp.where(mask, out.astype(jnp.float32)[0] * weights, 0.0)), out
 
   def alone_loss(p, docs):
+    outs = [alone_fn(p, doc[None]) for doc in docs]
     total = 0.0
-    for (s, n), doc in zip(spans, docs):
-      total = total + jnp.sum(alone_fn(p, doc[None]).astype(jnp.float32)[0] * weights[s:s + n])
-    return total
+    for (s, n), out in zip(spans, outs):
+      total = total + jnp.sum(out.astype(jnp.float32)[0] * weights[s:s + n])
+    return total, outs
 
+  # With `grads`, the outputs come out of the same compiled programs as the gradients (one
+  # compilation each for the packed row and the documents, not one more per shape).
   argnums = (0, 1) if float_inputs else 0
-  got = jax.jit(jax.grad(packed_loss, argnums=argnums))(params, x)
-  want = jax.jit(jax.grad(alone_loss, argnums=argnums))(params, list(documents))
+  if grads:
+    (_, packed), got = jax.jit(jax.value_and_grad(packed_loss, argnums, has_aux=True))(params, x)
+    (_, alones), want = jax.jit(jax.value_and_grad(alone_loss, argnums, has_aux=True))(
+        params, list(documents))
+  else:
+    packed = jax.jit(packed_fn)(params, x, segment_ids, positions)
+    alones = [jax.jit(alone_fn)(params, doc[None]) for doc in documents]
+  for (s, n), alone in zip(spans, alones):
+    got_out = packed[:, s:s + n]
+    if alone.shape != got_out.shape:
+      raise AssertionError(f'alone output {alone.shape} vs packed slice {got_out.shape}')
+    error = float(jnp.max(jnp.abs(alone.astype(jnp.float32) - got_out.astype(jnp.float32))))
+    assert error <= atol, (f'document at {s}..{s + n}: packed differs from '
+                           f'alone by {error} > {atol}')
+  if not grads:
+    return
   got_p, want_p = (got[0], want[0]) if float_inputs else (got, want)
   flat_got, tree = jax.tree_util.tree_flatten(got_p)
   flat_want = jax.tree_util.tree_leaves(want_p)

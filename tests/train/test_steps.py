@@ -80,7 +80,7 @@ class ChunkedLossStepTest(absltest.TestCase):
     seg = jnp.concatenate([jnp.ones((2, 20), jnp.int32), jnp.full((2, 12), 2, jnp.int32)], 1)
     pos = jnp.broadcast_to(jnp.concatenate([jnp.arange(20), jnp.arange(12)]), (2, l))
     for packed in (False, True):
-      model = tm.ReformerLM(vocab_size=11, d_model=16, d_ff=32, n_layers=2, n_heads=2,
+      model = tm.ReformerLM(vocab_size=11, d_model=16, d_ff=32, n_layers=1, n_heads=2,
                             dropout=0.1, max_len=l, attention=LSH(n_hashes=2, chunk_len=8),
                             packed=packed)
       batch = {'inputs': tokens, 'targets': tokens, 'weights': weights}
