@@ -26,6 +26,8 @@ SLOW_FIRST = (
     'tests/models/test_transformer.py',
     'tests/models/test_reformer.py',
     'tests/models/test_terraformer.py',
+    'tests/models/test_concat_terraformer.py',
+    'tests/models/test_convert_trax_terraformer.py',
     'tests/models/test_bert.py',
     'tests/train/test_steps.py',
 )
