@@ -234,7 +234,7 @@ def main():
   parser.add_argument('--root', default=os.path.join(ROOT, 'runs', 'pruning'),
                       help='where the workdirs go (reused when present)')
   parser.add_argument('--json', default='',
-                      help='write the rows here (benchmarks/pruning_quick.json: --quick)')
+                      help='write the rows here (benchmarks/pruning.json: the full run)')
   parser.add_argument('--plot', default='', help='write a PNG of loss against sparsity here')
   parser.add_argument('--wide', default='1024x4096x6',
                       help='d_model x d_ff x layers of the weight-bound decoding rows ("" skips)')
