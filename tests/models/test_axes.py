@@ -95,6 +95,7 @@ LAYERS = {
         **{f'{c}_conv/{p}': names for c in ('query', 'key', 'value')
            for p, names in CONV.items()},
         'output/kernel': HEADS_OUT, 'output/bias': ('embed',)}),
+    'ConcatCausalAttention': (tl.ConcatCausalAttention(n_heads=2), (X, MASK), ATTENTION),
     'SparseFF': (tl.SparseFF(d_ff=32, n_elements_in_block=8, d_lowrank=4), (X,), {
         'kernel_in': ('mlp', 'embed'), 'bias_in': ('mlp',), 'kernel_out': ('mlp', 'embed'),
         'bias_out': ('embed',), 'controller_lowrank/kernel': ('embed', 'controller'),
@@ -103,6 +104,8 @@ LAYERS = {
         'LayerNorm_0/scale': ('embed',), 'LayerNorm_0/bias': ('embed',),
         'Dense_1/kernel': ('embed', 'mlp'), 'Dense_1/bias': ('mlp',),
         'Dense_4/kernel': ('mlp', 'embed'), 'Dense_4/bias': ('embed',)}),
+    'FixedBasePositionalEncoding': (tl.FixedBasePositionalEncoding(mode='eval'), (X,),
+                                    {'base_weights': (None, None, None), 'start_vec': (None,)}),
     'PositionalEncoding': (tl.PositionalEncoding(max_len=8, kind='learned'), (X,),
                            {'pos_embedding': (None, 'embed')}),
     'AxialPositionalEncoding': (tl.AxialPositionalEncoding(shape=(2, 4), d_embs=(6, 10)), (X,),
@@ -111,9 +114,11 @@ LAYERS = {
                        {'projection/kernel': (None, 'embed'), 'projection/bias': ('embed',)}),
     'ClassToken': (tl.ClassToken(), (X,), {'cls': ('embed',)}),
 }
-# Public layers without parameters of their own.
+LAYERS['ConcatSparseQKVAttention'] = (tl.ConcatSparseQKVAttention(n_heads=2), (X, MASK),
+                                      LAYERS['MultiplicativeConvCausalAttention'][2])
+# Public layers without parameters of their own (ConcatDecoder: its encoder's and decoder's).
 NO_PARAMETERS = {'Dropout', 'ShiftRight', 'FourierMixing', 'MaskedFourierMixing', 'Accuracy',
-                 'CrossEntropyLoss', 'DistillationLoss', 'CacheOutputs'}
+                 'CrossEntropyLoss', 'DistillationLoss', 'CacheOutputs', 'ConcatDecoder'}
 
 
 def expected_sizes(name: str) -> dict:
