@@ -202,7 +202,7 @@ class CausalAttention(SegmentsPassThrough, _AttentionBase):
     return cached_key, cached_value, advance_position(self, length)
 
   def _attend_cached(self, q, k, v):
-    b = k.shape[0]
+    b, length = k.shape[:2]
     cached_key, cached_value, start = self.cache_buffers(k, v)
     if self.is_initializing():  # Allocate only; the first real call starts at position 0.
       return self.attend(q, k, v, causal=True)

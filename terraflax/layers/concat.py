@@ -40,9 +40,8 @@ import terraflax.combinators as cb
 from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, check_mode, label_of, n_in_of, n_out_of, name_children)
 from terraflax.layers.attention import CausalAttention
-from terraflax.layers.core import HEAD_AXES, constrain, lift_to, param_with_axes
-from terraflax.layers.sparse_qkv import (
-    ModularCausalConv, MultiplicativeConvCausalAttention, MultiplicativeDense)
+from terraflax.layers.core import constrain, lift_to, param_with_axes
+from terraflax.layers.sparse_qkv import ModularCausalConv, MultiplicativeConvCausalAttention
 
 
 def encoder_lengths(mask_e):
@@ -215,20 +214,7 @@ class ConcatSparseQKVAttention(_ConcatAttend, MultiplicativeConvCausalAttention)
     self._check_mask_e(x, mask_e)
     d_model = x.shape[-1]
     d_qk, d_v = self.widths(d_model)
-    n_modules = self._n_modules(d_model, d_qk, d_v)
-    shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
-                                 name='multiplicative')(x)
-
-    def heads(name, width, module_kernel_size):
-      y = ConcatModularCausalConv(
-          n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
-          length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
-          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name)(shared, mask_e)
-      return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
-
-    q = heads('query_conv', d_qk, self.module_kernel_size)
-    k = heads('key_conv', d_qk, self.module_kernel_size)
-    v = heads('value_conv', d_v, 1)
+    q, k, v = self.project_heads(x, d_qk, d_v, ConcatModularCausalConv, (mask_e,))
     return self.combine(self.attend_concat(q, k, v, mask_e), d_model), mask_e
 
 

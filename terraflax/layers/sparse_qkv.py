@@ -289,17 +289,24 @@ class MultiplicativeConvCausalAttention(CausalAttention):
     return n_modules
 
   def queries_keys_values(self, x, d_qk: int, d_v: int, segment_ids=None):
+    if segment_ids is None:
+      return self.project_heads(x, d_qk, d_v, ModularCausalConv)
+    return self.project_heads(x, d_qk, d_v, ModularCausalConv, (segment_ids,), packed=True)
+
+  def project_heads(self, x, d_qk: int, d_v: int, conv_cls, conv_args=(), **conv_fields):
+    """(q, k, v), (b, l, n_heads, d_qk / d_qk / d_v): the shared MultiplicativeDense of x, then
+    one `conv_cls` (ModularCausalConv or a subclass) per projection, applied as
+    conv(shared, *conv_args) with the extra dataclass fields `conv_fields`."""
     n_modules = self._n_modules(x.shape[-1], d_qk, d_v)
     shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
                                  name='multiplicative')(x)
 
     def heads(name, width, module_kernel_size):
-      conv = ModularCausalConv(
+      conv = conv_cls(
           n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
           length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
-          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype,
-          packed=segment_ids is not None, name=name)
-      y = conv(shared) if segment_ids is None else conv(shared, segment_ids)
+          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name, **conv_fields)
+      y = conv(shared, *conv_args)
       return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
 
     return (heads('query_conv', d_qk, self.module_kernel_size),
