@@ -19,6 +19,14 @@ def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.Comple
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def assert_float32_near_float64(test, got, want):
+  """A float32 kernel's output `got` against a NumPy float64 reference `want`: float32 sums of
+  K terms, so within 1e-5 of the largest |want|."""
+  test.assertEqual(got.dtype, jnp.float32)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                             atol=1e-5 * float(np.abs(want).max()))
+
+
 def relative_error(got, want) -> float:
   """max |got - want| / max |want|: a parity figure for logits against a peer library's."""
   return float(np.abs(got - want).max() / np.abs(want).max())

@@ -186,7 +186,9 @@ class CausalAttention(SegmentsPassThrough, _AttentionBase):
                          k_segment_ids=segment_ids)
     return self.attend(q, k, v, causal=True)
 
-  def _attend_cached(self, q, k, v):
+  def cache_buffers(self, k, v):
+    """(cached_key, cached_value, start): the predict-mode key/value cache variables, each
+    (b, h, width, max_len), and the position of this call's first key (advanced by its length)."""
     b, length = k.shape[:2]
     if length > self.max_len:
       raise ValueError(f'{type(self).__name__} max_len={self.max_len} (the predict-mode cache) '
@@ -197,7 +199,11 @@ class CausalAttention(SegmentsPassThrough, _AttentionBase):
                                (b, k.shape[2], k.shape[3], self.max_len), k.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros,
                                  (b, v.shape[2], v.shape[3], self.max_len), v.dtype)
-    start = advance_position(self, length)
+    return cached_key, cached_value, advance_position(self, length)
+
+  def _attend_cached(self, q, k, v):
+    b, length = k.shape[:2]
+    cached_key, cached_value, start = self.cache_buffers(k, v)
     if self.is_initializing():  # Allocate only; the first real call starts at position 0.
       return self.attend(q, k, v, causal=True)
     if cached_key.value.shape[0] != b:

@@ -40,9 +40,8 @@ import terraflax.combinators as cb
 from terraflax.combinators.base import (
     Layer, LayerError, apply_layer, check_mode, label_of, n_in_of, n_out_of, name_children)
 from terraflax.layers.attention import CausalAttention
-from terraflax.layers.core import HEAD_AXES, advance_position, constrain, lift_to, param_with_axes
-from terraflax.layers.sparse_qkv import (
-    ModularCausalConv, MultiplicativeConvCausalAttention, MultiplicativeDense)
+from terraflax.layers.core import constrain, lift_to, param_with_axes
+from terraflax.layers.sparse_qkv import ModularCausalConv, MultiplicativeConvCausalAttention
 
 
 def encoder_lengths(mask_e):
@@ -131,15 +130,8 @@ class _ConcatAttend:
     """(b, l, h, width) q, k, v -> (b, l, h, d_v): causal; in predict mode, through the cache."""
     if self.mode != 'predict':
       return self.attend(q, k, v, causal=True)
-    b, length = k.shape[:2]
-    if length > self.max_len:
-      raise ValueError(f'{type(self).__name__} max_len={self.max_len} (the predict-mode cache) '
-                       f'is shorter than the input length {length}.')
-    cached_key = self.variable('cache', 'cached_key', jnp.zeros,
-                               (b, k.shape[2], k.shape[3], self.max_len), k.dtype)
-    cached_value = self.variable('cache', 'cached_value', jnp.zeros,
-                                 (b, v.shape[2], v.shape[3], self.max_len), v.dtype)
-    start = advance_position(self, length)
+    length = k.shape[1]
+    cached_key, cached_value, start = self.cache_buffers(k, v)
     if self.is_initializing():
       return self.attend(q, k, v, causal=True)
     for cached, new in ((cached_key, k), (cached_value, v)):
@@ -184,30 +176,15 @@ class ConcatModularCausalConv(ModularCausalConv):
 
   @nn.compact
   def __call__(self, x, mask_e):
-    if x.ndim != 3 or x.shape[-1] % self.n_modules:
-      raise ValueError(f'ConcatModularCausalConv expects (b, l, d) inputs with d a multiple of '
-                       f'n_modules={self.n_modules}, got shape {tuple(x.shape)}.')
-    batch, length, d_in = x.shape
-    d_module_in = d_in // self.n_modules
-    d_module_out = self.d_module_out or d_module_in
+    xs, kernel, d_module_out = self.conv_inputs(x)
+    batch, length = x.shape[:2]
+    dtype = xs.dtype
     n_past = self.length_kernel_size - 1
-    kernel = param_with_axes(
-        self, 'kernel', ('kernel', None, None, None), self.kernel_init,
-        (self.length_kernel_size, self.module_kernel_size, d_module_in, d_module_out),
-        self.param_dtype)
-    dtype = self.dtype or jnp.result_type(x, kernel)
-    xs = x.astype(dtype).reshape(batch, length, self.n_modules, d_module_in)
     if n_past and self.mode == 'predict':
-      past = self.variable('cache', 'inputs', jnp.zeros,
-                           (batch, n_past, self.n_modules, d_module_in), x.dtype)
-      xs = jnp.concatenate([past.value.astype(dtype), xs], axis=1)
-      if not self.is_initializing():
-        if length == 1:
-          window = xs[:, -n_past:]
-        else:  # Padded row r is position r - n_past: positions len_e - n_past + 1 .. len_e.
-          window = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n + 1, n_past))(
-              xs, encoder_lengths(mask_e))
-        past.value = window.astype(past.value.dtype)
+      def prefill_window(rows):  # Row r is position r - n_past: keep len_e - n_past + 1 .. len_e.
+        return jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n + 1, n_past))(
+            rows, encoder_lengths(mask_e))
+      xs = self.with_cached_past(xs, x.dtype, None if length == 1 else prefill_window)
     elif n_past:
       xs = jnp.pad(xs, ((0, 0), (n_past, 0), (0, 0), (0, 0)))
     half = (self.module_kernel_size - 1) // 2
@@ -237,20 +214,7 @@ class ConcatSparseQKVAttention(_ConcatAttend, MultiplicativeConvCausalAttention)
     self._check_mask_e(x, mask_e)
     d_model = x.shape[-1]
     d_qk, d_v = self.widths(d_model)
-    n_modules = self._n_modules(d_model, d_qk, d_v)
-    shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
-                                 name='multiplicative')(x)
-
-    def heads(name, width, module_kernel_size):
-      y = ConcatModularCausalConv(
-          n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
-          length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
-          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name)(shared, mask_e)
-      return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
-
-    q = heads('query_conv', d_qk, self.module_kernel_size)
-    k = heads('key_conv', d_qk, self.module_kernel_size)
-    v = heads('value_conv', d_v, 1)
+    q, k, v = self.project_heads(x, d_qk, d_v, ConcatModularCausalConv, (mask_e,))
     return self.combine(self.attend_concat(q, k, v, mask_e), d_model), mask_e
 
 

@@ -156,31 +156,47 @@ class ModularCausalConv(Layer):
   def n_in(self):
     return 2 if self.packed else 1
 
-  @nn.compact
-  def __call__(self, x, *segment_ids):
+  def conv_inputs(self, x):
+    """(xs, kernel, d_module_out): x (b, l, S * M_in) as (b, l, S, M_in) in the compute
+    dtype, and the kernel (length_kernel_size, module_kernel_size, M_in, M_out)."""
+    name = type(self).__name__
     if x.ndim != 3:
-      raise ValueError(f'ModularCausalConv expects (b, l, d) inputs, got shape {x.shape}.')
+      raise ValueError(f'{name} expects (b, l, d) inputs, got shape {x.shape}.')
     batch, length, d_in = x.shape
     if d_in % self.n_modules:
-      raise ValueError(
-          f'ModularCausalConv input width {d_in} must be a multiple of '
-          f'n_modules={self.n_modules}.')
+      raise ValueError(f'{name} input width {d_in} must be a multiple of '
+                       f'n_modules={self.n_modules}.')
     d_module_in = d_in // self.n_modules
     d_module_out = self.d_module_out or d_module_in
-    n_past = self.length_kernel_size - 1
     kernel = param_with_axes(
         self, 'kernel', ('kernel', None, None, None), self.kernel_init,
         (self.length_kernel_size, self.module_kernel_size, d_module_in, d_module_out),
         self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, kernel)
     xs = x.astype(dtype).reshape(batch, length, self.n_modules, d_module_in)
+    return xs, kernel, d_module_out
 
+  def with_cached_past(self, xs, cache_dtype, window=None):
+    """(b, n_past + l, S, M_in): the cached inputs of the previous positions, then `xs`.
+
+    The cache keeps the last n_past rows, or `window(rows)` where a subclass keeps others.
+    """
+    n_past = self.length_kernel_size - 1
+    past = self.variable('cache', 'inputs', jnp.zeros, (xs.shape[0], n_past) + xs.shape[2:],
+                         cache_dtype)
+    xs = jnp.concatenate([past.value.astype(xs.dtype), xs], axis=1)
+    if not self.is_initializing():
+      past.value = (xs[:, -n_past:] if window is None else window(xs)).astype(past.value.dtype)
+    return xs
+
+  @nn.compact
+  def __call__(self, x, *segment_ids):
+    xs, kernel, d_module_out = self.conv_inputs(x)
+    batch, length = x.shape[:2]
+    dtype = xs.dtype
+    n_past = self.length_kernel_size - 1
     if n_past and self.mode == 'predict':
-      past = self.variable('cache', 'inputs', jnp.zeros,
-                           (batch, n_past, self.n_modules, d_module_in), x.dtype)
-      xs = jnp.concatenate([past.value.astype(dtype), xs], axis=1)
-      if not self.is_initializing():
-        past.value = xs[:, -n_past:].astype(past.value.dtype)
+      xs = self.with_cached_past(xs, x.dtype)
     elif n_past:
       xs = jnp.pad(xs, ((0, 0), (n_past, 0), (0, 0), (0, 0)))
     half = (self.module_kernel_size - 1) // 2
@@ -273,17 +289,24 @@ class MultiplicativeConvCausalAttention(CausalAttention):
     return n_modules
 
   def queries_keys_values(self, x, d_qk: int, d_v: int, segment_ids=None):
+    if segment_ids is None:
+      return self.project_heads(x, d_qk, d_v, ModularCausalConv)
+    return self.project_heads(x, d_qk, d_v, ModularCausalConv, (segment_ids,), packed=True)
+
+  def project_heads(self, x, d_qk: int, d_v: int, conv_cls, conv_args=(), **conv_fields):
+    """(q, k, v), (b, l, n_heads, d_qk / d_qk / d_v): the shared MultiplicativeDense of x, then
+    one `conv_cls` (ModularCausalConv or a subclass) per projection, applied as
+    conv(shared, *conv_args) with the extra dataclass fields `conv_fields`."""
     n_modules = self._n_modules(x.shape[-1], d_qk, d_v)
     shared = MultiplicativeDense(n_modules=n_modules, use_bias=self.use_bias, dtype=self.dtype,
                                  name='multiplicative')(x)
 
     def heads(name, width, module_kernel_size):
-      conv = ModularCausalConv(
+      conv = conv_cls(
           n_modules=n_modules, d_module_out=self.n_heads * width // n_modules,
           length_kernel_size=self.length_kernel_size, module_kernel_size=module_kernel_size,
-          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype,
-          packed=segment_ids is not None, name=name)
-      y = conv(shared) if segment_ids is None else conv(shared, segment_ids)
+          use_bias=self.use_bias, mode=self.mode, dtype=self.dtype, name=name, **conv_fields)
+      y = conv(shared, *conv_args)
       return constrain(jnp.reshape(y, y.shape[:-1] + (self.n_heads, width)), HEAD_AXES)
 
     return (heads('query_conv', d_qk, self.module_kernel_size),

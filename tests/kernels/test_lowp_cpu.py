@@ -21,6 +21,7 @@ from absl.testing import absltest, parameterized
 from terraflax import kernels
 from terraflax import quantization as qz
 from terraflax.kernels import lowp_cpu
+from tests.contracts import assert_float32_near_float64 as close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_COMPILER = shutil.which(os.environ.get('CXX', 'c++').split()[0]) is not None
@@ -65,13 +66,6 @@ def reference(x, w, scale=None):
   w64 = np.asarray(jnp.asarray(w).astype(jnp.float32), np.float64)  # bf16 -> f32 is exact
   y = np.asarray(x, np.float64) @ w64
   return y if scale is None else y * np.asarray(scale, np.float64)
-
-
-def close(test, got, want):
-  """Float32 sums of K terms: within 1e-5 of the largest output (relative)."""
-  test.assertEqual(got.dtype, jnp.float32)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
-                             atol=1e-5 * float(np.abs(want).max()))
 
 
 @absltest.skipUnless(HAS_COMPILER, 'no C++ compiler to build the kernel')

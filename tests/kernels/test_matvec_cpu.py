@@ -18,15 +18,9 @@ import terraflax.models as tm
 from terraflax import decoding
 from terraflax import kernels
 from terraflax.kernels import matvec_cpu
+from tests.contracts import assert_float32_near_float64 as close
 
 HAS_COMPILER = shutil.which(os.environ.get('CXX', 'c++').split()[0]) is not None
-
-
-def close(test, got, want):
-  """Float32 sums of K terms: within 1e-5 of the largest output (relative)."""
-  test.assertEqual(got.dtype, jnp.float32)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
-                             atol=1e-5 * float(np.abs(want).max()))
 
 
 @absltest.skipUnless(HAS_COMPILER, 'no C++ compiler to build the kernel')
