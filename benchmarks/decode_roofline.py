@@ -1,9 +1,12 @@
 """Decoding against the memory-bandwidth floor (issue 22).
 
 Batch-1 decoding of a dense model reads every weight once per token, so its
-floor is (parameter bytes) / (memory read bandwidth). This measures the
-bandwidth in the same run (the best of 10 jitted `x.sum()` over 256 MiB,
-taken again before every row) and decodes with
+floor is (parameter bytes) / (memory read bandwidth). The bandwidth of this
+shared machine swings (a jitted `x.sum()` over 256 MiB reads 23-40 GB/s from
+one minute to the next), so it is measured in the same run, paired with each
+timed call: every round takes the best of 3 `x.sum()` and then one decoding
+call, and a round's share is its floor at that bandwidth / its time. Decoding
+is
 `terraflax.decoding.autoregressive_sample` (greedy, prompt of 1 token,
 `--tokens` new tokens, `max_len` 128, dropout 0), on weights prepared once
 before the timed calls: quantized (`--weights`) and split per layer
@@ -11,9 +14,11 @@ before the timed calls: quantized (`--weights`) and split per layer
 it every call copies the stacked weights and its loop reads the copies
 slower: `--no-split` measures that):
 
-  ms/token   median wall time of `--repeats` calls (after a first,
-             compiling call) / new tokens
-  floor      parameter bytes / bandwidth; share = floor / (ms/token)
+  GB/s       median bandwidth of the `--repeats` rounds (after a first,
+             compiling call)
+  ms/token   median wall time of the rounds' calls / new tokens
+  floor      parameter bytes / GB/s; share: the median of the rounds'
+             shares (each round's floor / its ms per token)
   read       the parameter bytes a decoding step actually reads: all of
              them for dense models; a Terraformer's SparseFF reads only
              the chosen unit of each block (at most batch / block of its
@@ -30,7 +35,7 @@ SparseFF with blocks of 32). Weights: `f32`, and `bf16` / `int8` through
 when this checkout has no such function).
 
   python benchmarks/decode_roofline.py [--models transformer-512x2048x6,...]
-      [--weights f32,bf16,int8] [--batches 1,8] [--tokens 64] [--repeats 3]
+      [--weights f32,bf16,int8] [--batches 1,8] [--tokens 64] [--repeats 5]
       [--json benchmarks/decode_roofline.json]
   # quick: --models transformer-512x2048x6 --batches 1 --weights f32
 
@@ -94,18 +99,20 @@ def build(kind: str, d_model: int, d_ff: int, n_layers: int, mode: str):
   return tm.TerraformerLM(**size)
 
 
-def measure_bandwidth() -> float:
-  """Bytes/s of the best of 10 jitted sums over 256 MiB of float32."""
+def bandwidth_probe():
+  """A function returning the bytes/s of the best of `n` jitted sums over 256 MiB of float32."""
   x = jnp.ones((BANDWIDTH_BYTES // 4,), jnp.float32)
   total = jax.jit(lambda x: x.sum())
   total(x).block_until_ready()
-  best = float('inf')
-  for _ in range(10):
-    start = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  del x
-  return BANDWIDTH_BYTES / best
+
+  def measure(n: int = 3) -> float:
+    best = float('inf')
+    for _ in range(n):
+      start = time.perf_counter()
+      total(x).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BYTES / best
+  return measure
 
 
 def nbytes(tree) -> int:
@@ -146,8 +153,12 @@ def split(model, params):
   return params if split_weights is None else split_weights(model, params)
 
 
-def time_decoding(model, params, context, batch: int, tokens: int, repeats: int):
-  """(first call s, median s) of greedy decoding `tokens` tokens after a 1-token prompt."""
+def time_decoding(model, params, context, batch: int, tokens: int, repeats: int,
+                  measure_bandwidth):
+  """(first call s, [(bandwidth B/s, call s)] per round) of greedy decoding `tokens` tokens.
+
+  Each round measures the bandwidth just before its call, so both see the same load.
+  """
   prompt = jnp.ones((batch, 1), jnp.int32)
 
   def run():
@@ -158,12 +169,13 @@ def time_decoding(model, params, context, batch: int, tokens: int, repeats: int)
   start = time.perf_counter()
   run()
   first = time.perf_counter() - start
-  times = []
+  rounds = []
   for _ in range(repeats):
+    bandwidth = measure_bandwidth()
     start = time.perf_counter()
     run()
-    times.append(time.perf_counter() - start)
-  return first, statistics.median(times)
+    rounds.append((bandwidth, time.perf_counter() - start))
+  return first, rounds
 
 
 def main():
@@ -172,7 +184,7 @@ def main():
   parser.add_argument('--weights', default='f32,bf16,int8')
   parser.add_argument('--batches', default='1,8')
   parser.add_argument('--tokens', type=int, default=64)
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--json', default=os.path.join(HERE, 'decode_roofline.json'))
   parser.add_argument('--no-split', dest='split', action='store_false',
                       help='pass the parameters as they are (split inside every call)')
@@ -184,12 +196,14 @@ def main():
       raise SystemExit(f'--weights: {w!r} is not one of f32, bf16, int8.')
   batches = [int(b) for b in args.batches.split(',') if b]
   print(f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs; greedy, '
-        f'prompt 1, {args.tokens} new tokens, max_len {MAX_LEN}, median of {args.repeats}',
+        f'prompt 1, {args.tokens} new tokens, max_len {MAX_LEN}, median of {args.repeats} rounds '
+        '(bandwidth, then a call)',
         flush=True)
   print('| model | weights | batch | param MB | read MB | GB/s | ms/token | floor ms | share '
         '| read floor ms | share of read floor | first call s |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
   rows = []
+  measure_bandwidth = bandwidth_probe()
   for kind, d_model, d_ff, n_layers in models:
     name = f'{kind}-{d_model}x{d_ff}x{n_layers}'
     model = build(kind, d_model, d_ff, n_layers, 'predict')
@@ -203,21 +217,25 @@ def main():
         continue
       decode_params = split(model, params) if args.split else params
       for batch in batches:
-        bandwidth = measure_bandwidth()
-        first, median = time_decoding(model, decode_params, context, batch, args.tokens,
-                                      args.repeats)
-        ms = median / args.tokens * 1e3
+        first, rounds = time_decoding(model, decode_params, context, batch, args.tokens,
+                                      args.repeats, measure_bandwidth)
         param_bytes, read = nbytes(params), bytes_read(params, batch, block)
+        bandwidth = statistics.median(bw for bw, _ in rounds)
+        ms = statistics.median(t for _, t in rounds) / args.tokens * 1e3
         floor, read_floor = param_bytes / bandwidth * 1e3, read / bandwidth * 1e3
+        share = statistics.median(param_bytes / bw / (t / args.tokens) for bw, t in rounds)
+        read_share = statistics.median(read / bw / (t / args.tokens) for bw, t in rounds)
         row = dict(model=name, weights=weights, batch=batch, param_bytes=param_bytes,
                    bytes_read=read, bandwidth_gb_s=bandwidth / 1e9, ms_per_token=ms,
-                   floor_ms=floor, share=floor / ms, read_floor_ms=read_floor,
-                   read_share=read_floor / ms, first_call_s=first, tokens=args.tokens,
-                   split_weights=args.split)
+                   floor_ms=floor, share=share, read_floor_ms=read_floor,
+                   read_share=read_share, first_call_s=first, tokens=args.tokens,
+                   split_weights=args.split,
+                   rounds=[dict(bandwidth_gb_s=bw / 1e9, ms_per_token=t / args.tokens * 1e3)
+                           for bw, t in rounds])
         rows.append(row)
         print(f'| {name} | {weights} | {batch} | {param_bytes / 1e6:.1f} | {read / 1e6:.1f} | '
-              f'{bandwidth / 1e9:.1f} | {ms:.2f} | {floor:.2f} | {floor / ms:.0%} | '
-              f'{read_floor:.2f} | {read_floor / ms:.0%} | {first:.1f} |', flush=True)
+              f'{bandwidth / 1e9:.1f} | {ms:.2f} | {floor:.2f} | {share:.0%} | '
+              f'{read_floor:.2f} | {read_share:.0%} | {first:.1f} |', flush=True)
       del params, decode_params
   with open(args.json, 'w') as f:
     json.dump(dict(jax=jax.__version__, cpus=os.cpu_count(), max_len=MAX_LEN, vocab=VOCAB,
