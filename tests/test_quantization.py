@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from flax import traverse_util
 
 import terraflax.layers as tl
 import terraflax.models as tm
@@ -135,7 +136,27 @@ class LowPrecisionDecodingTest(parameterized.TestCase):
     self.assertLess(float(jnp.abs(full - reference).max()), 0.05 * float(jnp.abs(reference).max()))
     self.assertGreater(float(jnp.abs(full - reference).max()), 0.0)
 
-  @parameterized.parameters((tm.ReformerLM, 'bf16'), (tm.TerraformerLM, 'int8'))
+  def test_bf16_casts_only_the_weights_read_as_stored(self):
+    size = dict(LM_WIDE, max_len=128, d_ff=64)
+    predict = tm.TerraformerLM(mode='predict', **size)
+    params = tm.TerraformerLM(mode='eval', **size).init(KEY, self.x[:1])['params']
+    layers = qz.find_quantizable(predict, jnp.zeros((1, 1), jnp.int32))
+    for embeddings in (True, False):
+      _, cast = qz.prepare_for_decoding(predict, params, weights='bf16', embeddings=embeddings)
+      flat = {'/'.join(k): v.dtype for k, v in traverse_util.flatten_dict(cast).items()}
+      low = {name for name, dtype in flat.items() if dtype == jnp.bfloat16}
+      want = {'/'.join(path) + ('/kernel' if kind == qz.DENSE else '/embedding')
+              for path, kind in layers.items() if embeddings or kind == qz.DENSE}
+      self.assertEqual(low, want)
+      self.assertTrue(any(name.endswith('/kernel') for name in low))
+      # SparseFF's units, sparse QKV's convolutions and stacked norm scales stay float32.
+      for name in ('kernel_in', 'kernel_out', 'query_conv/kernel', 'LayerNorm_0/scale'):
+        matching = [n for n in flat if n.endswith(name)]
+        self.assertNotEqual(matching, [], name)
+        self.assertTrue(all(flat[n] == jnp.float32 for n in matching), name)
+
+  @parameterized.parameters((tm.ReformerLM, 'bf16'), (tm.TerraformerLM, 'int8'),
+                            (tm.TerraformerLM, 'bf16'))
   def test_other_lms_decode_as_they_evaluate(self, make, weights):
     # LSH's predict memory holds its chunk neighbourhood; SparseFF blocks of 32 units.
     size = dict(LM_WIDE, max_len=128, d_ff=64)
