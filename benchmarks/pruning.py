@@ -15,8 +15,8 @@
      smaller model.
 2. Evaluates each on the same evaluation batches (eval/loss, eval/bits_per_byte).
 3. Times batch-1 greedy decoding of the dense and the structurally pruned
-   models (`decoding.autoregressive_sample`, compiled once, best of 10 rounds
-   that interleave the models) and compares the speed-up with the parameter
+   models (`decoding.autoregressive_sample` on `decoding.split_weights`,
+   compiled once, best of 10 rounds that interleave the models) and compares the speed-up with the parameter
    ratio.
 4. Weight-bound decoding (--wide, default 1024x4096x6): the same model widened
    until its batch-1 decoding reads weights rather than paying fixed per-token
@@ -97,6 +97,8 @@ def decoder(workdir, n_tokens):
   """A function running greedy batch-1 decoding of `n_tokens` with a workdir's model."""
   _, spec, params = spec_lib.load_workdir(workdir)
   model = spec.build('predict')
+  # Split once, as a caller decoding many times would (benchmarks/decode_roofline.py too).
+  params = decoding.split_weights(model, params)
   prompt = jnp.array([[ord('d'), ord('e'), ord('f')]], jnp.int32)
 
   def run():

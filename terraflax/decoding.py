@@ -67,7 +67,7 @@ def _check_prompt(prompt, prompt_lengths, batch_size, inputs):
     raise ValueError(f'prompt must be an int array (b, lp), got {prompt.dtype}{tuple(prompt.shape)}.')
   b, lp = prompt.shape
   if prompt_lengths is None:
-    lengths = jnp.full((b,), lp, jnp.int32)
+    lengths = np.full((b,), lp, np.int32)  # A host array: no eager device op per call.
   else:
     lengths = jnp.asarray(prompt_lengths, jnp.int32)
     if lengths.shape != (b,):
@@ -81,7 +81,7 @@ def _check_prompt(prompt, prompt_lengths, batch_size, inputs):
                        f'{values.tolist()}.')
   if inputs is not None and np.shape(inputs)[0] != b:
     raise ValueError(f'inputs have batch {np.shape(inputs)[0]} but the prompt has batch {b}.')
-  return prompt.astype(jnp.int32), lengths
+  return (prompt if prompt.dtype == jnp.int32 else prompt.astype(jnp.int32)), lengths
 
 
 def _check_new_tokens(max_new_tokens):
@@ -385,8 +385,14 @@ def _check_sampling(temperature, top_k, top_p, rng):
   if rng is None:
     if temperature > 0:
       raise ValueError('Sampling with temperature > 0 needs rng= (a jax.random key).')
-    rng = jax.random.key(0)
+    rng = _greedy_key()
   return rng
+
+
+@functools.cache
+def _greedy_key():
+  """The key greedy decoding passes (unused by argmax): made once, not per call."""
+  return jax.random.key(0)
 
 
 def autoregressive_sample(model, params, prompt=None, max_new_tokens: int = 1, *,
