@@ -246,9 +246,11 @@ struct StreamedProduct {
   int64_t ldo;
 };
 
-// Below this many weight bytes in all, one thread streams everything (a
-// hand-off to a second thread costs more than it saves).
-constexpr int64_t kMinStreamParallelBytes = int64_t(1) << 18;
+// Below this many weight bytes in all, one thread streams everything: a
+// hand-off to a second thread costs more than it saves, and far more when the
+// other core is busy (a 0.4 MB model's batch-1 decoding on the loaded 2-core
+// machine: 80 us per token with 256 KiB products split, 39 us without).
+constexpr int64_t kMinStreamParallelBytes = int64_t(1) << 20;
 
 // Every product's out += x w for m rows, the weights streamed once over the
 // threads: part p of P reads rows [k p / P, k (p + 1) / P) of each w, in

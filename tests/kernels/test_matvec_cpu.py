@@ -8,6 +8,7 @@ split between threads (each thread's partial sums added at the end).
 
 import os
 import shutil
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -73,15 +74,20 @@ class KernelTest(parameterized.TestCase):
                                   jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
     cache = decoding.init_cache(model, 1)
     tokens = jnp.array([3], jnp.int32)
-    step = jax.jit(lambda p, c, t: decoding.decode_step(model, p, c, t))
-    hlo = step.lower(params, cache, tokens).compile().as_text()
+    # Products this small stay XLA dots (their weights are under _STREAM_MIN_BYTES)...
+    default = jax.jit(lambda p, c, t: decoding.decode_step(model, p, c, t))
+    self.assertNotIn(matvec_cpu.TARGET, default.lower(params, cache, tokens).as_text())
+    # ...and stream once the threshold is below them.
+    with mock.patch.object(decoding, '_STREAM_MIN_BYTES', 32 * 32 * 4):
+      step = jax.jit(lambda p, c, t: decoding.decode_step(model, p, c, t))
+      hlo = step.lower(params, cache, tokens).compile().as_text()
+      got, got_cache = step(params, cache, tokens)
     # One call per layer for query/key/value, one for the output projection, one for the head.
     self.assertEqual(hlo.count(f'custom_call_target="{matvec_cpu.TARGET}"'), 2 * 2 + 1)
     with kernels.xla_only():
       plain = jax.jit(lambda p, c, t: decoding.decode_step(model, p, c, t))
       self.assertNotIn(matvec_cpu.TARGET, plain.lower(params, cache, tokens).as_text())
       want, want_cache = plain(params, cache, tokens)
-    got, got_cache = step(params, cache, tokens)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
     for a, b in zip(jax.tree_util.tree_leaves(got_cache), jax.tree_util.tree_leaves(want_cache)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
