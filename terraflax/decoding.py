@@ -679,6 +679,8 @@ def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level
       raise DecodingError('--inputs is empty: a seq2seq model needs at least one input token.')
     encoder_ids = jnp.asarray(encoder_ids[None, :])
   params = jax.device_put(params, jax.devices()[0])
+  if not isinstance(params, SplitWeights):  # The loop reads weights passed in faster.
+    params = split_weights(model, params, inputs=encoder_ids)
   tokens = autoregressive_sample(
       model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, rng=jax.random.key(seed), inputs=encoder_ids)
