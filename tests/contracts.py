@@ -149,29 +149,34 @@ def assert_packed_equals_unpacked(packed_fn, alone_fn, params, documents, length
     assert float(jnp.max(jnp.abs(pad_grad), initial=0.0)) == 0.0, 'padding got a gradient'
 
 
+def traced(f, *args):
+  """(jaxpr text, constants as numpy) of f(*args): two functions with equal `traced` compute
+  the same (`same_traced`). Tracing only, no compile; args may be ShapeDtypeStructs."""
+  closed = jax.make_jaxpr(f)(*args)
+  consts = [jax.random.key_data(c) if jnp.issubdtype(getattr(c, 'dtype', None),
+                                                       jax.dtypes.prng_key) else c
+            for c in closed.consts]
+  return str(closed.jaxpr), [np.asarray(c) for c in consts]
+
+
+def same_traced(a, b):
+  """Whether two lists of `traced` programs are equal, jaxpr text and constants."""
+  return len(a) == len(b) and all(
+      ta == tb and len(ca) == len(cb) and all(
+          u.shape == v.shape and u.dtype == v.dtype and np.array_equal(u, v)
+          for u, v in zip(ca, cb)) for (ta, ca), (tb, cb) in zip(a, b))
+
+
 def repeats_a_checked_mode(seen, init, packed_fn, alone_fn, documents, length):
   """Whether this mode's programs (init, the packed row, each document alone) are exactly,
   constants included, those of a mode already checked: then its check would repeat that one's
   (e.g. 'train' with every dropout rate 0 is 'eval'), so it need not compile again. Tracing
   only; appends this mode's programs to `seen` otherwise."""
-  def program(f, *args):
-    closed = jax.make_jaxpr(f)(*args)
-    consts = [jax.random.key_data(c) if jnp.issubdtype(getattr(c, 'dtype', None),
-                                                         jax.dtypes.prng_key) else c
-              for c in closed.consts]
-    return str(closed.jaxpr), [np.asarray(c) for c in consts]
-
   params = jax.eval_shape(init)
   x, segment_ids, positions = pack_documents(documents, length)
-  programs = [program(init), program(packed_fn, params, x, segment_ids, positions)]
-  programs += [program(alone_fn, params, doc[None]) for doc in documents]
-
-  def same(a, b):
-    return all(ta == tb and len(ca) == len(cb) and all(
-        u.shape == v.shape and u.dtype == v.dtype and np.array_equal(u, v)
-        for u, v in zip(ca, cb)) for (ta, ca), (tb, cb) in zip(a, b))
-
-  if any(same(programs, other) for other in seen):
+  programs = [traced(init), traced(packed_fn, params, x, segment_ids, positions)]
+  programs += [traced(alone_fn, params, doc[None]) for doc in documents]
+  if any(same_traced(programs, other) for other in seen):
     return True
   seen.append(programs)
   return False
