@@ -173,14 +173,14 @@ class SplitLmHeadTest(absltest.TestCase):
     model = tm.ReformerLM(**dict(SMALL, dropout=0.1), n_layers=2,
                           attention=LSH(n_hashes=2, chunk_len=4))
     tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 11)
-    params = model.init(RNGS, tokens)['params']
+    params = jax.jit(model.init)(RNGS, tokens)['params']  # Jitted: op by op is slower.
     body, head = split_lm_head(model)
     self.assertEqual([type(layer).__name__ for layer in head.layers][:2], ['Fn', 'LayerNorm'])
-    hidden = body.apply({'params': params}, tokens, rngs=RNGS)
+    hidden = jax.jit(lambda p: body.apply({'params': p}, tokens, rngs=RNGS))(params)
     self.assertLen(hidden, 2)  # the two residual streams
-    got = head.apply({'params': params}, *hidden, rngs=RNGS)
-    np.testing.assert_allclose(got, model.apply({'params': params}, tokens, rngs=RNGS),
-                               rtol=1e-6, atol=1e-6)
+    got = jax.jit(lambda p, h: head.apply({'params': p}, *h, rngs=RNGS))(params, hidden)
+    want = jax.jit(lambda p: model.apply({'params': p}, tokens, rngs=RNGS))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
   def test_no_head_without_a_final_dense(self):
     model = tm.ReformerLM(**SMALL, n_layers=2, attention=LSH(n_hashes=2, chunk_len=4))
