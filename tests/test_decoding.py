@@ -184,9 +184,11 @@ class LoopLayoutTest(absltest.TestCase):
     prompt = jnp.array([[5, 1, 6]], jnp.int32)
     tokens = decoding.autoregressive_sample(model, params, prompt, 4, temperature=0.0)
     sequence = list(np.asarray(prompt[0]))
-    for _ in range(4):
-      logits = eval_model.apply({'params': params}, jnp.asarray([sequence], jnp.int32))
-      sequence.append(int(jnp.argmax(logits[0, -1])))
+    evaluate = jax.jit(lambda x: eval_model.apply({'params': params}, x))  # One compile:
+    for _ in range(4):  # the row is right-padded to 7, which a causal LM's position n - 1 ignores.
+      n = len(sequence)
+      logits = evaluate(jnp.asarray([sequence + [0] * (7 - n)], jnp.int32))
+      sequence.append(int(jnp.argmax(logits[0, n - 1])))
     self.assertEqual(np.asarray(tokens[0]).tolist(), sequence[3:])
 
 

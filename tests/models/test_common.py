@@ -14,6 +14,7 @@ import terraflax.models as tm
 from terraflax.models import attention
 from terraflax.models.attention import LSH, Full, Local, SparseQKV
 from terraflax.models.common import split_lm_head
+from tests import contracts
 
 RNGS = {'params': jax.random.key(0), 'hash': jax.random.key(1), 'sparse': jax.random.key(2),
         'dropout': jax.random.key(3)}
@@ -68,6 +69,33 @@ def params_and_logits(model, x, rngs=None):
   return variables['params'], logits
 
 
+def assert_same_model(test, model, reference, x, rngs=None):
+  """`model` gives `reference`'s parameters (paths, shapes, values) and logits.
+
+  When both trace to the same init and apply programs (jaxpr and constants) with the same
+  parameter tree, they compute the same by construction and nothing is compiled; otherwise
+  both are run and compared.
+  """
+  inputs = (x, x) if model_is_seq2seq(model) else (x,)
+  rngs = {'hash': RNGS['hash']} if rngs is None else rngs
+
+  def programs(m):
+    init = lambda: m.init(RNGS, *inputs)
+    variables = jax.eval_shape(init)
+    return ([contracts.traced(init),
+             contracts.traced(lambda v: m.apply(v, *inputs, rngs=rngs), variables)],
+            jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), variables))
+
+  (got, got_shapes), (want, want_shapes) = programs(model), programs(reference)
+  test.assertEqual(got_shapes, want_shapes)  # Same paths, same shapes.
+  if contracts.same_traced(got, want):
+    return
+  got_params, got_logits = params_and_logits(model, x, rngs)
+  want_params, want_logits = params_and_logits(reference, x, rngs)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got_params, want_params)
+  np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
+
+
 def model_is_seq2seq(model):
   return model.n_in == 2
 
@@ -79,21 +107,16 @@ class DeprecatedArgumentsTest(parameterized.TestCase):
     with self.assertWarns(DeprecationWarning):
       upgraded = factory.upgrade_kwargs(old)  # What the config code does with config.json.
     x = jnp.asarray(np.random.default_rng(0).integers(1, 11, (2, 8)), jnp.int32)
-    old_params, old_logits = params_and_logits(factory(mode='eval', **upgraded), x)
-    new_params, new_logits = params_and_logits(factory(mode='eval', **new), x)
-    shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), tree)
-    self.assertEqual(shapes(old_params), shapes(new_params))  # Same paths, same shapes.
-    jax.tree_util.tree_map(np.testing.assert_array_equal, old_params, new_params)
-    np.testing.assert_array_equal(np.asarray(old_logits), np.asarray(new_logits))
+    assert_same_model(self, factory(mode='eval', **upgraded), factory(mode='eval', **new), x)
     # Calling the factory with the old names directly works the same way.
     with self.assertWarns(DeprecationWarning):
-      _, direct = params_and_logits(factory(mode='eval', **old), x)
-    np.testing.assert_array_equal(np.asarray(direct), np.asarray(new_logits))
+      direct = factory(mode='eval', **old)
+    assert_same_model(self, direct, factory(mode='eval', **new), x)
     if 'attention_dropout' in old:  # 'train' mode: the same rate where the old one acted.
       train_rngs = {'hash': RNGS['hash'], 'dropout': RNGS['dropout']}
-      _, old_train = params_and_logits(factory(mode='train', **upgraded), x, train_rngs)
+      assert_same_model(self, factory(mode='train', **upgraded), factory(mode='train', **new),
+                        x, train_rngs)
       _, new_train = params_and_logits(factory(mode='train', **new), x, train_rngs)
-      np.testing.assert_array_equal(np.asarray(old_train), np.asarray(new_train))
       # Control: without the rate (specs' dropout None, the default 0) the logits differ.
       plain = {k: attention.replace_all(v, dropout=None) if k.endswith('attention') else v
                for k, v in new.items()}
@@ -150,14 +173,14 @@ class SplitLmHeadTest(absltest.TestCase):
     model = tm.ReformerLM(**dict(SMALL, dropout=0.1), n_layers=2,
                           attention=LSH(n_hashes=2, chunk_len=4))
     tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 11)
-    params = model.init(RNGS, tokens)['params']
+    params = jax.jit(model.init)(RNGS, tokens)['params']  # Jitted: op by op is slower.
     body, head = split_lm_head(model)
     self.assertEqual([type(layer).__name__ for layer in head.layers][:2], ['Fn', 'LayerNorm'])
-    hidden = body.apply({'params': params}, tokens, rngs=RNGS)
+    hidden = jax.jit(lambda p: body.apply({'params': p}, tokens, rngs=RNGS))(params)
     self.assertLen(hidden, 2)  # the two residual streams
-    got = head.apply({'params': params}, *hidden, rngs=RNGS)
-    np.testing.assert_allclose(got, model.apply({'params': params}, tokens, rngs=RNGS),
-                               rtol=1e-6, atol=1e-6)
+    got = jax.jit(lambda p, h: head.apply({'params': p}, *h, rngs=RNGS))(params, hidden)
+    want = jax.jit(lambda p: model.apply({'params': p}, tokens, rngs=RNGS))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
   def test_no_head_without_a_final_dense(self):
     model = tm.ReformerLM(**SMALL, n_layers=2, attention=LSH(n_hashes=2, chunk_len=4))

@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
+from terraflax import decoding
+from terraflax import quantization
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.models import attention, convert, convert_trax
+from terraflax.models import spec as spec_lib
 from terraflax.models.reformer import ReformerLM
 from terraflax.models.terraformer import TerraformerLM
 from terraflax.models.transformer import TransformerLM
@@ -220,18 +223,26 @@ class CommandLineTest(absltest.TestCase):
         self.check_greedy_ids(name, 'TransformerLM')
 
   def check_greedy_ids(self, name, terraflax_model='TerraformerLM'):
+    """The conversion and decoding the two commands run (convert.main's from_trax +
+    write_workdir, decoding.main's load_workdir + generate_text), in this process: the other
+    tests here run the commands themselves, and two subprocesses per fixture only added their
+    start-up."""
     path, arrays = fixture(name)
     prompt, greedy = arrays['prompt'].tolist(), arrays['greedy_ids'].tolist()
     with tempfile.TemporaryDirectory() as tmp:
       workdir = os.path.join(tmp, 'wd')
-      result = run_module('terraflax.models.convert', f'--from_trax={path}', f'--to={workdir}')
-      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-      self.assertIn(f'terraflax {terraflax_model}', result.stdout)
-      result = run_module('terraflax.decoding', f'--workdir={workdir}',
-                   f'--prompt={" ".join(map(str, prompt))}', f'--max_new_tokens={len(greedy)}',
-                   '--temperature=0')
-      self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    tokens = [int(t) for t in result.stdout.strip().splitlines()[-1].split()]
+      model_config, params = convert.from_trax(path)
+      model_name = model_config.pop('name')
+      self.assertEqual(model_name, terraflax_model)
+      convert.write_workdir(workdir, model_config, params, name=model_name, source='Trax')
+      config, spec, params = spec_lib.load_workdir(workdir)
+      model = spec.build('predict')
+      context, params = quantization.prepare_for_decoding(model, params, weights='f32')
+      with context:
+        text = decoding.generate_text(
+            model, params, ' '.join(map(str, prompt)), max_new_tokens=len(greedy),
+            tokenizer=decoding.workdir_tokenizer(workdir, config), temperature=0.0)
+    tokens = [int(t) for t in text.split()]
     self.assertEqual(tokens, prompt + greedy)
 
   def test_lsh_reformer_converts_with_one_command(self):

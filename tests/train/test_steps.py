@@ -87,7 +87,7 @@ class ChunkedLossStepTest(absltest.TestCase):
       if packed:
         batch.update(segment_ids=seg, positions=pos)
       inputs = (tokens, seg, pos) if packed else (tokens,)
-      params = model.init(rng_lib.stream_keys(jax.random.key(1)), *inputs)['params']
+      params = jax.jit(model.init)(rng_lib.stream_keys(jax.random.key(1)), *inputs)['params']
       tx = optax.sgd(1.0)  # The update is the gradient itself.
       state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                    opt_state=tx.init(params),
