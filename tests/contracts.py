@@ -175,6 +175,35 @@ def same_traced(a, b):
           for u, v in zip(ca, cb)) for (ta, ca), (tb, cb) in zip(a, b))
 
 
+def assert_seq2seq_packed_equals_unpacked(make, length, rngs, *, atol=5e-5):
+  """An encoder-decoder `make(packed, mode)` on packed rows == each (input, target) pair alone.
+
+  Two pairs (inputs of 6 and 3 tokens, targets of 4 and 7) packed into rows of `length`; target
+  document i reads input document i. Loss and gradients (`assert_packed_equals_unpacked`) in
+  'train' and 'eval' (a mode whose programs repeat a checked one's is not compiled again).
+  """
+  rng = np.random.default_rng(9)
+  inputs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (6, 3)]
+  targets = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (4, 7)]
+  x, x_seg, x_pos = pack_documents(inputs, length)
+  seen = []
+  for mode in ('train', 'eval'):
+    alone, packed = make(False, mode), make(True, mode)
+
+    def alone_fn(p, y, alone=alone):
+      source = inputs[0] if y.shape[1] == targets[0].shape[0] else inputs[1]
+      return alone.apply({'params': p}, source[None], y, rngs=rngs)
+
+    packed_fn = lambda p, y, seg, pos, packed=packed: packed.apply(
+        {'params': p}, x, x_seg, x_pos, y, seg, pos, rngs=rngs)
+    init = lambda alone=alone: alone.init({'params': jax.random.key(0), **rngs},
+                                          inputs[0][None], targets[0][None])['params']
+    if repeats_a_checked_mode(seen, init, packed_fn, alone_fn, targets, length):
+      continue
+    assert_packed_equals_unpacked(packed_fn, alone_fn, jax.jit(init)(), targets, length,
+                                  atol=atol)
+
+
 def repeats_a_checked_mode(seen, init, packed_fn, alone_fn, documents, length):
   """Whether this mode's programs (init, the packed row, each document alone) are exactly,
   constants included, those of a mode already checked: then its check would repeat that one's

@@ -321,30 +321,11 @@ class PackedTransformerTest(parameterized.TestCase):
   """Encoder-decoder on packed rows: target document s reads input document s, as if alone."""
 
   def test_packed_equals_unpacked(self):
-    rng = np.random.default_rng(9)
-    inputs = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (6, 3)]
-    targets = [jnp.asarray(rng.integers(1, 11, size=(n,)), jnp.int32) for n in (4, 7)]
-    x, x_seg, x_pos = contracts.pack_documents(inputs, 12)
-    rngs = {'dropout': jax.random.key(3)}
-    seen = []
-    for mode in ('train', 'eval'):
-      make = lambda packed, mode=mode: tm.Transformer(
-          vocab_size=11, d_model=16, d_ff=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16,
-          attention=Full(query_chunk_len=4), mode=mode, packed=packed)
-      alone, packed = make(False), make(True)
-
-      def alone_fn(p, y, alone=alone):  # Target document i reads input document i.
-        source = inputs[0] if y.shape[1] == 4 else inputs[1]
-        return alone.apply({'params': p}, source[None], y, rngs=rngs)
-
-      packed_fn = lambda p, y, seg, pos, packed=packed: packed.apply(
-          {'params': p}, x, x_seg, x_pos, y, seg, pos, rngs=rngs)
-      init = lambda alone=alone: alone.init({'params': jax.random.key(0), **rngs},
-                                            inputs[0][None], targets[0][None])['params']
-      if contracts.repeats_a_checked_mode(seen, init, packed_fn, alone_fn, targets, 12):
-        continue  # This mode's programs are exactly a checked mode's.
-      contracts.assert_packed_equals_unpacked(packed_fn, alone_fn, jax.jit(init)(), targets, 12,
-                                              atol=5e-5)
+    contracts.assert_seq2seq_packed_equals_unpacked(
+        lambda packed, mode: tm.Transformer(
+            vocab_size=11, d_model=16, d_ff=16, n_layers=1, n_heads=2, dropout=0.0, max_len=16,
+            attention=Full(query_chunk_len=4), mode=mode, packed=packed),
+        12, {'dropout': jax.random.key(3)})
 
 
 if __name__ == '__main__':
