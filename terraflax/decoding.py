@@ -679,7 +679,8 @@ def generate_text(model, params, prompt: str, *, max_new_tokens: int, byte_level
       raise DecodingError('--inputs is empty: a seq2seq model needs at least one input token.')
     encoder_ids = jnp.asarray(encoder_ids[None, :])
   params = jax.device_put(params, jax.devices()[0])
-  if not isinstance(params, SplitWeights):  # The loop reads weights passed in faster.
+  # The loop reads weights passed in faster than copies made inside its call.
+  if not isinstance(params, SplitWeights) and jax.tree_util.tree_leaves(params):
     params = split_weights(model, params, inputs=encoder_ids)
   tokens = autoregressive_sample(
       model, params, jnp.asarray(ids[None, :]), max_new_tokens, temperature=temperature,
