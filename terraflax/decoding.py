@@ -132,8 +132,8 @@ def _init(model, batch_size, inputs, rng):
 # layers with at most `_STREAM_ROWS` rows and at least `_STREAM_MIN_BYTES` of
 # weights run on the native streaming product (`terraflax.kernels.matvec_cpu`:
 # each thread reads a contiguous part of the matrix in memory order; XLA:CPU's
-# dot read them at ~60% of the bandwidth), and a `CausalAttention`'s query, key and value projections run
-# as one call. Off the CPU, under `kernels.xla_only()`, with several devices,
+# dot read them at ~60% of the bandwidth), and a `CausalAttention`'s query,
+# key and value projections run as one call. Off the CPU, under `kernels.xla_only()`, with several devices,
 # or for other dtypes and widths, the layers run as they are.
 
 # Rows up to which a step's Dense layers stream: at 8 rows (batch 8) XLA's blocked dot was
