@@ -133,8 +133,9 @@ def _init(model, batch_size, inputs, rng):
 # weights run on the native streaming product (`terraflax.kernels.matvec_cpu`:
 # each thread reads a contiguous part of the matrix in memory order; XLA:CPU's
 # dot read them at ~60% of the bandwidth), and a `CausalAttention`'s query,
-# key and value projections run as one call. Off the CPU, under `kernels.xla_only()`, with several devices,
-# or for other dtypes and widths, the layers run as they are.
+# key and value projections run as one call. Off the CPU, under
+# `kernels.xla_only()`, with several devices, or for other dtypes and widths,
+# the layers run as they are.
 
 # Rows up to which a step's Dense layers stream: at 8 rows (batch 8) XLA's blocked dot was
 # ~10% faster over a whole decode (d_model 512), at 4 rows and below the streaming product.
