@@ -216,8 +216,9 @@ def decode_step(model, params, cache, tokens, inputs=None, rng=None):
 
   `cache` from `init_cache` (or the previous step); `inputs` a seq2seq
   model's encoder inputs; `rng` a key for layers that draw randomness in
-  predict mode (default key 0). Float32 weight products of up to 4 rows
-  stream the weights natively on the CPU (see above).
+  predict mode (default key 0). Float32 weight products of up to 4 rows and
+  at least `_STREAM_MIN_BYTES` (512 KiB) of weights stream the weights
+  natively on the CPU; smaller ones stay XLA dots (see above).
   """
   rng = jax.random.key(0) if rng is None else rng
   with nn.intercept_methods(_streaming_interceptor):
