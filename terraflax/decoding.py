@@ -435,7 +435,7 @@ def autoregressive_sample(model, params, prompt=None, max_new_tokens: int = 1, *
                      pad_id=int(pad_id))
 
 
-@functools.partial(compiler.jit, static_argnames=(
+@functools.partial(compiler.jit, decoding=True, static_argnames=(
     'model', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_id', 'pad_id'))
 def _sample_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, temperature,
                 top_k, top_p, eos_id, pad_id):
@@ -562,7 +562,7 @@ def beam_search(model, params, prompt=None, max_new_tokens: int = 1, *, beam_siz
                    axes=axes)
 
 
-@functools.partial(compiler.jit, static_argnames=(
+@functools.partial(compiler.jit, decoding=True, static_argnames=(
     'model', 'max_new_tokens', 'beam_size', 'alpha', 'eos_id', 'pad_id', 'axes'))
 def _beam_jit(model, params, prompt, lengths, inputs, rng, *, max_new_tokens, beam_size, alpha,
               eos_id, pad_id, axes):

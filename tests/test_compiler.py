@@ -19,6 +19,19 @@ class CompilerOptionsTest(absltest.TestCase):
     self.assertEqual(compiler.options('cpu'), compiler.CPU_OPTIONS)
     self.assertEqual(compiler.options('gpu'), {})
 
+  def test_decoding_options_keep_reductions_whole(self):
+    self.assertEqual(compiler.options('cpu', decoding=True),
+                     {**compiler.CPU_OPTIONS, **compiler.DECODING_CPU_OPTIONS})
+    self.assertEqual(compiler.options('gpu', decoding=True), {})
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 4096)), jnp.float32)
+    lowered = jax.jit(lambda x: jnp.sum(x, axis=-1)).lower(x)
+    split = lowered.compile(compiler_options=compiler.options('cpu'))
+    whole = lowered.compile(compiler_options=compiler.options('cpu', decoding=True))
+    self.assertIn('reduce-window', split.as_text())  # The pass these options disable.
+    self.assertNotIn('reduce-window', whole.as_text())
+    want = np.sum(np.asarray(x, np.float64))
+    np.testing.assert_allclose(whole(x), [want], rtol=1e-6)
+
   def test_an_unknown_option_is_dropped_not_fatal(self):
     good = dict(compiler.CPU_OPTIONS)
     compiler._accepted.cache_clear()  # pylint: disable=protected-access

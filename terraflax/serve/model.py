@@ -287,7 +287,7 @@ class DecodeStep:
       eos = -1 if served.eos_id is None else int(served.eos_id)
       self._jitted = compiler.jit(functools.partial(
           _steps, plain_model=plain_model, prefix_model=served.prefix_model, n_steps=self.steps,
-          eos_id=eos, slot_axes=self.slot_axes), donate_argnums=(2,))
+          eos_id=eos, slot_axes=self.slot_axes), decoding=True, donate_argnums=(2,))
     return self._jitted(self.served.base_params, self.served.stacked, cache, self.init_cache,
                         {k: jnp.asarray(v) for k, v in batch.items()})
 
