@@ -197,7 +197,7 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 def _sample_row(logits, key, temperature, top_k, top_p):
   neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
-  greedy = jnp.argmax(logits).astype(jnp.int32)
+  greedy = decoding.greedy_tokens(logits)
   scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
   ordered = -jnp.sort(-scaled)
   kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k, 1, logits.shape[0]) - 1], neg_inf)
@@ -369,7 +369,7 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
         any_sampling,
         lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
                             batch['top_p']),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        lambda: decoding.greedy_tokens(logits))
     in_prompt = positions < prompt_len
     forced = jnp.take_along_axis(
         prompt, jnp.clip(positions, 0, prompt.shape[1] - 1)[:, None], axis=1)[:, 0]
