@@ -1,6 +1,7 @@
 """Decoding with the predict-mode cache against full eval-mode forward passes."""
 
 import itertools
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -78,6 +79,30 @@ class SamplingTest(absltest.TestCase):
     self.assertEqual(got.dtype, jnp.int32)
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     self.assertEqual(got.tolist()[1:5], [0, 7, 49, 0])
+
+  def test_small_query_key_value_products_are_one_dot(self):
+    """A step's float32 q/k/v projections of one row run as one dot on the joined kernels,
+    with the values of three."""
+    s = Setup
+    cache = decoding.init_cache(s.predict_model, 1)
+    tokens = jnp.array([5], jnp.int32)
+
+    def step():
+      """(dots, dots giving q, k and v side by side (1, 1, 3 * d_model), outputs)."""
+      fn = jax.jit(lambda p, c, t: decoding.decode_step(s.predict_model, p, c, t))
+      dots = [line for line in fn.lower(s.params, cache, tokens).as_text().splitlines()
+              if 'dot_general' in line]
+      wide = f'-> tensor<1x1x{3 * LM["d_model"]}xf32>'
+      return len(dots), sum(wide in line for line in dots), fn(s.params, cache, tokens)
+
+    joined, n_joined, (logits, new_cache) = step()
+    with mock.patch.object(decoding, '_one_dot', lambda *args: None):
+      apart, n_apart, (want_logits, want_cache) = step()
+    self.assertGreaterEqual(n_joined, 1)  # One per attention layer traced.
+    self.assertEqual((n_apart, apart - joined), (0, 2 * n_joined))
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-6, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                           new_cache, want_cache)
 
   def test_top_k_one_and_tiny_top_p_are_greedy(self):
     s = Setup
