@@ -390,7 +390,7 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int | None = 
     kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the top token.
     threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
     logits = jnp.where(logits < threshold, _NEG_INF, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return categorical_tokens(rng, logits)
 
 
 def greedy_tokens(logits):
@@ -405,6 +405,12 @@ def greedy_tokens(logits):
   index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
   hits = (logits == largest) | jnp.isnan(logits)  # With a NaN, `largest` is NaN.
   return jnp.min(jnp.where(hits, index, logits.shape[-1] - 1), axis=-1)
+
+
+def categorical_tokens(rng, logits):
+  """`jax.random.categorical(rng, logits, axis=-1)` as int32, the same draws: the argmax of
+  logits plus Gumbel noise, taken by `greedy_tokens`."""
+  return greedy_tokens(jax.random.gumbel(rng, logits.shape, logits.dtype) + logits)
 
 
 def _check_sampling(temperature, top_k, top_p, rng):

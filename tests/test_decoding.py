@@ -80,6 +80,17 @@ class SamplingTest(absltest.TestCase):
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
     self.assertEqual(got.tolist()[1:5], [0, 7, 49, 0])
 
+  def test_categorical_tokens_draw_what_jax_random_categorical_draws(self):
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 50)) * 3, jnp.float32)
+    draw = jax.jit(jax.vmap(decoding.categorical_tokens, in_axes=(0, None)))
+    want = jax.jit(jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1),
+                            in_axes=(0, None)))
+    keys = jax.random.split(jax.random.key(2), 64)
+    got = draw(keys, logits)
+    self.assertEqual((got.shape, got.dtype), ((64, 3), jnp.int32))
+    np.testing.assert_array_equal(got, want(keys, logits))
+    self.assertGreater(len(np.unique(np.asarray(got))), 3)  # Draws, not one argmax.
+
   def test_small_query_key_value_products_are_one_dot(self):
     """A step's float32 q/k/v projections of one row run as one dot on the joined kernels,
     with the values of three."""

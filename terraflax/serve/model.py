@@ -207,7 +207,7 @@ def _sample_row(logits, key, temperature, top_k, top_p):
   kept = jnp.sum(jnp.cumsum(probs) - probs < top_p)
   threshold = ordered[jnp.maximum(kept, 1) - 1]
   scaled = jnp.where((top_p < 1.0) & (scaled < threshold), neg_inf, scaled)
-  sampled = jax.random.categorical(key, scaled[None], axis=-1)[0].astype(jnp.int32)
+  sampled = decoding.categorical_tokens(key, scaled[None])[0]
   return jnp.where(temperature > 0, sampled, greedy)
 
 
