@@ -69,6 +69,20 @@ def lift_to(vector, x):
   return jnp.reshape(vector, (1,) * (x.ndim - 1) + vector.shape)
 
 
+def first_argmax(x):
+  """x (..., n) -> int32 (...): `jnp.argmax(x, axis=-1)`, the first largest entry (or the
+  first NaN).
+
+  Two plain reductions, the maximum and then the first index holding it. XLA:CPU runs
+  jnp.argmax's paired value-and-index reduction slowly: over 32K logits 142 us against 3.5 us
+  for these (in a decoding loop), over (4096, 64, 32) 15 ms against 4.5 ms.
+  """
+  largest = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  hits = (x == largest) | jnp.isnan(x)  # With a NaN, `largest` is NaN.
+  return jnp.min(jnp.where(hits, index, x.shape[-1] - 1), axis=-1)
+
+
 def advance_position(module: nn.Module, length: int):
   """First position of this call: 0, or the `cache` counter in predict mode.
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer
+from terraflax.layers.core import first_argmax
 
 
 def _check(logits, targets, weights):
@@ -33,7 +34,7 @@ def cross_entropy_sum(logits, targets, weights=None):
 def accuracy_sum(logits, targets, weights=None):
   """(sum of weighted [argmax == target], sum of weights)."""
   _check(logits, targets, weights)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (first_argmax(logits) == targets).astype(jnp.float32)
   weights = jnp.ones_like(correct) if weights is None else weights.astype(jnp.float32)
   return jnp.sum(correct * weights), jnp.sum(weights)
 
@@ -99,7 +100,7 @@ def chunked_lm_sums(head, stack, targets, weights=None, *, chunk_len: int,
     _check(logits, t, w)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+    correct = (first_argmax(logits) == t).astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(correct * w), nll
 
   def body(carry, chunk):

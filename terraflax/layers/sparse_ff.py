@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from terraflax.combinators.base import Layer, check_mode
-from terraflax.layers.core import Dense, constrain, dropout, lift_to, param_with_axes
+from terraflax.layers.core import (Dense, constrain, dropout, first_argmax, lift_to,
+                                   param_with_axes)
 
 Initializer = Callable[..., jax.Array]
 
@@ -36,7 +37,7 @@ def block_choices(logits: jax.Array, temperature: float = 0.0,
   """
   if temperature > 0.0 and rng is not None:
     logits = logits + temperature * jax.random.gumbel(rng, logits.shape, logits.dtype)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return first_argmax(logits)
 
 
 def straight_through(choices: jax.Array, probs: jax.Array) -> jax.Array:

@@ -39,6 +39,7 @@ from terraflax import kernels
 from terraflax import rng as rng_lib
 from terraflax import tokenizer as tokenizer_lib
 from terraflax.layers import prefix as prefix_lib
+from terraflax.layers.core import first_argmax
 from terraflax.models import spec as spec_lib
 
 NO_PREFIX = None  # A request's `prefix` when it asks for the base model.
@@ -197,7 +198,7 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 def _sample_row(logits, key, temperature, top_k, top_p):
   neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
-  greedy = decoding.greedy_tokens(logits)
+  greedy = first_argmax(logits)
   scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
   ordered = -jnp.sort(-scaled)
   kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k, 1, logits.shape[0]) - 1], neg_inf)
@@ -369,7 +370,7 @@ def _steps(base_params, stacked, cache, init_cache, batch, *, plain_model, prefi
         any_sampling,
         lambda: sample_rows(logits, sample_keys, batch['temperature'], batch['top_k'],
                             batch['top_p']),
-        lambda: decoding.greedy_tokens(logits))
+        lambda: first_argmax(logits))
     in_prompt = positions < prompt_len
     forced = jnp.take_along_axis(
         prompt, jnp.clip(positions, 0, prompt.shape[1] - 1)[:, None], axis=1)[:, 0]

@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import terraflax.layers as tl
-from terraflax.layers.core import project_heads
+from terraflax.layers.core import first_argmax, project_heads
 
 KEY = jax.random.key(0)
 
@@ -54,6 +54,22 @@ class DenseEmbeddingTest(absltest.TestCase):
                 np.einsum('bld,blhk->dhk', f64(x), f64(d_y)))
     for g, e in zip(got, expected):
       np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+class FirstArgmaxTest(absltest.TestCase):
+
+  def test_is_numpys_argmax(self):
+    """The first largest entry, ties and -inf rows included; a NaN wins, the first one."""
+    x = np.random.default_rng(0).integers(-3, 4, size=(2, 6, 50)).astype(np.float32)
+    x[0, 1] = -np.inf
+    x[0, 2, [7, 30]] = np.nan
+    x[0, 3, 49] = 99.0
+    x[0, 4, [0, 49]] = 99.0
+    got = jax.jit(first_argmax)(jnp.asarray(x))
+    self.assertEqual((got.shape, got.dtype), ((2, 6), jnp.int32))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    self.assertEqual(got[0].tolist()[1:5], [0, 7, 49, 0])
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x[1, 0])), np.argmax(x[1, 0]))
 
 
 class EmbeddingGradientTest(absltest.TestCase):
