@@ -50,13 +50,21 @@ ZOO = {
         attention=attn.LSH(chunk_len=4)), 'lm'),
     'Terraformer': ('Terraformer', dict(
         vocab_size=VOCAB, max_len=16, ff_sparsity=8, ff_d_lowrank=4), 'seq2seq'),
+    'ConcatTerraformer': ('ConcatTerraformer', dict(
+        vocab_size=VOCAB, max_len=16, ff_sparsity=8, ff_d_lowrank=4,
+        attention=attn.SparseQKV()), 'seq2seq'),
 }
+# Added after tests/fixtures/axes_baseline.json was made (it has no shapes of theirs).
+AFTER_BASELINE = {'ConcatTerraformer'}
 
 
 def build(name: str, mode: str = 'eval'):
   """The zoo's model `name` in `mode`."""
   factory, kwargs, _ = ZOO[name]
   sizes = {k: v for k, v in SIZES.items() if not (factory == 'FNet' and k == 'n_heads')}
+  if factory == 'ConcatTerraformer':  # n_layers blocks in each of its encoder and decoder.
+    n_layers = sizes.pop('n_layers')
+    sizes.update(n_encoder_layers=n_layers, n_decoder_layers=n_layers)
   return getattr(models, factory)(mode=mode, **sizes, **kwargs)
 
 
