@@ -381,16 +381,65 @@ def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int | None = 
     return first_argmax(logits)
   logits = logits.astype(jnp.float32) / temperature
   if top_k is not None and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, _NEG_INF, logits)
+    logits = keep_top_k(logits, top_k)
   if top_p is not None and top_p < 1.0:
-    ordered = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1: the top token.
-    threshold = jnp.take_along_axis(ordered, jnp.maximum(kept, 1) - 1, axis=-1)
-    logits = jnp.where(logits < threshold, _NEG_INF, logits)
+    logits = keep_top_p(logits, top_p)
   return categorical_tokens(rng, logits)
+
+
+# Top-k and nucleus filtering without sorting: XLA:CPU's sort (and lax.top_k) took ~5 ms over
+# 32K logits, longer than a 77 MB model's step. Both thresholds are found by bisection over the
+# 2^32 float32 values in order (32 passes that count or sum over the row): ~0.1-0.2 ms.
+
+def _order_keys(x):
+  """float32 (..., v) -> uint32 (..., v) in the same order (-0.0 as 0.0)."""
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.int32)
+  bits = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # Negative floats: larger magnitude first.
+  return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _bisect_keys(holds, shape, *, largest: bool):
+  """The largest (or smallest) uint32 keys t `shape` with holds(t) (bool `shape`), holds
+  monotone in t: true up to (or from) the answer, and true at key 0 (or at 2^32 - 1)."""
+  def step(_, bounds):
+    lo, hi = bounds
+    half = (hi - lo) // 2
+    if largest:  # holds(lo) stays true; try the upper middle.
+      mid = lo + half + (hi - lo) % 2
+      ok = holds(mid)
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+    mid = lo + half  # holds(hi) stays true; try the lower middle.
+    ok = holds(mid)
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  lo = jnp.zeros(shape, jnp.uint32)
+  hi = jnp.full(shape, 0xFFFFFFFF, jnp.uint32)
+  return jax.lax.fori_loop(0, 32, step, (lo, hi))[0 if largest else 1]
+
+
+def keep_top_k(logits, k):
+  """logits (..., v) with all but the k largest of each row set to -inf (ties with the k-th
+  largest kept). k: int, or int (...) per row, in [1, v]."""
+  keys = _order_keys(logits)
+  shape = jnp.broadcast_shapes(logits.shape[:-1], jnp.shape(k))
+  kth = _bisect_keys(lambda t: jnp.sum(keys >= t[..., None], axis=-1) >= k, shape,
+                     largest=True)
+  return jnp.where(keys < kth[..., None], _NEG_INF, logits)
+
+
+def keep_top_p(logits, p):
+  """logits (..., v) restricted to each row's nucleus: the most likely tokens, from the top,
+  until their probability reaches p (the top token always; ties at the edge kept); the rest
+  -inf. p: float, or float (...) per row."""
+  keys = _order_keys(logits)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  # The edge: the smallest key whose strictly larger keys hold less than p (the top key at
+  # most, so the top token stays).
+  shape = jnp.broadcast_shapes(logits.shape[:-1], jnp.shape(p))
+  edge = _bisect_keys(lambda t: jnp.sum(jnp.where(keys > t[..., None], probs, 0.0), axis=-1) < p,
+                      shape, largest=False)
+  edge = jnp.minimum(edge, jnp.max(keys, axis=-1))
+  return jnp.where(keys < edge[..., None], _NEG_INF, logits)
 
 
 def categorical_tokens(rng, logits):

@@ -68,6 +68,31 @@ class SamplingTest(absltest.TestCase):
       np.testing.assert_array_equal(alone[0], out[row])
     self.assertIn(EOS, np.asarray(out).ravel().tolist())  # The EOS path is exercised.
 
+  def test_top_k_and_nucleus_filters_equal_sorting(self):
+    """keep_top_k / keep_top_p (bisection over the float order) keep exactly what a sort of
+    each row keeps: ties at the edge, -inf entries, p = 0 (the top token), per-row k and p."""
+    def by_sorting(row, k, p):
+      ordered = np.sort(row)[::-1]
+      row = np.where(row < ordered[k - 1], -np.inf, row)
+      ordered = np.sort(row)[::-1]
+      probs = np.exp(ordered - ordered[0]) / np.sum(np.exp(ordered - ordered[0]))
+      kept = np.sum(np.cumsum(probs) - probs < p)
+      return np.where(row < ordered[max(kept, 1) - 1], -np.inf, row)
+
+    rng = np.random.default_rng(3)
+    filters = jax.jit(lambda x, k, p: decoding.keep_top_p(decoding.keep_top_k(x, k), p))
+    for trial in range(40):
+      v = int(rng.integers(2, 40))
+      logits = (rng.normal(size=(4, v)) * rng.choice([0.1, 1.0, 5.0])).astype(np.float32)
+      if trial % 2:
+        logits = np.round(logits)  # Ties.
+      logits[0, :v // 2] = -np.inf
+      k = rng.integers(1, v + 1, size=4).astype(np.int32)
+      p = np.array([0.0, 0.3, 0.9, rng.uniform()], np.float32)
+      got = filters(jnp.asarray(logits), jnp.asarray(k), jnp.asarray(p))
+      want = [by_sorting(logits[i], k[i], p[i]) for i in range(4)]
+      np.testing.assert_array_equal(got, np.stack(want), err_msg=f'trial {trial}')
+
   def test_categorical_tokens_draw_what_jax_random_categorical_draws(self):
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 50)) * 3, jnp.float32)
     draw = jax.jit(jax.vmap(decoding.categorical_tokens, in_axes=(0, None)))

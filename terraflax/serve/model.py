@@ -197,17 +197,11 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 
 def _sample_row(logits, key, temperature, top_k, top_p):
-  neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
   greedy = first_argmax(logits)
   scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
-  ordered = -jnp.sort(-scaled)
-  kth = jnp.where(top_k > 0, ordered[jnp.clip(top_k, 1, logits.shape[0]) - 1], neg_inf)
-  scaled = jnp.where(scaled < kth, neg_inf, scaled)
-  ordered = -jnp.sort(-scaled)
-  probs = jax.nn.softmax(ordered)
-  kept = jnp.sum(jnp.cumsum(probs) - probs < top_p)
-  threshold = ordered[jnp.maximum(kept, 1) - 1]
-  scaled = jnp.where((top_p < 1.0) & (scaled < threshold), neg_inf, scaled)
+  top_k = jnp.where(top_k > 0, jnp.clip(top_k, 1, logits.shape[0]), logits.shape[0])
+  scaled = decoding.keep_top_k(scaled, top_k)
+  scaled = jnp.where(top_p < 1.0, decoding.keep_top_p(scaled, top_p), scaled)
   sampled = decoding.categorical_tokens(key, scaled[None])[0]
   return jnp.where(temperature > 0, sampled, greedy)
 
