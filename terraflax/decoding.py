@@ -132,10 +132,12 @@ def _init(model, batch_size, inputs, rng):
 # layers with at most `_STREAM_ROWS` rows and at least `_STREAM_MIN_BYTES` of
 # weights run on the native streaming product (`terraflax.kernels.matvec_cpu`:
 # each thread reads a contiguous part of the matrix in memory order; XLA:CPU's
-# dot read them at ~60% of the bandwidth), and a `CausalAttention`'s query,
-# key and value projections run as one call. Off the CPU, under
-# `kernels.xla_only()`, with several devices, or for other dtypes and widths,
-# the layers run as they are.
+# dot read them at ~60% of the bandwidth). A float32 `CausalAttention`'s
+# query, key and value projections of at most `_STREAM_ROWS` rows run as one
+# product: one streamed call, or below the threshold one XLA dot on the three
+# kernels side by side (`_one_dot`). Off the CPU, under `kernels.xla_only()`,
+# or for other dtypes and widths the Dense layers run as they are; with
+# several devices the projections do too.
 
 # Rows up to which a step's Dense layers stream: at 8 rows (batch 8) XLA's blocked dot was
 # ~10% faster over a whole decode (d_model 512), at 4 rows and below the streaming product.
@@ -194,7 +196,7 @@ def _one_dot(x, *kernels_):
   return [y[..., end - k.shape[1]:end] for k, end in zip(kernels_, ends)]
 
 
-def _streamed_queries_keys_values(module: CausalAttention, x, d_qk, d_v, segment_ids=None):
+def _joined_queries_keys_values(module: CausalAttention, x, d_qk, d_v, segment_ids=None):
   """CausalAttention.queries_keys_values as one product (a streamed call, or one XLA dot for
   small weights), or None where neither applies."""
   del segment_ids  # Position-wise projections.
@@ -217,13 +219,13 @@ def _streamed_queries_keys_values(module: CausalAttention, x, d_qk, d_v, segment
   return tuple(out)
 
 
-def _streaming_interceptor(next_fun, args, kwargs, context):
+def _products_interceptor(next_fun, args, kwargs, context):
   module, method = context.module, context.method_name
   out = None
   if type(module) is Dense and method == '__call__':  # pylint: disable=unidiomatic-typecheck
     out = _streamed_dense(module, *args, **kwargs)
   elif isinstance(module, CausalAttention) and method == 'queries_keys_values':
-    out = _streamed_queries_keys_values(module, *args, **kwargs)
+    out = _joined_queries_keys_values(module, *args, **kwargs)
   return next_fun(*args, **kwargs) if out is None else out
 
 
@@ -234,10 +236,11 @@ def decode_step(model, params, cache, tokens, inputs=None, rng=None):
   model's encoder inputs; `rng` a key for layers that draw randomness in
   predict mode (default key 0). Float32 weight products of up to 4 rows and
   at least `_STREAM_MIN_BYTES` (512 KiB) of weights stream the weights
-  natively on the CPU; smaller ones stay XLA dots (see above).
+  natively on the CPU; smaller ones stay XLA dots, a CausalAttention's three
+  projections one dot (see above).
   """
   rng = jax.random.key(0) if rng is None else rng
-  with nn.intercept_methods(_streaming_interceptor):
+  with nn.intercept_methods(_products_interceptor):
     logits, state = model.apply({'params': params, 'cache': cache},
                                 *_model_args(inputs, tokens[:, None]),
                                 rngs=rng_lib.noise_keys(rng), mutable=['cache'])
